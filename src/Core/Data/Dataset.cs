@@ -1,0 +1,50 @@
+namespace Backprop.Core.Data;
+
+/// <summary>Labelled images kept as bytes (a quarter of the memory of floats); scaled to [0, 1] per batch.</summary>
+public sealed class Dataset
+{
+    public Dataset(string name, int rows, int cols, byte[] pixels, byte[] labels, int classes)
+    {
+        if (pixels.Length != (long)labels.Length * rows * cols)
+            throw new ArgumentException($"{name}: {pixels.Length / Math.Max(1, rows * cols)} images but {labels.Length} labels");
+        Name = name;
+        Rows = rows;
+        Cols = cols;
+        Pixels = pixels;
+        Labels = labels;
+        Classes = classes;
+    }
+
+    public string Name { get; }
+    public int Rows { get; }
+    public int Cols { get; }
+    public int Features => Rows * Cols;
+    public int Count => Labels.Length;
+    public int Classes { get; }
+    public byte[] Pixels { get; }
+    public byte[] Labels { get; }
+
+    /// <summary>Writes the images at <paramref name="indices"/> as rows scaled to [0, 1].</summary>
+    public void CopyInputs(ReadOnlySpan<int> indices, Span<float> rows)
+    {
+        int f = Features;
+        for (int r = 0; r < indices.Length; r++)
+        {
+            var src = Pixels.AsSpan(indices[r] * f, f);
+            var dst = rows.Slice(r * f, f);
+            for (int k = 0; k < f; k++) dst[k] = src[k] * (1f / 255f);
+        }
+    }
+
+    public void CopyLabels(ReadOnlySpan<int> indices, Span<byte> labels)
+    {
+        for (int r = 0; r < indices.Length; r++) labels[r] = Labels[indices[r]];
+    }
+
+    /// <summary>The first <paramref name="count"/> samples (the seed's Nielsen run trains on the first 50,000).</summary>
+    public Dataset Take(int count) => count >= Count
+        ? this
+        : new Dataset(Name, Rows, Cols, Pixels.AsSpan(0, count * Features).ToArray(), Labels.AsSpan(0, count).ToArray(), Classes);
+}
+
+public sealed record TrainTest(Dataset Train, Dataset Test);

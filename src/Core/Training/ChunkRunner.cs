@@ -1,0 +1,57 @@
+using Backprop.Core.Data;
+using Backprop.Core.Model;
+using Backprop.Core.Numerics;
+
+namespace Backprop.Core.Training;
+
+/// <summary>Gradient sums and evaluation of chunks of a dataset, with buffers reused across calls.</summary>
+public sealed class ChunkRunner
+{
+    private readonly BatchBackprop _backprop;
+    private readonly byte[] _labels;
+    private readonly int[] _indices;
+
+    public ChunkRunner(ModelSpec spec, int maxChunk)
+    {
+        _backprop = new BatchBackprop(spec, maxChunk);
+        _labels = new byte[maxChunk];
+        _indices = new int[maxChunk];
+    }
+
+    public ModelSpec Spec => _backprop.Spec;
+    public int MaxChunk => _backprop.MaxBatch;
+    public int ParameterCount => _backprop.Layout.Length;
+
+    /// <summary>Σ ∂C/∂θ over the samples at <paramref name="indices"/>, written to <paramref name="gradient"/>; returns Σ C.</summary>
+    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient)
+    {
+        int n = indices.Length;
+        data.CopyInputs(indices, _backprop.Input(n));
+        data.CopyLabels(indices, _labels);
+        return _backprop.GradientSum(parameters, n, _labels.AsSpan(0, n), gradient);
+    }
+
+    /// <summary>Accuracy, cost and confusion counts over samples [start, end) of <paramref name="data"/>.</summary>
+    public Evaluation Evaluate(Dataset data, ReadOnlySpan<float> parameters, int start, int end)
+    {
+        var result = Evaluation.Empty(Spec.OutputSize);
+        for (int from = start; from < end; from += MaxChunk)
+        {
+            int n = Math.Min(MaxChunk, end - from);
+            for (int i = 0; i < n; i++) _indices[i] = from + i;
+            var idx = _indices.AsSpan(0, n);
+            data.CopyInputs(idx, _backprop.Input(n));
+            data.CopyLabels(idx, _labels);
+            double loss = _backprop.Forward(parameters, n, _labels.AsSpan(0, n));
+            int correct = 0;
+            for (int i = 0; i < n; i++)
+            {
+                int predicted = _backprop.Predict(i);
+                result.Confusion[_labels[i] * Spec.OutputSize + predicted]++;
+                if (predicted == _labels[i]) correct++;
+            }
+            result = result with { Count = result.Count + n, Correct = result.Correct + correct, LossSum = result.LossSum + loss };
+        }
+        return result;
+    }
+}

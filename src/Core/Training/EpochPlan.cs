@@ -1,0 +1,57 @@
+using Backprop.Core.Numerics;
+
+namespace Backprop.Core.Training;
+
+/// <summary>
+/// The order samples are visited in one epoch, and how that order is cut into steps and chunks.
+/// The permutation is a function of (seed, epoch) only; step s covers positions [s·B, s·B + B) (the
+/// last step may be short) and chunk c of a step covers the next C positions within it. Any silo can
+/// rebuild the plan from those numbers, so sample indices never travel in messages.
+/// </summary>
+public sealed class EpochPlan
+{
+    private readonly int[] _order;
+
+    public EpochPlan(int sampleCount, int batchSize, int chunkSize, long seed, int epoch)
+    {
+        SampleCount = sampleCount;
+        BatchSize = batchSize;
+        ChunkSize = chunkSize;
+        Epoch = epoch;
+        _order = Permutation(sampleCount, seed, epoch);
+    }
+
+    public int SampleCount { get; }
+    public int BatchSize { get; }
+    public int ChunkSize { get; }
+    public int Epoch { get; }
+    public int Steps => (SampleCount + BatchSize - 1) / BatchSize;
+
+    public int StepSize(int step) => Math.Min(BatchSize, SampleCount - step * BatchSize);
+    public int ChunkCount(int step) => (StepSize(step) + ChunkSize - 1) / ChunkSize;
+
+    /// <summary>The sample indices of chunk <paramref name="chunk"/> of step <paramref name="step"/>.</summary>
+    public ReadOnlySpan<int> Chunk(int step, int chunk)
+    {
+        int stepStart = step * BatchSize;
+        int start = chunk * ChunkSize;
+        int count = Math.Min(ChunkSize, StepSize(step) - start);
+        if (step < 0 || step >= Steps || chunk < 0 || count <= 0)
+            throw new ArgumentOutOfRangeException(nameof(chunk), $"step {step} chunk {chunk} is not in epoch {Epoch}'s plan");
+        return _order.AsSpan(stepStart + start, count);
+    }
+
+    /// <summary>Fisher–Yates shuffle of 0..n-1 driven by the run seed and the epoch number.</summary>
+    public static int[] Permutation(int n, long seed, int epoch)
+    {
+        var order = new int[n];
+        for (int i = 0; i < n; i++) order[i] = i;
+        var rng = Rng.For(seed, "epoch", epoch);
+        for (int i = n - 1; i > 0; i--)
+        {
+            int j = rng.NextInt(i + 1);
+            (order[i], order[j]) = (order[j], order[i]);
+        }
+        return order;
+    }
+}

@@ -1,0 +1,17 @@
+using System.Numerics.Tensors;
+
+namespace Backprop.Core.Training;
+
+/// <summary>
+/// The one way chunk gradient sums are combined: in chunk order, left to right. Float addition is not
+/// associative, so a fixed order is what makes the result independent of the number of workers.
+/// </summary>
+public static class GradientReduction
+{
+    public static void SumInChunkOrder(IReadOnlyList<ReadOnlyMemory<float>> chunkSums, Span<float> total)
+    {
+        if (chunkSums.Count == 0) throw new ArgumentException("a step needs at least one chunk", nameof(chunkSums));
+        chunkSums[0].Span.CopyTo(total);
+        for (int c = 1; c < chunkSums.Count; c++) TensorPrimitives.Add(total, chunkSums[c].Span, total);
+    }
+}

@@ -1,0 +1,77 @@
+using Backprop.Core.Data;
+using Backprop.Core.Model;
+using Backprop.Core.Numerics;
+
+namespace Backprop.Core.Training;
+
+/// <summary>
+/// Everything that determines a run's trained parameters (with the data). Worker count is here too but
+/// never changes the result: the step reduces fixed-size chunks in chunk order.
+/// </summary>
+public sealed record RunSpec(
+    ModelSpec Model,
+    InitScheme Init,
+    OptimizerSettings Optimizer,
+    int BatchSize,
+    int ChunkSize,
+    int Epochs,
+    int Workers,
+    long Seed,
+    string Dataset,
+    int TrainLimit)
+{
+    public const int MaxWorkers = 256;
+
+    /// <summary>Throws <see cref="ArgumentException"/> naming the first bad setting.</summary>
+    public void Validate()
+    {
+        Model.Validate();
+        Optimizer.Validate();
+        if (BatchSize < 1 || BatchSize > 1_000_000) throw new ArgumentException($"batch-size: {BatchSize} is outside 1..1000000");
+        if (ChunkSize < 1 || ChunkSize > BatchSize) throw new ArgumentException($"chunk-size: {ChunkSize} is outside 1..batch-size ({BatchSize})");
+        if (Epochs < 1 || Epochs > 100_000) throw new ArgumentException($"epochs: {Epochs} is outside 1..100000");
+        if (Workers < 1 || Workers > MaxWorkers) throw new ArgumentException($"workers: {Workers} is outside 1..{MaxWorkers}");
+        if (TrainLimit < 0) throw new ArgumentException($"train-limit: {TrainLimit} is negative");
+        DatasetCatalog.Get(Dataset);
+    }
+
+    /// <summary>Checks the spec against the data it will train on.</summary>
+    public void ValidateAgainst(Dataset train)
+    {
+        if (Model.InputSize != train.Features)
+            throw new ArgumentException($"layers: input size {Model.InputSize} does not match the {train.Rows}x{train.Cols} = {train.Features} pixels of {Dataset}");
+        if (Model.OutputSize != train.Classes)
+            throw new ArgumentException($"layers: output size {Model.OutputSize} does not match the {train.Classes} classes of {Dataset}");
+    }
+
+    public int TrainCount(int available) => TrainLimit == 0 ? available : Math.Min(TrainLimit, available);
+
+    /// <summary>The default chunk size cuts a batch into 4 chunks, so up to 4 workers share each step.</summary>
+    public static int DefaultChunkSize(int batchSize) => Math.Max(1, (batchSize + 3) / 4);
+}
+
+public static class Presets
+{
+    /// <summary>The seed's network.py run: [784,30,10] sigmoid, quadratic cost, N(0,1), batch 10, eta 3.0, first 50,000 images.</summary>
+    public static RunSpec Nielsen => new(
+        new ModelSpec([784, 30, 10], Activation.Sigmoid, Loss.Quadratic),
+        InitScheme.Normal,
+        new OptimizerSettings(OptimizerKind.Sgd, 3.0f, 0f),
+        BatchSize: 10, ChunkSize: 5, Epochs: 5, Workers: 2, Seed: 1, Dataset: "mnist", TrainLimit: 50_000);
+
+    /// <summary>The seed's PyTorch run: 784-128-64-10 ReLU, softmax cross-entropy, SGD lr 0.01 momentum 0.9, batch 64.</summary>
+    public static RunSpec PyTorchMlp => new(
+        new ModelSpec([784, 128, 64, 10], Activation.Relu, Loss.CrossEntropy),
+        InitScheme.PyTorch,
+        new OptimizerSettings(OptimizerKind.Momentum, 0.01f, 0.9f),
+        BatchSize: 64, ChunkSize: 16, Epochs: 5, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
+
+    public static readonly IReadOnlyList<string> Names = ["nielsen", "pytorch-mlp"];
+
+    public static RunSpec Get(string name) => name switch
+    {
+        "nielsen" => Nielsen,
+        "pytorch-mlp" => PyTorchMlp,
+        _ => throw new ArgumentException($"preset: unknown '{name}' (known: {string.Join(", ", Names)})"),
+    };
+}
