@@ -1,0 +1,77 @@
+using Backprop.Core.Model;
+using Backprop.Core.Numerics;
+using Backprop.Core.Training;
+
+namespace Backprop.Grains.Messages;
+
+// Core stays free of Orleans, so its types cross the wire through these surrogates.
+
+[GenerateSerializer]
+public struct RunSpecSurrogate
+{
+    [Id(0)] public int[] Layers;
+    [Id(1)] public Activation Activation;
+    [Id(2)] public Loss Loss;
+    [Id(3)] public InitScheme Init;
+    [Id(4)] public OptimizerKind Optimizer;
+    [Id(5)] public float LearningRate;
+    [Id(6)] public float Momentum;
+    [Id(7)] public int BatchSize;
+    [Id(8)] public int ChunkSize;
+    [Id(9)] public int Epochs;
+    [Id(10)] public int Workers;
+    [Id(11)] public long Seed;
+    [Id(12)] public string Dataset;
+    [Id(13)] public int TrainLimit;
+}
+
+[RegisterConverter]
+public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
+{
+    public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
+        new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRate, s.Momentum),
+        s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit);
+
+    public RunSpecSurrogate ConvertToSurrogate(in RunSpec v) => new()
+    {
+        Layers = v.Model.Layers, Activation = v.Model.Activation, Loss = v.Model.Loss, Init = v.Init,
+        Optimizer = v.Optimizer.Kind, LearningRate = v.Optimizer.LearningRate, Momentum = v.Optimizer.Momentum,
+        BatchSize = v.BatchSize, ChunkSize = v.ChunkSize, Epochs = v.Epochs, Workers = v.Workers, Seed = v.Seed,
+        Dataset = v.Dataset, TrainLimit = v.TrainLimit,
+    };
+}
+
+[GenerateSerializer]
+public struct ModelSpecSurrogate
+{
+    [Id(0)] public int[] Layers;
+    [Id(1)] public Activation Activation;
+    [Id(2)] public Loss Loss;
+}
+
+[RegisterConverter]
+public sealed class ModelSpecConverter : IConverter<ModelSpec, ModelSpecSurrogate>
+{
+    public ModelSpec ConvertFromSurrogate(in ModelSpecSurrogate s) => new(s.Layers, s.Activation, s.Loss);
+    public ModelSpecSurrogate ConvertToSurrogate(in ModelSpec v) => new() { Layers = v.Layers, Activation = v.Activation, Loss = v.Loss };
+}
+
+[GenerateSerializer]
+public struct EvaluationSurrogate
+{
+    [Id(0)] public int Count;
+    [Id(1)] public int Correct;
+    [Id(2)] public double LossSum;
+    [Id(3)] public int Classes;
+    [Id(4)] public int[] Confusion;
+}
+
+[RegisterConverter]
+public sealed class EvaluationConverter : IConverter<Evaluation, EvaluationSurrogate>
+{
+    public Evaluation ConvertFromSurrogate(in EvaluationSurrogate s) => new(s.Count, s.Correct, s.LossSum, s.Classes, s.Confusion);
+    public EvaluationSurrogate ConvertToSurrogate(in Evaluation v) => new()
+    {
+        Count = v.Count, Correct = v.Correct, LossSum = v.LossSum, Classes = v.Classes, Confusion = v.Confusion,
+    };
+}
