@@ -1,1 +1,87 @@
-return 0;
+using System.CommandLine;
+using Backprop.Client;
+using Backprop.Core.Data;
+
+var root = new RootCommand("Backprop.Distributed: data-parallel backprop training on an Orleans cluster")
+{
+    TrainCommand.Create(),
+    RunCommands.Watch(),
+    RunCommands.Status(),
+    RunCommands.Cancel(),
+    EvalCommand.Create(),
+    DataCommand.Create(),
+};
+
+var parsed = root.Parse(args);
+if (parsed.Errors.Count > 0)
+{
+    Console.Error.WriteLine($"error: {Cli.OneLine(parsed.Errors[0].Message)} (see --help)");
+    return ExitCodes.Usage;
+}
+return await parsed.InvokeAsync();
+
+namespace Backprop.Client
+{
+    /// <summary>Options several commands share, and the error handling every command goes through.</summary>
+    public static class Cli
+    {
+        public static Option<string?> Gateway(string description) => new("--gateway") { Description = description + " (host:port)" };
+
+        public static Option<string> ClusterId() => new("--cluster-id")
+        {
+            Description = "Cluster id of the running cluster [env BACKPROP_CLUSTER_ID]",
+            DefaultValueFactory = _ => Environment.GetEnvironmentVariable("BACKPROP_CLUSTER_ID") is { Length: > 0 } v ? v : Backprop.Grains.Hosting.LocalClustering.DefaultClusterId,
+        };
+
+        public static Option<string> DataDir() => new("--data-dir")
+        {
+            Description = "Data directory holding <dataset>/<IDX files> [env BACKPROP_DATA]",
+            DefaultValueFactory = _ => DatasetCatalog.DefaultDataDir(),
+        };
+
+        public static Option<string> Dataset(string? fallback = "mnist")
+        {
+            var option = new Option<string>("--dataset") { Description = "Dataset: " + string.Join(" | ", DatasetCatalog.Names) };
+            if (fallback is not null) option.DefaultValueFactory = _ => fallback;
+            option.AcceptOnlyFromAmong([.. DatasetCatalog.Names]);
+            return option;
+        }
+
+        /// <summary>The parser's message on one line, with .NET type names put in words.</summary>
+        public static string OneLine(string message)
+        {
+            var m = System.Text.RegularExpressions.Regex.Match(message, @"^Cannot parse argument '(.*)' for option '(.*)' as expected type '(.*)'\.$");
+            if (m.Success)
+            {
+                string type = m.Groups[3].Value;
+                string kind = type.Contains("Int") ? "an integer" : type.Contains("Single") || type.Contains("Double") ? "a number" : "valid";
+                return $"{m.Groups[2].Value}: '{m.Groups[1].Value}' is not {kind}";
+            }
+            return System.Text.RegularExpressions.Regex.Replace(message, @"\s*\n\s*", " ");
+        }
+
+        /// <summary>Runs a command body, turning expected failures into one-line messages and exit codes.</summary>
+        public static async Task<int> Guard(Func<Task<int>> body)
+        {
+            try
+            {
+                return await body();
+            }
+            catch (Exception e) when (e is ArgumentException or DataFileException or InvalidDataException or FileNotFoundException)
+            {
+                Console.Error.WriteLine($"error: {e.Message}");
+                return ExitCodes.Usage;
+            }
+            catch (OperationCanceledException)
+            {
+                Console.Error.WriteLine("interrupted");
+                return ExitCodes.Interrupted;
+            }
+            catch (Exception e) when (e is ClusterUnreachableException or InvalidOperationException or IOException or Orleans.Runtime.OrleansException or TimeoutException)
+            {
+                Console.Error.WriteLine($"error: {e.Message}");
+                return ExitCodes.Error;
+            }
+        }
+    }
+}

@@ -1,1 +1,79 @@
-return 0;
+using System.CommandLine;
+using Backprop.Core.Data;
+using Backprop.Grains.Hosting;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using Orleans.Configuration;
+
+// The silo host: one process of a Backprop cluster. Every option also reads an environment variable,
+// so containers and scripts can configure it without a command line.
+
+var clusterId = Opt("--cluster-id", "BACKPROP_CLUSTER_ID", LocalClustering.DefaultClusterId, "Cluster id; silos and clients must agree");
+var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (loopback)");
+var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (loopback)");
+var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
+var dataDir = Opt("--data-dir", "BACKPROP_DATA", DatasetCatalog.DefaultDataDir(), "Directory holding datasets (fetched there when missing)");
+var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default silo-<silo port>)");
+var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", 1.0, "Membership probe timeout, seconds");
+var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", 2, "Missed probes before a silo is suspected");
+var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", 1, "Suspicions needed to declare a silo dead");
+
+var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
+{
+    clusterId, siloPort, gatewayPort, primary, dataDir, name, probeTimeout, missedProbes, deathVotes,
+};
+root.SetAction(async (parse, cancel) =>
+{
+    int silo = parse.GetValue(siloPort), gateway = parse.GetValue(gatewayPort);
+    string siloName = parse.GetValue(name) is { Length: > 0 } n ? n : $"silo-{silo}";
+    System.Net.IPEndPoint? primaryEndpoint;
+    try
+    {
+        if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
+        if (parse.GetValue(probeTimeout) is <= 0 or > 600) throw new ArgumentException("--probe-timeout must be in (0, 600] seconds");
+        if (parse.GetValue(missedProbes) < 1 || parse.GetValue(deathVotes) < 1) throw new ArgumentException("--missed-probes and --death-votes must be at least 1");
+        primaryEndpoint = parse.GetValue(primary) is { Length: > 0 } p ? LocalClustering.ParseEndpoint(p, "--primary") : null;
+    }
+    catch (ArgumentException e)
+    {
+        Console.Error.WriteLine($"error: {e.Message}");
+        return 2;
+    }
+    var membership = new MembershipSettings(TimeSpan.FromSeconds(parse.GetValue(probeTimeout)), parse.GetValue(missedProbes), parse.GetValue(deathVotes));
+
+    var builder = Host.CreateApplicationBuilder();
+    builder.Logging.ClearProviders();
+    builder.Logging.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; });
+    builder.Logging.AddFilter("Orleans", LogLevel.Warning);
+    builder.UseOrleans(s =>
+    {
+        s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership);
+        s.Configure<SiloOptions>(o => o.SiloName = siloName);
+        s.AddBackpropGrains(parse.GetValue(dataDir)!);
+    });
+    using var host = builder.Build();
+    var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
+    await host.StartAsync(cancel);
+    log.LogInformation("{Silo} up: cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, primary {Primary}, data {DataDir}, pid {Pid}",
+        siloName, parse.GetValue(clusterId), silo, gateway, primaryEndpoint?.ToString() ?? "self", parse.GetValue(dataDir), Environment.ProcessId);
+    await host.WaitForShutdownAsync(CancellationToken.None);
+    log.LogInformation("{Silo} stopped", siloName);
+    return 0;
+});
+
+var result = root.Parse(args);
+if (result.Errors.Count > 0)
+{
+    Console.Error.WriteLine($"error: {result.Errors[0].Message} (see --help)");
+    return 2;
+}
+return await result.InvokeAsync();
+
+static Option<T> Opt<T>(string flag, string env, T fallback, string description) => new(flag)
+{
+    Description = $"{description} [env {env}]",
+    DefaultValueFactory = _ => Environment.GetEnvironmentVariable(env) is { Length: > 0 } v
+        ? (T)Convert.ChangeType(v, typeof(T), System.Globalization.CultureInfo.InvariantCulture)
+        : fallback,
+};

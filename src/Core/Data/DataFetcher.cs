@@ -38,8 +38,10 @@ public static class DataFetcher
                 if (hash != source.Sha256[file])
                     throw new DataFileException(from, $"SHA-256 {hash} does not match the pinned {source.Sha256[file]}");
                 var dest = Path.Combine(target, name);
-                File.Copy(from, dest + ".partial", overwrite: true);
-                File.Move(dest + ".partial", dest, overwrite: true);
+                // A name of our own: several silos on one machine may fetch into the same directory at once.
+                var partial = $"{dest}.{Environment.ProcessId}.{Guid.NewGuid():N}.partial";
+                File.Copy(from, partial, overwrite: true);
+                File.Move(partial, dest, overwrite: true);
             }
             progress($"{source.Name}: 4 files verified in {target}");
             return target;
@@ -92,8 +94,17 @@ public static class DataFetcher
     {
         var found = new Dictionary<string, string>();
         progress("fashion-mnist: apt-get download dataset-fashion-mnist");
-        Run("apt-get", ["download", "dataset-fashion-mnist"], work,
-            "run 'apt-get update' first, or install it with 'apt-get install dataset-fashion-mnist'");
+        try
+        {
+            Run("apt-get", ["download", "dataset-fashion-mnist"], work, "is this a Debian machine with its package lists?");
+        }
+        catch (InvalidOperationException) when (Environment.UserName == "root")
+        {
+            // A fresh machine often has no package lists yet; as root we may fetch them, as apt-get install would.
+            progress("fashion-mnist: package not found; running apt-get update");
+            Run("apt-get", ["update"], work, "could not update Debian's package lists");
+            Run("apt-get", ["download", "dataset-fashion-mnist"], work, "Debian's dataset-fashion-mnist package is not available here");
+        }
         var deb = Directory.GetFiles(work, "*.deb").Single();
         var root = Path.Combine(work, "root");
         Run("dpkg-deb", ["-x", deb, root], work, "is dpkg installed?");

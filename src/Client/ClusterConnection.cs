@@ -1,0 +1,84 @@
+using System.Net;
+using Backprop.Grains.Hosting;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using Orleans.Configuration;
+
+namespace Backprop.Client;
+
+/// <summary>
+/// The CLI's way into a cluster: either an embedded single silo in this process (the default, for one
+/// laptop) or a client of a running cluster through a gateway.
+/// </summary>
+public sealed class ClusterConnection : IAsyncDisposable
+{
+    private readonly IHost _host;
+
+    private ClusterConnection(IHost host, IClusterClient client, string description)
+    {
+        _host = host;
+        Client = client;
+        Description = description;
+    }
+
+    public IClusterClient Client { get; }
+    public IServiceProvider Services => _host.Services;
+    public string Description { get; }
+    public bool IsEmbedded => Description.StartsWith("embedded", StringComparison.Ordinal);
+
+    public static async Task<ClusterConnection> StartEmbedded(string dataDir, CancellationToken cancel)
+    {
+        var builder = Host.CreateApplicationBuilder();
+        Quiet(builder.Logging);
+        int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
+        builder.UseOrleans(silo => silo
+            .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
+            .AddBackpropGrains(dataDir));
+        var host = builder.Build();
+        await host.StartAsync(cancel);
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)");
+    }
+
+    public static async Task<ClusterConnection> Connect(IPEndPoint gateway, string clusterId, CancellationToken cancel)
+    {
+        var builder = Host.CreateApplicationBuilder();
+        Quiet(builder.Logging);
+        builder.UseOrleansClient(client => client
+            .UseStaticClustering(gateway)
+            .Configure<ClusterOptions>(o => { o.ClusterId = clusterId; o.ServiceId = LocalClustering.ServiceId; })
+            .Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20)));
+        var host = builder.Build();
+        try
+        {
+            await host.StartAsync(cancel);
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            host.Dispose();
+            throw new ClusterUnreachableException($"cannot reach a cluster '{clusterId}' at gateway {gateway}: {e.Message}");
+        }
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), $"cluster '{clusterId}' via gateway {gateway}");
+    }
+
+    private static void Quiet(ILoggingBuilder logging)
+    {
+        logging.ClearProviders();
+        logging.AddSimpleConsole(o => o.SingleLine = true);
+        logging.SetMinimumLevel(LogLevel.Error);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        try
+        {
+            await _host.StopAsync(TimeSpan.FromSeconds(10));
+        }
+        finally
+        {
+            _host.Dispose();
+        }
+    }
+}
+
+public sealed class ClusterUnreachableException(string message) : Exception(message);

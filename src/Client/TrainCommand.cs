@@ -1,0 +1,164 @@
+using System.CommandLine;
+using System.Globalization;
+using Backprop.Core;
+using Backprop.Core.Model;
+using Backprop.Core.Numerics;
+using Backprop.Core.Training;
+using Backprop.Grains;
+using Backprop.Grains.Hosting;
+using Microsoft.Extensions.DependencyInjection;
+
+namespace Backprop.Client;
+
+public static class TrainCommand
+{
+    private static readonly Option<string> Preset = Choice("--preset", "Starting configuration; other flags override it", Presets.Names, "pytorch-mlp");
+    private static readonly Option<string?> Layers = new("--layers") { Description = "Layer sizes from input to output, e.g. 784,30,10" };
+    private static readonly Option<string?> ActivationOpt = Choice("--activation", "Hidden activation", ["sigmoid", "tanh", "relu"]);
+    private static readonly Option<string?> LossOpt = Choice("--loss", "Output and cost: quadratic (sigmoid outputs) or cross-entropy (softmax)", ["quadratic", "cross-entropy"]);
+    private static readonly Option<string?> InitOpt = Choice("--init", "Weight initialisation", ["normal", "pytorch", "he", "xavier"]);
+    private static readonly Option<string?> OptimizerOpt = Choice("--optimizer", "Optimizer", ["sgd", "momentum"]);
+    private static readonly Option<float?> Lr = new("--lr") { Description = "Learning rate (eta)" };
+    private static readonly Option<float?> MomentumOpt = new("--momentum") { Description = "Momentum (PyTorch's formulation); implies --optimizer momentum when > 0" };
+    private static readonly Option<int?> BatchSize = new("--batch-size") { Description = "Global batch size B (independent of the worker count)" };
+    private static readonly Option<int?> ChunkSize = new("--chunk-size") { Description = "Samples per chunk, the unit of work and reduction [default: B/4 rounded up]" };
+    private static readonly Option<int?> Epochs = new("--epochs") { Description = "Epochs to train" };
+    private static readonly Option<int?> Workers = new("--workers") { Description = "Worker grains (spread over the silos)" };
+    private static readonly Option<long?> Seed = new("--seed") { Description = "Seed of initialisation and sample order" };
+    private static readonly Option<int?> TrainLimit = new("--train-limit") { Description = "Train on the first N training images only (0 = all)" };
+    private static readonly Option<string> Dataset = Cli.Dataset();
+    private static readonly Option<string> DataDir = Cli.DataDir();
+    private static readonly Option<string?> Gateway = Cli.Gateway("Run on a running cluster through this gateway instead of an embedded silo");
+    private static readonly Option<string> ClusterId = Cli.ClusterId();
+    private static readonly Option<string?> MetricsOut = new("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
+    private static readonly Option<string?> ModelOut = new("--model-out") { Description = "Save the trained model to this file" };
+    private static readonly Option<string?> RunId = new("--run-id") { Description = "Run id [default: run-<time>-<random>]" };
+
+    public static Command Create()
+    {
+        var command = new Command("train", "Train a network and report test accuracy after every epoch")
+        {
+            Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
+            TrainLimit, Dataset, DataDir, Gateway, ClusterId, MetricsOut, ModelOut, RunId,
+        };
+        command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
+        return command;
+    }
+
+    /// <summary>The preset with every given flag applied, validated.</summary>
+    public static RunSpec BuildSpec(ParseResult parse)
+    {
+        var spec = Presets.Get(parse.GetValue(Preset)!);
+        var model = spec.Model;
+        if (parse.GetValue(Layers) is { } layers)
+        {
+            var sizes = layers.Split(',', StringSplitOptions.TrimEntries);
+            var parsed = new int[sizes.Length];
+            for (int i = 0; i < sizes.Length; i++)
+                if (!int.TryParse(sizes[i], NumberStyles.None, CultureInfo.InvariantCulture, out parsed[i]))
+                    throw new ArgumentException($"--layers: '{sizes[i]}' is not a positive integer (expected e.g. 784,30,10)");
+            model = model with { Layers = parsed };
+        }
+        if (parse.GetValue(ActivationOpt) is { } a) model = model with { Activation = Enum.Parse<Activation>(a, ignoreCase: true) };
+        if (parse.GetValue(LossOpt) is { } l) model = model with { Loss = l == "quadratic" ? Loss.Quadratic : Loss.CrossEntropy };
+        spec = spec with { Model = model };
+        if (parse.GetValue(InitOpt) is { } init) spec = spec with { Init = Enum.Parse<InitScheme>(init, ignoreCase: true) };
+
+        var optimizer = spec.Optimizer;
+        if (parse.GetValue(MomentumOpt) is { } m) optimizer = optimizer with { Momentum = m, Kind = m > 0 ? OptimizerKind.Momentum : optimizer.Kind };
+        if (parse.GetValue(OptimizerOpt) is { } o) optimizer = optimizer with { Kind = o == "sgd" ? OptimizerKind.Sgd : OptimizerKind.Momentum };
+        if (parse.GetValue(Lr) is { } lr) optimizer = optimizer with { LearningRate = lr };
+        spec = spec with { Optimizer = optimizer };
+
+        if (parse.GetValue(BatchSize) is { } b) spec = spec with { BatchSize = b, ChunkSize = RunSpec.DefaultChunkSize(b) };
+        if (parse.GetValue(ChunkSize) is { } c) spec = spec with { ChunkSize = c };
+        if (parse.GetValue(Epochs) is { } e) spec = spec with { Epochs = e };
+        if (parse.GetValue(Workers) is { } w) spec = spec with { Workers = w };
+        if (parse.GetValue(Seed) is { } s) spec = spec with { Seed = s };
+        if (parse.GetValue(TrainLimit) is { } t) spec = spec with { TrainLimit = t };
+        spec = spec with { Dataset = parse.GetValue(Dataset)! };
+        spec.Validate();
+        return spec;
+    }
+
+    private static async Task<int> Run(ParseResult parse, CancellationToken cancel)
+    {
+        var spec = BuildSpec(parse);
+        string runId = parse.GetValue(RunId) ?? $"run-{DateTime.UtcNow:yyyyMMdd-HHmmss}-{Random.Shared.Next(0x10000):x4}";
+        string dataDir = parse.GetValue(DataDir)!;
+        var gateway = parse.GetValue(Gateway) is { } g ? LocalClustering.ParseEndpoint(g, "--gateway") : null;
+
+        ClusterConnection cluster;
+        if (gateway is null)
+        {
+            DataCommand.Ensure(spec.Dataset, dataDir);
+            cluster = await ClusterConnection.StartEmbedded(dataDir, cancel);
+        }
+        else
+        {
+            cluster = await ClusterConnection.Connect(gateway, parse.GetValue(ClusterId)!, cancel);
+        }
+        await using (cluster)
+        {
+            if (cluster.IsEmbedded)
+            {
+                // Same process: load and check the data here so a damaged file is a usage error, not a failed run.
+                var data = await cluster.Services.GetRequiredService<DatasetCache>().Get(spec.Dataset);
+                spec.ValidateAgainst(data.Train);
+            }
+            var run = cluster.Client.GetGrain<IRunGrain>(runId);
+            Console.WriteLine($"run {runId} on {cluster.Description}");
+            Console.WriteLine($"  {RunReporter.Describe(spec)}");
+            await run.Start(spec);
+            var reporter = new RunReporter(Console.Out, parse.GetValue(MetricsOut));
+            reporter.Header();
+            Backprop.Grains.Messages.RunStatus status;
+            try
+            {
+                status = await reporter.Follow(run, cancel);
+            }
+            catch (OperationCanceledException) when (cancel.IsCancellationRequested)
+            {
+                if (cluster.IsEmbedded)
+                {
+                    await run.Cancel();
+                    Console.Error.WriteLine($"interrupted: run {runId} cancelled");
+                }
+                else
+                {
+                    Console.Error.WriteLine($"detached; run {runId} goes on. Re-attach: watch {runId} --gateway {gateway}");
+                }
+                return ExitCodes.Interrupted;
+            }
+            if (status.State == Backprop.Grains.Messages.RunState.Completed && parse.GetValue(ModelOut) is { } path)
+            {
+                var model = await run.GetModel();
+                var last = status.Epochs[^1];
+                ModelFile.Save(path, model.Spec.Model, model.Parameters.Span, new Dictionary<string, string>
+                {
+                    ["dataset"] = spec.Dataset,
+                    ["runId"] = runId,
+                    ["epochs"] = last.Epoch.ToString(CultureInfo.InvariantCulture),
+                    ["testAccuracy"] = last.TestAccuracy.ToString("R", CultureInfo.InvariantCulture),
+                    ["parameterSha256"] = last.ParameterSha256,
+                });
+                Console.WriteLine($"model saved to {path}");
+            }
+            return RunCommands.ExitCodeOf(status);
+        }
+    }
+
+    private static Option<string?> Choice(string name, string description, IReadOnlyList<string> values)
+    {
+        var option = new Option<string?>(name) { Description = description };
+        option.AcceptOnlyFromAmong([.. values]);
+        return option;
+    }
+
+    private static Option<string> Choice(string name, string description, IReadOnlyList<string> values, string fallback)
+    {
+        var option = new Option<string>(name) { Description = description, DefaultValueFactory = _ => fallback };
+        option.AcceptOnlyFromAmong([.. values]);
+        return option;
+    }
+}

@@ -1,0 +1,130 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Backprop.Core;
+using Backprop.Core.Data;
+using Backprop.Core.Training;
+using Backprop.Grains.Hosting;
+
+namespace Backprop.Tests.EndToEnd;
+
+/// <summary>
+/// Two real silo processes started by deploy/local/cluster.sh, and the CLI run against them as a user would.
+/// Uses the builds of this test run (the same configuration) and generated MNIST-shaped data.
+/// </summary>
+[Collection("cluster")]
+public sealed class LocalClusterTests : IDisposable
+{
+    private static readonly string Root = FindRoot();
+    private static readonly string Configuration = new DirectoryInfo(AppContext.BaseDirectory).Parent!.Name;
+    private readonly string _work = Directory.CreateTempSubdirectory("e2e-").FullName;
+    private string State => Path.Combine(_work, "state");
+    private string DataDir => Path.Combine(_work, "data");
+
+    public void Dispose()
+    {
+        Script("stop");
+        Directory.Delete(_work, recursive: true);
+    }
+
+    [Fact]
+    public void Cli_trains_on_two_silo_processes_and_matches_a_single_process_bit_for_bit()
+    {
+        var data = SyntheticDigits.Create(trainCount: 640, testCount: 200, seed: 9);
+        IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), data);
+        int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
+        string cluster = "e2e-" + Guid.NewGuid().ToString("N")[..8];
+
+        var started = Script("start", "--silos", "2", "--silo-port", siloPort.ToString(), "--gateway-port", gatewayPort.ToString(),
+            "--cluster-id", cluster, "--data-dir", DataDir);
+        Assert.True(started.Code == 0, started.Output);
+        Assert.Contains("silo-1 up", started.Output);
+
+        string metrics = Path.Combine(_work, "metrics.jsonl"), model = Path.Combine(_work, "model.bpm");
+        var train = Cli("train", "--preset", "pytorch-mlp", "--epochs", "2", "--workers", "3", "--seed", "4",
+            "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster, "--run-id", "e2e-run",
+            "--metrics-out", metrics, "--model-out", model);
+        Assert.True(train.Code == 0, train.Output);
+        Assert.Contains("run e2e-run on cluster", train.Output);
+
+        var lines = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement).ToArray();
+        Assert.Equal([1, 2], lines.Select(l => l.GetProperty("epoch").GetInt32()));
+        foreach (var key in new[] { "trainLoss", "testLoss", "seconds", "samplesPerSecond" })
+            Assert.True(lines[1].GetProperty(key).GetDouble() > 0, key);
+        double accuracy = lines[1].GetProperty("testAccuracy").GetDouble();
+        Assert.InRange(accuracy, 0.0, 1.0);
+
+        var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 4, Workers = 3, Epochs = 2 }, data.Train);
+        local.TrainEpoch(0);
+        local.TrainEpoch(1);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), lines[1].GetProperty("parameterSha256").GetString());
+
+        var status = Cli("status", "e2e-run", "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster);
+        Assert.True(status.Code == 0, status.Output);
+        Assert.Contains("run e2e-run: completed", status.Output);
+        Assert.Contains("workers on 2 silo(s)", status.Output);
+
+        var eval = Cli("eval", "--model", model, "--data-dir", DataDir);
+        Assert.True(eval.Code == 0, eval.Output);
+        Assert.Contains($"test accuracy {accuracy * 100:F2}%", eval.Output);
+    }
+
+    [Fact]
+    public void Damaged_data_and_nonsense_flags_exit_2_with_one_line()
+    {
+        var dir = DatasetCatalog.DirectoryOf(DataDir, "mnist");
+        IdxWriter.WriteDataset(dir, SyntheticDigits.Create(50, 20, seed: 1));
+        var images = Path.Combine(dir, DatasetCatalog.TrainImages);
+        File.WriteAllBytes(images, File.ReadAllBytes(images).AsSpan(0, 1000).ToArray());
+
+        var damaged = Cli("train", "--epochs", "1", "--data-dir", DataDir);
+        Assert.Equal(2, damaged.Code);
+        var line = Assert.Single(damaged.Error.Trim().Split('\n'));
+        Assert.Contains("train-images-idx3-ubyte: truncated", line);
+
+        var nonsense = Cli("train", "--batch-size", "many");
+        Assert.Equal(2, nonsense.Code);
+        Assert.Equal("error: --batch-size: 'many' is not an integer (see --help)", nonsense.Error.Trim());
+
+        var badValue = Cli("train", "--workers", "0", "--data-dir", DataDir);
+        Assert.Equal(2, badValue.Code);
+        Assert.Equal("error: workers: 0 is outside 1..256", badValue.Error.Trim());
+    }
+
+    private record Result(int Code, string Output, string Error);
+
+    private Result Cli(params string[] args) =>
+        Run("dotnet", [Path.Combine(Root, "src/Client/bin", Configuration, "net10.0/backprop.dll"), .. args]);
+
+    private Result Script(params string[] args)
+    {
+        var env = new Dictionary<string, string>
+        {
+            ["BACKPROP_STATE"] = State,
+            ["BACKPROP_SILO_DLL"] = Path.Combine(Root, "src/Silo/bin", Configuration, "net10.0/Backprop.Silo.dll"),
+        };
+        return Run("bash", [Path.Combine(Root, "deploy/local/cluster.sh"), .. args], env);
+    }
+
+    private static Result Run(string program, string[] args, Dictionary<string, string>? env = null)
+    {
+        var psi = new ProcessStartInfo(program) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        foreach (var (k, v) in env ?? []) psi.Environment[k] = v;
+        using var process = Process.Start(psi)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        if (!process.WaitForExit(TimeSpan.FromSeconds(55)))
+        {
+            process.Kill(entireProcessTree: true);
+            throw new TimeoutException($"{program} {string.Join(' ', args)} did not finish: {stdout.Result}{stderr.Result}");
+        }
+        return new Result(process.ExitCode, stdout.Result + stderr.Result, stderr.Result);
+    }
+
+    private static string FindRoot()
+    {
+        var dir = new DirectoryInfo(AppContext.BaseDirectory);
+        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "Backprop.Distributed.sln"))) dir = dir.Parent;
+        return dir?.FullName ?? throw new InvalidOperationException("repository root not found");
+    }
+}
