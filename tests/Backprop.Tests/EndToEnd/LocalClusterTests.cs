@@ -63,6 +63,10 @@ public sealed class LocalClusterTests : IDisposable
         Assert.Contains("run e2e-run: completed", status.Output);
         Assert.Contains("workers on 2 silo(s)", status.Output);
 
+        var watch = Cli("watch", "e2e-run", "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster);
+        Assert.True(watch.Code == 0, watch.Output);
+        Assert.Contains($"{accuracy * 100:F2}%", watch.Output);
+
         var eval = Cli("eval", "--model", model, "--data-dir", DataDir);
         Assert.True(eval.Code == 0, eval.Output);
         Assert.Contains($"test accuracy {accuracy * 100:F2}%", eval.Output);
