@@ -31,6 +31,8 @@ public sealed class ParameterLayout
     public long Count { get; }
     public int Length => checked((int)Count);
     public int LayerCount => _weightOffsets.Length;
+    public int WeightOffset(int layer) => _weightOffsets[layer];
+    public int BiasOffset(int layer) => _biasOffsets[layer];
     public int In(int layer) => Spec.Layers[layer];
     public int Out(int layer) => Spec.Layers[layer + 1];
 

@@ -1,4 +1,4 @@
-using System.Numerics.Tensors;
+using System.Numerics;
 
 namespace Backprop.Core.Numerics;
 
@@ -16,27 +16,48 @@ public sealed record OptimizerSettings(OptimizerKind Kind, float LearningRate, f
 }
 
 /// <summary>
-/// One update of the flat parameter vector from a gradient sum over <c>count</c> samples.
+/// One update of the flat parameter vector from a gradient sum over <c>count</c> samples, in one pass:
 /// SGD:      θ ← θ − lr · g
 /// Momentum: v ← μ·v + g;  θ ← θ − lr · v      (PyTorch's SGD with momentum, dampening 0)
-/// where g = gradientSum / count. Single passes over spans; no allocation.
+/// where g = gradientSum / count. Each element gets the same operations whatever its position (no fused
+/// multiply-add), so the result does not depend on vector width.
 /// </summary>
 public static class Optimizer
 {
-    public static void Step(OptimizerSettings settings, Span<float> parameters, Span<float> gradientSum, int count, Span<float> velocity)
+    public static void Step(OptimizerSettings settings, Span<float> parameters, ReadOnlySpan<float> gradientSum, int count, Span<float> velocity)
     {
-        TensorPrimitives.Divide(gradientSum, count, gradientSum);
-        switch (settings.Kind)
+        if (gradientSum.Length != parameters.Length) throw new ArgumentException("gradient and parameters differ in length");
+        float lr = settings.LearningRate, mu = settings.Momentum, n = count;
+        int i = 0, w = Vector<float>.Count;
+        if (settings.Kind == OptimizerKind.Sgd)
         {
-            case OptimizerKind.Sgd:
-                TensorPrimitives.MultiplyAdd(gradientSum, -settings.LearningRate, parameters, parameters);
-                break;
-            case OptimizerKind.Momentum:
-                TensorPrimitives.MultiplyAdd(velocity, settings.Momentum, gradientSum, velocity);
-                TensorPrimitives.MultiplyAdd(velocity, -settings.LearningRate, parameters, parameters);
-                break;
-            default:
-                throw new ArgumentOutOfRangeException(nameof(settings));
+            var vlr = new Vector<float>(lr);
+            var vn = new Vector<float>(n);
+            for (; i + w <= parameters.Length; i += w)
+            {
+                var g = new Vector<float>(gradientSum.Slice(i)) / vn;
+                (new Vector<float>(parameters.Slice(i)) - vlr * g).CopyTo(parameters.Slice(i));
+            }
+            for (; i < parameters.Length; i++) parameters[i] = parameters[i] - lr * (gradientSum[i] / n);
+        }
+        else
+        {
+            if (velocity.Length != parameters.Length) throw new ArgumentException("velocity and parameters differ in length");
+            var vlr = new Vector<float>(lr);
+            var vmu = new Vector<float>(mu);
+            var vn = new Vector<float>(n);
+            for (; i + w <= parameters.Length; i += w)
+            {
+                var v = vmu * new Vector<float>(velocity.Slice(i)) + new Vector<float>(gradientSum.Slice(i)) / vn;
+                v.CopyTo(velocity.Slice(i));
+                (new Vector<float>(parameters.Slice(i)) - vlr * v).CopyTo(parameters.Slice(i));
+            }
+            for (; i < parameters.Length; i++)
+            {
+                float v = mu * velocity[i] + gradientSum[i] / n;
+                velocity[i] = v;
+                parameters[i] = parameters[i] - lr * v;
+            }
         }
     }
 }

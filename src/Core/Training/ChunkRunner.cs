@@ -5,20 +5,21 @@ using Backprop.Core.Numerics;
 namespace Backprop.Core.Training;
 
 /// <summary>Gradient sums and evaluation of chunks of a dataset, with buffers reused across calls.</summary>
-public sealed class ChunkRunner
+public sealed class ChunkRunner : IDisposable
 {
     private readonly BatchBackprop _backprop;
     private readonly byte[] _labels;
     private readonly int[] _indices;
 
-    public ChunkRunner(ModelSpec spec, int maxChunk)
+    public ChunkRunner(ModelSpec spec, int maxChunk, int threads = 1)
     {
-        _backprop = new BatchBackprop(spec, maxChunk);
+        _backprop = new BatchBackprop(spec, maxChunk, threads);
         _labels = new byte[maxChunk];
         _indices = new int[maxChunk];
     }
 
     public ModelSpec Spec => _backprop.Spec;
+    public int Threads => _backprop.Threads;
     public int MaxChunk => _backprop.MaxBatch;
     public int ParameterCount => _backprop.Layout.Length;
 
@@ -54,4 +55,6 @@ public sealed class ChunkRunner
         }
         return result;
     }
+
+    public void Dispose() => _backprop.Dispose();
 }

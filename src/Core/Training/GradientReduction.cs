@@ -8,10 +8,10 @@ namespace Backprop.Core.Training;
 /// </summary>
 public static class GradientReduction
 {
-    public static void SumInChunkOrder(IReadOnlyList<ReadOnlyMemory<float>> chunkSums, Span<float> total)
+    public static void SumInChunkOrder(ReadOnlySpan<ReadOnlyMemory<float>> chunkSums, Span<float> total)
     {
-        if (chunkSums.Count == 0) throw new ArgumentException("a step needs at least one chunk", nameof(chunkSums));
+        if (chunkSums.Length == 0) throw new ArgumentException("a step needs at least one chunk", nameof(chunkSums));
         chunkSums[0].Span.CopyTo(total);
-        for (int c = 1; c < chunkSums.Count; c++) TensorPrimitives.Add(total, chunkSums[c].Span, total);
+        for (int c = 1; c < chunkSums.Length; c++) TensorPrimitives.Add(total, chunkSums[c].Span, total);
     }
 }

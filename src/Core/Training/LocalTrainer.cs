@@ -6,25 +6,28 @@ namespace Backprop.Core.Training;
 
 /// <summary>
 /// The sync step in one process, without Orleans: the same plan, chunk sums, reduction order and
-/// optimizer as the cluster. The cluster's parameters must equal these bit for bit.
+/// optimizer as the cluster. The cluster's parameters must equal these bit for bit. Allocates nothing
+/// per step once constructed.
 /// </summary>
-public sealed class LocalTrainer
+public sealed class LocalTrainer : IDisposable
 {
     private readonly RunSpec _spec;
     private readonly Dataset _train;
     private readonly ChunkRunner _runner;
     private readonly float[][] _chunkSums;
+    private readonly ReadOnlyMemory<float>[] _chunkViews;
     private readonly float[] _total;
     private readonly float[] _velocity;
 
-    public LocalTrainer(RunSpec spec, Dataset train)
+    public LocalTrainer(RunSpec spec, Dataset train, int threads = 1)
     {
         _spec = spec;
         _train = train.Take(spec.TrainCount(train.Count));
-        _runner = new ChunkRunner(spec.Model, spec.ChunkSize);
+        _runner = new ChunkRunner(spec.Model, spec.ChunkSize, threads);
         Parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
         int chunksPerStep = (spec.BatchSize + spec.ChunkSize - 1) / spec.ChunkSize;
         _chunkSums = Enumerable.Range(0, chunksPerStep).Select(_ => new float[Parameters.Length]).ToArray();
+        _chunkViews = _chunkSums.Select(c => (ReadOnlyMemory<float>)c).ToArray();
         _total = new float[Parameters.Length];
         _velocity = new float[Parameters.Length];
     }
@@ -40,16 +43,16 @@ public sealed class LocalTrainer
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
             int chunks = plan.ChunkCount(step);
-            var sums = new ReadOnlyMemory<float>[chunks];
             for (int c = 0; c < chunks; c++)
-            {
                 loss += _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c]);
-                sums[c] = _chunkSums[c];
-            }
-            GradientReduction.SumInChunkOrder(sums, _total);
-            Optimizer.Step(_spec.Optimizer, Parameters, _total, plan.StepSize(step), _velocity);
+            float[] total = _total;
+            if (chunks == 1) total = _chunkSums[0];          // a sum of one needs no copy
+            else GradientReduction.SumInChunkOrder(_chunkViews.AsSpan(0, chunks), _total);
+            Optimizer.Step(_spec.Optimizer, Parameters, total, plan.StepSize(step), _velocity);
             samples += plan.StepSize(step);
         }
         return loss / samples;
     }
+
+    public void Dispose() => _runner.Dispose();
 }

@@ -1,0 +1,48 @@
+using System.Diagnostics;
+using Backprop.Core.Numerics;
+
+namespace Backprop.Bench;
+
+/// <summary>GFLOP/s of the kernel on the products of one 784-128-64-10 step at batch 64 (padded layout).</summary>
+public static unsafe class GemmBench
+{
+    public static int Run()
+    {
+        // (name, m, n, k, aRow, aCol, ldb)
+        var shapes = new (string Name, int M, int N, int K, int ARow, int ACol, int Ldb)[]
+        {
+            ("fwd  L1 128x64x784", 128, 64, 784, 784, 1, 64),
+            ("dW   L1 128x784x64", 128, 784, 64, 64, 1, 784),
+            ("fwd  L2 64x64x128", 64, 64, 128, 128, 1, 64),
+            ("dW   L2 64x128x64", 64, 128, 64, 64, 1, 128),
+            ("dX   L2 128x64x64", 128, 64, 64, 1, 128, 64),
+        };
+        foreach (var isa in new[] { Gemm.Isa.Vector512, Gemm.Isa.Vector256 })
+        {
+            foreach (var s in shapes)
+            {
+                var a = GC.AllocateArray<float>(s.M * s.K + s.K * s.M, pinned: true);
+                var b = GC.AllocateArray<float>(s.K * s.Ldb + s.N, pinned: true);
+                var c = GC.AllocateArray<float>(s.M * s.N, pinned: true);
+                new Random(1).NextBytes(new byte[1]);
+                for (int i = 0; i < a.Length; i++) a[i] = i % 7 * 0.1f;
+                for (int i = 0; i < b.Length; i++) b[i] = i % 5 * 0.1f;
+                fixed (float* pa = a, pb = b, pc = c)
+                {
+                    int reps = (int)(2e9 / (2.0 * s.M * s.N * s.K));
+                    var times = new List<double>();
+                    for (int trial = 0; trial < 7; trial++)
+                    {
+                        var clock = Stopwatch.StartNew();
+                        for (int r = 0; r < reps; r++) Gemm.Multiply(isa, 0, s.M, s.N, s.K, pa, s.ARow, s.ACol, pb, s.Ldb, pc, s.N);
+                        times.Add(clock.Elapsed.TotalSeconds / reps);
+                    }
+                    times.Sort();
+                    double t = times[3];
+                    Console.WriteLine($"{isa,-9} {s.Name,-20} {t * 1e6,8:F1} us  {2.0 * s.M * s.N * s.K / t / 1e9,6:F1} GFLOP/s");
+                }
+            }
+        }
+        return 0;
+    }
+}

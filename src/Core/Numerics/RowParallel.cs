@@ -1,0 +1,92 @@
+namespace Backprop.Core.Numerics;
+
+/// <summary>One matrix product of <see cref="Gemm"/>, as a value so handing it to threads allocates nothing.</summary>
+public readonly unsafe struct GemmJob(Gemm.Isa isa, int m, int n, int k, float* a, nint aRow, nint aCol, float* b, nint ldb, float* c, nint ldc)
+{
+    public int M => m;
+    public void Rows(int from, int to) => Gemm.Multiply(isa, from, to, n, k, a, aRow, aCol, b, ldb, c, ldc);
+}
+
+/// <summary>
+/// Splits the rows of a product over a fixed set of threads. Threads are kept (spinning briefly, then
+/// sleeping) because a training step runs several products of a few microseconds each. Rows, never the
+/// reduction, are split, so results do not depend on the thread count.
+/// </summary>
+public sealed class RowParallel : IDisposable
+{
+    private const int SpinLimit = 20_000;
+    private readonly Thread[] _workers;
+    private readonly SemaphoreSlim[] _wake;
+    private readonly int[] _sleeping;
+    private readonly int[] _bounds;
+    private GemmJob _job;
+    private int _generation;
+    private int _pending;
+    private volatile bool _disposed;
+
+    public RowParallel(int threads)
+    {
+        if (threads < 1 || threads > 256) throw new ArgumentOutOfRangeException(nameof(threads), $"threads {threads} is outside 1..256");
+        Threads = threads;
+        _bounds = new int[threads + 1];
+        _sleeping = new int[threads];
+        _wake = Enumerable.Range(0, threads).Select(_ => new SemaphoreSlim(0)).ToArray();
+        _workers = Enumerable.Range(1, threads - 1).Select(w => new Thread(() => Work(w)) { IsBackground = true, Name = $"backprop-row-{w}" }).ToArray();
+        foreach (var t in _workers) t.Start();
+    }
+
+    public int Threads { get; }
+
+    public void Run(in GemmJob job)
+    {
+        int m = job.M;
+        if (Threads == 1 || m < 8 * Threads)
+        {
+            job.Rows(0, m);
+            return;
+        }
+        // Boundaries on multiples of 4 keep whole 4-row register tiles in one thread.
+        for (int t = 0; t <= Threads; t++) _bounds[t] = t == Threads ? m : (int)((long)m * t / Threads) & ~3;
+        _job = job;
+        Volatile.Write(ref _pending, Threads - 1);
+        Interlocked.Increment(ref _generation);
+        for (int w = 1; w < Threads; w++)
+            if (Volatile.Read(ref _sleeping[w]) == 1) _wake[w].Release();
+        job.Rows(_bounds[0], _bounds[1]);
+        var spin = new SpinWait();
+        while (Volatile.Read(ref _pending) != 0) spin.SpinOnce(sleep1Threshold: -1);
+    }
+
+    private void Work(int w)
+    {
+        int seen = 0;
+        while (true)
+        {
+            int spins = 0;
+            while (Volatile.Read(ref _generation) == seen)
+            {
+                if (++spins < SpinLimit)
+                {
+                    Thread.SpinWait(10);
+                    continue;
+                }
+                Interlocked.Exchange(ref _sleeping[w], 1);
+                if (Volatile.Read(ref _generation) == seen) _wake[w].Wait();
+                Interlocked.Exchange(ref _sleeping[w], 0);
+                spins = 0;
+            }
+            seen = Volatile.Read(ref _generation);
+            if (_disposed) return;
+            _job.Rows(_bounds[w], _bounds[w + 1]);
+            Interlocked.Decrement(ref _pending);
+        }
+    }
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        Interlocked.Increment(ref _generation);
+        foreach (var s in _wake) s.Release();
+    }
+}
