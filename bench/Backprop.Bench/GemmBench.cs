@@ -17,7 +17,8 @@ public static unsafe class GemmBench
             ("dW   L2 64x128x64", 64, 128, 64, 64, 1, 128),
             ("dX   L2 128x64x64", 128, 64, 64, 1, 128, 64),
         };
-        foreach (var isa in new[] { Gemm.Isa.Vector512, Gemm.Isa.Vector256 })
+        using var two = new RowParallel(2);
+        foreach (var (isa, parallel) in new[] { (Gemm.Isa.Vector512, two), (Gemm.Isa.Vector512, (RowParallel?)null), (Gemm.Isa.Vector256, null), (Gemm.Isa.Vector512, two) })
         {
             foreach (var s in shapes)
             {
@@ -34,13 +35,45 @@ public static unsafe class GemmBench
                     for (int trial = 0; trial < 7; trial++)
                     {
                         var clock = Stopwatch.StartNew();
-                        for (int r = 0; r < reps; r++) Gemm.Multiply(isa, 0, s.M, s.N, s.K, pa, s.ARow, s.ACol, pb, s.Ldb, pc, s.N);
+                        if (parallel is null)
+                            for (int r = 0; r < reps; r++) Gemm.Multiply(isa, 0, s.M, s.N, s.K, pa, s.ARow, s.ACol, pb, s.Ldb, pc, s.N);
+                        else
+                        {
+                            var job = new GemmJob(isa, s.M, s.N, s.K, pa, s.ARow, s.ACol, pb, s.Ldb, pc, s.N);
+                            Action<int, int> rows = job.Rows;
+                            for (int r = 0; r < reps; r++) parallel.Run(s.M, rows);
+                        }
                         times.Add(clock.Elapsed.TotalSeconds / reps);
                     }
                     times.Sort();
                     double t = times[3];
-                    Console.WriteLine($"{isa,-9} {s.Name,-20} {t * 1e6,8:F1} us  {2.0 * s.M * s.N * s.K / t / 1e9,6:F1} GFLOP/s");
+                    Console.WriteLine($"{isa,-9} {(parallel is null ? 1 : 2)}t {s.Name,-20} {t * 1e6,8:F1} us  {2.0 * s.M * s.N * s.K / t / 1e9,6:F1} GFLOP/s");
                 }
+            }
+        }
+        // Hand-off cost: a tiny product split over 2 threads, back to back and with serial work between.
+        var ta = GC.AllocateArray<float>(64 * 64, pinned: true);
+        var tc = GC.AllocateArray<float>(64 * 64, pinned: true);
+        fixed (float* pa = ta, pc = tc)
+        {
+            foreach (int gapMicros in new[] { 0, 20, 100 })
+            {
+                var tiny = new GemmJob(Gemm.Isa.Vector512, 32, 16, 4, pa, 4, 1, pa, 16, pc, 16);
+                Action<int, int> job = tiny.Rows;
+                for (int i = 0; i < 1000; i++) two.Run(32, job);
+                var clock = Stopwatch.StartNew();
+                const int runs = 5000;
+                long gapTicks = (long)(gapMicros * Stopwatch.Frequency / 1e6);
+                long gaps = 0;
+                for (int i = 0; i < runs; i++)
+                {
+                    two.Run(32, job);
+                    long start = Stopwatch.GetTimestamp();
+                    while (Stopwatch.GetTimestamp() - start < gapTicks) { }
+                    gaps += Stopwatch.GetTimestamp() - start;
+                }
+                double perRun = (clock.Elapsed.TotalSeconds - gaps / (double)Stopwatch.Frequency) / runs;
+                Console.WriteLine($"hand-off to 2 threads with {gapMicros} us serial work between: {perRun * 1e6:F2} us per run");
             }
         }
         return 0;

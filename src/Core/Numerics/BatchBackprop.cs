@@ -34,6 +34,8 @@ public sealed unsafe class BatchBackprop : IDisposable
     private readonly float[][] _deltaT;
     private readonly double[] _rowLoss;
     private int _mp;
+    private GemmJob _gemm;
+    private readonly Action<int, int> _gemmRows;
 
     public BatchBackprop(ModelSpec spec, int maxBatch, int threads = 1, Gemm.Isa? isa = null)
     {
@@ -43,6 +45,7 @@ public sealed unsafe class BatchBackprop : IDisposable
         _layout = new ParameterLayout(spec);
         _isa = isa ?? Gemm.Best;
         _parallel = new RowParallel(threads);
+        _gemmRows = (from, to) => _gemm.Rows(from, to);
         int mpMax = RoundUp(maxBatch);
         _x = Pinned(maxBatch * spec.InputSize);
         _actT = spec.Layers.Select(size => Pinned(size * mpMax)).ToArray();
@@ -55,6 +58,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     public int MaxBatch { get; }
     public ParameterLayout Layout => _layout;
     public int Threads => _parallel.Threads;
+    public RowParallel Parallel => _parallel;
 
     /// <summary>The input rows (n × in_0, sample-major) to fill before <see cref="Forward"/> or <see cref="GradientSum"/>.</summary>
     public Span<float> Input(int n) => _x.AsSpan(0, CheckBatch(n) * Spec.InputSize);
@@ -73,7 +77,7 @@ public sealed unsafe class BatchBackprop : IDisposable
                 int inSize = _layout.In(l), outSize = _layout.Out(l);
                 float* w = p + _layout.WeightOffset(l), bias = p + _layout.BiasOffset(l);
                 float* x = P(_actT[l]), z = P(_actT[l + 1]);
-                _parallel.Run(new GemmJob(_isa, outSize, mp, inSize, w, inSize, 1, x, mp, z, mp));
+                Multiply(new GemmJob(_isa, outSize, mp, inSize, w, inSize, 1, x, mp, z, mp));
                 AddBiasAndActivate(z, outSize, mp, bias, l < _layout.LayerCount - 1 ? Spec.Activation : null);
             }
         }
@@ -117,17 +121,23 @@ public sealed unsafe class BatchBackprop : IDisposable
                 // BP4: gW = δ · act (k = n samples), act sample-major.
                 float* act = l == 0 ? P(_x) : P(_actS[l]);
                 if (l > 0) ToSampleMajor(P(_actT[l]), inSize, mp, n, act);
-                _parallel.Run(new GemmJob(_isa, outSize, inSize, n, delta, mp, 1, act, inSize, gW, inSize));
+                Multiply(new GemmJob(_isa, outSize, inSize, n, delta, mp, 1, act, inSize, gW, inSize));
 
                 if (l == 0) break;
 
                 // BP2: δprev = (Wᵀ · δ) ⊙ f'(a_prev); Wᵀ is read in place through the strides.
                 float* w = p + _layout.WeightOffset(l), prev = P(_deltaT[l - 1]);
-                _parallel.Run(new GemmJob(_isa, inSize, mp, outSize, w, 1, inSize, delta, mp, prev, mp));
+                Multiply(new GemmJob(_isa, inSize, mp, outSize, w, 1, inSize, delta, mp, prev, mp));
                 Activations.MultiplyByDerivative(Spec.Activation, new ReadOnlySpan<float>(P(_actT[l]), inSize * mp), new Span<float>(prev, inSize * mp));
             }
         }
         return loss;
+    }
+
+    private void Multiply(GemmJob job)
+    {
+        _gemm = job;
+        _parallel.Run(job.M, _gemmRows);
     }
 
     /// <summary>z[o, :] = f(z[o, :] + b[o]) for each row; ReLU is fused into one pass, the others use TensorPrimitives.</summary>

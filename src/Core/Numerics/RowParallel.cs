@@ -8,7 +8,7 @@ public readonly unsafe struct GemmJob(Gemm.Isa isa, int m, int n, int k, float* 
 }
 
 /// <summary>
-/// Splits the rows of a product over a fixed set of threads. Threads are kept (spinning briefly, then
+/// Splits rows (of a product, or elements of a vector) over a fixed set of threads. Threads are kept (spinning briefly, then
 /// sleeping) because a training step runs several products of a few microseconds each. Rows, never the
 /// reduction, are split, so results do not depend on the thread count.
 /// </summary>
@@ -19,7 +19,7 @@ public sealed class RowParallel : IDisposable
     private readonly SemaphoreSlim[] _wake;
     private readonly int[] _sleeping;
     private readonly int[] _bounds;
-    private GemmJob _job;
+    private Action<int, int> _job = (_, _) => { };
     private int _generation;
     private int _pending;
     private volatile bool _disposed;
@@ -37,22 +37,26 @@ public sealed class RowParallel : IDisposable
 
     public int Threads { get; }
 
-    public void Run(in GemmJob job)
+    /// <summary>
+    /// Calls rows(from, to) over a partition of [0, m) with boundaries on multiples of
+    /// <paramref name="align"/> (4 keeps 4-row register tiles whole). The delegate should be cached by the
+    /// caller: a new lambda per call would allocate.
+    /// </summary>
+    public void Run(int m, Action<int, int> rows, int align = 4)
     {
-        int m = job.M;
-        if (Threads == 1 || m < 8 * Threads)
+        if (Threads == 1 || m < 2 * align * Threads)
         {
-            job.Rows(0, m);
+            rows(0, m);
             return;
         }
-        // Boundaries on multiples of 4 keep whole 4-row register tiles in one thread.
-        for (int t = 0; t <= Threads; t++) _bounds[t] = t == Threads ? m : (int)((long)m * t / Threads) & ~3;
-        _job = job;
+        for (int t = 0; t <= Threads; t++) _bounds[t] = t == Threads ? m : (int)((long)m * t / Threads) / align * align;
+        _job = rows;
+        var job = rows;
         Volatile.Write(ref _pending, Threads - 1);
         Interlocked.Increment(ref _generation);
         for (int w = 1; w < Threads; w++)
             if (Volatile.Read(ref _sleeping[w]) == 1) _wake[w].Release();
-        job.Rows(_bounds[0], _bounds[1]);
+        job(_bounds[0], _bounds[1]);
         var spin = new SpinWait();
         while (Volatile.Read(ref _pending) != 0) spin.SpinOnce(sleep1Threshold: -1);
     }
@@ -77,7 +81,7 @@ public sealed class RowParallel : IDisposable
             }
             seen = Volatile.Read(ref _generation);
             if (_disposed) return;
-            _job.Rows(_bounds[w], _bounds[w + 1]);
+            _job(_bounds[w], _bounds[w + 1]);
             Interlocked.Decrement(ref _pending);
         }
     }

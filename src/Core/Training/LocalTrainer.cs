@@ -18,6 +18,9 @@ public sealed class LocalTrainer : IDisposable
     private readonly ReadOnlyMemory<float>[] _chunkViews;
     private readonly float[] _total;
     private readonly float[] _velocity;
+    private readonly Action<int, int> _stepRange;
+    private float[] _stepGradient = [];
+    private int _stepCount;
 
     public LocalTrainer(RunSpec spec, Dataset train, int threads = 1)
     {
@@ -30,6 +33,9 @@ public sealed class LocalTrainer : IDisposable
         _chunkViews = _chunkSums.Select(c => (ReadOnlyMemory<float>)c).ToArray();
         _total = new float[Parameters.Length];
         _velocity = new float[Parameters.Length];
+        // The step is element-wise: each thread updates the part of the vector whose gradient it just wrote.
+        _stepRange = (from, to) => Optimizer.Step(_spec.Optimizer, Parameters.AsSpan(from, to - from),
+            _stepGradient.AsSpan(from, to - from), _stepCount, _velocity.AsSpan(from, to - from));
     }
 
     public float[] Parameters { get; }
@@ -44,11 +50,16 @@ public sealed class LocalTrainer : IDisposable
         {
             int chunks = plan.ChunkCount(step);
             for (int c = 0; c < chunks; c++)
+            {
+                if (c + 1 < chunks) _train.Prefetch(plan.Chunk(step, c + 1));
+                else if (step + 1 < plan.Steps) _train.Prefetch(plan.Chunk(step + 1, 0));
                 loss += _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c]);
+            }
             float[] total = _total;
             if (chunks == 1) total = _chunkSums[0];          // a sum of one needs no copy
             else GradientReduction.SumInChunkOrder(_chunkViews.AsSpan(0, chunks), _total);
-            Optimizer.Step(_spec.Optimizer, Parameters, total, plan.StepSize(step), _velocity);
+            (_stepGradient, _stepCount) = (total, plan.StepSize(step));
+            _runner.Parallel.Run(Parameters.Length, _stepRange, align: 64);
             samples += plan.StepSize(step);
         }
         return loss / samples;
