@@ -1,6 +1,7 @@
 using System.Numerics.Tensors;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using Backprop.Core.Data;
 using Backprop.Core.Model;
 
 namespace Backprop.Core.Numerics;
@@ -11,16 +12,19 @@ namespace Backprop.Core.Numerics;
 ///
 /// Activations and deltas are kept feature-major — one row per unit, one column per sample, rows padded
 /// to mp = n rounded up to 16 — so every product is a <see cref="Gemm"/> over contiguous rows:
-///   x          n × in_0       the input batch, sample-major (filled through <see cref="Input"/>)
+///   x          n × in_0       the input batch, sample-major
 ///   actT[l]    in_l × mp      actT[0] = xᵀ;  actT[l+1] = f(W_l · actT[l] + b_l)          (forward)
+///   act[l]     n × in_l       sample-major copy of actT[l] (l ≥ 1), the right-hand side of BP4
 ///   deltaT[l]  out_l × mp     ∂C/∂z of layer l per sample; padding columns are zero
-///   gW_l       out × in       = deltaT[l] · act_l   (act_l: sample-major copy of actT[l])   (BP4)
+///   gW_l       out × in       = deltaT[l] · act[l]                                       (BP4)
 ///   gb_l       out            = Σ_i deltaT[l][:, i]                                      (BP3)
 ///   deltaT[l-1]               = (W_lᵀ · deltaT[l]) ⊙ f'(actT[l])                         (BP2)
 /// The gradient is the sum over the batch, not the mean: the server divides.
 ///
-/// Every output element is a fixed-order sum (see <see cref="Gemm"/>), so results are bit-identical for
-/// any thread count: threads split the rows of each product, never the samples.
+/// Each product runs with its element-wise follow-up (bias and activation, bias gradient, f') on the same
+/// rows in the same thread, while they are in cache. Every output element is a fixed-order sum (see
+/// <see cref="Gemm"/>), and threads split rows, never samples, so results are bit-identical for any
+/// thread count.
 /// </summary>
 public sealed unsafe class BatchBackprop : IDisposable
 {
@@ -30,12 +34,17 @@ public sealed unsafe class BatchBackprop : IDisposable
     private readonly RowParallel _parallel;
     private readonly float[] _x;
     private readonly float[][] _actT;
-    private readonly float[][] _actS;
+    private readonly float[][] _act;
     private readonly float[][] _deltaT;
     private readonly double[] _rowLoss;
-    private int _mp;
-    private GemmJob _gemm;
-    private readonly Action<int, int> _gemmRows;
+    private readonly int[] _indices;
+    private readonly Action<int, int> _loadRows, _forwardRows, _weightGradientRows, _inputGradientRows;
+
+    // The operation in progress, read by the row delegates on every thread.
+    private int _n, _mp, _layer;
+    private bool _inputIsTransposed, _keepSampleMajor;
+    private float* _p, _g;
+    private Dataset? _data;
 
     public BatchBackprop(ModelSpec spec, int maxBatch, int threads = 1, Gemm.Isa? isa = null)
     {
@@ -45,13 +54,17 @@ public sealed unsafe class BatchBackprop : IDisposable
         _layout = new ParameterLayout(spec);
         _isa = isa ?? Gemm.Best;
         _parallel = new RowParallel(threads);
-        _gemmRows = (from, to) => _gemm.Rows(from, to);
         int mpMax = RoundUp(maxBatch);
         _x = Pinned(maxBatch * spec.InputSize);
         _actT = spec.Layers.Select(size => Pinned(size * mpMax)).ToArray();
-        _actS = spec.Layers.Select((size, l) => l == 0 ? [] : Pinned(maxBatch * size)).ToArray();
+        _act = spec.Layers.Select((size, l) => l == 0 ? [] : Pinned(maxBatch * size)).ToArray();
         _deltaT = spec.Layers.Skip(1).Select(size => Pinned(size * mpMax)).ToArray();
         _rowLoss = new double[maxBatch];
+        _indices = new int[maxBatch];
+        _loadRows = LoadRows;
+        _forwardRows = ForwardRows;
+        _weightGradientRows = WeightGradientRows;
+        _inputGradientRows = InputGradientRows;
     }
 
     public ModelSpec Spec { get; }
@@ -60,38 +73,53 @@ public sealed unsafe class BatchBackprop : IDisposable
     public int Threads => _parallel.Threads;
     public RowParallel Parallel => _parallel;
 
-    /// <summary>The input rows (n × in_0, sample-major) to fill before <see cref="Forward"/> or <see cref="GradientSum"/>.</summary>
-    public Span<float> Input(int n) => _x.AsSpan(0, CheckBatch(n) * Spec.InputSize);
+    /// <summary>The input rows (n × in_0, sample-major) to fill by hand before <see cref="Forward"/> or <see cref="GradientSum"/>.</summary>
+    public Span<float> Input(int n)
+    {
+        _inputIsTransposed = false;
+        return _x.AsSpan(0, CheckBatch(n) * Spec.InputSize);
+    }
+
+    /// <summary>Loads the samples at <paramref name="indices"/> as the input batch (scaled to [0, 1], both layouts, row-parallel).</summary>
+    public void LoadInputs(Dataset data, ReadOnlySpan<int> indices)
+    {
+        int n = CheckBatch(indices.Length);
+        if (data.Features != Spec.InputSize) throw new ArgumentException($"{data.Name} has {data.Features} features; the model takes {Spec.InputSize}");
+        indices.CopyTo(_indices);
+        (_data, _n, _mp) = (data, n, RoundUp(n));
+        _parallel.Run(n, _loadRows, align: 8);
+        _data = null;
+        _inputIsTransposed = true;
+    }
 
     /// <summary>Forward pass over the n input rows; returns the summed cost against the labels.</summary>
-    public double Forward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels)
+    public double Forward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels) => Forward(parameters, n, labels, keepSampleMajor: false);
+
+    private double Forward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, bool keepSampleMajor)
     {
         CheckBatch(n);
         if (parameters.Length != _layout.Length) throw new ArgumentException("parameters have the wrong length", nameof(parameters));
-        int mp = _mp = RoundUp(n);
-        ToFeatureMajor(P(_x), n, Spec.InputSize, P(_actT[0]), mp);
+        if (labels.Length < n) throw new ArgumentException("fewer labels than samples", nameof(labels));
+        if (_inputIsTransposed && n != _n) throw new ArgumentException($"{_n} samples were loaded, not {n}", nameof(n));
+        (_n, _mp, _keepSampleMajor) = (n, RoundUp(n), keepSampleMajor);
+        if (!_inputIsTransposed) Transpose.Run(P(_x), n, Spec.InputSize, Spec.InputSize, P(_actT[0]), _mp);
         fixed (float* p = parameters)
         {
-            for (int l = 0; l < _layout.LayerCount; l++)
-            {
-                int inSize = _layout.In(l), outSize = _layout.Out(l);
-                float* w = p + _layout.WeightOffset(l), bias = p + _layout.BiasOffset(l);
-                float* x = P(_actT[l]), z = P(_actT[l + 1]);
-                Multiply(new GemmJob(_isa, outSize, mp, inSize, w, inSize, 1, x, mp, z, mp));
-                AddBiasAndActivate(z, outSize, mp, bias, l < _layout.LayerCount - 1 ? Spec.Activation : null);
-            }
+            _p = p;
+            for (_layer = 0; _layer < _layout.LayerCount; _layer++) _parallel.Run(_layout.Out(_layer), _forwardRows);
+            _p = null;
         }
         return OutputAndLoss(n, labels);
     }
 
     /// <summary>
     /// Writes Σ_samples ∂C/∂θ into <paramref name="gradient"/> (overwritten, flat layout) and returns the
-    /// summed cost. The inputs must already be in <see cref="Input"/>.
+    /// summed cost. The inputs must already be loaded (<see cref="LoadInputs"/> or <see cref="Input"/>).
     /// </summary>
     public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient)
     {
         if (gradient.Length != _layout.Length) throw new ArgumentException("gradient has the wrong length", nameof(gradient));
-        double loss = Forward(parameters, n, labels);
+        double loss = Forward(parameters, n, labels, keepSampleMajor: true);
         int mp = _mp, L = _layout.LayerCount, outputs = Spec.OutputSize;
 
         // BP1: δᴸ = a − y (softmax + cross-entropy), times σ'(z) for sigmoid + quadratic. Padding columns stay 0.
@@ -110,34 +138,67 @@ public sealed unsafe class BatchBackprop : IDisposable
         fixed (float* p = parameters)
         fixed (float* g = gradient)
         {
-            for (int l = L - 1; l >= 0; l--)
+            _p = p;
+            _g = g;
+            for (_layer = L - 1; _layer >= 0; _layer--)
             {
-                int inSize = _layout.In(l), outSize = _layout.Out(l);
-                float* delta = P(_deltaT[l]);
-                float* gW = g + _layout.WeightOffset(l), gB = g + _layout.BiasOffset(l);
-
-                BiasGradient(delta, outSize, mp, n, gB);
-
-                // BP4: gW = δ · act (k = n samples), act sample-major.
-                float* act = l == 0 ? P(_x) : P(_actS[l]);
-                if (l > 0) ToSampleMajor(P(_actT[l]), inSize, mp, n, act);
-                Multiply(new GemmJob(_isa, outSize, inSize, n, delta, mp, 1, act, inSize, gW, inSize));
-
-                if (l == 0) break;
-
-                // BP2: δprev = (Wᵀ · δ) ⊙ f'(a_prev); Wᵀ is read in place through the strides.
-                float* w = p + _layout.WeightOffset(l), prev = P(_deltaT[l - 1]);
-                Multiply(new GemmJob(_isa, inSize, mp, outSize, w, 1, inSize, delta, mp, prev, mp));
-                Activations.MultiplyByDerivative(Spec.Activation, new ReadOnlySpan<float>(P(_actT[l]), inSize * mp), new Span<float>(prev, inSize * mp));
+                _parallel.Run(_layout.Out(_layer), _weightGradientRows);
+                if (_layer > 0) _parallel.Run(_layout.In(_layer), _inputGradientRows);
             }
+            _p = null;
+            _g = null;
         }
         return loss;
     }
 
-    private void Multiply(GemmJob job)
+    /// <summary>Index of the largest output of sample i after a forward pass.</summary>
+    public int Predict(int i)
     {
-        _gemm = job;
-        _parallel.Run(job.M, _gemmRows);
+        float* a = P(_actT[^1]);
+        int best = 0;
+        for (int o = 1; o < Spec.OutputSize; o++)
+            if (a[o * _mp + i] > a[best * _mp + i]) best = o;
+        return best;
+    }
+
+    /// <summary>Samples [from, to): pixels to floats (sample-major), then into columns [from, to) of xᵀ.</summary>
+    private void LoadRows(int from, int to)
+    {
+        int features = Spec.InputSize;
+        float* x = P(_x) + from * features;
+        _data!.CopyInputs(_indices.AsSpan(from, to - from), new Span<float>(x, (to - from) * features));
+        Transpose.Run(x, to - from, features, features, P(_actT[0]) + from, _mp);
+    }
+
+    /// <summary>Units [from, to) of layer _layer: z = W·a_prev + b, then f, then (for BP4 later) the sample-major copy.</summary>
+    private void ForwardRows(int from, int to)
+    {
+        int l = _layer, inSize = _layout.In(l), outSize = _layout.Out(l), mp = _mp;
+        float* z = P(_actT[l + 1]);
+        new GemmJob(_isa, outSize, mp, inSize, _p + _layout.WeightOffset(l), inSize, 1, P(_actT[l]), mp, z, mp).Rows(from, to);
+        bool hidden = l < _layout.LayerCount - 1;
+        AddBiasAndActivate(z + from * mp, to - from, mp, _p + _layout.BiasOffset(l) + from, hidden ? Spec.Activation : null);
+        if (hidden && _keepSampleMajor) Transpose.Run(z + from * mp, to - from, _n, mp, P(_act[l + 1]) + from, outSize);
+    }
+
+    /// <summary>Units [from, to) of layer _layer: BP3 and BP4.</summary>
+    private void WeightGradientRows(int from, int to)
+    {
+        int l = _layer, inSize = _layout.In(l), mp = _mp;
+        float* delta = P(_deltaT[l]);
+        BiasGradient(delta + from * mp, to - from, mp, _n, _g + _layout.BiasOffset(l) + from);
+        float* act = l == 0 ? P(_x) : P(_act[l]);
+        new GemmJob(_isa, _layout.Out(l), inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize).Rows(from, to);
+    }
+
+    /// <summary>Inputs [from, to) of layer _layer: BP2, with Wᵀ read in place through the strides.</summary>
+    private void InputGradientRows(int from, int to)
+    {
+        int l = _layer, inSize = _layout.In(l), outSize = _layout.Out(l), mp = _mp;
+        float* prev = P(_deltaT[l - 1]);
+        new GemmJob(_isa, inSize, mp, outSize, _p + _layout.WeightOffset(l), 1, inSize, P(_deltaT[l]), mp, prev, mp).Rows(from, to);
+        Activations.MultiplyByDerivative(Spec.Activation,
+            new ReadOnlySpan<float>(P(_actT[l]) + from * mp, (to - from) * mp), new Span<float>(prev + from * mp, (to - from) * mp));
     }
 
     /// <summary>z[o, :] = f(z[o, :] + b[o]) for each row; ReLU is fused into one pass, the others use TensorPrimitives.</summary>
@@ -179,16 +240,6 @@ public sealed unsafe class BatchBackprop : IDisposable
         }
     }
 
-    /// <summary>Index of the largest output of sample i after a forward pass.</summary>
-    public int Predict(int i)
-    {
-        float* a = P(_actT[^1]);
-        int best = 0;
-        for (int o = 1; o < Spec.OutputSize; o++)
-            if (a[o * _mp + i] > a[best * _mp + i]) best = o;
-        return best;
-    }
-
     private double OutputAndLoss(int n, ReadOnlySpan<byte> labels)
     {
         int outputs = Spec.OutputSize, mp = _mp;
@@ -225,12 +276,6 @@ public sealed unsafe class BatchBackprop : IDisposable
         for (int i = 0; i < n; i++) loss += _rowLoss[i];
         return loss;
     }
-
-    /// <summary>x (n × features, sample-major) → xT (features × mp).</summary>
-    private static void ToFeatureMajor(float* x, int n, int features, float* xT, int mp) => Transpose.Run(x, n, features, features, xT, mp);
-
-    /// <summary>aT (features × mp, feature-major) → a (n × features).</summary>
-    private static void ToSampleMajor(float* aT, int features, int mp, int n, float* a) => Transpose.Run(aT, features, n, mp, a, features);
 
     public void Dispose() => _parallel.Dispose();
 

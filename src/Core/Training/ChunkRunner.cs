@@ -29,7 +29,7 @@ public sealed class ChunkRunner : IDisposable
     public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient)
     {
         int n = indices.Length;
-        data.CopyInputs(indices, _backprop.Input(n));
+        _backprop.LoadInputs(data, indices);
         data.CopyLabels(indices, _labels);
         return _backprop.GradientSum(parameters, n, _labels.AsSpan(0, n), gradient);
     }
@@ -43,7 +43,7 @@ public sealed class ChunkRunner : IDisposable
             int n = Math.Min(MaxChunk, end - from);
             for (int i = 0; i < n; i++) _indices[i] = from + i;
             var idx = _indices.AsSpan(0, n);
-            data.CopyInputs(idx, _backprop.Input(n));
+            _backprop.LoadInputs(data, idx);
             data.CopyLabels(idx, _labels);
             double loss = _backprop.Forward(parameters, n, _labels.AsSpan(0, n));
             int correct = 0;
