@@ -90,10 +90,11 @@ static (double Median, double Min, int Samples, double AllocatedPerStep) Measure
     for (int e = 1; e <= epochs; e++)
     {
         long before = GC.GetTotalAllocatedBytes(precise: true);
-        var clock = Stopwatch.StartNew();
+        long start = Stopwatch.GetTimestamp();
         trainer.TrainEpoch(e);
-        seconds.Add(clock.Elapsed.TotalSeconds);
+        long end = Stopwatch.GetTimestamp();
         allocated += GC.GetTotalAllocatedBytes(precise: true) - before;
+        seconds.Add((end - start) / (double)Stopwatch.Frequency);
     }
     seconds.Sort();
     return (seconds[seconds.Count / 2], seconds[0], samples, (double)allocated / (epochs * steps));

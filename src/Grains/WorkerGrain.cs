@@ -49,10 +49,14 @@ public sealed class WorkerGrain(DatasetCache datasets) : Grain, IWorkerGrain
 
     private EpochPlan PlanFor(RunSpec spec, int epoch, int count)
     {
-        if (_plan is null || _plan.Epoch != epoch || _planSpec != spec || _plan.SampleCount != count)
+        if (_plan is null || _planSpec != spec || _plan.SampleCount != count)
         {
             _plan = new EpochPlan(count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch);
             _planSpec = spec;
+        }
+        else if (_plan.Epoch != epoch)
+        {
+            _plan.MoveTo(epoch);
         }
         return _plan;
     }

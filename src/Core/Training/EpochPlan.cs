@@ -17,14 +17,23 @@ public sealed class EpochPlan
         SampleCount = sampleCount;
         BatchSize = batchSize;
         ChunkSize = chunkSize;
-        Epoch = epoch;
-        _order = Permutation(sampleCount, seed, epoch);
+        Seed = seed;
+        _order = new int[sampleCount];
+        MoveTo(epoch);
     }
 
     public int SampleCount { get; }
     public int BatchSize { get; }
     public int ChunkSize { get; }
-    public int Epoch { get; }
+    public long Seed { get; }
+    public int Epoch { get; private set; }
+
+    /// <summary>Re-plans for another epoch in place (no allocation).</summary>
+    public void MoveTo(int epoch)
+    {
+        Epoch = epoch;
+        Shuffle(_order, Seed, epoch);
+    }
     public int Steps => (SampleCount + BatchSize - 1) / BatchSize;
 
     public int StepSize(int step) => Math.Min(BatchSize, SampleCount - step * BatchSize);
@@ -45,6 +54,13 @@ public sealed class EpochPlan
     public static int[] Permutation(int n, long seed, int epoch)
     {
         var order = new int[n];
+        Shuffle(order, seed, epoch);
+        return order;
+    }
+
+    private static void Shuffle(int[] order, long seed, int epoch)
+    {
+        int n = order.Length;
         for (int i = 0; i < n; i++) order[i] = i;
         var rng = Rng.For(seed, "epoch", epoch);
         for (int i = n - 1; i > 0; i--)
@@ -52,6 +68,5 @@ public sealed class EpochPlan
             int j = rng.NextInt(i + 1);
             (order[i], order[j]) = (order[j], order[i]);
         }
-        return order;
     }
 }

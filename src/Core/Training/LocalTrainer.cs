@@ -19,6 +19,7 @@ public sealed class LocalTrainer : IDisposable
     private readonly float[] _total;
     private readonly float[] _velocity;
     private readonly Action<int, int> _stepRange;
+    private readonly EpochPlan _plan;
     private float[] _stepGradient = [];
     private int _stepCount;
 
@@ -33,6 +34,7 @@ public sealed class LocalTrainer : IDisposable
         _chunkViews = _chunkSums.Select(c => (ReadOnlyMemory<float>)c).ToArray();
         _total = new float[Parameters.Length];
         _velocity = new float[Parameters.Length];
+        _plan = new EpochPlan(_train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
         // The step is element-wise: each thread updates the part of the vector whose gradient it just wrote.
         _stepRange = (from, to) => Optimizer.Step(_spec.Optimizer, Parameters.AsSpan(from, to - from),
             _stepGradient.AsSpan(from, to - from), _stepCount, _velocity.AsSpan(from, to - from));
@@ -43,7 +45,8 @@ public sealed class LocalTrainer : IDisposable
     /// <summary>Trains one epoch, or its first <paramref name="maxSteps"/> steps; returns the mean training cost.</summary>
     public double TrainEpoch(int epoch, int maxSteps = int.MaxValue)
     {
-        var plan = new EpochPlan(_train.Count, _spec.BatchSize, _spec.ChunkSize, _spec.Seed, epoch);
+        var plan = _plan;
+        if (plan.Epoch != epoch) plan.MoveTo(epoch);
         double loss = 0;
         int samples = 0;
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
