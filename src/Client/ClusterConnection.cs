@@ -27,14 +27,14 @@ public sealed class ClusterConnection : IAsyncDisposable
     public string Description { get; }
     public bool IsEmbedded => Description.StartsWith("embedded", StringComparison.Ordinal);
 
-    public static async Task<ClusterConnection> StartEmbedded(string dataDir, CancellationToken cancel)
+    public static async Task<ClusterConnection> StartEmbedded(string dataDir, int threadsPerWorker, CancellationToken cancel)
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder.Logging);
         int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
         builder.UseOrleans(silo => silo
             .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
-            .AddBackpropGrains(dataDir));
+            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker));
         var host = builder.Build();
         await host.StartAsync(cancel);
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)");

@@ -32,6 +32,10 @@ public static class TrainCommand
     private static readonly Option<string> ClusterId = Cli.ClusterId();
     private static readonly Option<string?> MetricsOut = new("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
     private static readonly Option<string?> ModelOut = new("--model-out") { Description = "Save the trained model to this file" };
+    private static readonly Option<int?> ThreadsPerWorker = new("--threads-per-worker")
+    {
+        Description = "Embedded cluster only: threads each worker uses for a chunk [default: cores / workers, at least 1]",
+    };
     private static readonly Option<string?> RunId = new("--run-id") { Description = "Run id [default: run-<time>-<random>]" };
 
     public static Command Create()
@@ -39,7 +43,7 @@ public static class TrainCommand
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Gateway, ClusterId, MetricsOut, ModelOut, RunId,
+            TrainLimit, Dataset, DataDir, Gateway, ClusterId, MetricsOut, ModelOut, RunId, ThreadsPerWorker,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
@@ -91,11 +95,15 @@ public static class TrainCommand
         ClusterConnection cluster;
         if (gateway is null)
         {
+            int threads = parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers);
+            if (threads is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threads} is outside 1..256");
             DataCommand.Ensure(spec.Dataset, dataDir);
-            cluster = await ClusterConnection.StartEmbedded(dataDir, cancel);
+            cluster = await ClusterConnection.StartEmbedded(dataDir, threads, cancel);
         }
         else
         {
+            if (parse.GetValue(ThreadsPerWorker) is not null)
+                throw new ArgumentException("--threads-per-worker: set it on the silos (--worker-threads); it applies to the embedded cluster only");
             cluster = await ClusterConnection.Connect(gateway, parse.GetValue(ClusterId)!, cancel);
         }
         await using (cluster)

@@ -10,7 +10,7 @@ namespace Backprop.Grains;
 /// buffers), so losing it loses nothing: the coordinator re-sends the work elsewhere.
 /// </summary>
 [SpreadPlacement]
-public sealed class WorkerGrain(DatasetCache datasets) : Grain, IWorkerGrain
+public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings) : Grain, IWorkerGrain
 {
     private ChunkRunner? _runner;
     private EpochPlan? _plan;
@@ -40,10 +40,19 @@ public sealed class WorkerGrain(DatasetCache datasets) : Grain, IWorkerGrain
         return RunnerFor(work.Spec).Evaluate(test, work.Parameters.Span, work.Start, work.End);
     }
 
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        _runner?.Dispose();
+        return Task.CompletedTask;
+    }
+
     private ChunkRunner RunnerFor(RunSpec spec)
     {
         if (_runner is null || !_runner.Spec.Equals(spec.Model) || _runner.MaxChunk != spec.ChunkSize)
-            _runner = new ChunkRunner(spec.Model, spec.ChunkSize);
+        {
+            _runner?.Dispose();
+            _runner = new ChunkRunner(spec.Model, spec.ChunkSize, settings.ThreadsPerWorker);
+        }
         return _runner;
     }
 

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using Backprop.Core.Data;
 using Backprop.Grains.Hosting;
+using Backprop.Silo;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
@@ -18,10 +19,11 @@ var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default 
 var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", 1.0, "Membership probe timeout, seconds");
 var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", 2, "Missed probes before a silo is suspected");
 var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", 1, "Suspicions needed to declare a silo dead");
+var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, dataDir, name, probeTimeout, missedProbes, deathVotes,
+    clusterId, siloPort, gatewayPort, primary, dataDir, name, probeTimeout, missedProbes, deathVotes, workerThreads,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -33,6 +35,7 @@ root.SetAction(async (parse, cancel) =>
         if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
         if (parse.GetValue(probeTimeout) is <= 0 or > 600) throw new ArgumentException("--probe-timeout must be in (0, 600] seconds");
         if (parse.GetValue(missedProbes) < 1 || parse.GetValue(deathVotes) < 1) throw new ArgumentException("--missed-probes and --death-votes must be at least 1");
+        if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
         primaryEndpoint = parse.GetValue(primary) is { Length: > 0 } p ? LocalClustering.ParseEndpoint(p, "--primary") : null;
     }
     catch (ArgumentException e)
@@ -44,13 +47,14 @@ root.SetAction(async (parse, cancel) =>
 
     var builder = Host.CreateApplicationBuilder();
     builder.Logging.ClearProviders();
-    builder.Logging.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; });
+    builder.Logging.AddConsole(o => o.FormatterName = SiloLogFormatter.FormatterName)
+        .AddConsoleFormatter<SiloLogFormatter, SiloLogOptions>(o => o.SiloName = siloName);
     builder.Logging.AddFilter("Orleans", LogLevel.Warning);
     builder.UseOrleans(s =>
     {
         s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership);
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
-        s.AddBackpropGrains(parse.GetValue(dataDir)!);
+        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads));
     });
     using var host = builder.Build();
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
