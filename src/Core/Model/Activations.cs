@@ -1,3 +1,5 @@
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using System.Numerics.Tensors;
 
 namespace Backprop.Core.Model;
@@ -16,21 +18,42 @@ public static class Activations
         }
     }
 
-    /// <summary>delta[i] *= f'(z[i]), with f' written in terms of a = f(z).</summary>
+    /// <summary>
+    /// delta[i] *= f'(z[i]), with f' written in terms of a = f(z). Branch-free and vectorised: a ReLU mask
+    /// depends on the data, and a branch per element mispredicts about half the time. Vector and scalar
+    /// paths apply the same operations, so an element's result does not depend on its position.
+    /// </summary>
     public static void MultiplyByDerivative(Activation f, ReadOnlySpan<float> a, Span<float> delta)
     {
-        switch (f)
+        if (a.Length != delta.Length) throw new ArgumentException("activations and deltas differ in length");
+        int i = 0, n = a.Length;
+        ref float ar = ref MemoryMarshal.GetReference(a);
+        ref float dr = ref MemoryMarshal.GetReference(delta);
+        if (Vector512.IsHardwareAccelerated)
         {
-            case Activation.Sigmoid:
-                for (int i = 0; i < a.Length; i++) delta[i] *= a[i] * (1f - a[i]);
-                break;
-            case Activation.Tanh:
-                for (int i = 0; i < a.Length; i++) delta[i] *= 1f - a[i] * a[i];
-                break;
-            case Activation.Relu:
-                for (int i = 0; i < a.Length; i++) if (a[i] <= 0f) delta[i] = 0f;
-                break;
-            default: throw new ArgumentOutOfRangeException(nameof(f), f, null);
+            var one = Vector512<float>.One;
+            for (; i + 16 <= n; i += 16)
+            {
+                var av = Vector512.LoadUnsafe(ref ar, (nuint)i);
+                var dv = Vector512.LoadUnsafe(ref dr, (nuint)i);
+                dv = f switch
+                {
+                    Activation.Sigmoid => dv * (av * (one - av)),
+                    Activation.Tanh => dv * (one - av * av),
+                    _ => Vector512.ConditionalSelect(Vector512.GreaterThan(av, Vector512<float>.Zero), dv, Vector512<float>.Zero),
+                };
+                dv.StoreUnsafe(ref dr, (nuint)i);
+            }
+        }
+        for (; i < n; i++)
+        {
+            float ai = a[i];
+            delta[i] = f switch
+            {
+                Activation.Sigmoid => delta[i] * (ai * (1f - ai)),
+                Activation.Tanh => delta[i] * (1f - ai * ai),
+                _ => ai > 0f ? delta[i] : 0f,
+            };
         }
     }
 
