@@ -38,6 +38,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     private readonly float[][] _deltaT;
     private readonly double[] _rowLoss;
     private readonly int[] _indices;
+    private readonly float[] _scratch;
     private readonly Action<int, int> _loadRows, _forwardRows, _weightGradientRows, _inputGradientRows;
 
     // The operation in progress, read by the row delegates on every thread.
@@ -45,6 +46,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     private bool _inputIsTransposed, _keepSampleMajor;
     private float* _p, _g;
     private Dataset? _data;
+    private Action<int, int>? _ready;
 
     public BatchBackprop(ModelSpec spec, int maxBatch, int threads = 1, Gemm.Isa? isa = null)
     {
@@ -61,6 +63,7 @@ public sealed unsafe class BatchBackprop : IDisposable
         _deltaT = spec.Layers.Skip(1).Select(size => Pinned(size * mpMax)).ToArray();
         _rowLoss = new double[maxBatch];
         _indices = new int[maxBatch];
+        _scratch = Pinned(2 * mpMax);
         _loadRows = LoadRows;
         _forwardRows = ForwardRows;
         _weightGradientRows = WeightGradientRows;
@@ -116,7 +119,17 @@ public sealed unsafe class BatchBackprop : IDisposable
     /// Writes Σ_samples ∂C/∂θ into <paramref name="gradient"/> (overwritten, flat layout) and returns the
     /// summed cost. The inputs must already be loaded (<see cref="LoadInputs"/> or <see cref="Input"/>).
     /// </summary>
-    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient)
+    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient) =>
+        GradientSum(parameters, n, labels, gradient, null);
+
+    /// <summary>
+    /// As <see cref="GradientSum(ReadOnlySpan{float}, int, ReadOnlySpan{byte}, Span{float})"/>, calling
+    /// <paramref name="ready"/>(start, length) from the thread that wrote them as soon as those gradient
+    /// entries are final, while they are still in that core's cache. Layer l's weights are no longer read
+    /// once its entries are reported, so the callback may update the parameters in place: a one-chunk step
+    /// can apply its optimizer this way instead of in a separate pass.
+    /// </summary>
+    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, Action<int, int>? ready)
     {
         if (gradient.Length != _layout.Length) throw new ArgumentException("gradient has the wrong length", nameof(gradient));
         double loss = Forward(parameters, n, labels, keepSampleMajor: true);
@@ -140,11 +153,14 @@ public sealed unsafe class BatchBackprop : IDisposable
         {
             _p = p;
             _g = g;
+            _ready = ready;
             for (_layer = L - 1; _layer >= 0; _layer--)
             {
-                _parallel.Run(_layout.Out(_layer), _weightGradientRows);
+                // BP2 before BP4: BP2 reads W_l, which a ready callback may change once BP4 reports it.
                 if (_layer > 0) _parallel.Run(_layout.In(_layer), _inputGradientRows);
+                _parallel.Run(_layout.Out(_layer), _weightGradientRows);
             }
+            _ready = null;
             _p = null;
             _g = null;
         }
@@ -188,7 +204,20 @@ public sealed unsafe class BatchBackprop : IDisposable
         float* delta = P(_deltaT[l]);
         BiasGradient(delta + from * mp, to - from, mp, _n, _g + _layout.BiasOffset(l) + from);
         float* act = l == 0 ? P(_x) : P(_act[l]);
-        new GemmJob(_isa, _layout.Out(l), inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize).Rows(from, to);
+        var job = new GemmJob(_isa, _layout.Out(l), inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize);
+        if (_ready is not { } ready)
+        {
+            job.Rows(from, to);
+            return;
+        }
+        // Report in blocks of 4 rows (one register tile), while the block is still in L1.
+        for (int r = from; r < to; r += 4)
+        {
+            int end = Math.Min(r + 4, to);
+            job.Rows(r, end);
+            ready(_layout.WeightOffset(l) + r * inSize, (end - r) * inSize);
+        }
+        ready(_layout.BiasOffset(l) + from, to - from);
     }
 
     /// <summary>Inputs [from, to) of layer _layer: BP2, with Wᵀ read in place through the strides.</summary>
@@ -259,18 +288,27 @@ public sealed unsafe class BatchBackprop : IDisposable
         }
         else
         {
-            // Column-wise softmax; the cost comes from the logits (log-sum-exp) before they are overwritten.
-            for (int i = 0; i < n; i++)
+            // Column-wise softmax, vectorised across samples (rows are contiguous over samples). The cost
+            // comes from the logits (log-sum-exp) before they are overwritten by the probabilities.
+            float* max = P(_scratch), sum = max + mp;
+            new Span<float>(z, mp).CopyTo(new Span<float>(max, mp));
+            for (int o = 1; o < outputs; o++)
+                TensorPrimitives.Max(new ReadOnlySpan<float>(max, mp), new ReadOnlySpan<float>(z + o * mp, mp), new Span<float>(max, mp));
+            for (int i = 0; i < n; i++) _rowLoss[i] = max[i] - z[labels[i] * mp + i];
+            new Span<float>(sum, mp).Clear();
+            for (int o = 0; o < outputs; o++)
             {
-                float max = z[i];
-                for (int o = 1; o < outputs; o++) max = MathF.Max(max, z[o * mp + i]);
-                float zLabel = z[labels[i] * mp + i];
-                double sum = 0;
-                for (int o = 0; o < outputs; o++) { float e = MathF.Exp(z[o * mp + i] - max); z[o * mp + i] = e; sum += e; }
-                float inv = (float)(1.0 / sum);
-                for (int o = 0; o < outputs; o++) z[o * mp + i] *= inv;
-                _rowLoss[i] = max + Math.Log(sum) - zLabel;
+                var row = new Span<float>(z + o * mp, mp);
+                TensorPrimitives.Subtract(row, new ReadOnlySpan<float>(max, mp), row);
+                TensorPrimitives.Exp(row, row);
+                TensorPrimitives.Add(new ReadOnlySpan<float>(sum, mp), row, new Span<float>(sum, mp));
             }
+            for (int o = 0; o < outputs; o++)
+            {
+                var row = new Span<float>(z + o * mp, mp);
+                TensorPrimitives.Divide(row, new ReadOnlySpan<float>(sum, mp), row);
+            }
+            for (int i = 0; i < n; i++) _rowLoss[i] += Math.Log(sum[i]);
         }
         double loss = 0;
         for (int i = 0; i < n; i++) loss += _rowLoss[i];

@@ -26,12 +26,12 @@ public sealed class ChunkRunner : IDisposable
     public int ParameterCount => _backprop.Layout.Length;
 
     /// <summary>Σ ∂C/∂θ over the samples at <paramref name="indices"/>, written to <paramref name="gradient"/>; returns Σ C.</summary>
-    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient)
+    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient, Action<int, int>? ready = null)
     {
         int n = indices.Length;
         _backprop.LoadInputs(data, indices);
         data.CopyLabels(indices, _labels);
-        return _backprop.GradientSum(parameters, n, _labels.AsSpan(0, n), gradient);
+        return _backprop.GradientSum(parameters, n, _labels.AsSpan(0, n), gradient, ready);
     }
 
     /// <summary>Accuracy, cost and confusion counts over samples [start, end) of <paramref name="data"/>.</summary>

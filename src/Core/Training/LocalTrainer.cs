@@ -19,6 +19,7 @@ public sealed class LocalTrainer : IDisposable
     private readonly float[] _total;
     private readonly float[] _velocity;
     private readonly Action<int, int> _stepRange;
+    private readonly Action<int, int> _stepSlice;
     private readonly EpochPlan _plan;
     private float[] _stepGradient = [];
     private int _stepCount;
@@ -38,6 +39,7 @@ public sealed class LocalTrainer : IDisposable
         // The step is element-wise: each thread updates the part of the vector whose gradient it just wrote.
         _stepRange = (from, to) => Optimizer.Step(_spec.Optimizer, Parameters.AsSpan(from, to - from),
             _stepGradient.AsSpan(from, to - from), _stepCount, _velocity.AsSpan(from, to - from));
+        _stepSlice = (start, length) => _stepRange(start, start + length);
     }
 
     public float[] Parameters { get; }
@@ -52,17 +54,20 @@ public sealed class LocalTrainer : IDisposable
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
             int chunks = plan.ChunkCount(step);
+            (_stepGradient, _stepCount) = (_chunkSums[0], plan.StepSize(step));
             for (int c = 0; c < chunks; c++)
             {
                 if (c + 1 < chunks) _train.Prefetch(plan.Chunk(step, c + 1));
                 else if (step + 1 < plan.Steps) _train.Prefetch(plan.Chunk(step + 1, 0));
-                loss += _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c]);
+                // A one-chunk step is its own sum: its optimizer update runs as each gradient block is finished.
+                loss += _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c], chunks == 1 ? _stepSlice : null);
             }
-            float[] total = _total;
-            if (chunks == 1) total = _chunkSums[0];          // a sum of one needs no copy
-            else GradientReduction.SumInChunkOrder(_chunkViews.AsSpan(0, chunks), _total);
-            (_stepGradient, _stepCount) = (total, plan.StepSize(step));
-            _runner.Parallel.Run(Parameters.Length, _stepRange, align: 64);
+            if (chunks > 1)
+            {
+                GradientReduction.SumInChunkOrder(_chunkViews.AsSpan(0, chunks), _total);
+                _stepGradient = _total;
+                _runner.Parallel.Run(Parameters.Length, _stepRange, align: 64);
+            }
             samples += plan.StepSize(step);
         }
         return loss / samples;

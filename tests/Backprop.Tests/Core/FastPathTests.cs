@@ -84,6 +84,30 @@ public unsafe class FastPathTests
         Assert.Equal(ParameterHash.Sha256(one.Parameters), ParameterHash.Sha256(two.Parameters));
     }
 
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    public void A_fused_one_chunk_step_equals_gradient_then_optimizer(int threads)
+    {
+        // LocalTrainer applies a one-chunk step's optimizer while the gradient is produced; the server
+        // steps after the whole sum. Both must give the same bits.
+        var spec = Presets.PyTorchMlp with { ChunkSize = 64, Seed = 8 };
+        using var trainer = new LocalTrainer(spec, Data.Train, threads);
+        trainer.TrainEpoch(0, maxSteps: 3);
+
+        var p = Initializer.Create(spec.Model, spec.Init, spec.Seed);
+        var velocity = new float[p.Length];
+        var gradient = new float[p.Length];
+        using var runner = new ChunkRunner(spec.Model, 64);
+        var plan = new EpochPlan(Data.Train.Count, 64, 64, spec.Seed, 0);
+        for (int step = 0; step < 3; step++)
+        {
+            runner.GradientSum(Data.Train, p, plan.Chunk(step, 0), gradient);
+            Optimizer.Step(spec.Optimizer, p, gradient, plan.StepSize(step), velocity);
+        }
+        Assert.Equal(ParameterHash.Sha256(p), ParameterHash.Sha256(trainer.Parameters));
+    }
+
     [Fact]
     public void A_training_step_allocates_nothing_once_warm()
     {
