@@ -15,93 +15,54 @@ public static class PhaseBench
         var p = Initializer.Create(spec.Model, spec.Init, 1);
         var g = new float[p.Length];
         var v = new float[p.Length];
-        var bp = new BatchBackprop(spec.Model, 64);
         var labels = train.Labels.AsSpan(0, 64).ToArray();
-        var idx = Enumerable.Range(0, 64).ToArray();
-        train.CopyInputs(idx, bp.Input(64));
-        Time("copy inputs (bytes -> float)", () => train.CopyInputs(idx, bp.Input(64)));
-        Time("forward", () => bp.Forward(p, 64, labels));
-        Time("forward + backward", () => bp.GradientSum(p, 64, labels, g));
-        var bp2 = new BatchBackprop(spec.Model, 64, threads: 2);
-        train.CopyInputs(idx, bp2.Input(64));
-        Time("forward, 2 threads", () => bp2.Forward(p, 64, labels));
-        Time("forward + backward, 2 threads", () => bp2.GradientSum(p, 64, labels, g));
-        Time("optimizer (momentum)", () => Optimizer.Step(spec.Optimizer, p.AsSpan().ToArray(), g, 64, v));
-        var pc = p.ToArray();
-        Time("optimizer in place", () => Optimizer.Step(spec.Optimizer, pc, g, 64, v));
-        var order = EpochPlan.Permutation(train.Count, 1, 0);
-        var runner = new ChunkRunner(spec.Model, 64);
-        int step = 0;
-        Time("random chunk: copy + fwd + bwd", () =>
-        {
-            var chunk = order.AsSpan((step++ % 900) * 64, 64);
-            runner.GradientSum(train, p, chunk, g);
-        });
-        step = 0;
-        Time("random chunk + optimizer", () =>
-        {
-            var chunk = order.AsSpan((step++ % 900) * 64, 64);
-            runner.GradientSum(train, pc, chunk, g);
-            Optimizer.Step(spec.Optimizer, pc, g, 64, v);
-        });
+        var first = Enumerable.Range(0, 64).ToArray();
+        var xs = new float[64 * 784];
+        var xt = new float[784 * 64];
+        Time("copy inputs only", () => train.CopyInputs(first, xs));
+        Time("transpose 64x784 only", () => { unsafe { fixed (float* a = xs, b = xt) Transpose.Run(a, 64, 784, 784, b, 64); } });
         foreach (int threads in new[] { 1, 2 })
         {
-            var r = new ChunkRunner(spec.Model, 64, threads);
-            var pp = Initializer.Create(spec.Model, spec.Init, 1);
-            var vv = new float[pp.Length];
-            for (int e = 0; e < 3; e++)
+            using var bp = new BatchBackprop(spec.Model, 64, threads);
+            Time($"{threads}t load inputs (same 64 samples)", () => bp.LoadInputs(train, first));
+            Time($"{threads}t forward, hot caches", () => bp.Forward(p, 64, labels));
+            Time($"{threads}t forward + backward, hot caches", () => bp.GradientSum(p, 64, labels, g));
+        }
+        Time("optimizer step (momentum), 1 thread", () => Optimizer.Step(spec.Optimizer, p, g, 64, v));
+
+        var order = EpochPlan.Permutation(train.Count, 1, 0);
+        using var runner = new ChunkRunner(spec.Model, 64);
+        int step = 0;
+        Time("1t random chunk: load + forward + backward", () =>
+            runner.GradientSum(train, p, order.AsSpan((step++ % 900) * 64, 64), g));
+
+        foreach (int threads in new[] { 1, 2 })
+        {
+            using var trainer = new LocalTrainer(spec, train, threads);
+            trainer.TrainEpoch(0);
+            for (int e = 1; e <= 3; e++)
             {
-                var plan = new EpochPlan(train.Count, 64, 64, 1, e);
-                long tGrad = 0, tOpt = 0, t0 = Stopwatch.GetTimestamp();
-                for (int s = 0; s < plan.Steps; s++)
-                {
-                    long a = Stopwatch.GetTimestamp();
-                    r.GradientSum(train, pp, plan.Chunk(s, 0), g);
-                    long b = Stopwatch.GetTimestamp();
-                    Optimizer.Step(spec.Optimizer, pp, g, plan.StepSize(s), vv);
-                    tOpt += Stopwatch.GetTimestamp() - b;
-                    tGrad += b - a;
-                }
-                double us(long t) => t * 1e6 / Stopwatch.Frequency / plan.Steps;
-                Console.WriteLine($"{threads}t epoch {e}: total {us(Stopwatch.GetTimestamp() - t0):F1} us/step, gradient {us(tGrad):F1}, optimizer {us(tOpt):F1}");
+                long start = Stopwatch.GetTimestamp();
+                trainer.TrainEpoch(e);
+                Console.WriteLine($"{threads}t LocalTrainer epoch {e} (whole step) {Stopwatch.GetElapsedTime(start).TotalMicroseconds / 938,8:F1} us");
             }
-            r.Dispose();
-        }
-        var trainer = new LocalTrainer(spec, train);
-        trainer.TrainEpoch(0);
-        for (int e = 1; e <= 3; e++)
-        {
-            var clock = Stopwatch.StartNew();
-            trainer.TrainEpoch(e);
-            Console.WriteLine($"LocalTrainer epoch {e}: {clock.Elapsed.TotalMicroseconds / 938,8:F1} us/step");
-        }
-        var trained = trainer.Parameters.ToArray();
-        train.CopyInputs(idx, bp.Input(64));
-        Time("forward + backward, trained params", () => bp.GradientSum(trained, 64, labels, g));
-        Console.WriteLine($"subnormal gradient values: {g.Count(float.IsSubnormal)} of {g.Length}");
-        Time("forward + backward, initial params", () => bp.GradientSum(p, 64, labels, g));
-        Console.WriteLine($"subnormal gradient values: {g.Count(float.IsSubnormal)} of {g.Length}");
-        var fresh = new LocalTrainer(spec, train);
-        for (int e = 0; e <= 3; e++)
-        {
-            var clock = Stopwatch.StartNew();
-            fresh.TrainEpoch(0, maxSteps: 300);
-            Console.WriteLine($"LocalTrainer epoch 0 first 300 steps, again: {clock.Elapsed.TotalMicroseconds / 300,8:F1} us/step");
         }
         return 0;
     }
 
     private static void Time(string name, Action action)
     {
-        for (int i = 0; i < 200; i++) action();
+        // Half a second of warm-up lets tiered compilation reach its optimised code.
+        long warm = Stopwatch.GetTimestamp();
+        while (Stopwatch.GetElapsedTime(warm).TotalSeconds < 0.5) action();
         var times = new List<double>();
         for (int t = 0; t < 7; t++)
         {
-            var clock = Stopwatch.StartNew();
+            long start = Stopwatch.GetTimestamp();
             for (int i = 0; i < 500; i++) action();
-            times.Add(clock.Elapsed.TotalMicroseconds / 500);
+            times.Add(Stopwatch.GetElapsedTime(start).TotalMicroseconds / 500);
         }
         times.Sort();
-        Console.WriteLine($"{name,-32} {times[3],8:F1} us");
+        Console.WriteLine($"{name,-44} {times[3],8:F1} us");
     }
 }

@@ -28,6 +28,7 @@ public sealed class Dataset
     public byte[] Labels { get; }
 
     /// <summary>Writes the images at <paramref name="indices"/> as rows scaled to [0, 1].</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public unsafe void CopyInputs(ReadOnlySpan<int> indices, Span<float> rows)
     {
         int f = Features;

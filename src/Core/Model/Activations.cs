@@ -23,6 +23,7 @@ public static class Activations
     /// depends on the data, and a branch per element mispredicts about half the time. Vector and scalar
     /// paths apply the same operations, so an element's result does not depend on its position.
     /// </summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public static void MultiplyByDerivative(Activation f, ReadOnlySpan<float> a, Span<float> delta)
     {
         if (a.Length != delta.Length) throw new ArgumentException("activations and deltas differ in length");

@@ -231,6 +231,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     }
 
     /// <summary>z[o, :] = f(z[o, :] + b[o]) for each row; ReLU is fused into one pass, the others use TensorPrimitives.</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     private static void AddBiasAndActivate(float* z, int rows, int mp, float* bias, Activation? f)
     {
         for (int o = 0; o < rows; o++)
@@ -250,6 +251,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     }
 
     /// <summary>BP3: gB[o] = Σ_i δ[o, i], each sum in sample order; four rows at a time to overlap the chains.</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     private static void BiasGradient(float* delta, int rows, int mp, int n, float* gB)
     {
         int o = 0;

@@ -24,6 +24,7 @@ public sealed record OptimizerSettings(OptimizerKind Kind, float LearningRate, f
 /// </summary>
 public static class Optimizer
 {
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public static void Step(OptimizerSettings settings, Span<float> parameters, ReadOnlySpan<float> gradientSum, int count, Span<float> velocity)
     {
         if (gradientSum.Length != parameters.Length) throw new ArgumentException("gradient and parameters differ in length");

@@ -6,23 +6,22 @@ namespace Backprop.Core.Numerics;
 /// <summary>dst[c·ldd + r] = src[r·lds + c] for r &lt; rows, c &lt; cols: 8×8 register tiles, scalar edges.</summary>
 public static unsafe class Transpose
 {
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public static void Run(float* src, int rows, int cols, nint lds, float* dst, nint ldd)
     {
-        int r = 0;
-        if (Avx.IsSupported)
-        {
-            for (; r + 8 <= rows; r += 8)
-            {
-                int c = 0;
-                for (; c + 8 <= cols; c += 8) Tile8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
-                for (; c < cols; c++)
-                    for (int rr = r; rr < r + 8; rr++) dst[c * ldd + rr] = src[rr * lds + c];
-            }
-        }
-        for (; r < rows; r++)
-            for (int c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
+        int fullRows = Avx.IsSupported ? rows / 8 * 8 : 0;
+        // Columns outside, rows inside: each group of 8 destination rows is written whole and in order,
+        // while the 8-column strip of the source it reads stays in L1.
+        int c = 0;
+        for (; c + 8 <= cols && fullRows > 0; c += 8)
+            for (int r = 0; r < fullRows; r += 8) Tile8x8(src + r * lds + c, lds, dst + c * ldd + r, ldd);
+        for (; c < cols; c++)
+            for (int r = 0; r < fullRows; r++) dst[c * ldd + r] = src[r * lds + c];
+        for (int r = fullRows; r < rows; r++)
+            for (int cc = 0; cc < cols; cc++) dst[cc * ldd + r] = src[r * lds + cc];
     }
 
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     private static void Tile8x8(float* s, nint lds, float* d, nint ldd)
     {
         var r0 = Avx.LoadVector256(s); var r1 = Avx.LoadVector256(s + lds);
