@@ -94,7 +94,7 @@ public static unsafe class GemmBench
                             for (int r = 0; r < reps; r++) Gemm.Multiply(isa, 0, s.M, s.N, s.K, pa, s.ARow, s.ACol, pb, s.Ldb, pc, s.N);
                         else
                         {
-                            var job = new GemmJob(isa, s.M, s.N, s.K, pa, s.ARow, s.ACol, pb, s.Ldb, pc, s.N);
+                            var job = new GemmJob(isa, s.N, s.K, pa, s.ARow, s.ACol, pb, s.Ldb, pc, s.N);
                             Action<int, int> rows = job.Rows;
                             for (int r = 0; r < reps; r++) parallel.Run(s.M, rows);
                         }
@@ -115,7 +115,7 @@ public static unsafe class GemmBench
         {
             foreach (int gapMicros in new[] { 0, 20, 100 })
             {
-                var tiny = new GemmJob(Gemm.Isa.Vector512, 32, 16, 4, pa, 4, 1, pa, 16, pc, 16);
+                var tiny = new GemmJob(Gemm.Isa.Vector512, 16, 4, pa, 4, 1, pa, 16, pc, 16);
                 Action<int, int> job = tiny.Rows;
                 for (int i = 0; i < 1000; i++) two.Run(32, job);
                 var clock = Stopwatch.StartNew();

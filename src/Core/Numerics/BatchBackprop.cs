@@ -191,7 +191,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     {
         int l = _layer, inSize = _layout.In(l), outSize = _layout.Out(l), mp = _mp;
         float* z = P(_actT[l + 1]);
-        new GemmJob(_isa, outSize, mp, inSize, _p + _layout.WeightOffset(l), inSize, 1, P(_actT[l]), mp, z, mp).Rows(from, to);
+        new GemmJob(_isa, mp, inSize, _p + _layout.WeightOffset(l), inSize, 1, P(_actT[l]), mp, z, mp).Rows(from, to);
         bool hidden = l < _layout.LayerCount - 1;
         AddBiasAndActivate(z + from * mp, to - from, mp, _p + _layout.BiasOffset(l) + from, hidden ? Spec.Activation : null);
         if (hidden && _keepSampleMajor) Transpose.Run(z + from * mp, to - from, _n, mp, P(_act[l + 1]) + from, outSize);
@@ -204,7 +204,7 @@ public sealed unsafe class BatchBackprop : IDisposable
         float* delta = P(_deltaT[l]);
         BiasGradient(delta + from * mp, to - from, mp, _n, _g + _layout.BiasOffset(l) + from);
         float* act = l == 0 ? P(_x) : P(_act[l]);
-        var job = new GemmJob(_isa, _layout.Out(l), inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize);
+        var job = new GemmJob(_isa, inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize);
         if (_ready is not { } ready)
         {
             job.Rows(from, to);
@@ -225,7 +225,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     {
         int l = _layer, inSize = _layout.In(l), outSize = _layout.Out(l), mp = _mp;
         float* prev = P(_deltaT[l - 1]);
-        new GemmJob(_isa, inSize, mp, outSize, _p + _layout.WeightOffset(l), 1, inSize, P(_deltaT[l]), mp, prev, mp).Rows(from, to);
+        new GemmJob(_isa, mp, outSize, _p + _layout.WeightOffset(l), 1, inSize, P(_deltaT[l]), mp, prev, mp).Rows(from, to);
         Activations.MultiplyByDerivative(Spec.Activation,
             new ReadOnlySpan<float>(P(_actT[l]) + from * mp, (to - from) * mp), new Span<float>(prev + from * mp, (to - from) * mp));
     }

@@ -199,3 +199,9 @@ public static unsafe class Gemm
         return j;
     }
 }
+
+/// <summary>The operands of one product, so that a row range of it can be computed by any thread.</summary>
+public readonly unsafe struct GemmJob(Gemm.Isa isa, int n, int k, float* a, nint aRow, nint aCol, float* b, nint ldb, float* c, nint ldc)
+{
+    public void Rows(int from, int to) => Gemm.Multiply(isa, from, to, n, k, a, aRow, aCol, b, ldb, c, ldc);
+}

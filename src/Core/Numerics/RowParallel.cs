@@ -1,16 +1,9 @@
 namespace Backprop.Core.Numerics;
 
-/// <summary>One matrix product of <see cref="Gemm"/>, as a value so handing it to threads allocates nothing.</summary>
-public readonly unsafe struct GemmJob(Gemm.Isa isa, int m, int n, int k, float* a, nint aRow, nint aCol, float* b, nint ldb, float* c, nint ldc)
-{
-    public int M => m;
-    public void Rows(int from, int to) => Gemm.Multiply(isa, from, to, n, k, a, aRow, aCol, b, ldb, c, ldc);
-}
-
 /// <summary>
-/// Splits rows (of a product, or elements of a vector) over a fixed set of threads. Threads are kept (spinning briefly, then
-/// sleeping) because a training step runs several products of a few microseconds each. Rows, never the
-/// reduction, are split, so results do not depend on the thread count.
+/// Splits rows (of a product, or elements of a vector) over a fixed set of threads. Threads are kept
+/// (spinning briefly, then sleeping) because a training step runs several products of a few
+/// microseconds each. Rows, never the reduction, are split, so results do not depend on the thread count.
 /// </summary>
 public sealed class RowParallel : IDisposable
 {
