@@ -31,10 +31,16 @@ public static class PhaseBench
         Time("optimizer step (momentum), 1 thread", () => Optimizer.Step(spec.Optimizer, p, g, 64, v));
 
         var order = EpochPlan.Permutation(train.Count, 1, 0);
-        using var runner = new ChunkRunner(spec.Model, 64);
-        int step = 0;
-        Time("1t random chunk: load + forward + backward", () =>
-            runner.GradientSum(train, p, order.AsSpan((step++ % 900) * 64, 64), g));
+        foreach (int threads in new[] { 1, 2 })
+        {
+            using var runner = new ChunkRunner(spec.Model, 64, threads);
+            using var loader = new BatchBackprop(spec.Model, 64, threads);
+            int at = 0;
+            Time($"{threads}t load inputs (random 64 samples)", () => loader.LoadInputs(train, order.AsSpan((at++ % 900) * 64, 64)));
+            int step = 0;
+            Time($"{threads}t random chunk: load + forward + backward", () =>
+                runner.GradientSum(train, p, order.AsSpan((step++ % 900) * 64, 64), g));
+        }
 
         foreach (int threads in new[] { 1, 2 })
         {
