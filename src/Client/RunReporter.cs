@@ -91,7 +91,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
         if (status.Error is not null) output.WriteLine($"  error: {status.Error}");
         if (status.Epochs.Length > 0)
         {
-            var reporter = new RunReporter(output, null) { };
+            var reporter = new RunReporter(output, null);
             reporter.Header();
             reporter.Report(status with { State = RunState.Completed });
         }

@@ -124,7 +124,7 @@ public sealed class RunGrain(
             logger.LogError(e, "Run {Run}: could not store its final state", RunId);
         }
         _finished.TrySetResult();
-        DelayDeactivation(TimeSpan.Zero);
+        DelayDeactivation(TimeSpan.FromSeconds(-1));   // negative: back to normal idle collection
     }
 
     private async Task Train(RunSpec spec, CancellationToken cancel)

@@ -18,7 +18,8 @@ public class GradientTests
     private static (ModelSpec Spec, float[] Params, List<(float[] X, int Label)> Samples) Problem(Activation a, Loss l, int n = 7)
     {
         var spec = new ModelSpec([12, 9, 7, 5], a, l);
-        // Xavier keeps tanh/sigmoid out of saturation; shift biases so ReLU units are not all on one side.
+        // PyTorch's small uniform init keeps sigmoid and tanh out of saturation, and its random biases put
+        // ReLU units on both sides of zero, so every path of the derivative is exercised.
         var p = Initializer.Create(spec, InitScheme.PyTorch, seed: 42);
         var rng = new Rng(7);
         var samples = Enumerable.Range(0, n)
