@@ -22,6 +22,8 @@ public sealed class ClusterConnection : IAsyncDisposable
         Description = description;
     }
 
+    private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(15);
+
     public IClusterClient Client { get; }
     public IServiceProvider Services => _host.Services;
     public string Description { get; }
@@ -49,23 +51,35 @@ public sealed class ClusterConnection : IAsyncDisposable
             .Configure<ClusterOptions>(o => { o.ClusterId = clusterId; o.ServiceId = LocalClustering.ServiceId; })
             .Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20)));
         var host = builder.Build();
+        // Bounded: a client can otherwise keep retrying a gateway that never answers.
+        using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+        limit.CancelAfter(ConnectTimeout);
         try
         {
-            await host.StartAsync(cancel);
+            await host.StartAsync(limit.Token);
         }
-        catch (Exception e) when (e is not OperationCanceledException)
+        catch (Exception e) when (!cancel.IsCancellationRequested)
         {
             host.Dispose();
-            throw new ClusterUnreachableException($"cannot reach a cluster '{clusterId}' at gateway {gateway}: {e.Message}");
+            string reason = e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : e.Message;
+            throw new ClusterUnreachableException($"cannot reach a cluster '{clusterId}' at gateway {gateway}: {reason}");
         }
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), $"cluster '{clusterId}' via gateway {gateway}");
     }
 
+    /// <summary>
+    /// The CLI reports failures itself, in one line: only errors of the embedded silo reach the console,
+    /// and not the host's own account of a failed start (a stack trace the CLI turns into a message).
+    /// </summary>
     private static void Quiet(ILoggingBuilder logging)
     {
         logging.ClearProviders();
         logging.AddSimpleConsole(o => o.SingleLine = true);
         logging.SetMinimumLevel(LogLevel.Error);
+        logging.AddFilter("Microsoft.Extensions.Hosting", LogLevel.None);
+        logging.AddFilter("Orleans.Messaging", LogLevel.None);
+        logging.AddFilter("Orleans.Runtime.Messaging", LogLevel.None);
+        logging.AddFilter("Orleans.OutsideRuntimeClient", LogLevel.None);
     }
 
     public async ValueTask DisposeAsync()

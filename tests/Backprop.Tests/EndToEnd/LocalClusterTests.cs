@@ -63,6 +63,10 @@ public sealed class LocalClusterTests : IDisposable
         Assert.Contains("run e2e-run: completed", status.Output);
         Assert.Contains("workers on 2 silo(s)", status.Output);
 
+        var unknown = Cli("status", "no-such-run", "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster);
+        Assert.Equal(2, unknown.Code);
+        Assert.StartsWith("error: no run 'no-such-run'", unknown.Error.Trim());
+
         var watch = Cli("watch", "e2e-run", "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster);
         Assert.True(watch.Code == 0, watch.Output);
         Assert.Contains($"{accuracy * 100:F2}%", watch.Output);
@@ -92,6 +96,11 @@ public sealed class LocalClusterTests : IDisposable
         var badValue = Cli("train", "--workers", "0", "--data-dir", DataDir);
         Assert.Equal(2, badValue.Code);
         Assert.Equal("error: workers: 0 is outside 1..256", badValue.Error.Trim());
+
+        // Port 1: nothing listens there, and no ephemeral port can be it (a client could connect to itself).
+        var noCluster = Cli("status", "some-run", "--gateway", "127.0.0.1:1");
+        Assert.Equal(1, noCluster.Code);
+        Assert.StartsWith("error: cannot reach a cluster", Assert.Single(noCluster.Error.Trim().Split('\n')));
     }
 
     private record Result(int Code, string Output, string Error);
