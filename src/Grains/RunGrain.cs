@@ -28,6 +28,7 @@ public sealed class RunGrain(
     ILogger<RunGrain> logger) : Grain, IRunGrain
 {
     private const int MaxAttemptsPerStep = 3;
+    private static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(10);
 
     private CancellationTokenSource? _cancel;
     private readonly TaskCompletionSource _finished = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -75,8 +76,10 @@ public sealed class RunGrain(
 
     public async Task<RunStatus> WaitForFinish(TimeSpan maxWait)
     {
+        // Clamped well under the response timeout, whatever the caller asks.
+        var wait = maxWait < TimeSpan.Zero ? TimeSpan.Zero : maxWait > MaxWait ? MaxWait : maxWait;
         if (record.State.State == RunState.Running)
-            await Task.WhenAny(_finished.Task, Task.Delay(maxWait));
+            await Task.WhenAny(_finished.Task, Task.Delay(wait));
         return Status();
     }
 
