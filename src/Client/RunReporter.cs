@@ -87,6 +87,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
         if (status.Spec is { } spec) output.WriteLine($"  {Describe(spec)}");
         if (status.State == RunState.Running)
             output.WriteLine($"  epoch {status.Epoch + 1}, step {status.StepInEpoch}/{status.StepsPerEpoch}");
+        output.WriteLine($"  coordinator and parameter server on {status.CoordinatorSilo}");
         if (status.WorkerSilos.Length > 0) output.WriteLine($"  workers on {status.WorkerSilos.Length} silo(s): {string.Join(", ", status.WorkerSilos)}");
         if (status.Error is not null) output.WriteLine($"  error: {status.Error}");
         if (status.Epochs.Length > 0)

@@ -77,7 +77,7 @@ public sealed class ParameterServerGrain(
         state.State.Parameters = new FloatPayload(_parameters);
         state.State.Velocity = new FloatPayload((float[])_velocity.Clone());
         state.State.Step = _step;
-        await state.WriteStateAsync();
+        await state.WriteAuthoritative();
     }
 
     private void Load(RunSpec spec, float[] parameters, long step)

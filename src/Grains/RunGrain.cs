@@ -46,7 +46,7 @@ public sealed class RunGrain(
         {
             record.State.State = RunState.Failed;
             record.State.Error = "the run's coordinator was lost (its silo stopped) before the run finished";
-            await record.WriteStateAsync(cancellationToken);
+            await record.WriteAuthoritative();
         }
     }
 
@@ -63,7 +63,7 @@ public sealed class RunGrain(
 
         record.State.Spec = spec;
         record.State.State = RunState.Running;
-        await record.WriteStateAsync();
+        await record.WriteAuthoritative();
         _cancel = new CancellationTokenSource();
         DelayDeactivation(TimeSpan.FromDays(30));
         _ = TrainInBackground(spec, _cancel.Token);
@@ -98,7 +98,7 @@ public sealed class RunGrain(
 
     private RunStatus Status() => new(
         RunId, record.State.State, record.State.Spec, _epoch, _stepInEpoch, _stepsPerEpoch,
-        record.State.Epochs.ToArray(), record.State.Error, _workerSilos.ToArray());
+        record.State.Epochs.ToArray(), record.State.Error, _workerSilos.ToArray(), RuntimeIdentity);
 
     private async Task TrainInBackground(RunSpec spec, CancellationToken cancel)
     {
@@ -120,7 +120,7 @@ public sealed class RunGrain(
         logger.LogInformation("Run {Run} {State}", RunId, record.State.State);
         try
         {
-            await record.WriteStateAsync();
+            await record.WriteAuthoritative();
         }
         catch (Exception e)
         {
@@ -159,7 +159,7 @@ public sealed class RunGrain(
             var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
                 trainCount / trainSeconds, ParameterHash.Sha256(current.Parameters.Span), current.Step, eval.Confusion);
             record.State.Epochs.Add(result);
-            await record.WriteStateAsync();
+            await record.WriteAuthoritative();
             logger.LogInformation("Run {Run} epoch {Epoch}: test accuracy {Accuracy:P2}, {Seconds:F1}s", RunId, epoch + 1, eval.Accuracy, result.Seconds);
         }
     }

@@ -27,7 +27,8 @@ public sealed record RunStatus(
     [property: Id(5)] int StepsPerEpoch,
     [property: Id(6)] EpochResult[] Epochs,
     [property: Id(7)] string? Error,
-    [property: Id(8)] string[] WorkerSilos)
+    [property: Id(8)] string[] WorkerSilos,
+    [property: Id(9)] string CoordinatorSilo)
 {
     public bool IsFinished => State is RunState.Completed or RunState.Failed or RunState.Cancelled;
 }
