@@ -58,7 +58,7 @@ public sealed class ParameterServerGrain(
     {
         var spec = _spec ?? throw new InvalidOperationException("parameter server is not initialized");
         if (expectedStep != _step)
-            throw new InvalidOperationException($"step {expectedStep} was computed against version {expectedStep}, but the server is at {_step}");
+            throw new InvalidOperationException($"a step computed against version {expectedStep} arrived, but the server is at version {_step}");
         foreach (var sum in chunkSums)
             if (sum.Length != _parameters.Length)
                 throw new ArgumentException($"gradient of length {sum.Length} for {_parameters.Length} parameters");
