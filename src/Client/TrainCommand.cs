@@ -6,6 +6,7 @@ using Backprop.Core.Numerics;
 using Backprop.Core.Training;
 using Backprop.Grains;
 using Backprop.Grains.Hosting;
+using Backprop.Grains.Messages;
 using Microsoft.Extensions.DependencyInjection;
 
 namespace Backprop.Client;
@@ -120,7 +121,7 @@ public static class TrainCommand
             await run.Start(spec);
             var reporter = new RunReporter(Console.Out, parse.GetValue(MetricsOut));
             reporter.Header();
-            Backprop.Grains.Messages.RunStatus status;
+            RunStatus status;
             try
             {
                 status = await reporter.Follow(run, cancel);
@@ -138,7 +139,7 @@ public static class TrainCommand
                 }
                 return ExitCodes.Interrupted;
             }
-            if (status.State == Backprop.Grains.Messages.RunState.Completed && parse.GetValue(ModelOut) is { } path)
+            if (status.State == RunState.Completed && parse.GetValue(ModelOut) is { } path)
             {
                 var model = await run.GetModel();
                 var last = status.Epochs[^1];
