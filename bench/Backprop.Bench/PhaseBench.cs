@@ -27,6 +27,7 @@ public static class PhaseBench
             Time($"{threads}t load inputs (same 64 samples)", () => bp.LoadInputs(train, first));
             Time($"{threads}t forward, hot caches", () => bp.Forward(p, 64, labels));
             Time($"{threads}t forward + backward, hot caches", () => bp.GradientSum(p, 64, labels, g));
+            Time($"{threads}t load (same samples) + forward + backward", () => { bp.LoadInputs(train, first); bp.GradientSum(p, 64, labels, g); });
         }
         Time("optimizer step (momentum), 1 thread", () => Optimizer.Step(spec.Optimizer, p, g, 64, v));
 
