@@ -15,11 +15,12 @@ public sealed class ClusterConnection : IAsyncDisposable
 {
     private readonly IHost _host;
 
-    private ClusterConnection(IHost host, IClusterClient client, string description)
+    private ClusterConnection(IHost host, IClusterClient client, string description, bool isEmbedded)
     {
         _host = host;
         Client = client;
         Description = description;
+        IsEmbedded = isEmbedded;
     }
 
     private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(15);
@@ -27,7 +28,7 @@ public sealed class ClusterConnection : IAsyncDisposable
     public IClusterClient Client { get; }
     public IServiceProvider Services => _host.Services;
     public string Description { get; }
-    public bool IsEmbedded => Description.StartsWith("embedded", StringComparison.Ordinal);
+    public bool IsEmbedded { get; }
 
     public static async Task<ClusterConnection> StartEmbedded(string dataDir, int threadsPerWorker, CancellationToken cancel)
     {
@@ -39,7 +40,7 @@ public sealed class ClusterConnection : IAsyncDisposable
             .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker));
         var host = builder.Build();
         await host.StartAsync(cancel);
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)");
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true);
     }
 
     public static async Task<ClusterConnection> Connect(IPEndPoint gateway, string clusterId, CancellationToken cancel)
@@ -64,7 +65,7 @@ public sealed class ClusterConnection : IAsyncDisposable
             string reason = e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : e.Message;
             throw new ClusterUnreachableException($"cannot reach a cluster '{clusterId}' at gateway {gateway}: {reason}");
         }
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), $"cluster '{clusterId}' via gateway {gateway}");
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), $"cluster '{clusterId}' via gateway {gateway}", isEmbedded: false);
     }
 
     /// <summary>

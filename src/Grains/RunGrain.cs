@@ -138,9 +138,11 @@ public sealed class RunGrain(
         var workers = Enumerable.Range(0, spec.Workers).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{i}")).ToArray();
         var current = await server.Initialize(spec);
 
+        // The coordinator needs the plan's step and chunk counts only; workers rebuild its order themselves.
+        var plan = new EpochPlan(trainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, record.State.Epochs.Count);
         for (int epoch = record.State.Epochs.Count; epoch < spec.Epochs; epoch++)
         {
-            var plan = new EpochPlan(trainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch);
+            if (plan.Epoch != epoch) plan.MoveTo(epoch);
             (_epoch, _stepInEpoch, _stepsPerEpoch) = (epoch, 0, plan.Steps);
             var clock = Stopwatch.StartNew();
             double lossSum = 0;

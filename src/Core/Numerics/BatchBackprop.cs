@@ -73,7 +73,6 @@ public sealed unsafe class BatchBackprop : IDisposable
     public ModelSpec Spec { get; }
     public int MaxBatch { get; }
     public ParameterLayout Layout => _layout;
-    public int Threads => _parallel.Threads;
     public RowParallel Parallel => _parallel;
 
     /// <summary>The input rows (n × in_0, sample-major) to fill by hand before <see cref="Forward"/> or <see cref="GradientSum"/>.</summary>

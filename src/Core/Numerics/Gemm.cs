@@ -11,6 +11,8 @@ namespace Backprop.Core.Numerics;
 /// Every C element is one FMA chain over p = 0, 1, …, k−1 starting from zero, so its bits do not depend on
 /// the tile it falls in, the vector width (Vector512, Vector256 or scalar: FMA rounds once in all three)
 /// or how rows are split between threads.
+/// The Vector512 and Vector256 tiles are written out twice on purpose: .NET 10 has no public generic
+/// vector interface to write them once, and each must stay a straight-line block of registers.
 /// </summary>
 public static unsafe class Gemm
 {

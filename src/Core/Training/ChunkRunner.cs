@@ -19,7 +19,6 @@ public sealed class ChunkRunner : IDisposable
     }
 
     public ModelSpec Spec => _backprop.Spec;
-    public int Threads => _backprop.Threads;
     /// <summary>The threads of this runner, for other row-parallel work on the same data (the optimizer step).</summary>
     public RowParallel Parallel => _backprop.Parallel;
     public int MaxChunk => _backprop.MaxBatch;

@@ -19,9 +19,6 @@ public sealed class FloatPayload(float[] values)
     public int Length => _values.Length;
     public ReadOnlySpan<float> Span => _values;
     public ReadOnlyMemory<float> Memory => _values;
-
-    /// <summary>The array a payload wraps; only for the code that just filled it and will not touch it again.</summary>
-    internal float[] UnsafeArray => _values;
 }
 
 [RegisterSerializer]
