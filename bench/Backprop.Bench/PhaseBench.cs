@@ -19,13 +19,16 @@ public static class PhaseBench
         var first = Enumerable.Range(0, 64).ToArray();
         var xs = new float[64 * 784];
         var xt = new float[784 * 64];
+        Console.WriteLine($"{"core-to-core round trip (at the start)",-44} {CoreToCore.RoundTripNanoseconds(),8:F0} ns");
         Time("copy inputs only", () => train.CopyInputs(first, xs));
         Time("transpose 64x784 only", () => { unsafe { fixed (float* a = xs, b = xt) Transpose.Run(a, 64, 784, 784, b, 64); } });
         foreach (int threads in new[] { 1, 2 })
         {
+            // Each thread loads its own copy of the inputs when its first forward rows need them.
             using var bp = new BatchBackprop(spec.Model, 64, threads);
-            Time($"{threads}t load inputs (same 64 samples)", () => bp.LoadInputs(train, first));
+            bp.LoadInputs(train, first);
             Time($"{threads}t forward, hot caches", () => bp.Forward(p, 64, labels));
+            Time($"{threads}t load (same 64 samples) + forward", () => { bp.LoadInputs(train, first); bp.Forward(p, 64, labels); });
             Time($"{threads}t forward + backward, hot caches", () => bp.GradientSum(p, 64, labels, g));
             Time($"{threads}t load (same samples) + forward + backward", () => { bp.LoadInputs(train, first); bp.GradientSum(p, 64, labels, g); });
         }
@@ -37,7 +40,11 @@ public static class PhaseBench
             using var runner = new ChunkRunner(spec.Model, 64, threads);
             using var loader = new BatchBackprop(spec.Model, 64, threads);
             int at = 0;
-            Time($"{threads}t load inputs (random 64 samples)", () => loader.LoadInputs(train, order.AsSpan((at++ % 900) * 64, 64)));
+            Time($"{threads}t load (random 64 samples) + forward", () =>
+            {
+                loader.LoadInputs(train, order.AsSpan((at++ % 900) * 64, 64));
+                loader.Forward(p, 64, labels);
+            });
             int step = 0;
             Time($"{threads}t random chunk: load + forward + backward", () =>
                 runner.GradientSum(train, p, order.AsSpan((step++ % 900) * 64, 64), g));
@@ -54,6 +61,7 @@ public static class PhaseBench
                 Console.WriteLine($"{threads}t LocalTrainer epoch {e} (whole step) {Stopwatch.GetElapsedTime(start).TotalMicroseconds / 938,8:F1} us");
             }
         }
+        Console.WriteLine($"{"core-to-core round trip (at the end)",-44} {CoreToCore.RoundTripNanoseconds(),8:F0} ns");
         return 0;
     }
 

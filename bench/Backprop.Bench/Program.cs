@@ -60,6 +60,8 @@ foreach (var config in configs)
             epochs,
             secondsPerEpochMedian = result.Median,
             secondsPerEpochMin = result.Min,
+            secondsPerEpoch = result.Epochs.Select(e => Math.Round(e, 4)),
+            coreToCoreRoundTripNs = result.CoreToCoreNs?.Select(ns => Math.Round(ns)),
             samplesPerSecond = result.Samples / result.Median,
             gflopsEffective = FlopsPerSample(spec.Model) * result.Samples / result.Median / 1e9,
             allocatedBytesPerStep = result.AllocatedPerStep,
@@ -68,7 +70,8 @@ foreach (var config in configs)
         };
         Console.WriteLine(json
             ? JsonSerializer.Serialize(row)
-            : $"{row.config}, {t} thread(s): {row.secondsPerEpochMedian:F3} s/epoch median (min {row.secondsPerEpochMin:F3}), {row.samplesPerSecond:F0} samples/s, {row.gflopsEffective:F1} GFLOP/s, {row.allocatedBytesPerStep:F1} B/step allocated; reference {reference:F1} s/epoch ({row.speedupOverReference:F0}x)");
+            : $"{row.config}, {t} thread(s): {row.secondsPerEpochMedian:F3} s/epoch median (min {row.secondsPerEpochMin:F3}), {row.samplesPerSecond:F0} samples/s, {row.gflopsEffective:F1} GFLOP/s, {row.allocatedBytesPerStep:F1} B/step allocated; reference {reference:F1} s/epoch ({row.speedupOverReference:F0}x)"
+              + (result.CoreToCoreNs is { } c2c ? $"; core-to-core round trip {c2c[0]:F0}/{c2c[1]:F0} ns before/after" : ""));
     }
 }
 return 0;
@@ -79,12 +82,13 @@ string? Arg(string name)
     return i >= 0 && i + 1 < args.Length ? args[i + 1] : null;
 }
 
-static (double Median, double Min, int Samples, double AllocatedPerStep) Measure(RunSpec spec, int threads, Dataset train, int epochs)
+static (double Median, double Min, List<double> Epochs, int Samples, double AllocatedPerStep, double[]? CoreToCoreNs) Measure(RunSpec spec, int threads, Dataset train, int epochs)
 {
     var trainer = new LocalTrainer(spec with { }, train, threads);
     int samples = spec.TrainCount(train.Count);
     int steps = (samples + spec.BatchSize - 1) / spec.BatchSize;
     trainer.TrainEpoch(0);                              // warm-up: JIT tiers, caches
+    double? nearBefore = threads > 1 ? CoreToCore.RoundTripNanoseconds() : null;
     var seconds = new List<double>();
     long allocated = 0;
     for (int e = 1; e <= epochs; e++)
@@ -97,8 +101,9 @@ static (double Median, double Min, int Samples, double AllocatedPerStep) Measure
         allocated += GC.GetAllocatedBytesForCurrentThread() - before;
         seconds.Add((end - start) / (double)Stopwatch.Frequency);
     }
-    seconds.Sort();
-    return (seconds[seconds.Count / 2], seconds[0], samples, (double)allocated / (epochs * steps));
+    double? nearAfter = threads > 1 ? CoreToCore.RoundTripNanoseconds() : null;
+    var sorted = seconds.Order().ToList();
+    return (sorted[sorted.Count / 2], sorted[0], seconds, samples, (double)allocated / (epochs * steps), nearBefore is { } b ? [b, nearAfter!.Value] : null);
 }
 
 // The per-sample MathNet reference on a subset, scaled to a full epoch (it is far too slow to run whole).

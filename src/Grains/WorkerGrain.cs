@@ -28,7 +28,8 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings) 
         {
             var indices = plan.Chunk(work.Step, work.Chunks[i]);
             var gradient = new float[runner.ParameterCount];
-            double loss = runner.GradientSum(train, parameters, indices, gradient);
+            var next = i + 1 < work.Chunks.Length ? plan.Chunk(work.Step, work.Chunks[i + 1]) : default;
+            double loss = runner.GradientSum(train, parameters, indices, gradient, next: next);
             results[i] = new ChunkResult(work.Chunks[i], new FloatPayload(gradient), loss, indices.Length);
         }
         return new ChunkResults(results, RuntimeIdentity);

@@ -12,7 +12,7 @@ namespace Backprop.Core.Numerics;
 ///
 /// Activations and deltas are kept feature-major — one row per unit, one column per sample, rows padded
 /// to mp = n rounded up to 16 — so every product is a <see cref="Gemm"/> over contiguous rows:
-///   x          n × in_0       the input batch, sample-major
+///   x, xᵀ      n × in_0, in_0 × mp   the input batch, one copy per thread (see LoadInputs)
 ///   actT[l]    in_l × mp      actT[0] = xᵀ;  actT[l+1] = f(W_l · actT[l] + b_l)          (forward)
 ///   act[l]     n × in_l       sample-major copy of actT[l] (l ≥ 1), the right-hand side of BP4
 ///   deltaT[l]  out_l × mp     ∂C/∂z of layer l per sample; padding columns are zero
@@ -32,18 +32,20 @@ public sealed unsafe class BatchBackprop : IDisposable
     private readonly ParameterLayout _layout;
     private readonly Gemm.Isa _isa;
     private readonly RowParallel _parallel;
-    private readonly float[] _x;
+    private readonly float[][] _x, _xT;
+    private readonly int[] _loadedVersion;
     private readonly float[][] _actT;
     private readonly float[][] _act;
     private readonly float[][] _deltaT;
     private readonly double[] _rowLoss;
-    private readonly int[] _indices;
+    private readonly int[] _indices, _next;
     private readonly float[] _scratch;
-    private readonly Action<int, int> _loadRows, _forwardRows, _weightGradientRows, _inputGradientRows;
+    private readonly Action<int, int, int> _forwardRows, _weightGradientRows;
+    private readonly Action<int, int> _inputGradientRows;
 
     // The operation in progress, read by the row delegates on every thread.
-    private int _n, _mp, _layer;
-    private bool _inputIsTransposed, _keepSampleMajor;
+    private int _n, _mp, _layer, _inputVersion, _nextCount;
+    private bool _inputPerThread, _keepSampleMajor;
     private float* _p, _g;
     private Dataset? _data;
     private Action<int, int>? _ready;
@@ -57,14 +59,16 @@ public sealed unsafe class BatchBackprop : IDisposable
         _isa = isa ?? Gemm.Best;
         _parallel = new RowParallel(threads);
         int mpMax = RoundUp(maxBatch);
-        _x = Pinned(maxBatch * spec.InputSize);
-        _actT = spec.Layers.Select(size => Pinned(size * mpMax)).ToArray();
+        _x = Enumerable.Range(0, threads).Select(_ => Pinned(maxBatch * spec.InputSize)).ToArray();
+        _xT = Enumerable.Range(0, threads).Select(_ => Pinned(spec.InputSize * mpMax)).ToArray();
+        _loadedVersion = new int[threads];
+        _actT = spec.Layers.Select((size, l) => l == 0 ? [] : Pinned(size * mpMax)).ToArray();
         _act = spec.Layers.Select((size, l) => l == 0 ? [] : Pinned(maxBatch * size)).ToArray();
         _deltaT = spec.Layers.Skip(1).Select(size => Pinned(size * mpMax)).ToArray();
         _rowLoss = new double[maxBatch];
         _indices = new int[maxBatch];
+        _next = new int[maxBatch];
         _scratch = Pinned(2 * mpMax);
-        _loadRows = LoadRows;
         _forwardRows = ForwardRows;
         _weightGradientRows = WeightGradientRows;
         _inputGradientRows = InputGradientRows;
@@ -75,23 +79,29 @@ public sealed unsafe class BatchBackprop : IDisposable
     public ParameterLayout Layout => _layout;
     public RowParallel Parallel => _parallel;
 
-    /// <summary>The input rows (n × in_0, sample-major) to fill by hand before <see cref="Forward"/> or <see cref="GradientSum"/>.</summary>
+    /// <summary>The input rows (n × in_0, sample-major) to fill by hand before <see cref="Forward"/> or <see cref="GradientSum"/>; all threads read this one copy.</summary>
     public Span<float> Input(int n)
     {
-        _inputIsTransposed = false;
-        return _x.AsSpan(0, CheckBatch(n) * Spec.InputSize);
+        (_inputPerThread, _data) = (false, null);
+        return new Span<float>(P(_x[0]), CheckBatch(n) * Spec.InputSize);
     }
 
-    /// <summary>Loads the samples at <paramref name="indices"/> as the input batch (scaled to [0, 1], both layouts, row-parallel).</summary>
-    public void LoadInputs(Dataset data, ReadOnlySpan<int> indices)
+    /// <summary>
+    /// Takes the samples at <paramref name="indices"/> as the input batch (scaled to [0, 1]). Each thread
+    /// loads the whole batch into its own copy when its first-layer rows need it: a copy shared between
+    /// cores would cost a cross-core invalidation per cache line on every step. Then it asks its core to
+    /// start fetching the samples at <paramref name="next"/> (the next batch, if known): random samples
+    /// are cache misses otherwise, and each core needs them in its own cache.
+    /// </summary>
+    public void LoadInputs(Dataset data, ReadOnlySpan<int> indices, ReadOnlySpan<int> next = default)
     {
         int n = CheckBatch(indices.Length);
         if (data.Features != Spec.InputSize) throw new ArgumentException($"{data.Name} has {data.Features} features; the model takes {Spec.InputSize}");
         indices.CopyTo(_indices);
-        (_data, _n, _mp) = (data, n, RoundUp(n));
-        _parallel.Run(n, _loadRows, align: 8);
-        _data = null;
-        _inputIsTransposed = true;
+        _nextCount = Math.Min(next.Length, MaxBatch);
+        next[.._nextCount].CopyTo(_next);
+        (_data, _n, _mp, _inputPerThread) = (data, n, RoundUp(n), true);
+        _inputVersion++;
     }
 
     /// <summary>Forward pass over the n input rows; returns the summed cost against the labels.</summary>
@@ -102,9 +112,9 @@ public sealed unsafe class BatchBackprop : IDisposable
         CheckBatch(n);
         if (parameters.Length != _layout.Length) throw new ArgumentException("parameters have the wrong length", nameof(parameters));
         if (labels.Length < n) throw new ArgumentException("fewer labels than samples", nameof(labels));
-        if (_inputIsTransposed && n != _n) throw new ArgumentException($"{_n} samples were loaded, not {n}", nameof(n));
+        if (_inputPerThread && n != _n) throw new ArgumentException($"{_n} samples were loaded, not {n}", nameof(n));
         (_n, _mp, _keepSampleMajor) = (n, RoundUp(n), keepSampleMajor);
-        if (!_inputIsTransposed) Transpose.Run(P(_x), n, Spec.InputSize, Spec.InputSize, P(_actT[0]), _mp);
+        if (!_inputPerThread) Transpose.Run(P(_x[0]), n, Spec.InputSize, Spec.InputSize, P(_xT[0]), _mp);
         fixed (float* p = parameters)
         {
             _p = p;
@@ -176,33 +186,40 @@ public sealed unsafe class BatchBackprop : IDisposable
         return best;
     }
 
-    /// <summary>Samples [from, to): pixels to floats (sample-major), then into columns [from, to) of xᵀ.</summary>
-    private void LoadRows(int from, int to)
+    /// <summary>The copy of the input batch (x and xᵀ) that thread <paramref name="thread"/> reads, loaded on first use.</summary>
+    private int InputSlot(int thread)
     {
-        int features = Spec.InputSize;
-        float* x = P(_x) + from * features;
-        _data!.CopyInputs(_indices.AsSpan(from, to - from), new Span<float>(x, (to - from) * features));
-        Transpose.Run(x, to - from, features, features, P(_actT[0]) + from, _mp);
+        int slot = _inputPerThread ? thread : 0;
+        if (_inputPerThread && _loadedVersion[slot] != _inputVersion)
+        {
+            int features = Spec.InputSize;
+            _data!.CopyInputs(_indices.AsSpan(0, _n), new Span<float>(P(_x[slot]), _n * features));
+            Transpose.Run(P(_x[slot]), _n, features, features, P(_xT[slot]), _mp);
+            _loadedVersion[slot] = _inputVersion;
+            _data.Prefetch(_next.AsSpan(0, _nextCount));
+        }
+        return slot;
     }
 
     /// <summary>Units [from, to) of layer _layer: z = W·a_prev + b, then f, then (for BP4 later) the sample-major copy.</summary>
-    private void ForwardRows(int from, int to)
+    private void ForwardRows(int thread, int from, int to)
     {
         int l = _layer, inSize = _layout.In(l), outSize = _layout.Out(l), mp = _mp;
         float* z = P(_actT[l + 1]);
-        new GemmJob(_isa, mp, inSize, _p + _layout.WeightOffset(l), inSize, 1, P(_actT[l]), mp, z, mp).Rows(from, to);
+        float* aPrev = l == 0 ? P(_xT[InputSlot(thread)]) : P(_actT[l]);
+        new GemmJob(_isa, mp, inSize, _p + _layout.WeightOffset(l), inSize, 1, aPrev, mp, z, mp).Rows(from, to);
         bool hidden = l < _layout.LayerCount - 1;
         AddBiasAndActivate(z + from * mp, to - from, mp, _p + _layout.BiasOffset(l) + from, hidden ? Spec.Activation : null);
         if (hidden && _keepSampleMajor) Transpose.Run(z + from * mp, to - from, _n, mp, P(_act[l + 1]) + from, outSize);
     }
 
     /// <summary>Units [from, to) of layer _layer: BP3 and BP4.</summary>
-    private void WeightGradientRows(int from, int to)
+    private void WeightGradientRows(int thread, int from, int to)
     {
         int l = _layer, inSize = _layout.In(l), mp = _mp;
         float* delta = P(_deltaT[l]);
         BiasGradient(delta + from * mp, to - from, mp, _n, _g + _layout.BiasOffset(l) + from);
-        float* act = l == 0 ? P(_x) : P(_act[l]);
+        float* act = l == 0 ? P(_x[InputSlot(thread)]) : P(_act[l]);
         var job = new GemmJob(_isa, inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize);
         if (_ready is not { } ready)
         {
@@ -320,10 +337,14 @@ public sealed unsafe class BatchBackprop : IDisposable
 
     private static int RoundUp(int n) => (n + Pad - 1) / Pad * Pad;
 
-    private static float[] Pinned(int length) => GC.AllocateArray<float>(Math.Max(length, 1), pinned: true);
+    // Buffers start on a cache line: a vector load that straddles two lines costs two, and two threads
+    // writing either side of a row-split boundary must not share a line (.NET aligns arrays to 8 bytes).
+    private const int LineFloats = 16;
+
+    private static float[] Pinned(int length) => GC.AllocateArray<float>(Math.Max(length, 1) + LineFloats - 1, pinned: true);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float* P(float[] pinned) => (float*)Unsafe.AsPointer(ref pinned[0]);
+    private static float* P(float[] pinned) => (float*)(((nint)Unsafe.AsPointer(ref pinned[0]) + 63) & ~(nint)63);
 
     private int CheckBatch(int n)
     {

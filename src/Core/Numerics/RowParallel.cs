@@ -12,7 +12,8 @@ public sealed class RowParallel : IDisposable
     private readonly SemaphoreSlim[] _wake;
     private readonly int[] _sleeping;
     private readonly int[] _bounds;
-    private Action<int, int> _job = (_, _) => { };
+    private Action<int, int>? _job;
+    private Action<int, int, int>? _threadJob;
     private int _generation;
     private int _pending;
     private volatile bool _disposed;
@@ -37,19 +38,51 @@ public sealed class RowParallel : IDisposable
     /// </summary>
     public void Run(int m, Action<int, int> rows, int align = 4)
     {
-        if (Threads == 1 || m < 2 * align * Threads)
+        if (!Split(m, align))
         {
             rows(0, m);
             return;
         }
+        (_job, _threadJob) = (rows, null);
+        Dispatch();
+        rows(_bounds[0], _bounds[1]);
+        Join();
+    }
+
+    /// <summary>
+    /// As <see cref="Run(int, Action{int, int}, int)"/>, also passing the index of the calling thread
+    /// (0 is the caller; below the partition's part count): for work that keeps per-thread copies.
+    /// </summary>
+    public void Run(int m, Action<int, int, int> rows, int align = 4)
+    {
+        if (!Split(m, align))
+        {
+            rows(0, 0, m);
+            return;
+        }
+        (_job, _threadJob) = (null, rows);
+        Dispatch();
+        rows(0, _bounds[0], _bounds[1]);
+        Join();
+    }
+
+    private bool Split(int m, int align)
+    {
+        if (Threads == 1 || m < 2 * align * Threads) return false;
         for (int t = 0; t <= Threads; t++) _bounds[t] = t == Threads ? m : (int)((long)m * t / Threads) / align * align;
-        _job = rows;
-        var job = rows;
+        return true;
+    }
+
+    private void Dispatch()
+    {
         Volatile.Write(ref _pending, Threads - 1);
         Interlocked.Increment(ref _generation);
         for (int w = 1; w < Threads; w++)
             if (Volatile.Read(ref _sleeping[w]) == 1) _wake[w].Release();
-        job(_bounds[0], _bounds[1]);
+    }
+
+    private void Join()
+    {
         var spin = new SpinWait();
         while (Volatile.Read(ref _pending) != 0) spin.SpinOnce(sleep1Threshold: -1);
     }
@@ -74,7 +107,8 @@ public sealed class RowParallel : IDisposable
             }
             seen = Volatile.Read(ref _generation);
             if (_disposed) return;
-            _job(_bounds[w], _bounds[w + 1]);
+            if (_threadJob is { } threadJob) threadJob(w, _bounds[w], _bounds[w + 1]);
+            else _job!(_bounds[w], _bounds[w + 1]);
             Interlocked.Decrement(ref _pending);
         }
     }

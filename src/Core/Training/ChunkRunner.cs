@@ -24,11 +24,15 @@ public sealed class ChunkRunner : IDisposable
     public int MaxChunk => _backprop.MaxBatch;
     public int ParameterCount => _backprop.Layout.Length;
 
-    /// <summary>Σ ∂C/∂θ over the samples at <paramref name="indices"/>, written to <paramref name="gradient"/>; returns Σ C.</summary>
-    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient, Action<int, int>? ready = null)
+    /// <summary>
+    /// Σ ∂C/∂θ over the samples at <paramref name="indices"/>, written to <paramref name="gradient"/>; returns Σ C.
+    /// <paramref name="next"/> names the chunk that comes next, to be fetched into cache meanwhile.
+    /// </summary>
+    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient,
+        Action<int, int>? ready = null, ReadOnlySpan<int> next = default)
     {
         int n = indices.Length;
-        _backprop.LoadInputs(data, indices);
+        _backprop.LoadInputs(data, indices, next);
         data.CopyLabels(indices, _labels);
         return _backprop.GradientSum(parameters, n, _labels.AsSpan(0, n), gradient, ready);
     }

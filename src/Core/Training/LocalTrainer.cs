@@ -57,10 +57,9 @@ public sealed class LocalTrainer : IDisposable
             (_stepGradient, _stepCount) = (_chunkSums[0], plan.StepSize(step));
             for (int c = 0; c < chunks; c++)
             {
-                if (c + 1 < chunks) _train.Prefetch(plan.Chunk(step, c + 1));
-                else if (step + 1 < plan.Steps) _train.Prefetch(plan.Chunk(step + 1, 0));
+                var next = c + 1 < chunks ? plan.Chunk(step, c + 1) : step + 1 < plan.Steps ? plan.Chunk(step + 1, 0) : default;
                 // A one-chunk step is its own sum: its optimizer update runs as each gradient block is finished.
-                loss += _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c], chunks == 1 ? _stepSlice : null);
+                loss += _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c], chunks == 1 ? _stepSlice : null, next);
             }
             if (chunks > 1)
             {

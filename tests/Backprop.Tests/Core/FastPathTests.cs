@@ -108,6 +108,43 @@ public unsafe class FastPathTests
         Assert.Equal(ParameterHash.Sha256(p), ParameterHash.Sha256(trainer.Parameters));
     }
 
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    public void Each_threads_copy_of_the_inputs_follows_every_new_batch(int threads)
+    {
+        // One instance over batches of different samples and sizes, with a forward pass between load and
+        // gradient and hand-filled inputs in the middle: every gradient must equal a fresh instance's.
+        var spec = new ModelSpec([784, 64, 32, 10], Activation.Relu, Loss.CrossEntropy);
+        var p = Initializer.Create(spec, InitScheme.PyTorch, 3);
+        using var reused = new BatchBackprop(spec, 64, threads);
+        foreach (var (start, n) in new[] { (0, 64), (300, 37), (500, 64), (100, 5) })
+        {
+            var indices = Enumerable.Range(start, n).ToArray();
+            var labels = Data.Train.Labels.AsSpan(start, n);
+            var fresh = new float[p.Length];
+            using (var single = new BatchBackprop(spec, 64, 1))
+            {
+                Data.Train.CopyInputs(indices, single.Input(n));
+                single.GradientSum(p, n, labels, fresh);
+            }
+
+            var grad = new float[p.Length];
+            if (n == 5)
+            {
+                Data.Train.CopyInputs(indices, reused.Input(n));
+            }
+            else
+            {
+                reused.LoadInputs(Data.Train, indices, next: Enumerable.Range(600, 64).ToArray());
+                reused.Forward(p, n, labels);
+            }
+            reused.GradientSum(p, n, labels, grad);
+            Assert.Equal(ParameterHash.Sha256(fresh), ParameterHash.Sha256(grad));
+        }
+    }
+
     [Fact]
     public void A_training_step_allocates_nothing_once_warm()
     {
