@@ -87,7 +87,14 @@ static (double Median, double Min, List<double> Epochs, int Samples, double Allo
     var trainer = new LocalTrainer(spec with { }, train, threads);
     int samples = spec.TrainCount(train.Count);
     int steps = (samples + spec.BatchSize - 1) / spec.BatchSize;
-    trainer.TrainEpoch(0);                              // warm-up: JIT tiers, caches
+    // Warm-up until the JIT has nothing left to compile: its background thread would otherwise take one
+    // of the two cores in slices of milliseconds, and every such slice stalls a lock-step 2-thread step.
+    for (int warm = 0; warm < 10; warm++)
+    {
+        long compiled = System.Runtime.JitInfo.GetCompiledMethodCount();
+        trainer.TrainEpoch(0);
+        if (warm > 0 && System.Runtime.JitInfo.GetCompiledMethodCount() == compiled) break;
+    }
     double? nearBefore = threads > 1 ? CoreToCore.RoundTripNanoseconds() : null;
     var seconds = new List<double>();
     long allocated = 0;

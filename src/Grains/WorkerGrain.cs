@@ -29,7 +29,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings) 
             var indices = plan.Chunk(work.Step, work.Chunks[i]);
             var gradient = new float[runner.ParameterCount];
             var next = i + 1 < work.Chunks.Length ? plan.Chunk(work.Step, work.Chunks[i + 1]) : default;
-            double loss = runner.GradientSum(train, parameters, indices, gradient, next: next);
+            double loss = runner.GradientSum(train, parameters, indices, gradient, next);
             results[i] = new ChunkResult(work.Chunks[i], new FloatPayload(gradient), loss, indices.Length);
         }
         return new ChunkResults(results, RuntimeIdentity);

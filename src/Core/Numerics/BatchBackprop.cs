@@ -6,6 +6,9 @@ using Backprop.Core.Model;
 
 namespace Backprop.Core.Numerics;
 
+/// <summary>Entries [start, start + values.Length) of a gradient sum, final; the span is valid during the call only.</summary>
+public delegate void GradientBlock(int start, ReadOnlySpan<float> values);
+
 /// <summary>
 /// Batched forward and backward passes over one chunk of samples, in float, on spans over the flat
 /// parameter vector. Buffers are allocated (pinned) once for <c>maxBatch</c>; a step allocates nothing.
@@ -40,6 +43,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     private readonly double[] _rowLoss;
     private readonly int[] _indices, _next;
     private readonly float[] _scratch;
+    private readonly float[][] _block;
     private readonly Action<int, int, int> _forwardRows, _weightGradientRows;
     private readonly Action<int, int> _inputGradientRows;
 
@@ -48,7 +52,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     private bool _inputPerThread, _keepSampleMajor;
     private float* _p, _g;
     private Dataset? _data;
-    private Action<int, int>? _ready;
+    private GradientBlock? _ready;
 
     public BatchBackprop(ModelSpec spec, int maxBatch, int threads = 1, Gemm.Isa? isa = null)
     {
@@ -69,6 +73,8 @@ public sealed unsafe class BatchBackprop : IDisposable
         _indices = new int[maxBatch];
         _next = new int[maxBatch];
         _scratch = Pinned(2 * mpMax);
+        int blockLength = Math.Max(4 * spec.Layers[..^1].Max(), spec.Layers[1..].Max());
+        _block = Enumerable.Range(0, threads).Select(_ => Pinned(blockLength)).ToArray();
         _forwardRows = ForwardRows;
         _weightGradientRows = WeightGradientRows;
         _inputGradientRows = InputGradientRows;
@@ -128,19 +134,24 @@ public sealed unsafe class BatchBackprop : IDisposable
     /// Writes Σ_samples ∂C/∂θ into <paramref name="gradient"/> (overwritten, flat layout) and returns the
     /// summed cost. The inputs must already be loaded (<see cref="LoadInputs"/> or <see cref="Input"/>).
     /// </summary>
-    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient) =>
-        GradientSum(parameters, n, labels, gradient, null);
-
-    /// <summary>
-    /// As <see cref="GradientSum(ReadOnlySpan{float}, int, ReadOnlySpan{byte}, Span{float})"/>, calling
-    /// <paramref name="ready"/>(start, length) from the thread that wrote them as soon as those gradient
-    /// entries are final, while they are still in that core's cache. Layer l's weights are no longer read
-    /// once its entries are reported, so the callback may update the parameters in place: a one-chunk step
-    /// can apply its optimizer this way instead of in a separate pass.
-    /// </summary>
-    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, Action<int, int>? ready)
+    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient)
     {
         if (gradient.Length != _layout.Length) throw new ArgumentException("gradient has the wrong length", nameof(gradient));
+        return Backward(parameters, n, labels, gradient, null);
+    }
+
+    /// <summary>
+    /// The same sum, not written anywhere: each block of it goes to <paramref name="ready"/> as soon as it
+    /// is final, from the thread that computed it, while it is still in that core's L1 (blocks of up to 4
+    /// weight rows, and each thread's run of biases). Layer l's weights are no longer read once its blocks
+    /// are reported, so the callback may update the parameters in place: a one-chunk step applies its
+    /// optimizer this way, and the whole gradient never goes through memory.
+    /// </summary>
+    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready) =>
+        Backward(parameters, n, labels, default, ready);
+
+    private double Backward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, GradientBlock? ready)
+    {
         double loss = Forward(parameters, n, labels, keepSampleMajor: true);
         int mp = _mp, L = _layout.LayerCount, outputs = Spec.OutputSize;
 
@@ -218,22 +229,23 @@ public sealed unsafe class BatchBackprop : IDisposable
     {
         int l = _layer, inSize = _layout.In(l), mp = _mp;
         float* delta = P(_deltaT[l]);
-        BiasGradient(delta + from * mp, to - from, mp, _n, _g + _layout.BiasOffset(l) + from);
         float* act = l == 0 ? P(_x[InputSlot(thread)]) : P(_act[l]);
-        var job = new GemmJob(_isa, inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize);
         if (_ready is not { } ready)
         {
-            job.Rows(from, to);
+            BiasGradient(delta + from * mp, to - from, mp, _n, _g + _layout.BiasOffset(l) + from);
+            new GemmJob(_isa, inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize).Rows(from, to);
             return;
         }
-        // Report in blocks of 4 rows (one register tile), while the block is still in L1.
+        // Into this thread's block buffer, 4 rows (one register tile) at a time, reported while in L1.
+        float* block = P(_block[thread]);
+        BiasGradient(delta + from * mp, to - from, mp, _n, block);
+        ready(_layout.BiasOffset(l) + from, new ReadOnlySpan<float>(block, to - from));
         for (int r = from; r < to; r += 4)
         {
-            int end = Math.Min(r + 4, to);
-            job.Rows(r, end);
-            ready(_layout.WeightOffset(l) + r * inSize, (end - r) * inSize);
+            int rows = Math.Min(4, to - r);
+            new GemmJob(_isa, inSize, _n, delta + r * mp, mp, 1, act, inSize, block, inSize).Rows(0, rows);
+            ready(_layout.WeightOffset(l) + r * inSize, new ReadOnlySpan<float>(block, rows * inSize));
         }
-        ready(_layout.BiasOffset(l) + from, to - from);
     }
 
     /// <summary>Inputs [from, to) of layer _layer: BP2, with Wᵀ read in place through the strides.</summary>

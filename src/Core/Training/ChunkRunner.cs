@@ -28,13 +28,18 @@ public sealed class ChunkRunner : IDisposable
     /// Σ ∂C/∂θ over the samples at <paramref name="indices"/>, written to <paramref name="gradient"/>; returns Σ C.
     /// <paramref name="next"/> names the chunk that comes next, to be fetched into cache meanwhile.
     /// </summary>
-    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient,
-        Action<int, int>? ready = null, ReadOnlySpan<int> next = default)
+    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient, ReadOnlySpan<int> next = default) =>
+        _backprop.GradientSum(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), gradient);
+
+    /// <summary>The same sum, given block by block to <paramref name="ready"/> (see <see cref="BatchBackprop"/>).</summary>
+    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, GradientBlock ready, ReadOnlySpan<int> next = default) =>
+        _backprop.GradientSum(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), ready);
+
+    private int Load(Dataset data, ReadOnlySpan<int> indices, ReadOnlySpan<int> next)
     {
-        int n = indices.Length;
         _backprop.LoadInputs(data, indices, next);
         data.CopyLabels(indices, _labels);
-        return _backprop.GradientSum(parameters, n, _labels.AsSpan(0, n), gradient, ready);
+        return indices.Length;
     }
 
     /// <summary>Accuracy, cost and confusion counts over samples [start, end) of <paramref name="data"/>.</summary>

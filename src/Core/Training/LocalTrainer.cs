@@ -19,9 +19,8 @@ public sealed class LocalTrainer : IDisposable
     private readonly float[] _total;
     private readonly float[] _velocity;
     private readonly Action<int, int> _stepRange;
-    private readonly Action<int, int> _stepSlice;
+    private readonly GradientBlock _stepBlock;
     private readonly EpochPlan _plan;
-    private float[] _stepGradient = [];
     private int _stepCount;
 
     public LocalTrainer(RunSpec spec, Dataset train, int threads = 1)
@@ -38,8 +37,9 @@ public sealed class LocalTrainer : IDisposable
         _plan = new EpochPlan(_train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
         // The step is element-wise: each thread updates the part of the vector whose gradient it just wrote.
         _stepRange = (from, to) => Optimizer.Step(_spec.Optimizer, Parameters.AsSpan(from, to - from),
-            _stepGradient.AsSpan(from, to - from), _stepCount, _velocity.AsSpan(from, to - from));
-        _stepSlice = (start, length) => _stepRange(start, start + length);
+            _total.AsSpan(from, to - from), _stepCount, _velocity.AsSpan(from, to - from));
+        _stepBlock = (start, gradient) => Optimizer.Step(_spec.Optimizer, Parameters.AsSpan(start, gradient.Length),
+            gradient, _stepCount, _velocity.AsSpan(start, gradient.Length));
     }
 
     public float[] Parameters { get; }
@@ -54,17 +54,18 @@ public sealed class LocalTrainer : IDisposable
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
             int chunks = plan.ChunkCount(step);
-            (_stepGradient, _stepCount) = (_chunkSums[0], plan.StepSize(step));
+            _stepCount = plan.StepSize(step);
             for (int c = 0; c < chunks; c++)
             {
                 var next = c + 1 < chunks ? plan.Chunk(step, c + 1) : step + 1 < plan.Steps ? plan.Chunk(step + 1, 0) : default;
-                // A one-chunk step is its own sum: its optimizer update runs as each gradient block is finished.
-                loss += _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c], chunks == 1 ? _stepSlice : null, next);
+                // A one-chunk step is its own sum: its optimizer update runs on each gradient block as it is finished.
+                loss += chunks == 1
+                    ? _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _stepBlock, next)
+                    : _runner.GradientSum(_train, Parameters, plan.Chunk(step, c), _chunkSums[c], next);
             }
             if (chunks > 1)
             {
                 GradientReduction.SumInChunkOrder(_chunkViews.AsSpan(0, chunks), _total);
-                _stepGradient = _total;
                 _runner.Parallel.Run(Parameters.Length, _stepRange, align: 64);
             }
             samples += plan.StepSize(step);
