@@ -15,7 +15,7 @@ public delegate void GradientBlock(int start, ReadOnlySpan<float> values);
 ///
 /// Activations and deltas are kept feature-major — one row per unit, one column per sample, rows padded
 /// to mp = n rounded up to 16 — so every product is a <see cref="Gemm"/> over contiguous rows:
-///   x, xᵀ      n × in_0, in_0 × mp   the input batch, one copy per thread (see LoadInputs)
+///   x, xᵀ      n × in_0, in_0 × mp   the input batch
 ///   actT[l]    in_l × mp      actT[0] = xᵀ;  actT[l+1] = f(W_l · actT[l] + b_l)          (forward)
 ///   act[l]     n × in_l       sample-major copy of actT[l] (l ≥ 1), the right-hand side of BP4
 ///   deltaT[l]  out_l × mp     ∂C/∂z of layer l per sample; padding columns are zero
@@ -24,10 +24,17 @@ public delegate void GradientBlock(int start, ReadOnlySpan<float> values);
 ///   deltaT[l-1]               = (W_lᵀ · deltaT[l]) ⊙ f'(actT[l])                         (BP2)
 /// The gradient is the sum over the batch, not the mean: the server divides.
 ///
-/// Each product runs with its element-wise follow-up (bias and activation, bias gradient, f') on the same
-/// rows in the same thread, while they are in cache. Every output element is a fixed-order sum (see
-/// <see cref="Gemm"/>), and threads split rows, never samples, so results are bit-identical for any
-/// thread count.
+/// Threads split rows, never samples, and every output element is a fixed-order sum (see
+/// <see cref="Gemm"/>), so results are bit-identical for any thread count. The first layer holds almost
+/// all the work (784 inputs), the others are small; a step has three parallel phases:
+///   1. first-layer rows: each thread loads its own copy of x, computes its rows of actT[1] = f(W_0·xᵀ + b_0);
+///   2. every thread computes the later layers forward, the cost and BP1, and BP2 down to deltaT[1], all
+///      whole and in its own buffers, then BP2 for its own rows of deltaT[0];
+///   3. weight gradients: each thread its rows of every layer (those of W_0 are the rows it computed in 1).
+/// Only actT[1] and the small layers' weights pass between cores. Splitting the small layers' products
+/// across threads instead costs a cache-line transfer for nearly every value they produce, and a hand-off
+/// per product: on this project's 2-vCPU machine a transfer sometimes takes 400-600 ns instead of
+/// 70-200 (when the host places the vCPUs far apart), which made a 2-thread step as slow as 1 thread.
 /// </summary>
 public sealed unsafe class BatchBackprop : IDisposable
 {
@@ -35,24 +42,35 @@ public sealed unsafe class BatchBackprop : IDisposable
     private readonly ParameterLayout _layout;
     private readonly Gemm.Isa _isa;
     private readonly RowParallel _parallel;
-    private readonly float[][] _x, _xT;
-    private readonly int[] _loadedVersion;
-    private readonly float[][] _actT;
-    private readonly float[][] _act;
-    private readonly float[][] _deltaT;
-    private readonly double[] _rowLoss;
+    private readonly ThreadBuffers[] _own;
+    private readonly float[] _act1T;
     private readonly int[] _indices, _next;
-    private readonly float[] _scratch;
-    private readonly float[][] _block;
-    private readonly Action<int, int, int> _forwardRows, _weightGradientRows;
-    private readonly Action<int, int> _inputGradientRows;
+    private readonly byte[] _labels;
+    private readonly Action<int, int, int> _firstLayerRows, _laterLayers, _weightGradientRows;
 
     // The operation in progress, read by the row delegates on every thread.
-    private int _n, _mp, _layer, _inputVersion, _nextCount;
-    private bool _inputPerThread, _keepSampleMajor;
+    private int _n, _mp, _inputVersion, _nextCount;
+    private bool _inputPerThread, _backward;
     private float* _p, _g;
     private Dataset? _data;
     private GradientBlock? _ready;
+
+    /// <summary>What one thread computes for itself: its copy of the inputs, the later layers, the deltas.</summary>
+    private sealed class ThreadBuffers(ModelSpec spec, int maxBatch)
+    {
+        public readonly float[] X = Pinned(maxBatch * spec.InputSize);
+        public readonly float[] XT = Pinned(spec.InputSize * RoundUp(maxBatch));
+        public int LoadedVersion;
+        /// <summary>actT[l] for l ≥ 2; actT[1] too when it is the output (a model without hidden layers).</summary>
+        public readonly float[][] ActT = spec.Layers.Select((size, l) => l < 2 && l < spec.LayerCount ? [] : Pinned(size * RoundUp(maxBatch))).ToArray();
+        public readonly float[][] Act = spec.Layers.Select((size, l) => l == 0 || l == spec.LayerCount ? [] : Pinned(maxBatch * size)).ToArray();
+        public readonly float[][] DeltaT = spec.Layers.Skip(1).Select(size => Pinned(size * RoundUp(maxBatch))).ToArray();
+        public readonly double[] RowLoss = new double[maxBatch];
+        public readonly float[] Scratch = Pinned(2 * RoundUp(maxBatch));
+        /// <summary>Gradient entries on their way to a <see cref="GradientBlock"/> callback: 4 weight rows, or a run of biases.</summary>
+        public readonly float[] Block = Pinned(Math.Max(4 * spec.Layers[..^1].Max(), spec.Layers[1..].Max()));
+        public double Loss;
+    }
 
     public BatchBackprop(ModelSpec spec, int maxBatch, int threads = 1, Gemm.Isa? isa = null)
     {
@@ -62,22 +80,14 @@ public sealed unsafe class BatchBackprop : IDisposable
         _layout = new ParameterLayout(spec);
         _isa = isa ?? Gemm.Best;
         _parallel = new RowParallel(threads);
-        int mpMax = RoundUp(maxBatch);
-        _x = Enumerable.Range(0, threads).Select(_ => Pinned(maxBatch * spec.InputSize)).ToArray();
-        _xT = Enumerable.Range(0, threads).Select(_ => Pinned(spec.InputSize * mpMax)).ToArray();
-        _loadedVersion = new int[threads];
-        _actT = spec.Layers.Select((size, l) => l == 0 ? [] : Pinned(size * mpMax)).ToArray();
-        _act = spec.Layers.Select((size, l) => l == 0 ? [] : Pinned(maxBatch * size)).ToArray();
-        _deltaT = spec.Layers.Skip(1).Select(size => Pinned(size * mpMax)).ToArray();
-        _rowLoss = new double[maxBatch];
+        _own = Enumerable.Range(0, threads).Select(_ => new ThreadBuffers(spec, maxBatch)).ToArray();
+        _act1T = Pinned(spec.Layers[1] * RoundUp(maxBatch));
         _indices = new int[maxBatch];
         _next = new int[maxBatch];
-        _scratch = Pinned(2 * mpMax);
-        int blockLength = Math.Max(4 * spec.Layers[..^1].Max(), spec.Layers[1..].Max());
-        _block = Enumerable.Range(0, threads).Select(_ => Pinned(blockLength)).ToArray();
-        _forwardRows = ForwardRows;
+        _labels = new byte[maxBatch];
+        _firstLayerRows = FirstLayerRows;
+        _laterLayers = LaterLayers;
         _weightGradientRows = WeightGradientRows;
-        _inputGradientRows = InputGradientRows;
     }
 
     public ModelSpec Spec { get; }
@@ -89,13 +99,13 @@ public sealed unsafe class BatchBackprop : IDisposable
     public Span<float> Input(int n)
     {
         (_inputPerThread, _data) = (false, null);
-        return new Span<float>(P(_x[0]), CheckBatch(n) * Spec.InputSize);
+        return new Span<float>(P(_own[0].X), CheckBatch(n) * Spec.InputSize);
     }
 
     /// <summary>
     /// Takes the samples at <paramref name="indices"/> as the input batch (scaled to [0, 1]). Each thread
     /// loads the whole batch into its own copy when its first-layer rows need it: a copy shared between
-    /// cores would cost a cross-core invalidation per cache line on every step. Then it asks its core to
+    /// cores would cost a cross-core transfer per cache line on every step. Then it asks its core to
     /// start fetching the samples at <paramref name="next"/> (the next batch, if known): random samples
     /// are cache misses otherwise, and each core needs them in its own cache.
     /// </summary>
@@ -111,23 +121,17 @@ public sealed unsafe class BatchBackprop : IDisposable
     }
 
     /// <summary>Forward pass over the n input rows; returns the summed cost against the labels.</summary>
-    public double Forward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels) => Forward(parameters, n, labels, keepSampleMajor: false);
-
-    private double Forward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, bool keepSampleMajor)
+    public double Forward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels)
     {
-        CheckBatch(n);
-        if (parameters.Length != _layout.Length) throw new ArgumentException("parameters have the wrong length", nameof(parameters));
-        if (labels.Length < n) throw new ArgumentException("fewer labels than samples", nameof(labels));
-        if (_inputPerThread && n != _n) throw new ArgumentException($"{_n} samples were loaded, not {n}", nameof(n));
-        (_n, _mp, _keepSampleMajor) = (n, RoundUp(n), keepSampleMajor);
-        if (!_inputPerThread) Transpose.Run(P(_x[0]), n, Spec.InputSize, Spec.InputSize, P(_xT[0]), _mp);
+        Begin(parameters, n, labels, backward: false);
         fixed (float* p = parameters)
         {
             _p = p;
-            for (_layer = 0; _layer < _layout.LayerCount; _layer++) _parallel.Run(_layout.Out(_layer), _forwardRows);
+            _parallel.Run(_layout.Out(0), _firstLayerRows);
+            LaterLayers(0, 0, 0);
             _p = null;
         }
-        return OutputAndLoss(n, labels);
+        return _own[0].Loss;
     }
 
     /// <summary>
@@ -143,101 +147,160 @@ public sealed unsafe class BatchBackprop : IDisposable
     /// <summary>
     /// The same sum, not written anywhere: each block of it goes to <paramref name="ready"/> as soon as it
     /// is final, from the thread that computed it, while it is still in that core's L1 (blocks of up to 4
-    /// weight rows, and each thread's run of biases). Layer l's weights are no longer read once its blocks
-    /// are reported, so the callback may update the parameters in place: a one-chunk step applies its
-    /// optimizer this way, and the whole gradient never goes through memory.
+    /// weight rows, and each thread's run of biases). No weight is read once the first block is reported,
+    /// so the callback may update the parameters in place: a one-chunk step applies its optimizer this
+    /// way, and the whole gradient never goes through memory.
     /// </summary>
     public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready) =>
         Backward(parameters, n, labels, default, ready);
 
     private double Backward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, GradientBlock? ready)
     {
-        double loss = Forward(parameters, n, labels, keepSampleMajor: true);
-        int mp = _mp, L = _layout.LayerCount, outputs = Spec.OutputSize;
-
-        // BP1: δᴸ = a − y (softmax + cross-entropy), times σ'(z) for sigmoid + quadratic. Padding columns stay 0.
-        float* aOut = P(_actT[L]), dOut = P(_deltaT[L - 1]);
-        for (int o = 0; o < outputs; o++)
-        {
-            float* a = aOut + o * mp, d = dOut + o * mp;
-            for (int i = 0; i < n; i++)
-            {
-                float diff = a[i] - (labels[i] == o ? 1f : 0f);
-                d[i] = Spec.Loss == Loss.Quadratic ? diff * (a[i] * (1f - a[i])) : diff;
-            }
-            for (int i = n; i < mp; i++) d[i] = 0f;
-        }
-
+        Begin(parameters, n, labels, backward: true);
+        int m = _layout.Out(0);
         fixed (float* p = parameters)
         fixed (float* g = gradient)
         {
             _p = p;
             _g = g;
             _ready = ready;
-            for (_layer = L - 1; _layer >= 0; _layer--)
-            {
-                // BP2 before BP4: BP2 reads W_l, which a ready callback may change once BP4 reports it.
-                if (_layer > 0) _parallel.Run(_layout.In(_layer), _inputGradientRows);
-                _parallel.Run(_layout.Out(_layer), _weightGradientRows);
-            }
+            _parallel.Run(m, _firstLayerRows);
+            _parallel.Run(m, _laterLayers);
+            _parallel.Run(m, _weightGradientRows);
             _ready = null;
-            _p = null;
-            _g = null;
+            _p = _g = null;
         }
-        return loss;
+        return _own[0].Loss;
+    }
+
+    private void Begin(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, bool backward)
+    {
+        CheckBatch(n);
+        if (parameters.Length != _layout.Length) throw new ArgumentException("parameters have the wrong length", nameof(parameters));
+        if (labels.Length < n) throw new ArgumentException("fewer labels than samples", nameof(labels));
+        if (_inputPerThread && n != _n) throw new ArgumentException($"{_n} samples were loaded, not {n}", nameof(n));
+        // Checked here, on the caller's thread: the row threads must not throw.
+        for (int i = 0; i < n; i++)
+            if (labels[i] >= Spec.OutputSize) throw new ArgumentException($"label {labels[i]} is outside the model's {Spec.OutputSize} outputs");
+        labels[..n].CopyTo(_labels);
+        (_n, _mp, _backward) = (n, RoundUp(n), backward);
+        if (!_inputPerThread) Transpose.Run(P(_own[0].X), n, Spec.InputSize, Spec.InputSize, P(_own[0].XT), _mp);
     }
 
     /// <summary>Index of the largest output of sample i after a forward pass.</summary>
     public int Predict(int i)
     {
-        float* a = P(_actT[^1]);
+        float* a = P(_own[0].ActT[^1]);
         int best = 0;
         for (int o = 1; o < Spec.OutputSize; o++)
             if (a[o * _mp + i] > a[best * _mp + i]) best = o;
         return best;
     }
 
-    /// <summary>The copy of the input batch (x and xᵀ) that thread <paramref name="thread"/> reads, loaded on first use.</summary>
-    private int InputSlot(int thread)
+    /// <summary>The copy of the input batch that thread <paramref name="thread"/> reads, loaded on first use.</summary>
+    private ThreadBuffers Inputs(int thread)
     {
-        int slot = _inputPerThread ? thread : 0;
-        if (_inputPerThread && _loadedVersion[slot] != _inputVersion)
+        if (!_inputPerThread) return _own[0];
+        var own = _own[thread];
+        if (own.LoadedVersion != _inputVersion)
         {
             int features = Spec.InputSize;
-            _data!.CopyInputs(_indices.AsSpan(0, _n), new Span<float>(P(_x[slot]), _n * features));
-            Transpose.Run(P(_x[slot]), _n, features, features, P(_xT[slot]), _mp);
-            _loadedVersion[slot] = _inputVersion;
+            _data!.CopyInputs(_indices.AsSpan(0, _n), new Span<float>(P(own.X), _n * features));
+            Transpose.Run(P(own.X), _n, features, features, P(own.XT), _mp);
+            own.LoadedVersion = _inputVersion;
             _data.Prefetch(_next.AsSpan(0, _nextCount));
         }
-        return slot;
+        return own;
     }
 
-    /// <summary>Units [from, to) of layer _layer: z = W·a_prev + b, then f, then (for BP4 later) the sample-major copy.</summary>
-    private void ForwardRows(int thread, int from, int to)
+    /// <summary>Phase 1, units [from, to) of the first layer: actT[1] = f(W_0 · xᵀ + b_0).</summary>
+    private void FirstLayerRows(int thread, int from, int to)
     {
-        int l = _layer, inSize = _layout.In(l), outSize = _layout.Out(l), mp = _mp;
-        float* z = P(_actT[l + 1]);
-        float* aPrev = l == 0 ? P(_xT[InputSlot(thread)]) : P(_actT[l]);
-        new GemmJob(_isa, mp, inSize, _p + _layout.WeightOffset(l), inSize, 1, aPrev, mp, z, mp).Rows(from, to);
-        bool hidden = l < _layout.LayerCount - 1;
-        AddBiasAndActivate(z + from * mp, to - from, mp, _p + _layout.BiasOffset(l) + from, hidden ? Spec.Activation : null);
-        if (hidden && _keepSampleMajor) Transpose.Run(z + from * mp, to - from, _n, mp, P(_act[l + 1]) + from, outSize);
+        int inSize = _layout.In(0), mp = _mp;
+        float* z = P(_act1T);
+        new GemmJob(_isa, mp, inSize, _p + _layout.WeightOffset(0), inSize, 1, P(Inputs(thread).XT), mp, z, mp).Rows(from, to);
+        AddBiasAndActivate(z + from * mp, to - from, mp, _p + _layout.BiasOffset(0) + from, _layout.LayerCount > 1 ? Spec.Activation : null);
     }
 
-    /// <summary>Units [from, to) of layer _layer: BP3 and BP4.</summary>
+    /// <summary>
+    /// Phase 2 on thread <paramref name="thread"/>, whose first-layer units are [from, to): the later layers
+    /// forward and the cost; when training, BP1, BP2 down to deltaT[1], and BP2 for rows [from, to) of deltaT[0].
+    /// </summary>
+    private void LaterLayers(int thread, int from, int to)
+    {
+        var own = _own[thread];
+        int L = _layout.LayerCount, n = _n, mp = _mp;
+        if (L == 1) new ReadOnlySpan<float>(P(_act1T), Spec.OutputSize * mp).CopyTo(new Span<float>(P(own.ActT[1]), Spec.OutputSize * mp));
+        else if (_backward) Transpose.Run(P(_act1T), _layout.Out(0), n, mp, P(own.Act[1]), _layout.Out(0));
+        for (int l = 1; l < L; l++)
+        {
+            int inSize = _layout.In(l), outSize = _layout.Out(l);
+            float* z = P(own.ActT[l + 1]);
+            new GemmJob(_isa, mp, inSize, _p + _layout.WeightOffset(l), inSize, 1, ActT(own, l), mp, z, mp).Rows(0, outSize);
+            bool hidden = l < L - 1;
+            AddBiasAndActivate(z, outSize, mp, _p + _layout.BiasOffset(l), hidden ? Spec.Activation : null);
+            if (hidden && _backward) Transpose.Run(z, outSize, n, mp, P(own.Act[l + 1]), outSize);
+        }
+        own.Loss = OutputAndLoss(own);
+        if (!_backward) return;
+
+        // BP1: δᴸ = a − y (softmax + cross-entropy), times σ'(z) for sigmoid + quadratic. Padding columns stay 0.
+        float* aOut = P(own.ActT[L]), dOut = P(own.DeltaT[L - 1]);
+        bool quadratic = Spec.Loss == Loss.Quadratic;
+        for (int o = 0; o < Spec.OutputSize; o++)
+        {
+            float* a = aOut + o * mp, d = dOut + o * mp;
+            for (int i = 0; i < n; i++)
+            {
+                float diff = a[i] - (_labels[i] == o ? 1f : 0f);
+                d[i] = quadratic ? diff * (a[i] * (1f - a[i])) : diff;
+            }
+            for (int i = n; i < mp; i++) d[i] = 0f;
+        }
+
+        // BP2 with Wᵀ read in place through the strides; only this thread's rows of deltaT[0].
+        for (int l = L - 1; l >= 1; l--)
+        {
+            int inSize = _layout.In(l), outSize = _layout.Out(l);
+            var (r0, r1) = l == 1 ? (from, to) : (0, inSize);
+            float* prev = P(own.DeltaT[l - 1]);
+            new GemmJob(_isa, mp, outSize, _p + _layout.WeightOffset(l), 1, inSize, P(own.DeltaT[l]), mp, prev, mp).Rows(r0, r1);
+            Activations.MultiplyByDerivative(Spec.Activation,
+                new ReadOnlySpan<float>(ActT(own, l) + r0 * mp, (r1 - r0) * mp), new Span<float>(prev + r0 * mp, (r1 - r0) * mp));
+        }
+    }
+
+    /// <summary>actT[l] as a thread reads it: its own xᵀ, the shared first-layer output, or its own later layers.</summary>
+    private float* ActT(ThreadBuffers own, int l) => l == 0 ? P(own.XT) : l == 1 && _layout.LayerCount > 1 ? P(_act1T) : P(own.ActT[l]);
+
+    /// <summary>Phase 3: BP3 and BP4 for this thread's rows of every layer; of the first layer, rows [from, to).</summary>
     private void WeightGradientRows(int thread, int from, int to)
     {
-        int l = _layer, inSize = _layout.In(l), mp = _mp;
-        float* delta = P(_deltaT[l]);
-        float* act = l == 0 ? P(_x[InputSlot(thread)]) : P(_act[l]);
+        var own = _own[thread];
+        int parts = _parallel.PartsFor(_layout.Out(0));
+        for (int l = _layout.LayerCount - 1; l >= 1; l--)
+        {
+            int outSize = _layout.Out(l), layerParts = Math.Min(parts, _parallel.PartsFor(outSize));
+            if (thread >= layerParts) continue;
+            var (r0, r1) = RowParallel.Bounds(outSize, thread, layerParts);
+            WeightGradient(own, l, P(own.Act[l]), r0, r1);
+        }
+        WeightGradient(own, 0, P(Inputs(thread).X), from, to);
+    }
+
+    /// <summary>Rows [from, to) of layer l's bias and weight gradients: into the gradient, or block by block to the callback.</summary>
+    private void WeightGradient(ThreadBuffers own, int l, float* act, int from, int to)
+    {
+        int inSize = _layout.In(l), mp = _mp;
+        float* delta = P(own.DeltaT[l]);
         if (_ready is not { } ready)
         {
             BiasGradient(delta + from * mp, to - from, mp, _n, _g + _layout.BiasOffset(l) + from);
             new GemmJob(_isa, inSize, _n, delta, mp, 1, act, inSize, _g + _layout.WeightOffset(l), inSize).Rows(from, to);
             return;
         }
-        // Into this thread's block buffer, 4 rows (one register tile) at a time, reported while in L1.
-        float* block = P(_block[thread]);
+        // 4 rows (one register tile) at a time, reported while in L1.
+        float* block = P(own.Block);
         BiasGradient(delta + from * mp, to - from, mp, _n, block);
         ready(_layout.BiasOffset(l) + from, new ReadOnlySpan<float>(block, to - from));
         for (int r = from; r < to; r += 4)
@@ -246,16 +309,6 @@ public sealed unsafe class BatchBackprop : IDisposable
             new GemmJob(_isa, inSize, _n, delta + r * mp, mp, 1, act, inSize, block, inSize).Rows(0, rows);
             ready(_layout.WeightOffset(l) + r * inSize, new ReadOnlySpan<float>(block, rows * inSize));
         }
-    }
-
-    /// <summary>Inputs [from, to) of layer _layer: BP2, with Wᵀ read in place through the strides.</summary>
-    private void InputGradientRows(int from, int to)
-    {
-        int l = _layer, inSize = _layout.In(l), outSize = _layout.Out(l), mp = _mp;
-        float* prev = P(_deltaT[l - 1]);
-        new GemmJob(_isa, mp, outSize, _p + _layout.WeightOffset(l), 1, inSize, P(_deltaT[l]), mp, prev, mp).Rows(from, to);
-        Activations.MultiplyByDerivative(Spec.Activation,
-            new ReadOnlySpan<float>(P(_actT[l]) + from * mp, (to - from) * mp), new Span<float>(prev + from * mp, (to - from) * mp));
     }
 
     /// <summary>z[o, :] = f(z[o, :] + b[o]) for each row; ReLU is fused into one pass, the others use TensorPrimitives.</summary>
@@ -299,12 +352,13 @@ public sealed unsafe class BatchBackprop : IDisposable
         }
     }
 
-    private double OutputAndLoss(int n, ReadOnlySpan<byte> labels)
+    /// <summary>The output activation from the logits in this thread's actT[L], in place, and the summed cost.</summary>
+    private double OutputAndLoss(ThreadBuffers own)
     {
-        int outputs = Spec.OutputSize, mp = _mp;
-        float* z = P(_actT[^1]);
-        for (int i = 0; i < n; i++)
-            if (labels[i] >= outputs) throw new ArgumentException($"label {labels[i]} is outside the model's {outputs} outputs");
+        int outputs = Spec.OutputSize, mp = _mp, n = _n;
+        float* z = P(own.ActT[^1]);
+        var labels = _labels;
+        var rowLoss = own.RowLoss;
         if (Spec.Loss == Loss.Quadratic)
         {
             var all = new Span<float>(z, outputs * mp);
@@ -313,18 +367,18 @@ public sealed unsafe class BatchBackprop : IDisposable
             {
                 double s = 0;
                 for (int o = 0; o < outputs; o++) { double d = z[o * mp + i] - (labels[i] == o ? 1f : 0f); s += d * d; }
-                _rowLoss[i] = 0.5 * s;
+                rowLoss[i] = 0.5 * s;
             }
         }
         else
         {
             // Column-wise softmax, vectorised across samples (rows are contiguous over samples). The cost
             // comes from the logits (log-sum-exp) before they are overwritten by the probabilities.
-            float* max = P(_scratch), sum = max + mp;
+            float* max = P(own.Scratch), sum = max + mp;
             new Span<float>(z, mp).CopyTo(new Span<float>(max, mp));
             for (int o = 1; o < outputs; o++)
                 TensorPrimitives.Max(new ReadOnlySpan<float>(max, mp), new ReadOnlySpan<float>(z + o * mp, mp), new Span<float>(max, mp));
-            for (int i = 0; i < n; i++) _rowLoss[i] = max[i] - z[labels[i] * mp + i];
+            for (int i = 0; i < n; i++) rowLoss[i] = max[i] - z[labels[i] * mp + i];
             new Span<float>(sum, mp).Clear();
             for (int o = 0; o < outputs; o++)
             {
@@ -338,10 +392,10 @@ public sealed unsafe class BatchBackprop : IDisposable
                 var row = new Span<float>(z + o * mp, mp);
                 TensorPrimitives.Divide(row, new ReadOnlySpan<float>(sum, mp), row);
             }
-            for (int i = 0; i < n; i++) _rowLoss[i] += Math.Log(sum[i]);
+            for (int i = 0; i < n; i++) rowLoss[i] += Math.Log(sum[i]);
         }
         double loss = 0;
-        for (int i = 0; i < n; i++) loss += _rowLoss[i];
+        for (int i = 0; i < n; i++) loss += rowLoss[i];
         return loss;
     }
 

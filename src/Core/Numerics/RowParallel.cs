@@ -66,10 +66,19 @@ public sealed class RowParallel : IDisposable
         Join();
     }
 
+    /// <summary>How many parts <see cref="Run(int, Action{int, int, int}, int)"/> splits m rows into: 1 when too few to pay for a hand-off.</summary>
+    public int PartsFor(int m, int align = 4) => Threads == 1 || m < 2 * align * Threads ? 1 : Threads;
+
+    /// <summary>Part <paramref name="part"/> of <paramref name="parts"/> of [0, m), as Run splits it.</summary>
+    public static (int From, int To) Bounds(int m, int part, int parts, int align = 4) =>
+        (Start(m, part, parts, align), Start(m, part + 1, parts, align));
+
+    private static int Start(int m, int part, int parts, int align) => part == parts ? m : (int)((long)m * part / parts) / align * align;
+
     private bool Split(int m, int align)
     {
-        if (Threads == 1 || m < 2 * align * Threads) return false;
-        for (int t = 0; t <= Threads; t++) _bounds[t] = t == Threads ? m : (int)((long)m * t / Threads) / align * align;
+        if (PartsFor(m, align) == 1) return false;
+        for (int t = 0; t <= Threads; t++) _bounds[t] = Start(m, t, Threads, align);
         return true;
     }
 
