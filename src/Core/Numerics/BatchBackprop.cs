@@ -148,10 +148,12 @@ public sealed unsafe class BatchBackprop : IDisposable
     /// The same sum, not written anywhere: each block of it goes to <paramref name="ready"/> as soon as it
     /// is final, from the thread that computed it, while it is still in that core's L1 (blocks of up to 4
     /// weight rows, and each thread's run of biases). No weight is read once the first block is reported,
-    /// so the callback may update the parameters in place: a one-chunk step applies its optimizer this
-    /// way, and the whole gradient never goes through memory.
+    /// so the callback may update <paramref name="parameters"/> in place: a one-chunk step applies its
+    /// optimizer this way, and the whole gradient never goes through memory. For that mode the parameters
+    /// are writable: this method rewrites some of them with their own values, to take their cache lines
+    /// early (see <see cref="TakeLines"/>).
     /// </summary>
-    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready) =>
+    public double GradientSum(Span<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready) =>
         Backward(parameters, n, labels, default, ready);
 
     private double Backward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, GradientBlock? ready)
@@ -277,30 +279,36 @@ public sealed unsafe class BatchBackprop : IDisposable
     {
         var own = _own[thread];
         int parts = _parallel.PartsFor(_layout.Out(0));
-        for (int l = _layout.LayerCount - 1; l >= 1; l--)
+        WeightGradient(own, 0, P(Inputs(thread).X), from, to, thread, parts);
+        for (int l = 1; l < _layout.LayerCount; l++)
         {
-            int outSize = _layout.Out(l), layerParts = Math.Min(parts, _parallel.PartsFor(outSize));
-            if (thread >= layerParts) continue;
-            var (r0, r1) = RowParallel.Bounds(outSize, thread, layerParts);
-            WeightGradient(own, l, P(own.Act[l]), r0, r1);
+            var (r0, r1) = LaterRows(l, thread, parts);
+            if (r1 > r0) WeightGradient(own, l, P(own.Act[l]), r0, r1, thread, parts);
         }
-        WeightGradient(own, 0, P(Inputs(thread).X), from, to);
+    }
+
+    /// <summary>The rows of layer l ≥ 1 that thread computes in phase 3 (none when the layer is too small to split).</summary>
+    private (int From, int To) LaterRows(int l, int thread, int parts)
+    {
+        int outSize = _layout.Out(l), layerParts = Math.Min(parts, _parallel.PartsFor(outSize));
+        return thread < layerParts ? RowParallel.Bounds(outSize, thread, layerParts) : (0, 0);
     }
 
     /// <summary>
-    /// Rows [from, to) of layer l's bias and weight gradients, 4 rows (one register tile) at a time: into the
-    /// gradient, or each block to the callback while it is in L1. Over the first layer's rows, the thread
-    /// also asks for the next batch's samples a few at a time: asked for all at once at the start of the
-    /// step, a third of them were evicted from L2 again before use (measured: 10-18 µs a load against 9.5).
+    /// Rows [from, to) of layer l's BP3 and BP4, 4 rows (one register tile) at a time: into the gradient, or
+    /// each block to the callback while it is in L1. Over the first layer's rows the thread also asks for
+    /// the next batch's samples a few at a time (asked for all at once at the start of the step, a third
+    /// were evicted from L2 again before use: a load took 10–18 µs against 9.5) and, when the callback
+    /// updates parameters, takes ownership of the later layers' rows it will update (see <see cref="TakeLines"/>).
     /// </summary>
-    private void WeightGradient(ThreadBuffers own, int l, float* act, int from, int to)
+    private void WeightGradient(ThreadBuffers own, int l, float* act, int from, int to, int thread, int parts)
     {
         int inSize = _layout.In(l), mp = _mp, blocks = (to - from + 3) / 4, prefetched = 0;
-        bool prefetch = l == 0 && _inputPerThread && _nextCount > 0;
+        bool first = l == 0, prefetch = first && _inputPerThread && _nextCount > 0;
+        var ready = _ready;
         float* delta = P(own.DeltaT[l]), block = P(own.Block);
-        float* bias = _ready is null ? _g + _layout.BiasOffset(l) + from : block;
-        BiasGradient(delta + from * mp, to - from, mp, _n, bias);
-        _ready?.Invoke(_layout.BiasOffset(l) + from, new ReadOnlySpan<float>(block, to - from));
+        BiasGradient(delta + from * mp, to - from, mp, _n, ready is null ? _g + _layout.BiasOffset(l) + from : block);
+        ready?.Invoke(_layout.BiasOffset(l) + from, new ReadOnlySpan<float>(block, to - from));
         for (int r = from, b = 1; r < to; r += 4, b++)
         {
             if (prefetch)
@@ -309,10 +317,41 @@ public sealed unsafe class BatchBackprop : IDisposable
                 _data!.Prefetch(_next.AsSpan(prefetched, upTo - prefetched));
                 prefetched = upTo;
             }
+            if (first && ready is not null) TakeLines(thread, parts, b, blocks);
             int rows = Math.Min(4, to - r);
-            float* c = _ready is null ? _g + _layout.WeightOffset(l) + r * inSize : block;
+            float* c = ready is null ? _g + _layout.WeightOffset(l) + r * inSize : block;
             new GemmJob(_isa, inSize, _n, delta + r * mp, mp, 1, act, inSize, c, inSize).Rows(0, rows);
-            _ready?.Invoke(_layout.WeightOffset(l) + r * inSize, new ReadOnlySpan<float>(block, rows * inSize));
+            ready?.Invoke(_layout.WeightOffset(l) + r * inSize, new ReadOnlySpan<float>(block, rows * inSize));
+        }
+    }
+
+    /// <summary>
+    /// Share <paramref name="part"/>/<paramref name="parts"/> of the later layers' parameters that this
+    /// thread's callbacks will update: each cache line rewritten with its own value. The other threads read
+    /// those lines in phase 2, so the update must first take them back from their cores, ~0.5 µs a line
+    /// when the vCPUs are far apart. A plain store does that in the background while the first layer's
+    /// rows are computed; the updates themselves (two stores a value, parameter and velocity) filled the
+    /// store buffer and stalled (medians of runs in far mode, (a) on 2 threads: 0.198 s an epoch without
+    /// this, 0.186 with it, 0.194 with the updates spread out instead). Nothing reads these parameters in
+    /// phase 3, and in this mode the caller lets the callback write them in place.
+    /// </summary>
+    private void TakeLines(int thread, int parts, int part, int partCount)
+    {
+        const int lineFloats = 16;
+        for (int l = 1; l < _layout.LayerCount; l++)
+        {
+            var (r0, r1) = LaterRows(l, thread, parts);
+            if (r1 <= r0) continue;
+            int inSize = _layout.In(l);
+            Touch(_p + _layout.WeightOffset(l) + r0 * inSize, (r1 - r0) * inSize);
+            Touch(_p + _layout.BiasOffset(l) + r0, r1 - r0);
+        }
+
+        void Touch(float* values, int length)
+        {
+            int a = (int)((long)length * (part - 1) / partCount), e = (int)((long)length * part / partCount);
+            for (int i = a; i < e; i += lineFloats) values[i] = values[i];
+            if (part == partCount) values[length - 1] = values[length - 1];
         }
     }
 
