@@ -317,7 +317,7 @@ public sealed unsafe class BatchBackprop : IDisposable
                 _data!.Prefetch(_next.AsSpan(prefetched, upTo - prefetched));
                 prefetched = upTo;
             }
-            if (first && ready is not null) TakeLines(thread, parts, b, blocks);
+            if (first && ready is not null && parts > 1) TakeLines(thread, parts, b, blocks);
             int rows = Math.Min(4, to - r);
             float* c = ready is null ? _g + _layout.WeightOffset(l) + r * inSize : block;
             new GemmJob(_isa, inSize, _n, delta + r * mp, mp, 1, act, inSize, c, inSize).Rows(0, rows);
