@@ -33,7 +33,7 @@ public delegate void GradientBlock(int start, ReadOnlySpan<float> values);
 ///   3. weight gradients: each thread its rows of every layer (those of W_0 are the rows it computed in 1).
 /// Only actT[1] and the small layers' weights pass between cores. Splitting the small layers' products
 /// across threads instead costs a cache-line transfer for nearly every value they produce, and a hand-off
-/// per product: on this project's 2-vCPU machine a transfer sometimes takes 400-600 ns instead of
+/// per product: on this project's 2-vCPU machine a transfer sometimes takes 330-600 ns instead of
 /// 70-200 (when the host places the vCPUs far apart), which made a 2-thread step as slow as 1 thread.
 /// </summary>
 public sealed unsafe class BatchBackprop : IDisposable
