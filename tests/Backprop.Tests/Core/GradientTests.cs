@@ -109,4 +109,26 @@ public class GradientTests
         Assert.Equal(0.8f - 0.28f, p[0], 1e-6f);
         Assert.Equal(-2.4f - 0.36f, p[1], 1e-6f);
     }
+
+    [Theory]
+    [InlineData(OptimizerKind.Sgd)]
+    [InlineData(OptimizerKind.Momentum)]
+    public void Optimizer_step_gives_every_element_the_same_bits_as_the_scalar_formula(OptimizerKind kind)
+    {
+        // 91 elements: the vector body and the scalar tail both run.
+        var settings = new OptimizerSettings(kind, 0.03f, 0.9f);
+        var rng = new Rng(9);
+        float[] p = Enumerable.Range(0, 91).Select(_ => (float)rng.NextGaussian()).ToArray();
+        float[] v = Enumerable.Range(0, 91).Select(_ => (float)rng.NextGaussian()).ToArray();
+        float[] g = Enumerable.Range(0, 91).Select(_ => (float)rng.NextGaussian() * 7f).ToArray();
+        float[] expectedP = (float[])p.Clone(), expectedV = (float[])v.Clone();
+        for (int i = 0; i < p.Length; i++)
+        {
+            float step = kind == OptimizerKind.Sgd ? g[i] / 3f : expectedV[i] = 0.9f * expectedV[i] + g[i] / 3f;
+            expectedP[i] = expectedP[i] - 0.03f * step;
+        }
+        Optimizer.Step(settings, p, g, 3, v);
+        Assert.Equal(expectedP.Select(BitConverter.SingleToInt32Bits), p.Select(BitConverter.SingleToInt32Bits));
+        Assert.Equal(expectedV.Select(BitConverter.SingleToInt32Bits), v.Select(BitConverter.SingleToInt32Bits));
+    }
 }
