@@ -84,7 +84,7 @@ string? Arg(string name)
 
 static (double Median, double Min, List<double> Epochs, int Samples, double AllocatedPerStep, double[]? CoreToCoreNs) Measure(RunSpec spec, int threads, Dataset train, int epochs)
 {
-    var trainer = new LocalTrainer(spec with { }, train, threads);
+    using var trainer = new LocalTrainer(spec with { }, train, threads);
     int samples = spec.TrainCount(train.Count);
     int steps = (samples + spec.BatchSize - 1) / spec.BatchSize;
     // Warm-up until the JIT has nothing left to compile: its background thread would otherwise take one
@@ -95,7 +95,7 @@ static (double Median, double Min, List<double> Epochs, int Samples, double Allo
         trainer.TrainEpoch(0);
         if (warm > 0 && System.Runtime.JitInfo.GetCompiledMethodCount() == compiled) break;
     }
-    double? nearBefore = threads > 1 ? CoreToCore.RoundTripNanoseconds() : null;
+    double? roundTripBefore = threads > 1 ? CoreToCore.RoundTripNanoseconds() : null;
     var seconds = new List<double>();
     long allocated = 0;
     for (int e = 1; e <= epochs; e++)
@@ -108,9 +108,9 @@ static (double Median, double Min, List<double> Epochs, int Samples, double Allo
         allocated += GC.GetAllocatedBytesForCurrentThread() - before;
         seconds.Add((end - start) / (double)Stopwatch.Frequency);
     }
-    double? nearAfter = threads > 1 ? CoreToCore.RoundTripNanoseconds() : null;
+    double? roundTripAfter = threads > 1 ? CoreToCore.RoundTripNanoseconds() : null;
     var sorted = seconds.Order().ToList();
-    return (sorted[sorted.Count / 2], sorted[0], seconds, samples, (double)allocated / (epochs * steps), nearBefore is { } b ? [b, nearAfter!.Value] : null);
+    return (sorted[sorted.Count / 2], sorted[0], seconds, samples, (double)allocated / (epochs * steps), roundTripBefore is { } b ? [b, roundTripAfter!.Value] : null);
 }
 
 // The per-sample MathNet reference on a subset, scaled to a full epoch (it is far too slow to run whole).

@@ -30,9 +30,11 @@ public sealed class LocalTrainer : IDisposable
         _runner = new ChunkRunner(spec.Model, spec.ChunkSize, threads);
         Parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
         int chunksPerStep = (spec.BatchSize + spec.ChunkSize - 1) / spec.ChunkSize;
-        _chunkSums = Enumerable.Range(0, chunksPerStep).Select(_ => new float[Parameters.Length]).ToArray();
+        // One-chunk steps never hold a whole gradient (see TrainEpoch): the sums exist for several chunks only.
+        int sums = chunksPerStep > 1 ? chunksPerStep : 0;
+        _chunkSums = Enumerable.Range(0, sums).Select(_ => new float[Parameters.Length]).ToArray();
         _chunkViews = _chunkSums.Select(c => (ReadOnlyMemory<float>)c).ToArray();
-        _total = new float[Parameters.Length];
+        _total = sums > 0 ? new float[Parameters.Length] : [];
         _velocity = new float[Parameters.Length];
         _plan = new EpochPlan(_train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
         // The step is element-wise: each thread updates the part of the vector whose gradient it just wrote.
