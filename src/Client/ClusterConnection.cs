@@ -37,11 +37,15 @@ public sealed class ClusterConnection : IAsyncDisposable
         int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
         builder.UseOrleans(silo => silo
             .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
-            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker));
+            .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
+            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false));
         var host = builder.Build();
         await host.StartAsync(cancel);
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true);
     }
+
+    /// <summary>Where the embedded silo stores runs, so that an interrupted run can be resumed: beside the data sets.</summary>
+    public static string StateDirectory(string dataDir) => Path.Combine(dataDir, "runs");
 
     public static async Task<ClusterConnection> Connect(IPEndPoint gateway, string clusterId, CancellationToken cancel)
     {

@@ -8,6 +8,8 @@ var root = new RootCommand("Backprop.Distributed: data-parallel backprop trainin
     RunCommands.Watch(),
     RunCommands.Status(),
     RunCommands.Cancel(),
+    StoredRunCommands.Resume(),
+    StoredRunCommands.Runs(),
     EvalCommand.Create(),
     DataCommand.Create(),
 };

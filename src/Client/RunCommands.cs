@@ -1,4 +1,6 @@
 using System.CommandLine;
+using System.Globalization;
+using Backprop.Core;
 using Backprop.Grains;
 using Backprop.Grains.Hosting;
 using Backprop.Grains.Messages;
@@ -12,7 +14,9 @@ public static class RunCommands
     {
         var (command, run, gateway, clusterId) = Make("watch", "Attach to a run: print its epochs so far, then follow it to the end");
         var metrics = new Option<string?>("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
+        var modelOut = new Option<string?>("--model-out") { Description = "Save the trained model to this file when the run completes" };
         command.Add(metrics);
+        command.Add(modelOut);
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
             await using var cluster = await Connect(parse, gateway, clusterId, cancel);
@@ -22,20 +26,41 @@ public static class RunCommands
             if (status.Spec is { } spec) Console.WriteLine($"run {status.RunId}: {RunReporter.Describe(spec)}");
             var reporter = new RunReporter(Console.Out, parse.GetValue(metrics));
             reporter.Header();
-            return ExitCodeOf(await reporter.Follow(grain, cancel));
+            var final = await reporter.Follow(grain, cancel);
+            if (final.State == RunState.Completed && parse.GetValue(modelOut) is { } path) await SaveModel(grain, final, path);
+            return ExitCodeOf(final);
         }));
         return command;
     }
 
+    /// <summary>Saves a completed run's parameters as a model file, with where they came from.</summary>
+    public static async Task SaveModel(IRunGrain run, RunStatus status, string path)
+    {
+        var model = await run.GetModel();
+        var last = status.Epochs.Length > 0 ? status.Epochs[^1] : (await run.GetStatus()).Epochs[^1];
+        ModelFile.Save(path, model.Spec.Model, model.Parameters.Span, new Dictionary<string, string>
+        {
+            ["dataset"] = model.Spec.Dataset,
+            ["runId"] = status.RunId,
+            ["epochs"] = last.Epoch.ToString(CultureInfo.InvariantCulture),
+            ["testAccuracy"] = last.TestAccuracy.ToString("R", CultureInfo.InvariantCulture),
+            ["parameterSha256"] = last.ParameterSha256,
+        });
+        Console.WriteLine($"model saved to {path}");
+    }
+
     public static Command Status()
     {
-        var (command, run, gateway, clusterId) = Make("status", "Print a run's state, progress and finished epochs");
+        var (command, run, gateway, clusterId) = Make("status", "Print a run's state, progress, where its grains run, finished epochs and latest events");
+        var json = new Option<bool>("--json") { Description = "Print one JSON object (runId, state, epoch, step, stepsPerEpoch, silos, epochs, events)" };
+        command.Add(json);
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
             await using var cluster = await Connect(parse, gateway, clusterId, cancel);
             var status = await cluster.Client.GetGrain<IRunGrain>(parse.GetValue(run)!).GetStatus();
             if (status.State == RunState.NotStarted) throw new ArgumentException($"no run '{status.RunId}' in {cluster.Description}");
-            RunReporter.PrintStatus(Console.Out, status);
+            if (parse.GetValue(json)) Console.WriteLine(RunReporter.StatusJson(status));
+            else RunReporter.PrintStatus(Console.Out, status);
             return ExitCodes.Ok;
         }));
         return command;

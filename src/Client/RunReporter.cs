@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
 using Backprop.Core.Training;
@@ -27,26 +28,60 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
     public void Header() =>
         output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}");
 
-    /// <summary>Shows progress until the run finishes; returns its final status.</summary>
+    /// <summary>How long the reporter keeps trying to reach a run it lost contact with before it gives up.</summary>
+    public static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// Shows progress until the run finishes; returns its final status. Asks only for epochs it has not
+    /// printed. When the cluster cannot be reached (a gateway or the coordinator's silo died) it says so in
+    /// one line and tries again with back-off: the client moves to another gateway, and the run to another silo.
+    /// </summary>
     public async Task<RunStatus> Follow(IRunGrain run, CancellationToken cancel)
     {
         if (metricsPath is not null && Path.GetDirectoryName(Path.GetFullPath(metricsPath)) is { } dir) Directory.CreateDirectory(dir);
-        while (true)
+        Stopwatch? lost = null;
+        for (int attempt = 0; ; )
         {
             cancel.ThrowIfCancellationRequested();
-            // The wait returns early when the run ends, and otherwise paces the progress display.
-            var status = await run.WaitForFinish(TimeSpan.FromMilliseconds(300)).WaitAsync(cancel);
+            RunStatus status;
+            try
+            {
+                // The wait returns early when the run ends, and otherwise paces the progress display.
+                status = await run.WaitForFinish(TimeSpan.FromMilliseconds(300), _printed).WaitAsync(cancel);
+            }
+            catch (Exception e) when (e is not (ArgumentException or OperationCanceledException) && (lost ??= Stopwatch.StartNew()).Elapsed < GiveUpAfter)
+            {
+                if (attempt++ == 0)
+                {
+                    ClearBar();
+                    Console.Error.WriteLine($"lost contact with run {runIdOf(run)} ({OneLine(e.Message)}); retrying for up to {GiveUpAfter.TotalSeconds:F0} s");
+                }
+                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(4000, 250 << Math.Min(attempt, 4))), cancel);
+                continue;
+            }
+            if (lost is not null)
+            {
+                Console.Error.WriteLine($"back in contact with run {status.RunId} after {lost.Elapsed.TotalSeconds:F1} s");
+                (lost, attempt) = (null, 0);
+            }
+            if (status.State == RunState.NotStarted)
+                throw new InvalidOperationException($"run {status.RunId} no longer exists in the cluster (its stored state is gone)");
             Report(status);
             if (status.IsFinished) return status;
         }
+
+        static string runIdOf(IRunGrain run) => run.GetPrimaryKeyString();
     }
+
+    private static string OneLine(string message) => message.Split('\n', 2)[0].Trim();
 
     public void Report(RunStatus status)
     {
-        while (_printed < status.Epochs.Length)
+        foreach (var e in status.Epochs)
         {
+            if (e.Epoch <= _printed) continue;
             ClearBar();
-            var e = status.Epochs[_printed++];
+            _printed = e.Epoch;
             output.WriteLine(string.Create(Inv,
                 $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}"));
             if (metricsPath is not null) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e) + "\n");
@@ -68,7 +103,9 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
         _barShown = false;
     }
 
-    public static string MetricsLine(string runId, EpochResult e) => JsonSerializer.Serialize(new
+    public static string MetricsLine(string runId, EpochResult e) => JsonSerializer.Serialize(Metrics(runId, e));
+
+    private static object Metrics(string runId, EpochResult e) => new
     {
         runId,
         epoch = e.Epoch,
@@ -79,6 +116,22 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
         samplesPerSecond = e.SamplesPerSecond,
         parameterSha256 = e.ParameterSha256,
         steps = e.Steps,
+    };
+
+    /// <summary>`status --json`: one object with the run's position, where its grains are, its epochs and its event log.</summary>
+    public static string StatusJson(RunStatus status) => JsonSerializer.Serialize(new
+    {
+        runId = status.RunId,
+        state = status.State.ToString().ToLowerInvariant(),
+        epoch = status.State == RunState.Running ? status.Epoch + 1 : status.EpochsDone,
+        step = status.Step,
+        stepsPerEpoch = status.StepsPerEpoch,
+        epochs = status.Epochs.Select(e => Metrics(status.RunId, e)).ToArray(),
+        coordinatorSilo = status.CoordinatorSilo,
+        parameterServerSilo = status.ParameterServerSilo,
+        workerSilos = status.WorkerSilos,
+        error = status.Error,
+        events = status.Events.Select(e => new { time = e.Time, kind = e.Kind, message = e.Message }).ToArray(),
     });
 
     public static void PrintStatus(TextWriter output, RunStatus status)
@@ -87,9 +140,14 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
         if (status.Spec is { } spec) output.WriteLine($"  {Describe(spec)}");
         if (status.State == RunState.Running)
             output.WriteLine($"  epoch {status.Epoch + 1}, step {status.StepInEpoch}/{status.StepsPerEpoch}");
-        output.WriteLine($"  coordinator and parameter server on {status.CoordinatorSilo}");
+        output.WriteLine($"  coordinator on {status.CoordinatorSilo}, parameter server on {status.ParameterServerSilo ?? "(not attached)"}");
         if (status.WorkerSilos.Length > 0) output.WriteLine($"  workers on {status.WorkerSilos.Length} silo(s): {string.Join(", ", status.WorkerSilos)}");
         if (status.Error is not null) output.WriteLine($"  error: {status.Error}");
+        if (status.Events.Length > 0)
+        {
+            output.WriteLine($"  events ({Math.Min(10, status.Events.Length)} latest of {status.Events.Length}):");
+            foreach (var e in status.Events.TakeLast(10)) output.WriteLine($"    {e.Time:yyyy-MM-dd HH:mm:ss.fff}  {e.Kind,-13} {e.Message}");
+        }
         if (status.Epochs.Length > 0)
         {
             var reporter = new RunReporter(output, null);

@@ -38,13 +38,17 @@ public static class TrainCommand
         Description = "Embedded cluster only: threads each worker uses for a chunk [default: cores / workers, at least 1]",
     };
     private static readonly Option<string?> RunId = new("--run-id") { Description = "Run id [default: run-<time>-<random>]" };
+    private static readonly Option<int?> CheckpointEvery = new("--checkpoint-every")
+    {
+        Description = $"Steps between checkpoints of the parameters (and at every epoch end); a lost parameter server redoes at most this many steps [default: {RunSpec.DefaultCheckpointEvery}]",
+    };
 
     public static Command Create()
     {
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Gateway, ClusterId, MetricsOut, ModelOut, RunId, ThreadsPerWorker,
+            TrainLimit, Dataset, DataDir, Gateway, ClusterId, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
@@ -81,6 +85,7 @@ public static class TrainCommand
         if (parse.GetValue(Workers) is { } w) spec = spec with { Workers = w };
         if (parse.GetValue(Seed) is { } s) spec = spec with { Seed = s };
         if (parse.GetValue(TrainLimit) is { } t) spec = spec with { TrainLimit = t };
+        if (parse.GetValue(CheckpointEvery) is { } k) spec = spec with { CheckpointEvery = k };
         spec = spec with { Dataset = parse.GetValue(Dataset)! };
         spec.Validate();
         return spec;
@@ -130,8 +135,8 @@ public static class TrainCommand
             {
                 if (cluster.IsEmbedded)
                 {
-                    await run.Cancel();
-                    Console.Error.WriteLine($"interrupted: run {runId} cancelled");
+                    var stopped = await run.Cancel();
+                    Console.Error.WriteLine($"interrupted: run {runId} stopped in epoch {stopped.Epoch + 1}; continue it with: resume {runId} --data-dir {dataDir}");
                 }
                 else
                 {
@@ -139,20 +144,7 @@ public static class TrainCommand
                 }
                 return ExitCodes.Interrupted;
             }
-            if (status.State == RunState.Completed && parse.GetValue(ModelOut) is { } path)
-            {
-                var model = await run.GetModel();
-                var last = status.Epochs[^1];
-                ModelFile.Save(path, model.Spec.Model, model.Parameters.Span, new Dictionary<string, string>
-                {
-                    ["dataset"] = spec.Dataset,
-                    ["runId"] = runId,
-                    ["epochs"] = last.Epoch.ToString(CultureInfo.InvariantCulture),
-                    ["testAccuracy"] = last.TestAccuracy.ToString("R", CultureInfo.InvariantCulture),
-                    ["parameterSha256"] = last.ParameterSha256,
-                });
-                Console.WriteLine($"model saved to {path}");
-            }
+            if (status.State == RunState.Completed && parse.GetValue(ModelOut) is { } path) await RunCommands.SaveModel(run, status, path);
             return RunCommands.ExitCodeOf(status);
         }
     }

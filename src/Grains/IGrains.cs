@@ -9,11 +9,14 @@ public interface IRunGrain : IGrainWithStringKey
 {
     /// <summary>Starts the run; fails if this run id was already started with a different spec.</summary>
     Task<RunStatus> Start(RunSpec spec);
-    Task<RunStatus> GetStatus();
-    /// <summary>Returns when the run has finished or <paramref name="maxWait"/> has passed (keep it under the response timeout).</summary>
+    /// <summary>The run's state, with the finished epochs after the first <paramref name="knownEpochs"/>.</summary>
+    Task<RunStatus> GetStatus(int knownEpochs = 0);
+    /// <summary>Returns when the run has finished or <paramref name="maxWait"/> has passed (clamped under the response timeout).</summary>
     [AlwaysInterleave]
-    Task<RunStatus> WaitForFinish(TimeSpan maxWait);
+    Task<RunStatus> WaitForFinish(TimeSpan maxWait, int knownEpochs = 0);
     Task<RunStatus> Cancel();
+    /// <summary>Continues a stopped run (interrupted, cancelled or failed) from its last checkpoint; a running run is left as it is.</summary>
+    Task<RunStatus> Resume();
     /// <summary>The parameters after the last applied step.</summary>
     Task<TrainedModel> GetModel();
 }
@@ -21,16 +24,20 @@ public interface IRunGrain : IGrainWithStringKey
 /// <summary>The parameters, optimizer state and step counter of a run (key: run id). The only writer of parameters.</summary>
 public interface IParameterServerGrain : IGrainWithStringKey
 {
-    Task<ParameterVersion> Initialize(RunSpec spec);
+    /// <summary>
+    /// A coordinator of incarnation <paramref name="incarnation"/> takes over the run: later steps from older
+    /// incarnations are refused. Loads the last checkpoint, or initializes the parameters from the spec.
+    /// </summary>
+    Task<ServerPosition> Attach(RunSpec spec, int incarnation);
     Task<ParameterVersion> GetParameters();
     /// <summary>
-    /// Applies one step: sums <paramref name="chunkSums"/> in the order given (chunk order), divides by
-    /// <paramref name="samples"/>, steps the optimizer. <paramref name="expectedStep"/> guards against a
-    /// step being applied twice.
+    /// Applies step <see cref="StepUpdate.Step"/> once: sums the chunk sums in the order given (chunk order),
+    /// divides by the sample count, steps the optimizer. A step that was already applied returns the current
+    /// version and changes nothing. A non-finite gradient is refused as divergence.
     /// </summary>
-    Task<ParameterVersion> ApplyStep(long expectedStep, FloatPayload[] chunkSums, int samples);
-    /// <summary>Writes parameters, optimizer state and step to grain storage.</summary>
-    Task Checkpoint();
+    Task<StepOutcome> ApplyStep(StepUpdate update);
+    /// <summary>Writes parameters, optimizer state, step and the epoch's loss sum to grain storage.</summary>
+    Task Checkpoint(int incarnation);
 }
 
 /// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{index}"). Stateless beyond caches.</summary>
@@ -38,4 +45,15 @@ public interface IWorkerGrain : IGrainWithStringKey
 {
     Task<ChunkResults> ComputeChunks(ChunkWork work);
     Task<Evaluation> Evaluate(EvalWork work);
+}
+
+/// <summary>
+/// The cluster's list of runs (one grain, key "all"): what `runs` prints, and which runs the silos' watchdogs
+/// keep going after a coordinator's silo dies.
+/// </summary>
+public interface IRunRegistryGrain : IGrainWithStringKey
+{
+    Task Update(RunSummary summary);
+    Task<RunSummary[]> List();
+    Task<string[]> Running();
 }

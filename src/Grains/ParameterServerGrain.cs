@@ -1,3 +1,4 @@
+using System.Numerics.Tensors;
 using Backprop.Core.Model;
 using Backprop.Core.Numerics;
 using Backprop.Core.Training;
@@ -14,80 +15,133 @@ public sealed class ParameterServerState
     [Id(1)] public FloatPayload? Parameters { get; set; }
     [Id(2)] public FloatPayload? Velocity { get; set; }
     [Id(3)] public long Step { get; set; }
+    [Id(4)] public int Incarnation { get; set; }
+    [Id(5)] public double EpochLossSum { get; set; }
 }
 
 /// <summary>
 /// Owns a run's parameters and optimizer state. Each step publishes a new parameter array and never
 /// writes to one it has handed out, so payloads passed by reference inside a silo stay immutable.
+/// Checkpoints every <see cref="RunSpec.CheckpointEvery"/> steps and when asked (epoch ends); after its
+/// silo dies the next activation starts from the last checkpoint and the coordinator recomputes the rest,
+/// which gives the same bits because a step depends only on the parameters and the step number.
 /// Placed beside its first caller (the run's coordinator) so their per-step calls stay in-process.
 /// </summary>
 [PreferLocalPlacement]
 public sealed class ParameterServerGrain(
-    [PersistentState("parameters", SiloSetup.StorageName)] IPersistentState<ParameterServerState> state) : Grain, IParameterServerGrain
+    [PersistentState("parameters", SiloSetup.StorageName)] IPersistentState<ParameterServerState> state,
+    ILocalSiloDetails silo) : Grain, IParameterServerGrain
 {
     private RunSpec? _spec;
     private float[] _parameters = [];
     private float[] _velocity = [];
     private float[] _total = [];
     private long _step;
+    private int _incarnation;
+    private double _epochLossSum;
+    private ReadOnlyMemory<float>[] _sums = [];
 
-    public override Task OnActivateAsync(CancellationToken cancellationToken)
+    public Task<ServerPosition> Attach(RunSpec spec, int incarnation)
     {
-        if (state.RecordExists && state.State.Spec is { } spec)
+        spec.Validate();
+        if (incarnation < 1) throw new ArgumentException($"incarnation {incarnation} is not positive");
+        if (_spec is null && state.RecordExists && state.State.Spec is { } stored)
         {
-            Load(spec, state.State.Parameters!.Span.ToArray(), state.State.Step);
-            state.State.Velocity!.Span.CopyTo(_velocity);
+            Load(stored, state.State.Parameters!.Span.ToArray(), state.State.Velocity!.Span.ToArray(), state.State.Step);
+            _incarnation = state.State.Incarnation;
+            _epochLossSum = state.State.EpochLossSum;
         }
-        return Task.CompletedTask;
+        if (_spec is null)
+        {
+            var parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
+            Load(spec, parameters, new float[parameters.Length], step: 0);
+        }
+        else if (_spec != spec)
+        {
+            throw new ArgumentException($"parameter server {this.GetPrimaryKeyString()} holds a different run");
+        }
+        if (incarnation < _incarnation)
+            throw new StaleCoordinatorException($"coordinator incarnation {incarnation} is superseded by {_incarnation}");
+        _incarnation = incarnation;
+        return Task.FromResult(new ServerPosition(Current(), _epochLossSum, state.State.Step, silo.SiloAddress.Endpoint.ToString()));
     }
 
-    public Task<ParameterVersion> Initialize(RunSpec spec)
-    {
-        if (_spec is not null)
-        {
-            if (_spec != spec) throw new InvalidOperationException($"parameter server {this.GetPrimaryKeyString()} already holds a different run");
-            return Task.FromResult(Current());
-        }
-        Load(spec, Initializer.Create(spec.Model, spec.Init, spec.Seed), step: 0);
-        return Task.FromResult(Current());
-    }
+    public Task<ParameterVersion> GetParameters() =>
+        _spec is null && !state.RecordExists
+            ? throw new InvalidOperationException($"run '{this.GetPrimaryKeyString()}' has no parameters")
+            : Task.FromResult(_spec is null ? new ParameterVersion(state.State.Step, state.State.Parameters!) : Current());
 
-    public Task<ParameterVersion> GetParameters() => Task.FromResult(Current());
-
-    public Task<ParameterVersion> ApplyStep(long expectedStep, FloatPayload[] chunkSums, int samples)
+    public async Task<StepOutcome> ApplyStep(StepUpdate update)
     {
-        var spec = _spec ?? throw new InvalidOperationException("parameter server is not initialized");
-        if (expectedStep != _step)
-            throw new InvalidOperationException($"a step computed against version {expectedStep} arrived, but the server is at version {_step}");
-        foreach (var sum in chunkSums)
-            if (sum.Length != _parameters.Length)
-                throw new ArgumentException($"gradient of length {sum.Length} for {_parameters.Length} parameters");
-        GradientReduction.SumInChunkOrder(chunkSums.Select(c => c.Memory).ToArray(), _total);
+        var spec = _spec ?? throw new InvalidOperationException("parameter server is not attached to a coordinator");
+        if (update.Incarnation != _incarnation)
+            throw new StaleCoordinatorException($"a step from coordinator incarnation {update.Incarnation} arrived; incarnation {_incarnation} owns the run");
+        if (update.Step < _step) return new StepOutcome(Current(), null);   // a duplicate: already applied
+        if (update.Step > _step)
+            throw new InvalidOperationException($"a step computed against version {update.Step} arrived, but the server is at version {_step}");
+        int maxChunks = (spec.BatchSize + spec.ChunkSize - 1) / spec.ChunkSize;
+        if (update.ChunkSums is null || update.ChunkSums.Length < 1 || update.ChunkSums.Length > maxChunks)
+            throw new ArgumentException($"a step needs 1..{maxChunks} chunk sums, got {update.ChunkSums?.Length ?? 0}");
+        if (update.Samples < 1 || update.Samples > spec.BatchSize)
+            throw new ArgumentException($"a step's sample count {update.Samples} is outside 1..{spec.BatchSize}");
+        foreach (var sum in update.ChunkSums)
+            if (sum is null || sum.Length != _parameters.Length)
+                throw new ArgumentException($"gradient of length {sum?.Length ?? 0} for {_parameters.Length} parameters");
+
+        if (_sums.Length != update.ChunkSums.Length) _sums = new ReadOnlyMemory<float>[update.ChunkSums.Length];
+        for (int i = 0; i < _sums.Length; i++) _sums[i] = update.ChunkSums[i].Memory;
+        GradientReduction.SumInChunkOrder(_sums, _total);
+        Array.Clear(_sums);
+        // One pass: the sum of a vector is finite only if every element is (an overflow to infinity counts too).
+        if (!float.IsFinite(TensorPrimitives.Sum<float>(_total)))
+            return new StepOutcome(Current(), "the gradient has non-finite values");
+
         var next = (float[])_parameters.Clone();
-        Optimizer.Step(spec.Optimizer, next, _total, samples, _velocity);
+        Optimizer.Step(spec.Optimizer, next, _total, update.Samples, _velocity);
         _parameters = next;
         _step++;
-        return Task.FromResult(Current());
+        _epochLossSum = update.EpochLossSum;
+        if (_step % spec.CheckpointEvery == 0) await Write();
+        return new StepOutcome(Current(), null);
     }
 
-    public async Task Checkpoint()
+    public async Task Checkpoint(int incarnation)
     {
-        if (_spec is null) return;
-        state.State.Spec = _spec;
-        state.State.Parameters = new FloatPayload(_parameters);
-        state.State.Velocity = new FloatPayload((float[])_velocity.Clone());
-        state.State.Step = _step;
+        if (_spec is null) throw new InvalidOperationException("parameter server is not attached to a coordinator");
+        if (incarnation != _incarnation) throw new StaleCoordinatorException($"checkpoint from incarnation {incarnation}; {_incarnation} owns the run");
+        if (state.RecordExists && state.State.Step == _step && state.State.Incarnation == _incarnation) return;
+        await Write();
+    }
+
+    private async Task Write()
+    {
+        state.State = new ParameterServerState
+        {
+            Spec = _spec,
+            Parameters = new FloatPayload(_parameters),
+            Velocity = new FloatPayload((float[])_velocity.Clone()),
+            Step = _step,
+            Incarnation = _incarnation,
+            EpochLossSum = _epochLossSum,
+        };
         await state.WriteAuthoritative();
     }
 
-    private void Load(RunSpec spec, float[] parameters, long step)
+    private void Load(RunSpec spec, float[] parameters, float[] velocity, long step)
     {
         _spec = spec;
         _parameters = parameters;
-        _velocity = new float[parameters.Length];
+        _velocity = velocity;
         _total = new float[parameters.Length];
         _step = step;
     }
 
     private ParameterVersion Current() => new(_step, new FloatPayload(_parameters));
+}
+
+/// <summary>A newer coordinator owns the run: the caller must stop (never retried).</summary>
+[GenerateSerializer]
+public sealed class StaleCoordinatorException : Exception
+{
+    public StaleCoordinatorException(string message) : base(message) { }
 }

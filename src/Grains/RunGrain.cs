@@ -14,113 +14,213 @@ public sealed class RunRecord
     [Id(1)] public RunState State { get; set; }
     [Id(2)] public List<EpochResult> Epochs { get; set; } = [];
     [Id(3)] public string? Error { get; set; }
+    /// <summary>How many coordinators have driven this run; the parameter server refuses steps from older ones.</summary>
+    [Id(4)] public int Incarnation { get; set; }
+    [Id(5)] public List<RunEvent> Events { get; set; } = [];
+    [Id(6)] public string? DatasetSha256 { get; set; }
+
+    public RunRecord Copy() => new()
+    {
+        Spec = Spec, State = State, Epochs = [.. Epochs], Error = Error, Incarnation = Incarnation, Events = [.. Events], DatasetSha256 = DatasetSha256,
+    };
 }
 
 /// <summary>
 /// The coordinator of one run. Its training loop is background work on this activation (not a grain
-/// call), so status and cancel calls are answered while it runs. Each sync step: fetch the current
-/// parameters, send chunk numbers to workers (chunk c to worker c mod W), collect the chunk sums, and
-/// hand them to the parameter server in chunk order.
+/// call), so status and cancel calls are answered while it runs. Each sync step: send chunk numbers to
+/// workers (chunk c to worker c mod W) with the current parameters, collect the chunk sums, and hand them
+/// to the parameter server in chunk order. When this grain's silo dies, the next activation (started by a
+/// silo's <see cref="RunWatchdog"/> or any call) continues from the server's last checkpoint: the data order
+/// is a function of (seed, epoch) and every step of the parameters and step number, so the bits are the same.
 /// </summary>
 public sealed class RunGrain(
     DatasetCache datasets,
+    WorkerSettings settings,
+    ILocalSiloDetails silo,
     [PersistentState("run", SiloSetup.StorageName)] IPersistentState<RunRecord> record,
     ILogger<RunGrain> logger) : Grain, IRunGrain
 {
-    private const int MaxAttemptsPerStep = 3;
+    /// <summary>How long one piece of work is retried on other workers: longer than failure detection takes.</summary>
+    private static readonly TimeSpan RetryBudget = TimeSpan.FromSeconds(30);
     private static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(10);
+    private const int MaxEvents = 200;
 
-    private CancellationTokenSource? _cancel;
-    private readonly TaskCompletionSource _finished = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly SemaphoreSlim _writes = new(1, 1);
+    private Task? _loop;
+    private CancellationTokenSource _cancel = new();
+    private CancellationTokenSource _stop = new();
+    private TaskCompletionSource _finished = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _epoch;
     private int _stepInEpoch;
     private int _stepsPerEpoch;
+    private long _step;
+    private string? _serverSilo;
     private readonly SortedSet<string> _workerSilos = new(StringComparer.Ordinal);
 
     private string RunId => this.GetPrimaryKeyString();
+    private string SiloEndpoint => silo.SiloAddress.Endpoint.ToString();
+    private bool LoopActive => _loop is { IsCompleted: false };
 
-    public override async Task OnActivateAsync(CancellationToken cancellationToken)
+    public override Task OnActivateAsync(CancellationToken cancellationToken)
     {
-        // A run marked running whose coordinator is gone (its silo died) cannot continue yet: say so.
-        if (record.State.State == RunState.Running)
-        {
-            record.State.State = RunState.Failed;
-            record.State.Error = "the run's coordinator was lost (its silo stopped) before the run finished";
-            await record.WriteAuthoritative();
-        }
+        // A run stored as running has lost its coordinator (its silo died, or the whole cluster stopped): go on.
+        if (record.State.State == RunState.Running && settings.KeepRunsGoing) StartLoop(resumed: true);
+        return Task.CompletedTask;
+    }
+
+    public override async Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        if (!LoopActive) return;
+        // The silo is stopping: leave the run marked running, so that a survivor (or a restart) continues it.
+        _stop.Cancel();
+        await Task.WhenAny(_loop!, Task.Delay(Timeout.Infinite, cancellationToken));
     }
 
     public async Task<RunStatus> Start(RunSpec spec)
     {
+        if (spec is null) throw new ArgumentException("no run spec");
         if (record.State.Spec is { } existing)
         {
             if (existing != spec) throw new ArgumentException($"run id '{RunId}' is already used by another run");
-            return Status();
+            return Status(0);
         }
         spec.Validate();
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
+        string sha = await datasets.Sha256(spec.Dataset);
 
-        record.State.Spec = spec;
-        record.State.State = RunState.Running;
-        await record.WriteAuthoritative();
-        _cancel = new CancellationTokenSource();
-        DelayDeactivation(TimeSpan.FromDays(30));
-        _ = TrainInBackground(spec, _cancel.Token);
+        // Registered first: a run the registry does not know would not be continued after its silo dies.
+        await Register(RunState.Running, spec, 0);
+        await Update(r =>
+        {
+            r.Spec = spec;
+            r.State = RunState.Running;
+            r.DatasetSha256 = sha;
+            AddEvent(r, "started", $"{spec.Model.Describe()}, batch {spec.BatchSize}, chunk {spec.ChunkSize}, {spec.Workers} workers, {spec.Epochs} epochs, data sha256 {sha[..12]}");
+        });
+        StartLoop(resumed: false);
         logger.LogInformation("Run {Run} started: {Model}, batch {Batch}, chunk {Chunk}, {Workers} workers, {Epochs} epochs",
             RunId, spec.Model.Describe(), spec.BatchSize, spec.ChunkSize, spec.Workers, spec.Epochs);
-        return Status();
+        return Status(0);
     }
 
-    public Task<RunStatus> GetStatus() => Task.FromResult(Status());
+    public Task<RunStatus> GetStatus(int knownEpochs = 0) => Task.FromResult(Status(knownEpochs));
 
-    public async Task<RunStatus> WaitForFinish(TimeSpan maxWait)
+    public async Task<RunStatus> WaitForFinish(TimeSpan maxWait, int knownEpochs = 0)
     {
-        // Clamped well under the response timeout, whatever the caller asks.
         var wait = maxWait < TimeSpan.Zero ? TimeSpan.Zero : maxWait > MaxWait ? MaxWait : maxWait;
-        if (record.State.State == RunState.Running)
-            await Task.WhenAny(_finished.Task, Task.Delay(wait));
-        return Status();
+        if (LoopActive) await Task.WhenAny(_finished.Task, Task.Delay(wait));
+        return Status(knownEpochs);
     }
 
-    public Task<RunStatus> Cancel()
+    public async Task<RunStatus> Cancel()
     {
-        _cancel?.Cancel();
-        return Task.FromResult(Status());
+        if (LoopActive)
+        {
+            _cancel.Cancel();
+        }
+        else if (record.State.State == RunState.Running)
+        {
+            // Stored as running but no loop here (an interrupted embedded run): stop it for good.
+            await Update(r => { r.State = RunState.Cancelled; AddEvent(r, "cancelled", "cancelled while no coordinator was running it"); });
+            await Register(RunState.Cancelled, record.State.Spec!, record.State.Epochs.Count);
+        }
+        return Status(0);
+    }
+
+    public async Task<RunStatus> Resume()
+    {
+        var spec = record.State.Spec ?? throw new ArgumentException($"no run '{RunId}'");
+        if (LoopActive) return Status(0);
+        if (record.State.State is RunState.Completed or RunState.Diverged)
+            throw new ArgumentException($"run '{RunId}' is {record.State.State.ToString().ToLowerInvariant()}; there is nothing to resume");
+        await Register(RunState.Running, spec, record.State.Epochs.Count);
+        await Update(r => { r.State = RunState.Running; r.Error = null; AddEvent(r, "resume", $"resume requested (was {record.State.State.ToString().ToLowerInvariant()})"); });
+        StartLoop(resumed: true);
+        return Status(0);
     }
 
     public async Task<TrainedModel> GetModel()
     {
-        var spec = record.State.Spec ?? throw new InvalidOperationException($"run '{RunId}' does not exist");
+        var spec = record.State.Spec ?? throw new ArgumentException($"no run '{RunId}'");
         var current = await GrainFactory.GetGrain<IParameterServerGrain>(RunId).GetParameters();
         return new TrainedModel(spec, current.Parameters, current.Step);
     }
 
-    private RunStatus Status() => new(
-        RunId, record.State.State, record.State.Spec, _epoch, _stepInEpoch, _stepsPerEpoch,
-        record.State.Epochs.ToArray(), record.State.Error, _workerSilos.ToArray(), RuntimeIdentity);
-
-    private async Task TrainInBackground(RunSpec spec, CancellationToken cancel)
+    private RunStatus Status(int knownEpochs)
     {
+        var r = record.State;
+        var epochs = r.Epochs.Skip(Math.Max(0, knownEpochs)).ToArray();
+        return new RunStatus(RunId, r.State, r.Spec, _epoch, _stepInEpoch, _stepsPerEpoch, epochs, r.Error,
+            _workerSilos.ToArray(), SiloEndpoint, _serverSilo, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
+    }
+
+    private void StartLoop(bool resumed)
+    {
+        (_cancel, _stop) = (new CancellationTokenSource(), new CancellationTokenSource());
+        _finished = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        DelayDeactivation(TimeSpan.FromDays(30));
+        _loop = RunLoop(resumed, _cancel.Token, _stop.Token);
+    }
+
+    private async Task RunLoop(bool resumed, CancellationToken cancel, CancellationToken stop)
+    {
+        await Task.Yield();   // out of the caller (activation or a grain call), onto this activation's queue
+        var spec = record.State.Spec!;
+        using var either = CancellationTokenSource.CreateLinkedTokenSource(cancel, stop);
+        RunState final;
+        string? error = null;
         try
         {
-            await Train(spec, cancel);
-            record.State.State = RunState.Completed;
+            // This loop's incarnation, stored before it acts: a coordinator still running elsewhere is fenced off.
+            await Update(r => r.Incarnation++);
+            await Train(spec, record.State.Incarnation, resumed, either.Token);
+            final = RunState.Completed;
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+            logger.LogInformation("Run {Run}: coordinator stopping with its silo; the run goes on elsewhere", RunId);
+            _finished.TrySetResult();
+            return;
+        }
+        catch (StaleCoordinatorException e)
+        {
+            logger.LogWarning("Run {Run}: {Reason}; this coordinator stops", RunId, e.Message);
+            _finished.TrySetResult();
+            return;
         }
         catch (OperationCanceledException) when (cancel.IsCancellationRequested)
         {
-            record.State.State = RunState.Cancelled;
+            final = RunState.Cancelled;
+        }
+        catch (RunDivergedException e)
+        {
+            (final, error) = (RunState.Diverged, e.Message);
         }
         catch (Exception e)
         {
             logger.LogError(e, "Run {Run} failed", RunId);
-            record.State.State = RunState.Failed;
-            record.State.Error = e.Message;
+            (final, error) = (RunState.Failed, e.Message);
         }
-        logger.LogInformation("Run {Run} {State}", RunId, record.State.State);
+        logger.LogInformation("Run {Run} {State}", RunId, final);
         try
         {
-            await record.WriteAuthoritative();
+            if (final == RunState.Cancelled)   // keep the progress, so that `resume` continues from here
+                await GrainFactory.GetGrain<IParameterServerGrain>(RunId).Checkpoint(record.State.Incarnation);
+        }
+        catch (Exception e)
+        {
+            logger.LogWarning("Run {Run}: checkpoint at cancel failed ({Error})", RunId, e.Message);
+        }
+        try
+        {
+            await Update(r =>
+            {
+                r.State = final;
+                r.Error = error;
+                AddEvent(r, final.ToString().ToLowerInvariant(), error ?? $"after {r.Epochs.Count} epochs");
+            });
+            await Register(final, spec, record.State.Epochs.Count);
         }
         catch (Exception e)
         {
@@ -130,82 +230,206 @@ public sealed class RunGrain(
         DelayDeactivation(TimeSpan.FromSeconds(-1));   // negative: back to normal idle collection
     }
 
-    private async Task Train(RunSpec spec, CancellationToken cancel)
+    /// <summary>
+    /// Trains from wherever the parameter server stands. When the server's silo is lost too, its next activation
+    /// is at the last checkpoint: the coordinator attaches again and recomputes from there.
+    /// </summary>
+    private async Task Train(RunSpec spec, int incarnation, bool resumed, CancellationToken cancel)
+    {
+        var lastProgress = Stopwatch.StartNew();
+        while (true)
+        {
+            try
+            {
+                await TrainFromServer(spec, incarnation, resumed, lastProgress, cancel);
+                return;
+            }
+            catch (Exception e) when (IsTransient(e) && lastProgress.Elapsed < RetryBudget && !cancel.IsCancellationRequested)
+            {
+                await AddEventNow("server-lost", $"parameter server call failed ({e.Message}); attaching again");
+                await Task.Delay(TimeSpan.FromMilliseconds(200), cancel);
+                resumed = true;
+            }
+        }
+    }
+
+    private async Task TrainFromServer(RunSpec spec, int incarnation, bool resumed, Stopwatch lastProgress, CancellationToken cancel)
     {
         var data = await datasets.Get(spec.Dataset);
         int trainCount = spec.TrainCount(data.Train.Count);
         var server = GrainFactory.GetGrain<IParameterServerGrain>(RunId);
         var workers = Enumerable.Range(0, spec.Workers).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{i}")).ToArray();
-        var current = await server.Initialize(spec);
+        var position = await server.Attach(spec, incarnation);
+        _serverSilo = position.Silo;
+        var current = position.Version;
+        var plan = new EpochPlan(trainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, 0);
+        int steps = plan.Steps;
+        int epoch = (int)Math.Min(spec.Epochs, current.Step / steps), first = (int)(current.Step - (long)epoch * steps);
+        double lossSum = first > 0 ? position.EpochLossSum : 0;
+        _step = current.Step;
+        var clock = Stopwatch.StartNew();
+        if (resumed)
+            await AddEventNow("resumed", $"continued from step {current.Step} (epoch {epoch + 1}, step {first} of {steps}; last checkpoint at step {position.CheckpointStep}) on {SiloEndpoint}, coordinator incarnation {incarnation}");
 
-        // The coordinator needs the plan's step and chunk counts only; workers rebuild its order themselves.
-        var plan = new EpochPlan(trainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, record.State.Epochs.Count);
-        for (int epoch = record.State.Epochs.Count; epoch < spec.Epochs; epoch++)
+        // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
+        if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
+            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, workers, clock, clock.Elapsed.TotalSeconds, incarnation);
+
+        for (int e = epoch; e < spec.Epochs; e++)
         {
-            if (plan.Epoch != epoch) plan.MoveTo(epoch);
-            (_epoch, _stepInEpoch, _stepsPerEpoch) = (epoch, 0, plan.Steps);
-            var clock = Stopwatch.StartNew();
-            double lossSum = 0;
-            for (int step = 0; step < plan.Steps; step++)
+            if (plan.Epoch != e) plan.MoveTo(e);
+            (_epoch, _stepInEpoch, _stepsPerEpoch) = (e, first, steps);
+            for (int s = first; s < steps; s++)
             {
                 cancel.ThrowIfCancellationRequested();
-                _stepInEpoch = step;
-                var chunks = await ComputeStep(workers, spec, epoch, step, plan.ChunkCount(step), current);
-                lossSum += chunks.Sum(c => c.LossSum);
-                current = await server.ApplyStep(current.Step, chunks.Select(c => c.GradientSum).ToArray(), plan.StepSize(step));
+                _stepInEpoch = s;
+                var chunks = await ComputeStep(workers, spec, e, s, plan.ChunkCount(s), current, cancel);
+                double stepLoss = chunks.Sum(c => c.LossSum);
+                if (!double.IsFinite(stepLoss)) throw new RunDivergedException(current.Step + 1, e + 1, $"training loss is {stepLoss}");
+                lossSum += stepLoss;
+                var outcome = await server.ApplyStep(new StepUpdate(incarnation, current.Step, chunks.Select(c => c.GradientSum).ToArray(), plan.StepSize(s), lossSum));
+                if (outcome.Divergence is { } why) throw new RunDivergedException(current.Step + 1, e + 1, why);
+                current = outcome.Version;
+                _step = current.Step;
+                lastProgress.Restart();
             }
             double trainSeconds = clock.Elapsed.TotalSeconds;
-            _stepInEpoch = plan.Steps;
-            var eval = await Evaluate(workers, spec, data.Test.Count, current.Parameters);
-            await server.Checkpoint();
-            var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
-                trainCount / trainSeconds, ParameterHash.Sha256(current.Parameters.Span), current.Step, eval.Confusion);
-            record.State.Epochs.Add(result);
-            await record.WriteAuthoritative();
-            logger.LogInformation("Run {Run} epoch {Epoch}: test accuracy {Accuracy:P2}, {Seconds:F1}s", RunId, epoch + 1, eval.Accuracy, result.Seconds);
+            _stepInEpoch = steps;
+            await FinishEpoch(spec, e, lossSum, trainCount, current, server, workers, clock, trainSeconds, incarnation);
+            (first, lossSum) = (0, 0);
+            clock.Restart();
         }
     }
 
-    /// <summary>Chunk sums of one step, in chunk order. A worker whose call fails has its chunks redone by another.</summary>
-    private async Task<ChunkResult[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int epoch, int step, int chunkCount, ParameterVersion parameters)
+    /// <summary>Evaluates, checkpoints the server at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
+    private async Task FinishEpoch(RunSpec spec, int epoch, double lossSum, int trainCount, ParameterVersion current,
+        IParameterServerGrain server, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation)
     {
-        var byWorker = Enumerable.Range(0, Math.Min(workers.Length, chunkCount))
-            .Select(w => Enumerable.Range(0, chunkCount).Where(c => c % workers.Length == w).ToArray())
-            .ToArray();
-        var calls = byWorker.Select((chunks, w) => Call(w, chunks)).ToArray();
+        var test = (await datasets.Get(spec.Dataset)).Test;
+        var eval = await Evaluate(workers, spec, test.Count, current.Parameters);
+        await server.Checkpoint(incarnation);
+        var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
+            trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(current.Parameters.Span), current.Step, eval.Confusion);
+        if (record.State.Epochs.Count == epoch)
+        {
+            await Update(r => r.Epochs.Add(result));
+            await Register(RunState.Running, spec, epoch + 1);
+        }
+        logger.LogInformation("Run {Run} epoch {Epoch}: test accuracy {Accuracy:P2}, {Seconds:F1}s", RunId, epoch + 1, eval.Accuracy, result.Seconds);
+    }
+
+    /// <summary>Chunk sums of one step, in chunk order. A worker whose call fails has its chunks redone by the next one.</summary>
+    private async Task<ChunkResult[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int epoch, int step, int chunkCount,
+        ParameterVersion parameters, CancellationToken cancel)
+    {
+        int busy = Math.Min(workers.Length, chunkCount);
+        var calls = new Task<ChunkResult[]>[busy];
+        for (int w = 0; w < busy; w++)
+        {
+            var chunks = Enumerable.Range(0, chunkCount).Where(c => c % workers.Length == w).ToArray();
+            var work = new ChunkWork(spec, epoch, step, chunks, parameters, record.State.DatasetSha256!);
+            calls[w] = WithRetry(workers, w, $"step {step} chunks [{string.Join(",", chunks)}]", async worker =>
+            {
+                var reply = await worker.ComputeChunks(work);
+                _workerSilos.Add(reply.Silo);
+                return reply.Results;
+            }, cancel);
+        }
         var results = (await Task.WhenAll(calls)).SelectMany(r => r).OrderBy(r => r.Chunk).ToArray();
         if (results.Length != chunkCount || results.Where((r, i) => r.Chunk != i).Any())
             throw new InvalidOperationException($"step {step}: expected {chunkCount} chunk results, got {results.Length}");
         return results;
+    }
 
-        async Task<ChunkResult[]> Call(int worker, int[] chunks)
+    /// <summary>The test set cut into one contiguous range per worker; counts add up exactly. A failed range is redone by another worker.</summary>
+    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int testCount, FloatPayload parameters)
+    {
+        int parts = Math.Min(workers.Length, testCount);
+        var calls = Enumerable.Range(0, parts).Select(w =>
         {
-            var work = new ChunkWork(spec, epoch, step, chunks, parameters);
-            for (int attempt = 0; ; attempt++)
+            int start = (int)((long)testCount * w / parts), end = (int)((long)testCount * (w + 1) / parts);
+            var work = new EvalWork(spec, start, end, parameters, record.State.DatasetSha256!);
+            return WithRetry(workers, w, $"evaluation of test samples [{start}, {end})", worker => worker.Evaluate(work), CancellationToken.None);
+        });
+        var partials = await Task.WhenAll(calls);
+        return partials.Aggregate((a, b) => a.Add(b));
+    }
+
+    /// <summary>
+    /// Runs <paramref name="call"/> on worker <paramref name="first"/>, and on the next workers in turn while it fails,
+    /// for up to <see cref="RetryBudget"/>. Bad input (ArgumentException) is never retried.
+    /// </summary>
+    private async Task<T> WithRetry<T>(IWorkerGrain[] workers, int first, string what, Func<IWorkerGrain, Task<T>> call, CancellationToken cancel)
+    {
+        var clock = Stopwatch.StartNew();
+        for (int attempt = 0; ; attempt++)
+        {
+            int index = (first + attempt) % workers.Length;
+            try
             {
-                var target = workers[(worker + attempt) % workers.Length];
-                try
-                {
-                    var reply = await target.ComputeChunks(work);
-                    _workerSilos.Add(reply.Silo);
-                    return reply.Results;
-                }
-                catch (Exception e) when (attempt + 1 < MaxAttemptsPerStep && e is not ArgumentException)
-                {
-                    logger.LogWarning("Run {Run} step {Step}: worker {Worker} failed ({Error}); retrying its chunks", RunId, step, worker + attempt, e.Message);
-                    await Task.Delay(TimeSpan.FromMilliseconds(250 * (attempt + 1)));
-                }
+                var result = await call(workers[index]);
+                if (attempt > 0) await AddEventNow("redone", $"{what} redone on worker {index} after {clock.Elapsed.TotalSeconds:F1} s");
+                return result;
+            }
+            catch (Exception e) when (IsTransient(e) && clock.Elapsed < RetryBudget && !cancel.IsCancellationRequested)
+            {
+                logger.LogWarning("Run {Run}: {What} failed on worker {Worker} ({Error}); retrying on the next worker", RunId, what, index, e.Message);
+                await AddEventNow("worker-failed", $"{what} failed on worker {index}: {e.Message}");
+                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(1000, 100 * (attempt + 1))), cancel);
             }
         }
     }
 
-    /// <summary>The test set cut into one contiguous range per worker; counts add up exactly.</summary>
-    private static async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int testCount, FloatPayload parameters)
+    private static bool IsTransient(Exception e) =>
+        e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException);
+
+    private async Task Register(RunState state, RunSpec spec, int epochsDone)
     {
-        int parts = Math.Min(workers.Length, testCount);
-        var calls = Enumerable.Range(0, parts).Select(w =>
-            workers[w].Evaluate(new EvalWork(spec, (int)((long)testCount * w / parts), (int)((long)testCount * (w + 1) / parts), parameters)));
-        var partials = await Task.WhenAll(calls);
-        return partials.Aggregate((a, b) => a.Add(b));
+        try
+        {
+            double? accuracy = record.State.Epochs.Count > 0 ? record.State.Epochs[^1].TestAccuracy : null;
+            await GrainFactory.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key)
+                .Update(new RunSummary(RunId, state, epochsDone, spec.Epochs, accuracy, DateTime.UtcNow));
+        }
+        catch (Exception e)
+        {
+            // The list is for display and for the watchdog's sweep; the run itself does not depend on it.
+            logger.LogWarning("Run {Run}: could not update the run list ({Error})", RunId, e.Message);
+        }
+    }
+
+    private Task AddEventNow(string kind, string message) => Update(r => AddEvent(r, kind, message));
+
+    private static void AddEvent(RunRecord r, string kind, string message)
+    {
+        r.Events.Add(new RunEvent(DateTime.UtcNow, kind, message));
+        if (r.Events.Count > MaxEvents) r.Events.RemoveRange(1, r.Events.Count - MaxEvents);   // the first ("started") stays
+    }
+
+    /// <summary>Changes the record in memory only once the change is stored (a failed write leaves the run as it was).</summary>
+    private async Task Update(Action<RunRecord> change)
+    {
+        await _writes.WaitAsync();
+        var before = record.State;
+        try
+        {
+            var next = before.Copy();
+            change(next);
+            record.State = next;
+            await record.WriteAuthoritative();
+        }
+        catch
+        {
+            record.State = before;
+            throw;
+        }
+        finally
+        {
+            _writes.Release();
+        }
     }
 }
+
+/// <summary>A non-finite loss or gradient: the run stops as diverged, its last good checkpoint kept.</summary>
+public sealed class RunDivergedException(long step, int epoch, string reason)
+    : Exception($"diverged at step {step} (epoch {epoch}): {reason}");

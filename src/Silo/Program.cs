@@ -54,6 +54,7 @@ root.SetAction(async (parse, cancel) =>
     {
         s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership);
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
+        s.AddMemoryGrainStorage(SiloSetup.StorageName);
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads));
     });
     using var host = builder.Build();

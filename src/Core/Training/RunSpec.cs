@@ -18,9 +18,12 @@ public sealed record RunSpec(
     int Workers,
     long Seed,
     string Dataset,
-    int TrainLimit)
+    int TrainLimit,
+    int CheckpointEvery = RunSpec.DefaultCheckpointEvery)
 {
     public const int MaxWorkers = 256;
+    /// <summary>Steps between checkpoints of the parameter server (every epoch end is one too); see README for the cost.</summary>
+    public const int DefaultCheckpointEvery = 100;
 
     /// <summary>Throws <see cref="ArgumentException"/> naming the first bad setting.</summary>
     public void Validate()
@@ -32,6 +35,7 @@ public sealed record RunSpec(
         if (Epochs < 1 || Epochs > 100_000) throw new ArgumentException($"epochs: {Epochs} is outside 1..100000");
         if (Workers < 1 || Workers > MaxWorkers) throw new ArgumentException($"workers: {Workers} is outside 1..{MaxWorkers}");
         if (TrainLimit < 0) throw new ArgumentException($"train-limit: {TrainLimit} is negative");
+        if (CheckpointEvery < 1 || CheckpointEvery > 1_000_000) throw new ArgumentException($"checkpoint-every: {CheckpointEvery} is outside 1..1000000");
         DatasetCatalog.Get(Dataset);
     }
 

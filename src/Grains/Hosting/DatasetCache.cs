@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Security.Cryptography;
 using Backprop.Core.Data;
 using Microsoft.Extensions.Logging;
 
@@ -7,17 +8,40 @@ namespace Backprop.Grains.Hosting;
 /// <summary>
 /// The datasets of one silo, loaded once from its data directory and shared by every worker on it.
 /// A silo that lacks a dataset fetches it (and verifies it) the first time it is asked for it.
+/// Each loaded set is identified by the SHA-256 of its contents, so a run can tell whether two silos
+/// train on the same samples.
 /// </summary>
 public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<DatasetCache> logger)
 {
-    private readonly ConcurrentDictionary<string, Lazy<Task<TrainTest>>> _sets = new();
+    private readonly ConcurrentDictionary<string, Lazy<Task<(TrainTest Data, string Sha256)>>> _sets = new();
 
     public string DataDir { get; } = dataDir;
 
-    public Task<TrainTest> Get(string dataset) =>
-        _sets.GetOrAdd(dataset, name => new Lazy<Task<TrainTest>>(() => Task.Run(() => Load(name)))).Value;
+    public async Task<TrainTest> Get(string dataset) => (await Entry(dataset)).Data;
 
-    private TrainTest Load(string name)
+    /// <summary>SHA-256 (hex) over the training and test images and labels as loaded (the same for raw and gzip files).</summary>
+    public async Task<string> Sha256(string dataset) => (await Entry(dataset)).Sha256;
+
+    private Task<(TrainTest Data, string Sha256)> Entry(string dataset)
+    {
+        DatasetCatalog.Get(dataset);   // unknown names never reach the file system
+        return _sets.GetOrAdd(dataset, name => new Lazy<Task<(TrainTest Data, string Sha256)>>(() => Task.Run(() => Load(name)))).Value;
+    }
+
+    public static string Sha256Of(TrainTest data)
+    {
+        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        foreach (var set in new[] { data.Train, data.Test })
+        {
+            hash.AppendData(BitConverter.GetBytes(set.Rows));
+            hash.AppendData(BitConverter.GetBytes(set.Cols));
+            hash.AppendData(set.Pixels);
+            hash.AppendData(set.Labels);
+        }
+        return Convert.ToHexStringLower(hash.GetHashAndReset());
+    }
+
+    private (TrainTest, string) Load(string name)
     {
         var dir = DatasetCatalog.DirectoryOf(DataDir, name);
         if (!DatasetCatalog.IsPresent(dir))
@@ -27,7 +51,8 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
             DataFetcher.Fetch(name, DataDir, line => logger.LogInformation("{Progress}", line));
         }
         var data = DatasetCatalog.Load(dir, name);
-        logger.LogInformation("Loaded {Dataset}: {Train} training and {Test} test images from {Dir}", name, data.Train.Count, data.Test.Count, dir);
-        return data;
+        string sha = Sha256Of(data);
+        logger.LogInformation("Loaded {Dataset}: {Train} training and {Test} test images from {Dir}, sha256 {Sha}", name, data.Train.Count, data.Test.Count, dir, sha[..12]);
+        return (data, sha);
     }
 }

@@ -4,24 +4,30 @@ using Microsoft.Extensions.Logging;
 
 namespace Backprop.Grains.Hosting;
 
-public sealed record WorkerSettings(int ThreadsPerWorker);
+/// <summary>
+/// What a silo's grains are allowed to use: how many threads each worker may use for one chunk, and whether
+/// runs stored as running are continued by this silo (a cluster: yes; the embedded silo of a CLI: only
+/// when asked, with `resume`).
+/// </summary>
+public sealed record WorkerSettings(int ThreadsPerWorker, bool KeepRunsGoing = true);
 
 public static class SiloSetup
 {
     public const string StorageName = "runs";
 
     /// <summary>
-    /// What every silo of a Backprop cluster needs, whatever its clustering: grains' storage, placement,
-    /// datasets, and how many threads each worker may use for one chunk (1 by default, so that several
+    /// What every silo of a Backprop cluster needs, whatever its clustering and storage (the caller registers
+    /// grain storage named <see cref="StorageName"/>): placement, datasets, the run watchdog, and how many threads each worker may use for one chunk (1 by default, so that several
     /// workers sharing a machine do not oversubscribe its cores; results do not depend on it).
     /// </summary>
-    public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1)
+    public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1,
+        bool keepRunsGoing = true)
     {
         if (threadsPerWorker < 1 || threadsPerWorker > 256) throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..256");
-        silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker));
-        silo.AddMemoryGrainStorage(StorageName);
+        silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing));
         silo.AddPlacementDirector<SpreadPlacementStrategy, SpreadPlacementDirector>();
         silo.Services.AddSingleton(sp => new DatasetCache(dataDir, allowFetch, sp.GetRequiredService<ILogger<DatasetCache>>()));
+        if (keepRunsGoing) silo.Services.AddHostedService<RunWatchdog>();
         return silo;
     }
 }

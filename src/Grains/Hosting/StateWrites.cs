@@ -1,16 +1,22 @@
+using System.Diagnostics;
 using Orleans.Storage;
 
 namespace Backprop.Grains.Hosting;
 
 public static class StateWrites
 {
+    /// <summary>Transient storage failures are retried this long: longer than failure detection takes (a few seconds).</summary>
+    public static readonly TimeSpan RetryBudget = TimeSpan.FromSeconds(30);
+
     /// <summary>
     /// Writes grain state whose only writer is this activation, so its copy is authoritative. If storage
     /// lost the record meanwhile (in-memory storage whose silo died comes back empty, with another ETag),
-    /// the ETag is refreshed and the write repeated; transient failures are retried briefly.
+    /// the ETag is refreshed and the write repeated; other failures are retried with back-off for
+    /// <see cref="RetryBudget"/>.
     /// </summary>
     public static async Task WriteAuthoritative<T>(this IPersistentState<T> state)
     {
+        var clock = Stopwatch.StartNew();
         for (int attempt = 1; ; attempt++)
         {
             try
@@ -24,9 +30,9 @@ public static class StateWrites
                 await state.ReadStateAsync();
                 state.State = mine;
             }
-            catch (Exception e) when (attempt < 3 && e is OrleansException or TimeoutException)
+            catch (Exception e) when (clock.Elapsed < RetryBudget && e is not (InconsistentStateException or ArgumentException or InvalidDataException))
             {
-                await Task.Delay(TimeSpan.FromMilliseconds(200 * attempt));
+                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(2000, 100 * attempt)));
             }
         }
     }

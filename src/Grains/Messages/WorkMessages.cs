@@ -8,7 +8,8 @@ public sealed record ParameterVersion([property: Id(0)] long Step, [property: Id
 
 /// <summary>
 /// Compute the gradient sums of some chunks of one step. The worker rebuilds the epoch plan from the spec,
-/// so only chunk numbers travel, never sample indices or data.
+/// so only chunk numbers travel, never sample indices or data. <see cref="DatasetSha256"/> is the run's data
+/// set: a worker whose copy differs refuses the work.
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record ChunkWork(
@@ -16,7 +17,8 @@ public sealed record ChunkWork(
     [property: Id(1)] int Epoch,
     [property: Id(2)] int Step,
     [property: Id(3)] int[] Chunks,
-    [property: Id(4)] ParameterVersion Parameters);
+    [property: Id(4)] ParameterVersion Parameters,
+    [property: Id(5)] string DatasetSha256);
 
 [GenerateSerializer, Immutable]
 public sealed record ChunkResult(
@@ -34,4 +36,30 @@ public sealed record EvalWork(
     [property: Id(0)] RunSpec Spec,
     [property: Id(1)] int Start,
     [property: Id(2)] int End,
-    [property: Id(3)] FloatPayload Parameters);
+    [property: Id(3)] FloatPayload Parameters,
+    [property: Id(4)] string DatasetSha256);
+
+/// <summary>
+/// One optimizer step, sent by the coordinator of incarnation <see cref="Incarnation"/>: the chunk sums of
+/// step <see cref="Step"/> in chunk order, the step's sample count, and the epoch's training loss sum up to and
+/// including this step (kept with checkpoints so that a resumed epoch reports the same loss).
+/// </summary>
+[GenerateSerializer, Immutable]
+public sealed record StepUpdate(
+    [property: Id(0)] int Incarnation,
+    [property: Id(1)] long Step,
+    [property: Id(2)] FloatPayload[] ChunkSums,
+    [property: Id(3)] int Samples,
+    [property: Id(4)] double EpochLossSum);
+
+/// <summary>The server's answer to a step: the new version, or why the step was refused as diverged.</summary>
+[GenerateSerializer, Immutable]
+public sealed record StepOutcome([property: Id(0)] ParameterVersion Version, [property: Id(1)] string? Divergence);
+
+/// <summary>Where a run's parameters stand when a coordinator attaches to its server.</summary>
+[GenerateSerializer, Immutable]
+public sealed record ServerPosition(
+    [property: Id(0)] ParameterVersion Version,
+    [property: Id(1)] double EpochLossSum,
+    [property: Id(2)] long CheckpointStep,
+    [property: Id(3)] string Silo);

@@ -1,6 +1,10 @@
 using Backprop.Core.Data;
 using Backprop.Grains.Hosting;
 using Orleans.Configuration;
+using Backprop.Core.Training;
+using Backprop.Grains;
+using Backprop.Grains.Messages;
+using Orleans.Runtime.Placement;
 using Orleans.TestingHost;
 
 namespace Backprop.Tests.Cluster;
@@ -9,26 +13,53 @@ namespace Backprop.Tests.Cluster;
 /// A 3-silo in-process cluster whose silos read a generated MNIST-shaped dataset (named "mnist") from a
 /// temporary data directory. Generated data keeps the tests independent of any download.
 /// </summary>
-public sealed class ClusterFixture : IAsyncLifetime
+public sealed class ClusterFixture : IAsyncLifetime, IAsyncDisposable
 {
+    public ClusterFixture() : this(1200, 400) { }
+
+    /// <summary>A cluster for one test, with other data sizes (xunit needs the shared fixture's constructor to be the only public one).</summary>
+    internal ClusterFixture(int trainCount, int testCount) => Data = SyntheticDigits.Create(trainCount, testCount, seed: 5);
+
     public const int Silos = 3;
     public readonly string DataDir = Directory.CreateTempSubdirectory("cluster-data-").FullName;
-    public TrainTest Data { get; } = SyntheticDigits.Create(trainCount: 1200, testCount: 400, seed: 5);
+    /// <summary>Grain state of all silos, in files: it outlives a killed silo, as Redis does for a real cluster.</summary>
+    public string StateDir => Path.Combine(DataDir, "state");
+    public TrainTest Data { get; }
     public InProcessTestCluster Cluster { get; private set; } = null!;
+    public string DatasetSha256 => DatasetCache.Sha256Of(Data);
 
     public async Task InitializeAsync()
     {
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), Data, gzip: true);
         var builder = new InProcessTestClusterBuilder(Silos);
-        var dataDir = DataDir;
+        var (dataDir, stateDir) = (DataDir, StateDir);
         builder.ConfigureSilo((_, silo) =>
         {
+            silo.AddFileGrainStorage(SiloSetup.StorageName, stateDir);
             silo.AddBackpropGrains(dataDir, allowFetch: false);
             silo.Configure<SiloMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(30));
         });
         Cluster = builder.Build();
         await Cluster.DeployAsync();
     }
+
+    /// <summary>Starts a run whose coordinator (and so its parameter server) is placed on <paramref name="silo"/>.</summary>
+    public async Task<RunStatus> StartOn(InProcessSiloHandle silo, string runId, RunSpec spec)
+    {
+        RequestContext.Set(IPlacementDirector.PlacementHintKey, silo.SiloAddress);
+        try
+        {
+            var status = await Cluster.Client.GetGrain<IRunGrain>(runId).Start(spec);
+            Assert.Equal(silo.SiloAddress.Endpoint.ToString(), status.CoordinatorSilo);
+            return status;
+        }
+        finally
+        {
+            RequestContext.Clear();
+        }
+    }
+
+    async ValueTask IAsyncDisposable.DisposeAsync() => await DisposeAsync();
 
     public async Task DisposeAsync()
     {

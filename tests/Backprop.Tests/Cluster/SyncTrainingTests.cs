@@ -2,6 +2,7 @@ using Backprop.Core;
 using Backprop.Core.Training;
 using Backprop.Grains;
 using Backprop.Grains.Messages;
+using Backprop.Grains.Hosting;
 
 namespace Backprop.Tests.Cluster;
 
@@ -80,5 +81,67 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         await run.Cancel();
         var status = await run.WaitForFinish(TimeSpan.FromSeconds(20));
         Assert.Equal(RunState.Cancelled, status.State);
+    }
+
+    [Fact]
+    public async Task A_duplicate_step_returns_the_same_version_and_changes_nothing()
+    {
+        var spec = Spec(2);
+        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("duplicate-step");
+        var start = await server.Attach(spec, incarnation: 1);
+        Assert.Equal(0, start.Version.Step);
+        var gradient = new FloatPayload(Enumerable.Repeat(0.5f, start.Version.Parameters.Length).ToArray());
+        var update = new StepUpdate(1, 0, [gradient, gradient], 32, 1.5);
+
+        var first = await server.ApplyStep(update);
+        var again = await server.ApplyStep(update);
+
+        Assert.Null(first.Divergence);
+        Assert.Equal(1, first.Version.Step);
+        Assert.Equal(1, again.Version.Step);
+        Assert.Equal(ParameterHash.Sha256(first.Version.Parameters.Span), ParameterHash.Sha256(again.Version.Parameters.Span));
+        Assert.Equal(ParameterHash.Sha256(first.Version.Parameters.Span), ParameterHash.Sha256((await server.GetParameters()).Parameters.Span));
+        Assert.NotEqual(ParameterHash.Sha256(start.Version.Parameters.Span), ParameterHash.Sha256(first.Version.Parameters.Span));
+
+        // A newer coordinator fences the older one off.
+        await server.Attach(spec, incarnation: 2);
+        await Assert.ThrowsAsync<StaleCoordinatorException>(() => server.ApplyStep(update with { Step = 1 }));
+    }
+
+    [Fact]
+    public async Task Steps_with_bad_sizes_are_refused_before_anything_changes()
+    {
+        var spec = Spec(2);
+        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("bad-steps");
+        var start = await server.Attach(spec, incarnation: 1);
+        var ok = new FloatPayload(new float[start.Version.Parameters.Length]);
+        var e1 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok], 0, 0)));
+        Assert.Contains("sample count 0", e1.Message);
+        var e2 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [new FloatPayload(new float[3])], 10, 0)));
+        Assert.Contains("length 3", e2.Message);
+        var e3 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok, ok, ok, ok, ok], 10, 0)));
+        Assert.Contains("1..4 chunk sums", e3.Message);
+        Assert.Equal(0, (await server.GetParameters()).Step);
+
+        var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/0");
+        var version = start.Version;
+        Assert.Contains("differs from the run's", (await Assert.ThrowsAnyAsync<Exception>(() => worker.ComputeChunks(new ChunkWork(spec, 0, 0, [0], version, "not-the-data")))).Message);
+        Assert.Contains("chunk 7", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeChunks(new ChunkWork(spec, 0, 0, [7], version, fixture.DatasetSha256)))).Message);
+        Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeChunks(new ChunkWork(spec, 0, 999, [0], version, fixture.DatasetSha256)))).Message);
+        Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 5, 5_000_000, version.Parameters, fixture.DatasetSha256)))).Message);
+    }
+
+    [Fact]
+    public async Task A_huge_learning_rate_stops_the_run_as_diverged_with_the_step()
+    {
+        var spec = Spec(2) with { Optimizer = Spec(2).Optimizer with { LearningRate = 1e30f } };
+        var run = fixture.Cluster.Client.GetGrain<IRunGrain>("diverge");
+        var status = await run.Start(spec);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!status.IsFinished && clock.Elapsed < TimeSpan.FromSeconds(50))
+            status = await run.WaitForFinish(TimeSpan.FromSeconds(5));
+        Assert.Equal(RunState.Diverged, status.State);
+        Assert.Matches(@"^diverged at step \d+ \(epoch 1\): ", status.Error);
+        Assert.Empty(status.Epochs);
     }
 }

@@ -1,0 +1,87 @@
+using System.CommandLine;
+using System.Globalization;
+using Backprop.Grains;
+using Backprop.Grains.Hosting;
+using Backprop.Grains.Messages;
+
+namespace Backprop.Client;
+
+/// <summary>
+/// resume and runs: commands on stored runs. With a gateway they act on that cluster; without one, on the
+/// runs the embedded silo stored under the data directory (an interrupted `train` without a gateway).
+/// </summary>
+public static class StoredRunCommands
+{
+    public static Command Resume()
+    {
+        var run = new Argument<string>("run") { Description = "Run id (printed by train)" };
+        var (gateway, clusterId, dataDir) = Options();
+        var threads = new Option<int?>("--threads-per-worker") { Description = "Embedded only: threads each worker uses for a chunk [default: 1]" };
+        var metrics = new Option<string?>("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
+        var modelOut = new Option<string?>("--model-out") { Description = "Save the trained model to this file when the run completes" };
+        var command = new Command("resume", "Continue a stored run (interrupted, cancelled, or stopped with the whole cluster) from its last checkpoint, and follow it")
+        {
+            run, gateway, clusterId, dataDir, threads, metrics, modelOut,
+        };
+        command.SetAction((parse, cancel) => Cli.Guard(async () =>
+        {
+            int? threadCount = parse.GetValue(threads);
+            if (threadCount is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threadCount} is outside 1..256");
+            await using var cluster = await Open(parse, gateway, clusterId, dataDir, threadCount ?? 1, cancel);
+            var grain = cluster.Client.GetGrain<IRunGrain>(parse.GetValue(run)!);
+            var before = await grain.GetStatus();
+            if (before.State == RunState.NotStarted) throw new ArgumentException($"no run '{before.RunId}' in {cluster.Description}");
+            var status = await grain.Resume();
+            Console.WriteLine($"run {status.RunId} resumed on {cluster.Description} ({status.EpochsDone} of {status.Spec!.Epochs} epochs done)");
+            Console.WriteLine($"  {RunReporter.Describe(status.Spec)}");
+            var reporter = new RunReporter(Console.Out, parse.GetValue(metrics));
+            reporter.Header();
+            RunStatus final;
+            try
+            {
+                final = await reporter.Follow(grain, cancel);
+            }
+            catch (OperationCanceledException) when (cancel.IsCancellationRequested && cluster.IsEmbedded)
+            {
+                await grain.Cancel();
+                Console.Error.WriteLine($"interrupted: run {status.RunId} stopped; continue it with: resume {status.RunId} --data-dir {parse.GetValue(dataDir)}");
+                return ExitCodes.Interrupted;
+            }
+            if (final.State == RunState.Completed && parse.GetValue(modelOut) is { } path) await RunCommands.SaveModel(grain, final, path);
+            return RunCommands.ExitCodeOf(final);
+        }));
+        return command;
+    }
+
+    public static Command Runs()
+    {
+        var (gateway, clusterId, dataDir) = Options();
+        var command = new Command("runs", "List stored runs: state, epochs done and last test accuracy") { gateway, clusterId, dataDir };
+        command.SetAction((parse, cancel) => Cli.Guard(async () =>
+        {
+            await using var cluster = await Open(parse, gateway, clusterId, dataDir, threads: 1, cancel);
+            var runs = await cluster.Client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).List();
+            if (runs.Length == 0)
+            {
+                Console.WriteLine($"no runs in {cluster.Description}");
+                return ExitCodes.Ok;
+            }
+            Console.WriteLine($"{"run",-32}  {"state",-10}  {"epochs",7}  {"accuracy",8}  updated (UTC)");
+            foreach (var r in runs)
+            {
+                string accuracy = r.LastAccuracy is { } a ? (a * 100).ToString("F2", CultureInfo.InvariantCulture) + "%" : "-";
+                Console.WriteLine($"{r.RunId,-32}  {r.State.ToString().ToLowerInvariant(),-10}  {$"{r.EpochsDone}/{r.Epochs}",7}  {accuracy,8}  {r.Updated:yyyy-MM-dd HH:mm:ss}");
+            }
+            return ExitCodes.Ok;
+        }));
+        return command;
+    }
+
+    private static (Option<string?>, Option<string>, Option<string>) Options() =>
+        (Cli.Gateway("Gateway of a running cluster; without it, the runs stored by the embedded silo under --data-dir"), Cli.ClusterId(), Cli.DataDir());
+
+    private static Task<ClusterConnection> Open(ParseResult parse, Option<string?> gateway, Option<string> clusterId, Option<string> dataDir, int threads, CancellationToken cancel) =>
+        parse.GetValue(gateway) is { } g
+            ? ClusterConnection.Connect(LocalClustering.ParseEndpoint(g, "--gateway"), parse.GetValue(clusterId)!, cancel)
+            : ClusterConnection.StartEmbedded(parse.GetValue(dataDir)!, threads, cancel);
+}

@@ -1,0 +1,135 @@
+using System.Collections.Concurrent;
+using System.Text;
+using Microsoft.Extensions.DependencyInjection;
+using Orleans.Runtime;
+using Orleans.Storage;
+
+namespace Backprop.Grains.Hosting;
+
+/// <summary>
+/// Grain storage in a directory: one file per grain state, written to a temporary file, flushed and
+/// renamed over the old one, so a crash leaves either the old or the new state, never a torn one.
+/// The file starts with a version number that serves as the ETag. For the embedded silo (an interrupted
+/// run can be resumed) and for in-process test clusters whose silos share one directory; several
+/// processes must not share a directory (use Redis for a real cluster).
+/// </summary>
+public sealed class FileGrainStorage(string directory, IGrainStorageSerializer serializer) : IGrainStorage
+{
+    // Shared by every silo of the process: in-process test clusters write the same files from several silos.
+    private static readonly ConcurrentDictionary<string, SemaphoreSlim> Locks = new();
+
+    public async Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        var path = PathOf(stateName, grainId);
+        var gate = Locks.GetOrAdd(path, _ => new SemaphoreSlim(1, 1));
+        await gate.WaitAsync();
+        try
+        {
+            if (!File.Exists(path))
+            {
+                grainState.State = Activator.CreateInstance<T>();
+                grainState.ETag = null;
+                grainState.RecordExists = false;
+                return;
+            }
+            var bytes = await File.ReadAllBytesAsync(path);
+            if (bytes.Length < sizeof(long)) throw new InvalidDataException($"{path}: grain state file is truncated ({bytes.Length} bytes)");
+            grainState.State = serializer.Deserialize<T>(new BinaryData(bytes.AsMemory(sizeof(long))));
+            grainState.ETag = BitConverter.ToInt64(bytes).ToString(System.Globalization.CultureInfo.InvariantCulture);
+            grainState.RecordExists = true;
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        var path = PathOf(stateName, grainId);
+        var gate = Locks.GetOrAdd(path, _ => new SemaphoreSlim(1, 1));
+        await gate.WaitAsync();
+        try
+        {
+            long version = CheckETag(path, grainState.ETag) + 1;
+            var payload = serializer.Serialize(grainState.State);
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+            var temp = path + ".tmp";
+            await using (var file = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 16, FileOptions.Asynchronous))
+            {
+                await file.WriteAsync(BitConverter.GetBytes(version));
+                await file.WriteAsync(payload.ToMemory());
+                file.Flush(flushToDisk: true);
+            }
+            File.Move(temp, path, overwrite: true);
+            grainState.ETag = version.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            grainState.RecordExists = true;
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    public async Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
+    {
+        var path = PathOf(stateName, grainId);
+        var gate = Locks.GetOrAdd(path, _ => new SemaphoreSlim(1, 1));
+        await gate.WaitAsync();
+        try
+        {
+            CheckETag(path, grainState.ETag);
+            File.Delete(path);
+            grainState.ETag = null;
+            grainState.RecordExists = false;
+            grainState.State = Activator.CreateInstance<T>();
+        }
+        finally
+        {
+            gate.Release();
+        }
+    }
+
+    /// <summary>The version stored now (0 when there is no file); throws when the caller's ETag is not it.</summary>
+    private static long CheckETag(string path, string? etag)
+    {
+        long stored = 0;
+        if (File.Exists(path))
+        {
+            using var file = File.OpenRead(path);
+            Span<byte> header = stackalloc byte[sizeof(long)];
+            file.ReadExactly(header);
+            stored = BitConverter.ToInt64(header);
+        }
+        string expected = stored == 0 ? "" : stored.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        if ((etag ?? "") != expected)
+            throw new InconsistentStateException($"{path}: stored version {expected}, the grain holds {etag ?? "none"}", expected, etag ?? "");
+        return stored;
+    }
+
+    private string PathOf(string stateName, GrainId grainId) =>
+        Path.Combine(directory, Escape(stateName), Escape(grainId.ToString()) + ".state");
+
+    // Grain keys are user input (run ids): escaped so that no key can name a path outside the directory.
+    private static string Escape(string name)
+    {
+        var sb = new StringBuilder(name.Length);
+        foreach (char c in name)
+        {
+            if (char.IsAsciiLetterOrDigit(c) || c is '-' or '_') sb.Append(c);
+            else foreach (byte b in Encoding.UTF8.GetBytes(c.ToString())) sb.Append('%').Append(b.ToString("X2"));
+        }
+        return sb.ToString();
+    }
+}
+
+public static class FileGrainStorageExtensions
+{
+    /// <summary>Registers <see cref="FileGrainStorage"/> under <paramref name="name"/>, storing grain state with Orleans' binary serializer.</summary>
+    public static ISiloBuilder AddFileGrainStorage(this ISiloBuilder silo, string name, string directory)
+    {
+        silo.Services.AddKeyedSingleton<IGrainStorage>(name, (sp, _) =>
+            new FileGrainStorage(directory, new OrleansGrainStorageSerializer(sp.GetRequiredService<Orleans.Serialization.Serializer>())));
+        return silo;
+    }
+}

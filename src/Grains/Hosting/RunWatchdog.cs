@@ -1,0 +1,69 @@
+using Backprop.Grains.Messages;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace Backprop.Grains.Hosting;
+
+/// <summary>
+/// Keeps runs going when their coordinator's silo is lost. When membership declares a silo dead (and every
+/// <see cref="SweepInterval"/> as a backstop, which also covers a whole-cluster restart), it calls every run
+/// the registry lists as running; a call to a run whose activation died activates it on a live silo, and the
+/// new activation continues from the last checkpoint. Orleans reminders could do the same, but their period
+/// is at least a minute and they fire only after the reminder table is re-read: too slow for a resume within
+/// seconds. Every silo runs one; the calls are idempotent, so several silos reacting at once do no harm.
+/// </summary>
+public sealed class RunWatchdog(IClusterMembershipService membership, IGrainFactory grains, ILogger<RunWatchdog> logger) : BackgroundService
+{
+    public static readonly TimeSpan SweepInterval = TimeSpan.FromSeconds(15);
+
+    protected override async Task ExecuteAsync(CancellationToken stop)
+    {
+        var sweep = Sweep(stop);
+        try
+        {
+            ClusterMembershipSnapshot? previous = null;
+            await foreach (var snapshot in membership.MembershipUpdates.WithCancellation(stop))
+            {
+                var update = previous is null ? snapshot.AsUpdate() : snapshot.CreateUpdate(previous);
+                previous = snapshot;
+                if (update.Changes.Any(m => m.Status == SiloStatus.Dead)) await KeepRunsGoing(stop);
+            }
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+        }
+        await sweep;
+    }
+
+    private async Task Sweep(CancellationToken stop)
+    {
+        using var timer = new PeriodicTimer(SweepInterval);
+        try
+        {
+            while (await timer.WaitForNextTickAsync(stop)) await KeepRunsGoing(stop);
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+        }
+    }
+
+    private async Task KeepRunsGoing(CancellationToken stop)
+    {
+        try
+        {
+            var registry = grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
+            foreach (var runId in await registry.Running().WaitAsync(stop))
+            {
+                var status = await grains.GetGrain<IRunGrain>(runId).GetStatus(int.MaxValue).WaitAsync(stop);
+                // A run the registry still lists as running but that has finished (or never started) is corrected.
+                if (status.State != RunState.Running)
+                    await registry.Update(new RunSummary(runId, status.State, status.EpochsDone, status.Spec?.Epochs ?? 0, null, DateTime.UtcNow));
+            }
+        }
+        catch (Exception e) when (e is not OperationCanceledException || !stop.IsCancellationRequested)
+        {
+            // The silo may not be serving yet, or the cluster is changing: the next event or sweep tries again.
+            logger.LogDebug("Watchdog: {Error}", e.Message);
+        }
+    }
+}
