@@ -102,6 +102,7 @@ public sealed unsafe class BatchBackprop : IDisposable
         public readonly int MaxBatch;
         public readonly long X, XT, Scratch, Block, Act1T, ThreadBytes, SharedBytes;
         public readonly long[] ActT, Act, DeltaT;
+        public long TotalBytes(int threads) => checked(SharedBytes + threads * ThreadBytes);
     }
 
     /// <summary>
@@ -110,7 +111,9 @@ public sealed unsafe class BatchBackprop : IDisposable
     /// an invalid model, and for sizes over <see cref="ResourceLimits"/>: the constructor checks this
     /// before it allocates anything.
     /// </summary>
-    public static long BufferBytes(ModelSpec spec, int maxBatch, int threads)
+    public static long BufferBytes(ModelSpec spec, int maxBatch, int threads) => Plan(spec, maxBatch, threads).TotalBytes(threads);
+
+    private static Sizes Plan(ModelSpec spec, int maxBatch, int threads)
     {
         spec.Validate();
         if (maxBatch < 1 || maxBatch > ResourceLimits.MaxChunkSize)
@@ -122,17 +125,16 @@ public sealed unsafe class BatchBackprop : IDisposable
         // The shared buffers are smaller than one thread's (which holds deltaT[0], as large as actT[1]), so this bounds them too.
         if (sizes.ThreadBytes > ResourceLimits.MaxThreadBufferBytes)
             throw new ArgumentException($"{what}: {ResourceLimits.Bytes(sizes.ThreadBytes)} of activations and deltas per worker thread, over the {ResourceLimits.Bytes(ResourceLimits.MaxThreadBufferBytes)} limit");
-        long total = checked(sizes.SharedBytes + threads * sizes.ThreadBytes);
+        long total = sizes.TotalBytes(threads);
         if (total > ResourceLimits.MaxWorkerBufferBytes)
             throw new ArgumentException($"{what}, {threads} threads per worker: {ResourceLimits.Bytes(total)} of backprop buffers per worker, over the {ResourceLimits.Bytes(ResourceLimits.MaxWorkerBufferBytes)} limit");
-        return total;
+        return sizes;
     }
 
     /// <summary>Throws <see cref="ArgumentException"/> before allocating when the sizes are over <see cref="ResourceLimits"/> (see <see cref="BufferBytes"/>).</summary>
     public BatchBackprop(ModelSpec spec, int maxBatch, int threads = 1, Gemm.Isa? isa = null)
     {
-        BufferBytes(spec, maxBatch, threads);
-        var sizes = new Sizes(spec, maxBatch);
+        var sizes = Plan(spec, maxBatch, threads);
         Spec = spec;
         MaxBatch = maxBatch;
         _layout = new ParameterLayout(spec);
