@@ -87,7 +87,7 @@ public static class ModelFile
         var parameterBytes = reader.ReadBytes()?.ToArray() ?? throw new InvalidDataException("parameters are missing");
         var checksum = reader.ReadBytes()?.ToArray() ?? throw new InvalidDataException("checksum is missing");
         if (!reader.End) throw new InvalidDataException("unexpected bytes after the checksum");
-        long expected = new ParameterLayout(spec).Count * sizeof(float);
+        long expected = spec.ParameterCount * sizeof(float);
         if (parameterBytes.Length != expected)
             throw new InvalidDataException($"has {parameterBytes.Length} parameter bytes; the spec {spec.Describe()} needs {expected}");
         if (!SHA256.HashData(parameterBytes).AsSpan().SequenceEqual(checksum))

@@ -8,6 +8,8 @@ public sealed class Dataset
 {
     public Dataset(string name, int rows, int cols, byte[] pixels, byte[] labels, int classes)
     {
+        if (rows < 1 || cols < 1 || (long)rows * cols > ResourceLimits.MaxLayerWidth)
+            throw new ArgumentException($"{name}: {rows}x{cols} images do not fit a model's input of at most {ResourceLimits.MaxLayerWidth}");
         if (pixels.Length != (long)labels.Length * rows * cols)
             throw new ArgumentException($"{name}: {pixels.Length / Math.Max(1, rows * cols)} images but {labels.Length} labels");
         Name = name;
@@ -32,7 +34,9 @@ public sealed class Dataset
     public unsafe void CopyInputs(ReadOnlySpan<int> indices, Span<float> rows)
     {
         int f = Features;
-        if (rows.Length < indices.Length * f) throw new ArgumentException("rows is too short", nameof(rows));
+        if (rows.Length < (long)indices.Length * f) throw new ArgumentException("rows is too short", nameof(rows));
+        foreach (int index in indices)
+            if ((uint)index >= (uint)Count) throw new ArgumentOutOfRangeException(nameof(indices), $"sample {index} is outside {Name}'s {Count}");
         const float scale = 1f / 255f;
         fixed (byte* pixels = Pixels)
         fixed (float* output = rows)

@@ -45,7 +45,8 @@ public static class DatasetCatalog
         return Path.Combine(cache, "backprop-distributed");
     }
 
-    public static string DirectoryOf(string dataDir, string dataset) => Path.Combine(dataDir, dataset);
+    /// <summary>Only known names: a name from a message or a flag must not walk out of the data directory ("../..").</summary>
+    public static string DirectoryOf(string dataDir, string dataset) => Path.Combine(dataDir, Get(dataset).Name);
 
     /// <summary>The path of a standard file in a dataset directory, raw or .gz; null when neither exists.</summary>
     public static string? Find(string datasetDir, string fileName)

@@ -33,18 +33,35 @@ public sealed record ModelSpec(int[] Layers, Activation Activation, Loss Loss)
     public string Describe() =>
         $"[{string.Join(",", Layers)}] {Activation.ToString().ToLowerInvariant()} / {(Loss == Loss.Quadratic ? "sigmoid+quadratic" : "softmax+cross-entropy")}";
 
+    /// <summary>Weights and biases of all layers; valid once <see cref="Validate"/> has passed (checked, so it cannot wrap).</summary>
+    public long ParameterCount
+    {
+        get
+        {
+            long count = 0;
+            for (int l = 0; l < LayerCount; l++) count = checked(count + (long)Layers[l] * Layers[l + 1] + Layers[l + 1]);
+            return count;
+        }
+    }
+
     /// <summary>Throws <see cref="ArgumentException"/> naming the first thing wrong with the spec.</summary>
     public void Validate()
     {
         if (Layers is null || Layers.Length < 2)
             throw new ArgumentException("layers: need at least an input and an output size, e.g. 784,30,10");
+        if (Layers.Length - 1 > ResourceLimits.MaxWeightLayers)
+            throw new ArgumentException($"layers: {Layers.Length} sizes make {Layers.Length - 1} weight layers, over the limit of {ResourceLimits.MaxWeightLayers}");
         foreach (var n in Layers)
-            if (n < 1 || n > 1 << 16)
-                throw new ArgumentException($"layers: size {n} is out of range 1..65536");
+            if (n < 1 || n > ResourceLimits.MaxLayerWidth)
+                throw new ArgumentException($"layers: size {n} is out of range 1..{ResourceLimits.MaxLayerWidth}");
         if (Loss == Loss.CrossEntropy && OutputSize < 2)
             throw new ArgumentException("layers: softmax + cross-entropy needs at least 2 outputs");
-        if (new ParameterLayout(this).Count > 256_000_000)
-            throw new ArgumentException("layers: the model would have more than 256M parameters");
+        // Every evaluation carries a confusion matrix of outputs × outputs counts in one message.
+        ResourceLimits.CheckMessageBytes(Training.Evaluation.ConfusionBytes(OutputSize), $"layers: output size {OutputSize} needs a {OutputSize} x {OutputSize} confusion matrix");
+        long parameters = ParameterCount;
+        if (parameters > ResourceLimits.MaxParameters)
+            throw new ArgumentException($"layers: [{string.Join(",", Layers)}] has {parameters} parameters ({ResourceLimits.Bytes(parameters * sizeof(float))}), "
+                + $"over the limit of {ResourceLimits.MaxParameters} ({ResourceLimits.Bytes(ResourceLimits.MaxMessageBytes)}, what one message carries)");
     }
 
     public bool Equals(ModelSpec? other) =>

@@ -10,26 +10,27 @@ public sealed class ParameterLayout
     private readonly int[] _weightOffsets;
     private readonly int[] _biasOffsets;
 
+    /// <summary>Validates <paramref name="spec"/> first: its limits keep every offset within int range.</summary>
     public ParameterLayout(ModelSpec spec)
     {
+        spec.Validate();
         Spec = spec;
-        int layers = spec.Layers.Length - 1;
+        int layers = spec.LayerCount;
         _weightOffsets = new int[layers];
         _biasOffsets = new int[layers];
-        long offset = 0;
+        int offset = 0;
         for (int l = 0; l < layers; l++)
         {
-            _weightOffsets[l] = (int)Math.Min(offset, int.MaxValue);
-            offset += (long)spec.Layers[l] * spec.Layers[l + 1];
-            _biasOffsets[l] = (int)Math.Min(offset, int.MaxValue);
-            offset += spec.Layers[l + 1];
+            _weightOffsets[l] = offset;
+            offset = checked(offset + spec.Layers[l] * spec.Layers[l + 1]);
+            _biasOffsets[l] = offset;
+            offset = checked(offset + spec.Layers[l + 1]);
         }
-        Count = offset;
+        Length = offset;
     }
 
     public ModelSpec Spec { get; }
-    public long Count { get; }
-    public int Length => checked((int)Count);
+    public int Length { get; }
     public int LayerCount => _weightOffsets.Length;
     public int WeightOffset(int layer) => _weightOffsets[layer];
     public int BiasOffset(int layer) => _biasOffsets[layer];

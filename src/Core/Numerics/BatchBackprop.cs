@@ -56,32 +56,92 @@ public sealed unsafe class BatchBackprop : IDisposable
     private GradientBlock? _ready;
 
     /// <summary>What one thread computes for itself: its copy of the inputs, the later layers, the deltas.</summary>
-    private sealed class ThreadBuffers(ModelSpec spec, int maxBatch)
+    private sealed class ThreadBuffers(Sizes sizes)
     {
-        public readonly float[] X = Pinned(maxBatch * spec.InputSize);
-        public readonly float[] XT = Pinned(spec.InputSize * RoundUp(maxBatch));
+        public readonly float[] X = Pinned(sizes.X);
+        public readonly float[] XT = Pinned(sizes.XT);
         public int LoadedVersion;
         /// <summary>actT[l] for l ≥ 2; actT[1] too when it is the output (a model without hidden layers).</summary>
-        public readonly float[][] ActT = spec.Layers.Select((size, l) => l < 2 && l < spec.LayerCount ? [] : Pinned(size * RoundUp(maxBatch))).ToArray();
-        public readonly float[][] Act = spec.Layers.Select((size, l) => l == 0 || l == spec.LayerCount ? [] : Pinned(maxBatch * size)).ToArray();
-        public readonly float[][] DeltaT = spec.Layers.Skip(1).Select(size => Pinned(size * RoundUp(maxBatch))).ToArray();
-        public readonly double[] RowLoss = new double[maxBatch];
-        public readonly float[] Scratch = Pinned(2 * RoundUp(maxBatch));
+        public readonly float[][] ActT = sizes.ActT.Select(Pinned).ToArray();
+        public readonly float[][] Act = sizes.Act.Select(Pinned).ToArray();
+        public readonly float[][] DeltaT = sizes.DeltaT.Select(Pinned).ToArray();
+        public readonly double[] RowLoss = new double[sizes.MaxBatch];
+        public readonly float[] Scratch = Pinned(sizes.Scratch);
         /// <summary>Gradient entries on their way to a <see cref="GradientBlock"/> callback: 4 weight rows, or a run of biases.</summary>
-        public readonly float[] Block = Pinned(Math.Max(4 * spec.Layers[..^1].Max(), spec.Layers[1..].Max()));
+        public readonly float[] Block = Pinned(sizes.Block);
         public double Loss;
     }
 
+    /// <summary>
+    /// Element counts of every buffer (0: none), in 64-bit arithmetic. The allocation and
+    /// <see cref="BufferBytes"/> both read them, so the sizes checked are the sizes allocated.
+    /// </summary>
+    private sealed class Sizes
+    {
+        public Sizes(ModelSpec spec, int maxBatch)
+        {
+            long n = maxBatch, mp = RoundUp(maxBatch);
+            int[] layers = spec.Layers;
+            int count = layers.Length;
+            MaxBatch = maxBatch;
+            X = n * layers[0];
+            XT = layers[0] * mp;
+            ActT = Enumerable.Range(0, count).Select(l => l < 2 && l < count - 1 ? 0 : layers[l] * mp).ToArray();
+            Act = Enumerable.Range(0, count).Select(l => l == 0 || l == count - 1 ? 0 : n * layers[l]).ToArray();
+            DeltaT = layers[1..].Select(size => size * mp).ToArray();
+            Scratch = 2 * mp;
+            Block = Math.Max(4L * layers[..^1].Max(), layers[1..].Max());
+            Act1T = layers[1] * mp;
+            long floats = PinnedLength(X) + PinnedLength(XT) + ActT.Sum(PinnedLength) + Act.Sum(PinnedLength)
+                + DeltaT.Sum(PinnedLength) + PinnedLength(Scratch) + PinnedLength(Block);
+            ThreadBytes = checked(floats * sizeof(float) + n * sizeof(double));
+            // The first layer's output, and the sample indices, next indices and labels of the batch.
+            SharedBytes = checked(PinnedLength(Act1T) * sizeof(float) + n * (2 * sizeof(int) + sizeof(byte)));
+        }
+
+        public readonly int MaxBatch;
+        public readonly long X, XT, Scratch, Block, Act1T, ThreadBytes, SharedBytes;
+        public readonly long[] ActT, Act, DeltaT;
+        public long TotalBytes(int threads) => checked(SharedBytes + threads * ThreadBytes);
+    }
+
+    /// <summary>
+    /// The bytes of the buffers a <see cref="BatchBackprop"/> of these arguments allocates (every thread's
+    /// and the shared ones), computed without allocating them. Throws <see cref="ArgumentException"/> for
+    /// an invalid model, and for sizes over <see cref="ResourceLimits"/>: the constructor checks this
+    /// before it allocates anything.
+    /// </summary>
+    public static long BufferBytes(ModelSpec spec, int maxBatch, int threads) => Plan(spec, maxBatch, threads).TotalBytes(threads);
+
+    private static Sizes Plan(ModelSpec spec, int maxBatch, int threads)
+    {
+        spec.Validate();
+        if (maxBatch < 1 || maxBatch > ResourceLimits.MaxChunkSize)
+            throw new ArgumentOutOfRangeException(nameof(maxBatch), $"chunk-size: {maxBatch} is outside 1..{ResourceLimits.MaxChunkSize}");
+        if (threads < 1 || threads > ResourceLimits.MaxThreadsPerWorker)
+            throw new ArgumentOutOfRangeException(nameof(threads), $"threads-per-worker: {threads} is outside 1..{ResourceLimits.MaxThreadsPerWorker}");
+        var sizes = new Sizes(spec, maxBatch);
+        string what = $"chunk-size {maxBatch} x layers [{string.Join(",", spec.Layers)}]";
+        // The shared buffers are smaller than one thread's (which holds deltaT[0], as large as actT[1]), so this bounds them too.
+        if (sizes.ThreadBytes > ResourceLimits.MaxThreadBufferBytes)
+            throw new ArgumentException($"{what}: {ResourceLimits.Bytes(sizes.ThreadBytes)} of activations and deltas per worker thread, over the {ResourceLimits.Bytes(ResourceLimits.MaxThreadBufferBytes)} limit");
+        long total = sizes.TotalBytes(threads);
+        if (total > ResourceLimits.MaxWorkerBufferBytes)
+            throw new ArgumentException($"{what}, {threads} threads per worker: {ResourceLimits.Bytes(total)} of backprop buffers per worker, over the {ResourceLimits.Bytes(ResourceLimits.MaxWorkerBufferBytes)} limit");
+        return sizes;
+    }
+
+    /// <summary>Throws <see cref="ArgumentException"/> before allocating when the sizes are over <see cref="ResourceLimits"/> (see <see cref="BufferBytes"/>).</summary>
     public BatchBackprop(ModelSpec spec, int maxBatch, int threads = 1, Gemm.Isa? isa = null)
     {
-        if (maxBatch < 1) throw new ArgumentOutOfRangeException(nameof(maxBatch));
+        var sizes = Plan(spec, maxBatch, threads);
         Spec = spec;
         MaxBatch = maxBatch;
         _layout = new ParameterLayout(spec);
         _isa = isa ?? Gemm.Best;
         _parallel = new RowParallel(threads);
-        _own = Enumerable.Range(0, threads).Select(_ => new ThreadBuffers(spec, maxBatch)).ToArray();
-        _act1T = Pinned(spec.Layers[1] * RoundUp(maxBatch));
+        _own = Enumerable.Range(0, threads).Select(_ => new ThreadBuffers(sizes)).ToArray();
+        _act1T = Pinned(sizes.Act1T);
         _indices = new int[maxBatch];
         _next = new int[maxBatch];
         _labels = new byte[maxBatch];
@@ -113,6 +173,9 @@ public sealed unsafe class BatchBackprop : IDisposable
     {
         int n = CheckBatch(indices.Length);
         if (data.Features != Spec.InputSize) throw new ArgumentException($"{data.Name} has {data.Features} features; the model takes {Spec.InputSize}");
+        // Checked here, on the caller's thread: the row threads read pixels at these indices through pointers.
+        CheckIndices(data, indices, nameof(indices));
+        CheckIndices(data, next, nameof(next));
         indices.CopyTo(_indices);
         _nextCount = Math.Min(next.Length, MaxBatch);
         next[.._nextCount].CopyTo(_next);
@@ -192,6 +255,7 @@ public sealed unsafe class BatchBackprop : IDisposable
     /// <summary>Index of the largest output of sample i after a forward pass.</summary>
     public int Predict(int i)
     {
+        if ((uint)i >= (uint)_n) throw new ArgumentOutOfRangeException(nameof(i), $"sample {i} is outside the batch of {_n}");
         float* a = P(_own[0].ActT[^1]);
         int best = 0;
         for (int o = 1; o < Spec.OutputSize; o++)
@@ -451,10 +515,19 @@ public sealed unsafe class BatchBackprop : IDisposable
     // writing either side of a row-split boundary must not share a line (.NET aligns arrays to 8 bytes).
     private const int LineFloats = 16;
 
-    private static float[] Pinned(int length) => GC.AllocateArray<float>(Math.Max(length, 1) + LineFloats - 1, pinned: true);
+    private static long PinnedLength(long length) => length == 0 ? 0 : length + LineFloats - 1;
+
+    /// <summary>Lengths come from <see cref="Sizes"/>, checked against the limits, so the cast cannot truncate.</summary>
+    private static float[] Pinned(long length) => length == 0 ? [] : GC.AllocateArray<float>((int)PinnedLength(length), pinned: true);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float* P(float[] pinned) => (float*)(((nint)Unsafe.AsPointer(ref pinned[0]) + 63) & ~(nint)63);
+
+    private static void CheckIndices(Dataset data, ReadOnlySpan<int> indices, string name)
+    {
+        foreach (int index in indices)
+            if ((uint)index >= (uint)data.Count) throw new ArgumentOutOfRangeException(name, $"sample {index} is outside {data.Name}'s {data.Count}");
+    }
 
     private int CheckBatch(int n)
     {

@@ -20,8 +20,32 @@ public static unsafe class Gemm
 
     public static Isa Best => Vector512.IsHardwareAccelerated ? Isa.Vector512 : Vector256.IsHardwareAccelerated && System.Runtime.Intrinsics.X86.Fma.IsSupported ? Isa.Vector256 : Isa.Scalar;
 
-    /// <summary>Rows [rowStart, rowEnd) of C.</summary>
-    public static void Multiply(Isa isa, int rowStart, int rowEnd, int n, int k, float* a, nint aRow, nint aCol, float* b, nint ldb, float* c, nint ldc)
+    /// <summary>
+    /// Rows [rowStart, rowEnd) of C, with every extent checked against the spans first: the kernel itself
+    /// works on pointers and would write past a short C. Strides are not negative.
+    /// </summary>
+    public static void Multiply(Isa isa, int rowStart, int rowEnd, int n, int k, ReadOnlySpan<float> a, int aRow, int aCol, ReadOnlySpan<float> b, int ldb, Span<float> c, int ldc)
+    {
+        if (rowStart < 0 || rowEnd < rowStart || n < 0 || k < 0 || aRow < 0 || aCol < 0 || ldb < 0 || ldc < 0)
+            throw new ArgumentOutOfRangeException(nameof(rowStart), $"rows [{rowStart}, {rowEnd}), n {n}, k {k} and strides {aRow}, {aCol}, {ldb}, {ldc} must not be negative");
+        if (rowEnd > rowStart && n > 0)
+        {
+            // The last element each operand is read or written at, in 64 bits (ints that wrap would pass).
+            long lastRow = rowEnd - 1;
+            if (k > 0) Need(a.Length, lastRow * aRow + (k - 1L) * aCol + 1, nameof(a));
+            if (k > 0) Need(b.Length, (k - 1L) * ldb + n, nameof(b));
+            Need(c.Length, lastRow * ldc + n, nameof(c));
+        }
+        fixed (float* pa = a, pb = b, pc = c) Multiply(isa, rowStart, rowEnd, n, k, pa, aRow, aCol, pb, ldb, pc, ldc);
+
+        static void Need(int length, long needed, string name)
+        {
+            if (length < needed) throw new ArgumentException($"{name} has {length} elements; the product reaches element {needed - 1}", name);
+        }
+    }
+
+    /// <summary>Rows [rowStart, rowEnd) of C, unchecked: the caller owns the extents (BatchBackprop sizes its buffers for them).</summary>
+    internal static void Multiply(Isa isa, int rowStart, int rowEnd, int n, int k, float* a, nint aRow, nint aCol, float* b, nint ldb, float* c, nint ldc)
     {
         int r = rowStart;
         for (; r + 4 <= rowEnd; r += 4)
@@ -203,7 +227,7 @@ public static unsafe class Gemm
 }
 
 /// <summary>The operands of one product, so that a row range of it can be computed by any thread.</summary>
-public readonly unsafe struct GemmJob(Gemm.Isa isa, int n, int k, float* a, nint aRow, nint aCol, float* b, nint ldb, float* c, nint ldc)
+internal readonly unsafe struct GemmJob(Gemm.Isa isa, int n, int k, float* a, nint aRow, nint aCol, float* b, nint ldb, float* c, nint ldc)
 {
     public void Rows(int from, int to) => Gemm.Multiply(isa, from, to, n, k, a, aRow, aCol, b, ldb, c, ldc);
 }

@@ -3,8 +3,11 @@ using System.Runtime.Intrinsics.X86;
 
 namespace Backprop.Core.Numerics;
 
-/// <summary>dst[c·ldd + r] = src[r·lds + c] for r &lt; rows, c &lt; cols: 8×8 register tiles, scalar edges.</summary>
-public static unsafe class Transpose
+/// <summary>
+/// dst[c·ldd + r] = src[r·lds + c] for r &lt; rows, c &lt; cols: 8×8 register tiles, scalar edges.
+/// Internal and unchecked: its one caller, BatchBackprop, sizes both buffers for it.
+/// </summary>
+internal static unsafe class Transpose
 {
     [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public static void Run(float* src, int rows, int cols, nint lds, float* dst, nint ldd)

@@ -14,6 +14,11 @@ public sealed class EpochPlan
 
     public EpochPlan(int sampleCount, int batchSize, int chunkSize, long seed, int epoch)
     {
+        if (sampleCount < 0) throw new ArgumentOutOfRangeException(nameof(sampleCount), $"sample count {sampleCount} is negative");
+        if (batchSize < 1 || batchSize > ResourceLimits.MaxBatchSize)
+            throw new ArgumentOutOfRangeException(nameof(batchSize), $"batch-size: {batchSize} is outside 1..{ResourceLimits.MaxBatchSize}");
+        if (chunkSize < 1 || chunkSize > batchSize)
+            throw new ArgumentOutOfRangeException(nameof(chunkSize), $"chunk-size: {chunkSize} is outside 1..batch-size ({batchSize})");
         SampleCount = sampleCount;
         BatchSize = batchSize;
         ChunkSize = chunkSize;
@@ -34,7 +39,7 @@ public sealed class EpochPlan
         Epoch = epoch;
         Shuffle(_order, Seed, epoch);
     }
-    public int Steps => (SampleCount + BatchSize - 1) / BatchSize;
+    public int Steps => (int)((SampleCount + (long)BatchSize - 1) / BatchSize);
 
     public int StepSize(int step) => Math.Min(BatchSize, SampleCount - step * BatchSize);
     public int ChunkCount(int step) => (StepSize(step) + ChunkSize - 1) / ChunkSize;
@@ -42,12 +47,11 @@ public sealed class EpochPlan
     /// <summary>The sample indices of chunk <paramref name="chunk"/> of step <paramref name="step"/>.</summary>
     public ReadOnlySpan<int> Chunk(int step, int chunk)
     {
-        int stepStart = step * BatchSize;
-        int start = chunk * ChunkSize;
-        int count = Math.Min(ChunkSize, StepSize(step) - start);
-        if (step < 0 || step >= Steps || chunk < 0 || count <= 0)
+        // Both numbers come from messages: range-checked before any product is formed (then none can wrap).
+        if (step < 0 || step >= Steps || chunk < 0 || chunk >= ChunkCount(step))
             throw new ArgumentOutOfRangeException(nameof(chunk), $"step {step} chunk {chunk} is not in epoch {Epoch}'s plan");
-        return _order.AsSpan(stepStart + start, count);
+        int start = chunk * ChunkSize;
+        return _order.AsSpan(step * BatchSize + start, Math.Min(ChunkSize, StepSize(step) - start));
     }
 
     /// <summary>Fisher–Yates shuffle of 0..n-1 driven by the run seed and the epoch number.</summary>

@@ -25,6 +25,8 @@ public sealed class LocalTrainer : IDisposable
 
     public LocalTrainer(RunSpec spec, Dataset train, int threads = 1)
     {
+        // Also bounds the chunk sums below: a step's sums must fit one message, which is more than they take here.
+        spec.Validate(threads);
         _spec = spec;
         _train = train.Take(spec.TrainCount(train.Count));
         _runner = new ChunkRunner(spec.Model, spec.ChunkSize, threads);

@@ -25,18 +25,42 @@ public sealed record RunSpec(
     /// <summary>Steps between checkpoints of the parameter server (every epoch end is one too); see README for the cost.</summary>
     public const int DefaultCheckpointEvery = 100;
 
-    /// <summary>Throws <see cref="ArgumentException"/> naming the first bad setting.</summary>
+    /// <summary>
+    /// Throws <see cref="ArgumentException"/> naming the first bad setting, or a size over
+    /// <see cref="ResourceLimits"/> (checked for one thread per worker; see <see cref="Validate(int)"/>).
+    /// </summary>
     public void Validate()
     {
         Model.Validate();
         Optimizer.Validate();
-        if (BatchSize < 1 || BatchSize > 1_000_000) throw new ArgumentException($"batch-size: {BatchSize} is outside 1..1000000");
-        if (ChunkSize < 1 || ChunkSize > BatchSize) throw new ArgumentException($"chunk-size: {ChunkSize} is outside 1..batch-size ({BatchSize})");
+        if (BatchSize < 1 || BatchSize > ResourceLimits.MaxBatchSize)
+            throw new ArgumentException($"batch-size: {BatchSize} is outside 1..{ResourceLimits.MaxBatchSize}");
+        if (ChunkSize < 1 || ChunkSize > Math.Min(BatchSize, ResourceLimits.MaxChunkSize))
+            throw new ArgumentException($"chunk-size: {ChunkSize} is outside 1..{Math.Min(BatchSize, ResourceLimits.MaxChunkSize)} (the batch size, at most {ResourceLimits.MaxChunkSize})");
         if (Epochs < 1 || Epochs > 100_000) throw new ArgumentException($"epochs: {Epochs} is outside 1..100000");
         if (Workers < 1 || Workers > MaxWorkers) throw new ArgumentException($"workers: {Workers} is outside 1..{MaxWorkers}");
         if (TrainLimit < 0) throw new ArgumentException($"train-limit: {TrainLimit} is negative");
         if (CheckpointEvery < 1 || CheckpointEvery > 1_000_000) throw new ArgumentException($"checkpoint-every: {CheckpointEvery} is outside 1..1000000");
         DatasetCatalog.Get(Dataset);
+        // The parameter server receives all of a step's chunk sums in one call.
+        long chunks = (BatchSize + (long)ChunkSize - 1) / ChunkSize;
+        ResourceLimits.CheckMessageBytes(checked(chunks * Model.ParameterCount * sizeof(float)),
+            $"batch-size {BatchSize} / chunk-size {ChunkSize} = {chunks} chunk gradient sums of {Model.ParameterCount} parameters");
+        BatchBackprop.BufferBytes(Model, ChunkSize, threads: 1);
+    }
+
+    /// <summary>
+    /// <see cref="Validate()"/>, and the limits that depend on the threads each worker runs: the threads of
+    /// all workers together, and each worker's backprop buffers.
+    /// </summary>
+    public void Validate(int threadsPerWorker)
+    {
+        Validate();
+        if (threadsPerWorker < 1 || threadsPerWorker > ResourceLimits.MaxThreadsPerWorker)
+            throw new ArgumentException($"threads-per-worker: {threadsPerWorker} is outside 1..{ResourceLimits.MaxThreadsPerWorker}");
+        if ((long)Workers * threadsPerWorker > ResourceLimits.MaxTotalThreads)
+            throw new ArgumentException($"workers {Workers} x threads-per-worker {threadsPerWorker} = {(long)Workers * threadsPerWorker} threads, over the limit of {ResourceLimits.MaxTotalThreads}");
+        BatchBackprop.BufferBytes(Model, ChunkSize, threadsPerWorker);
     }
 
     /// <summary>Checks the spec against the data it will train on.</summary>
@@ -50,8 +74,8 @@ public sealed record RunSpec(
 
     public int TrainCount(int available) => TrainLimit == 0 ? available : Math.Min(TrainLimit, available);
 
-    /// <summary>The default chunk size cuts a batch into 4 chunks, so up to 4 workers share each step.</summary>
-    public static int DefaultChunkSize(int batchSize) => Math.Max(1, (batchSize + 3) / 4);
+    /// <summary>The default chunk size cuts a batch into 4 chunks, so up to 4 workers share each step (more when a quarter is over the chunk limit).</summary>
+    public static int DefaultChunkSize(int batchSize) => Math.Clamp((int)((batchSize + 3L) / 4), 1, ResourceLimits.MaxChunkSize);
 }
 
 public static class Presets

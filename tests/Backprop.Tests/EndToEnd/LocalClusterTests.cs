@@ -97,6 +97,12 @@ public sealed class LocalClusterTests : IDisposable
         Assert.Equal(2, badValue.Code);
         Assert.Equal("error: workers: 0 is outside 1..256", badValue.Error.Trim());
 
+        // Passed every check once, then its int buffer sizes wrapped and the kernels wrote past them.
+        var huge = Cli("train", "--layers", "784,65536,10", "--batch-size", "32768", "--chunk-size", "32768",
+            "--workers", "1", "--epochs", "1", "--data-dir", DataDir);
+        Assert.Equal(2, huge.Code);
+        Assert.StartsWith("error: layers: [784,65536,10] has 52101130 parameters", Assert.Single(huge.Error.Trim().Split('\n')));
+
         // Port 1: nothing listens there, and no ephemeral port can be it (a client could connect to itself).
         var noCluster = Cli("status", "some-run", "--gateway", "127.0.0.1:1");
         Assert.Equal(1, noCluster.Code);

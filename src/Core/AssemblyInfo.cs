@@ -1,0 +1,4 @@
+using System.Runtime.CompilerServices;
+
+// The benchmarks time the unchecked pointer kernels themselves; nothing else outside Core may call them.
+[assembly: InternalsVisibleTo("Backprop.Bench")]
