@@ -33,7 +33,7 @@ public sealed class ClusterConnection : IAsyncDisposable
     public static async Task<ClusterConnection> StartEmbedded(string dataDir, int threadsPerWorker, CancellationToken cancel)
     {
         var builder = Host.CreateApplicationBuilder();
-        Quiet(builder.Logging);
+        Quiet(builder);
         int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
         builder.UseOrleans(silo => silo
             .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
@@ -50,7 +50,7 @@ public sealed class ClusterConnection : IAsyncDisposable
     public static async Task<ClusterConnection> Connect(IPEndPoint gateway, string clusterId, CancellationToken cancel)
     {
         var builder = Host.CreateApplicationBuilder();
-        Quiet(builder.Logging);
+        Quiet(builder);
         builder.UseOrleansClient(client => client
             .UseStaticClustering(gateway)
             .Configure<ClusterOptions>(o => { o.ClusterId = clusterId; o.ServiceId = LocalClustering.ServiceId; })
@@ -76,8 +76,12 @@ public sealed class ClusterConnection : IAsyncDisposable
     /// The CLI reports failures itself, in one line: only errors of the embedded silo reach the console,
     /// and not the host's own account of a failed start (a stack trace the CLI turns into a message).
     /// </summary>
-    private static void Quiet(ILoggingBuilder logging)
+    private static void Quiet(HostApplicationBuilder builder)
     {
+        // Ctrl+C and SIGTERM belong to the command (it cancels or detaches from the run, then stops the host);
+        // the host's console lifetime would otherwise stop the embedded silo under the running command.
+        builder.Services.AddSingleton<IHostLifetime, CommandLifetime>();
+        var logging = builder.Logging;
         logging.ClearProviders();
         logging.AddSimpleConsole(o => o.SingleLine = true);
         logging.SetMinimumLevel(LogLevel.Error);
@@ -98,6 +102,13 @@ public sealed class ClusterConnection : IAsyncDisposable
             _host.Dispose();
         }
     }
+}
+
+/// <summary>A host lifetime that leaves process signals to the CLI command.</summary>
+internal sealed class CommandLifetime : IHostLifetime
+{
+    public Task WaitForStartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
 }
 
 public sealed class ClusterUnreachableException(string message) : Exception(message);

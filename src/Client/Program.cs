@@ -20,7 +20,19 @@ if (parsed.Errors.Count > 0)
     Console.Error.WriteLine($"error: {Cli.OneLine(parsed.Errors[0].Message)} (see --help)");
     return ExitCodes.Usage;
 }
-return await parsed.InvokeAsync();
+// Ctrl+C (SIGINT) and SIGTERM cancel the command's token: a run on the embedded silo is stopped at a step
+// boundary and checkpointed (`resume` continues it), a cluster run is detached from. The handlers cancel the
+// process's default exit so that the command can finish that work.
+using var interrupt = new CancellationTokenSource();
+using var onInt = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, Interrupt);
+using var onTerm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, Interrupt);
+return await parsed.InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null }, interrupt.Token);
+
+void Interrupt(System.Runtime.InteropServices.PosixSignalContext context)
+{
+    context.Cancel = true;
+    interrupt.Cancel();
+}
 
 namespace Backprop.Client
 {

@@ -103,6 +103,7 @@ public static class TrainCommand
         {
             int threads = parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers);
             if (threads is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threads} is outside 1..256");
+            spec.Validate(threads);
             DataCommand.Ensure(spec.Dataset, dataDir);
             cluster = await ClusterConnection.StartEmbedded(dataDir, threads, cancel);
         }

@@ -260,6 +260,7 @@ public sealed class RunGrain(
         var server = GrainFactory.GetGrain<IParameterServerGrain>(RunId);
         var workers = Enumerable.Range(0, spec.Workers).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{i}")).ToArray();
         var position = await server.Attach(spec, incarnation);
+        var resumeClock = Stopwatch.StartNew();
         _serverSilo = position.Silo;
         var current = position.Version;
         var plan = new EpochPlan(trainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, 0);
@@ -292,6 +293,11 @@ public sealed class RunGrain(
                 current = outcome.Version;
                 _step = current.Step;
                 lastProgress.Restart();
+                if (resumed)
+                {
+                    await AddEventNow("recovered", $"first step after the resume applied (step {current.Step}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
+                    resumed = false;
+                }
             }
             double trainSeconds = clock.Elapsed.TotalSeconds;
             _stepInEpoch = steps;

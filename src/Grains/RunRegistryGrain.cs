@@ -1,4 +1,5 @@
 using Backprop.Grains.Hosting;
+using Orleans.Storage;
 using Backprop.Grains.Messages;
 
 namespace Backprop.Grains;
@@ -20,20 +21,29 @@ public sealed class RunRegistryGrain(
     public async Task Update(RunSummary summary)
     {
         if (summary is null || string.IsNullOrEmpty(summary.RunId)) throw new ArgumentException("a run summary needs a run id");
-        var runs = new Dictionary<string, RunSummary>(list.State.Runs) { [summary.RunId] = summary };
-        if (runs.Count > MaxRuns)
-            foreach (var old in runs.Values.Where(r => r.State != RunState.Running).OrderBy(r => r.Updated).Take(runs.Count - MaxRuns).ToArray())
-                runs.Remove(old.RunId);
-        var before = list.State;
-        list.State = new RunList { Runs = runs };
-        try
+        for (int attempt = 1; ; attempt++)
         {
-            await list.WriteAuthoritative();
-        }
-        catch
-        {
-            list.State = before;
-            throw;
+            var runs = new Dictionary<string, RunSummary>(list.State.Runs) { [summary.RunId] = summary };
+            if (runs.Count > MaxRuns)
+                foreach (var old in runs.Values.Where(r => r.State != RunState.Running).OrderBy(r => r.Updated).Take(runs.Count - MaxRuns).ToArray())
+                    runs.Remove(old.RunId);
+            var before = list.State;
+            list.State = new RunList { Runs = runs };
+            try
+            {
+                await list.WriteStateAsync();
+                return;
+            }
+            catch (InconsistentStateException) when (attempt < 5)
+            {
+                // Another writer (a second CLI process on the same embedded store) got there first: merge into its list.
+                await list.ReadStateAsync();
+            }
+            catch
+            {
+                list.State = before;
+                throw;
+            }
         }
     }
 

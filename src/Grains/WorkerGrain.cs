@@ -69,7 +69,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         if (spec is null) throw new ArgumentException("work without a run spec");
         if (spec != _validSpec)
         {
-            spec.Validate();
+            spec.Validate(settings.ThreadsPerWorker);
             _validSpec = spec;
         }
         return spec;

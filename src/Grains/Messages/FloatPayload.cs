@@ -24,6 +24,7 @@ public sealed class FloatPayload(float[] values)
 [RegisterSerializer]
 public sealed class FloatPayloadCodec : IFieldCodec<FloatPayload>
 {
+
     public void WriteField<TBufferWriter>(ref Writer<TBufferWriter> writer, uint fieldIdDelta, Type? expectedType, FloatPayload? value)
         where TBufferWriter : System.Buffers.IBufferWriter<byte>
     {
@@ -41,6 +42,9 @@ public sealed class FloatPayloadCodec : IFieldCodec<FloatPayload>
         field.EnsureWireType(WireType.LengthPrefixed);
         uint length = reader.ReadVarUInt32();
         if (length % sizeof(float) != 0) throw new InvalidDataException($"payload of {length} bytes is not a float vector");
+        // Checked before allocating: a length prefix is whatever the sender wrote.
+        if (length > Backprop.Core.ResourceLimits.MaxMessageBytes)
+            throw new InvalidDataException($"payload of {Backprop.Core.ResourceLimits.Bytes(length)} is over the {Backprop.Core.ResourceLimits.Bytes(Backprop.Core.ResourceLimits.MaxMessageBytes)} limit");
         var values = new float[length / sizeof(float)];
         reader.ReadBytes(MemoryMarshal.AsBytes(values.AsSpan()));
         var result = new FloatPayload(values);

@@ -1,0 +1,61 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Backprop.Core;
+using Backprop.Core.Data;
+using Backprop.Core.Training;
+
+namespace Backprop.Tests.EndToEnd;
+
+/// <summary>The CLI's embedded cluster as a user meets it: Ctrl+C and resume, and a diverging run.</summary>
+[Collection("cluster")]
+public sealed class EmbeddedRunTests : IDisposable
+{
+    private readonly string _work = Directory.CreateTempSubdirectory("embedded-").FullName;
+    private string DataDir => Path.Combine(_work, "data");
+    private readonly TrainTest _data = SyntheticDigits.Create(trainCount: 640, testCount: 200, seed: 12);
+
+    public EmbeddedRunTests() => IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), _data);
+
+    public void Dispose() => Directory.Delete(_work, recursive: true);
+
+    [Fact]
+    public void A_run_interrupted_by_ctrl_c_resumes_from_its_checkpoint_with_the_same_bits()
+    {
+        const int epochs = 60;
+        var train = CliProcess.Start("train", "--epochs", $"{epochs}", "--seed", "11", "--workers", "2", "--run-id", "interrupted",
+            "--checkpoint-every", "3", "--data-dir", DataDir);
+        // Ctrl+C once the first epoch is reported: the run is then well inside its 600 steps.
+        train.WaitForLine(line => line.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(60));
+        train.Interrupt();
+        var stopped = train.Finish(TimeSpan.FromSeconds(60));
+        Assert.True(stopped.Code == 130, stopped.Output);
+        Assert.Contains("continue it with: resume interrupted", stopped.Error);
+
+        var runs = CliProcess.Run("runs", "--data-dir", DataDir);
+        Assert.True(runs.Code == 0, runs.Output);
+        Assert.Matches(@"interrupted\s+cancelled\s+\d+/60", runs.Output);
+
+        string metrics = Path.Combine(_work, "resumed.jsonl");
+        var resumed = CliProcess.Run("resume", "interrupted", "--data-dir", DataDir, "--metrics-out", metrics);
+        Assert.True(resumed.Code == 0, resumed.Output);
+        var lines = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement).ToArray();
+        Assert.Equal(Enumerable.Range(1, epochs), lines.Select(l => l.GetProperty("epoch").GetInt32()));
+
+        using var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 11, Workers = 2, Epochs = epochs }, _data.Train);
+        for (int e = 0; e < epochs; e++) local.TrainEpoch(e);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), lines[^1].GetProperty("parameterSha256").GetString());
+
+        var again = CliProcess.Run("resume", "interrupted", "--data-dir", DataDir);
+        Assert.Equal(2, again.Code);
+        Assert.Equal("error: run 'interrupted' is completed; there is nothing to resume", again.Error.Trim());
+    }
+
+    [Fact]
+    public void A_huge_learning_rate_ends_as_diverged_with_exit_3()
+    {
+        var run = CliProcess.Run("train", "--epochs", "1", "--lr", "1e30", "--run-id", "boom", "--data-dir", DataDir);
+        Assert.Equal(3, run.Code);
+        var line = Assert.Single(run.Error.Trim().Split('\n'));
+        Assert.Matches(@"^run boom diverged: diverged at step \d+ \(epoch 1\): ", line);
+    }
+}
