@@ -1,4 +1,3 @@
-using System.Net;
 using Backprop.Grains.Hosting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
@@ -37,20 +36,33 @@ public sealed class ClusterConnection : IAsyncDisposable
         int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
         builder.UseOrleans(silo => silo
             .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
-            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker));
+            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker)
+            .AddMemoryGrainStorage(SiloSetup.StorageName));
         var host = builder.Build();
         await host.StartAsync(cancel);
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true);
     }
 
-    public static async Task<ClusterConnection> Connect(IPEndPoint gateway, string clusterId, CancellationToken cancel)
+    public static async Task<ClusterConnection> Connect(ClusterAddress address, CancellationToken cancel)
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder.Logging);
-        builder.UseOrleansClient(client => client
-            .UseStaticClustering(gateway)
-            .Configure<ClusterOptions>(o => { o.ClusterId = clusterId; o.ServiceId = LocalClustering.ServiceId; })
-            .Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20)));
+        // A client's failed connection attempts are the CLI's one-line error, not Orleans' log lines.
+        builder.Logging.AddFilter("Orleans", LogLevel.None);
+        builder.UseOrleansClient(client =>
+        {
+            if (address.Redis is { } redis)
+            {
+                client.UseRedisClustering(o => o.ConfigurationOptions = RedisCluster.Options(LocalClustering.ParseEndpoint(redis, "--redis")));
+                client.Configure<ClusterOptions>(o => { o.ClusterId = address.ClusterId; o.ServiceId = RedisCluster.ServiceIdOf(address.ClusterId); });
+            }
+            else
+            {
+                client.UseStaticClustering(address.Gateways);
+                client.Configure<ClusterOptions>(o => { o.ClusterId = address.ClusterId; o.ServiceId = LocalClustering.ServiceId; });
+            }
+            client.Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20));
+        });
         var host = builder.Build();
         // Bounded: a client can otherwise keep retrying a gateway that never answers.
         using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancel);
@@ -62,10 +74,11 @@ public sealed class ClusterConnection : IAsyncDisposable
         catch (Exception e) when (!cancel.IsCancellationRequested)
         {
             host.Dispose();
-            string reason = e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : e.Message;
-            throw new ClusterUnreachableException($"cannot reach a cluster '{clusterId}' at gateway {gateway}: {reason}");
+            string reason = e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : Cli.OneLine(e.Message);
+            string where = address.Redis is { } r ? $"through Redis {r}" : $"at gateway {string.Join(", ", address.Gateways.Select(g => g.ToString()))}";
+            throw new ClusterUnreachableException($"cannot reach a cluster '{address.ClusterId}' {where}: {reason}");
         }
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), $"cluster '{clusterId}' via gateway {gateway}", isEmbedded: false);
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false);
     }
 
     /// <summary>

@@ -24,6 +24,7 @@ public sealed class ClusterFixture : IAsyncLifetime
         builder.ConfigureSilo((_, silo) =>
         {
             silo.AddBackpropGrains(dataDir, allowFetch: false);
+            silo.AddMemoryGrainStorage(SiloSetup.StorageName);
             silo.Configure<SiloMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(30));
         });
         Cluster = builder.Build();
