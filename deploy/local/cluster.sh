@@ -30,7 +30,13 @@ instead of building one), BACKPROP_DATA (data directory).
 USAGE
 }
 
-alive() { kill -0 "$1" 2>/dev/null; }
+# Running, not a zombie: a killed silo whose starter (this script) has exited may wait unreaped for a while
+# where nothing reaps orphans (containers, test hosts), and kill -0 still succeeds on it.
+alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ $state != Z* ]]
+}
 now() { date +%H:%M:%S.%3N; }
 
 silo_dll() {
@@ -205,7 +211,9 @@ kill_silo() {
   pid=$(silo_pid "$1")
   if [ -z "$pid" ] || ! alive "$pid"; then echo "silo-$1 is not running"; return 0; fi
   kill -KILL "$pid"
-  echo "$(now) silo-$1 killed (pid $pid)"
+  local t=$(now)
+  while alive "$pid"; do sleep 0.05; done
+  echo "$t silo-$1 killed (pid $pid)"
 }
 
 restart_silo() {
