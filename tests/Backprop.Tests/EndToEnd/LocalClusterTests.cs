@@ -2,7 +2,6 @@ using System.Text.Json;
 using Backprop.Core;
 using Backprop.Core.Data;
 using Backprop.Core.Training;
-using Backprop.Grains.Hosting;
 
 namespace Backprop.Tests.EndToEnd;
 
@@ -28,7 +27,8 @@ public sealed class LocalClusterTests : IDisposable
     {
         var data = SyntheticDigits.Create(trainCount: 640, testCount: 200, seed: 9);
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), data);
-        int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
+        var taken = new HashSet<int>();
+        int siloPort = Processes.FreePorts(2, taken), gatewayPort = Processes.FreePorts(2, taken);
         string cluster = "e2e-" + Guid.NewGuid().ToString("N")[..8];
 
         var started = Script("start", "--silos", "2", "--silo-port", siloPort.ToString(), "--gateway-port", gatewayPort.ToString(),

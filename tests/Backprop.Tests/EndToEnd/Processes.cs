@@ -10,6 +10,37 @@ public static class Processes
     public static readonly string Root = FindRoot();
     public static readonly string Configuration = new DirectoryInfo(AppContext.BaseDirectory).Parent!.Name;
 
+    /// <summary>
+    /// The first of <paramref name="count"/> consecutive loopback ports that are free now and not in
+    /// <paramref name="taken"/> (which gets them): cluster.sh gives silo i the port P+i, and ports asked
+    /// for one by one often come out consecutive, so a silo's P+1 could be another's gateway or Redis.
+    /// </summary>
+    public static int FreePorts(int count, HashSet<int> taken)
+    {
+        while (true)
+        {
+            int first = Backprop.Grains.Hosting.LocalClustering.FreePort();
+            var range = Enumerable.Range(first, count).ToArray();
+            if (range[^1] > 65535 || range.Any(taken.Contains) || !range.All(IsFree)) continue;
+            taken.UnionWith(range);
+            return first;
+        }
+    }
+
+    private static bool IsFree(int port)
+    {
+        try
+        {
+            using var listener = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, port);
+            listener.Start();
+            return true;
+        }
+        catch (System.Net.Sockets.SocketException)
+        {
+            return false;
+        }
+    }
+
     public static Result Cli(params string[] args) =>
         Run("dotnet", [Path.Combine(Root, "src/Client/bin", Configuration, "net10.0/backprop.dll"), .. args]);
 

@@ -2,7 +2,6 @@ using System.Text.Json;
 using Backprop.Core;
 using Backprop.Core.Data;
 using Backprop.Core.Training;
-using Backprop.Grains.Hosting;
 using Backprop.Tests.Infrastructure;
 using static Backprop.Tests.EndToEnd.Processes;
 
@@ -31,7 +30,8 @@ public sealed class RedisClusterTests : IDisposable
     {
         var data = SyntheticDigits.Create(trainCount: 320, testCount: 100, seed: 11);
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), data);
-        int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort(), redisPort = LocalClustering.FreePort();
+        var taken = new HashSet<int>();
+        int siloPort = FreePorts(2, taken), gatewayPort = FreePorts(2, taken), redisPort = FreePorts(1, taken);
         string cluster = "e2e-" + Guid.NewGuid().ToString("N")[..8], redis = $"127.0.0.1:{redisPort}";
         string[] start = ["start", "--silos", "2", "--redis", "--redis-port", redisPort.ToString(), "--silo-port", siloPort.ToString(),
             "--gateway-port", gatewayPort.ToString(), "--cluster-id", cluster, "--data-dir", DataDir];
