@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A local multi-process cluster: N silo processes on loopback, silo 0 the primary (localhost clustering).
-# PIDs, logs and the cluster's settings live in a state folder so 'stop' and 'status' find them.
+# A local multi-process cluster: N silo processes on loopback, clustered either around silo 0 (localhost
+# clustering, the default) or through a Redis started here (--redis).
+# PIDs, logs, each silo's arguments and the cluster's settings live in a state folder so that 'stop',
+# 'status', 'kill' and 'restart' find them; with --redis, Redis' append-only file lives there too.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -9,21 +11,94 @@ STATE=${BACKPROP_STATE:-$ROOT/deploy/local/state}
 usage() {
   cat <<USAGE
 usage: deploy/local/cluster.sh start [--silos N] [--silo-port P] [--gateway-port G] [--cluster-id ID] [--data-dir DIR]
-       deploy/local/cluster.sh stop | status
+                                     [--redis [--redis-port R]]
+       deploy/local/cluster.sh stop | status | kill I | restart I
 
-start   builds the silo (Release) and starts N silos (default 3): silo i listens on P+i (default 11111+i)
-        and serves clients on G+i (default 30000+i). Waits until every silo is up.
-stop    stops the silos (SIGTERM, then SIGKILL after 15 s).
-status  lists the silos and whether they run.
+start    builds the silo (Release) and starts N silos (default 3): silo i listens on P+i (default 11111+i)
+         and serves clients on G+i (default 30000+i). Waits until every silo is up.
+         Without --redis: localhost clustering around silo 0 (the primary). For quick experiments on one
+         machine: the primary is a single point of failure and runs live in silo memory.
+         With --redis: starts redis-server on 127.0.0.1:R (default 6379, append-only file in
+         STATE/redis) and clusters the silos through it: membership, grain storage and reminders are in
+         Redis, any silo may die, and a later 'start --redis' on the same state folder finds the runs again.
+stop     stops the silos (SIGTERM, then SIGKILL after 15 s), then Redis (which writes its append-only file).
+status   lists the silos (and Redis) and whether they run.
+kill I   kills silo I with SIGKILL (no goodbye: the others must detect its death).
+restart  starts silo I again with the arguments it was started with.
 Env: BACKPROP_STATE (state folder, default deploy/local/state), BACKPROP_SILO_DLL (a built silo to run
 instead of building one), BACKPROP_DATA (data directory).
 USAGE
 }
 
-alive() { kill -0 "$1" 2>/dev/null; }
+# Running, not a zombie: a killed silo whose starter (this script) has exited may wait unreaped for a while
+# where nothing reaps orphans (containers, test hosts), and kill -0 still succeeds on it.
+alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  [[ $state != Z* ]]
+}
+now() { date +%H:%M:%S.%3N; }
+
+silo_dll() {
+  local dll=${BACKPROP_SILO_DLL:-}
+  if [ -z "$dll" ]; then
+    echo "building the silo (Release)..." >&2
+    dotnet build -c Release "$ROOT/src/Silo/Backprop.Silo.csproj" -v q -nologo >/dev/null
+    dll=$ROOT/src/Silo/bin/Release/net10.0/Backprop.Silo.dll
+  fi
+  echo "$dll"
+}
+
+# How many times silo I has logged that it is up.
+ups() { local c; c=$(grep -c "silo-$1 up" "$STATE/silo-$1.log" 2>/dev/null) || true; echo "${c:-0}"; }
+
+# The pid of silo I (line I of STATE/pids), or nothing.
+silo_pid() { sed -n "$(($1 + 1))p" "$STATE/pids" 2>/dev/null; }
+
+# Starts silo I from its stored argument list (one argument a line, STATE/silo-I.args) and waits until it
+# logs "silo-I up" once more than before. Appends to its log, so a restart keeps the history of a kill.
+launch() {
+  local i=$1 dll=$2
+  local log="$STATE/silo-$i.log"
+  local args=()
+  mapfile -t args < "$STATE/silo-$i.args"
+  local before
+  before=$(ups "$i")
+  nohup dotnet "$dll" "${args[@]}" >> "$log" 2>&1 < /dev/null &
+  local pid=$!
+  # Line i of the pids file is silo i's pid.
+  local pids=()
+  [ -f "$STATE/pids" ] && mapfile -t pids < "$STATE/pids"
+  pids[i]=$pid
+  printf '%s\n' "${pids[@]}" > "$STATE/pids"
+  local waited=0
+  until [ "$(ups "$i")" -gt "$before" ]; do
+    if ! alive "$pid"; then echo "error: silo-$i exited; its log ($log) ends with:" >&2; tail -5 "$log" >&2; return 1; fi
+    if [ $waited -ge 600 ]; then echo "error: silo-$i not up after 60 s; see $log" >&2; return 1; fi
+    sleep 0.1; waited=$((waited + 1))
+  done
+  echo "silo-$i up: pid $pid, $(grep "silo-$i up" "$log" | tail -1 | sed -E 's/.* up: //'), log $log"
+}
+
+start_redis() {
+  local port=$1
+  command -v redis-server >/dev/null || { echo "error: redis-server is not installed (apt-get install -y redis-server)" >&2; return 1; }
+  mkdir -p "$STATE/redis"
+  # Loopback only; the append-only file (fsync every second) is what makes runs survive a stop.
+  nohup redis-server --bind 127.0.0.1 --port "$port" --appendonly yes --dir "$STATE/redis" --save '' \
+    > "$STATE/redis.log" 2>&1 < /dev/null &
+  echo $! > "$STATE/redis.pid"
+  local waited=0
+  until [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; do
+    if ! alive "$(cat "$STATE/redis.pid")"; then echo "error: redis-server exited; $STATE/redis.log ends with:" >&2; tail -5 "$STATE/redis.log" >&2; return 1; fi
+    if [ $waited -ge 300 ]; then echo "error: redis-server not answering after 30 s" >&2; return 1; fi
+    sleep 0.1; waited=$((waited + 1))
+  done
+  echo "redis up: pid $(cat "$STATE/redis.pid"), 127.0.0.1:$port, data $STATE/redis"
+}
 
 start() {
-  local n=3 silo_port=11111 gateway_port=30000 cluster=backprop-dev data=${BACKPROP_DATA:-}
+  local n=3 silo_port=11111 gateway_port=30000 cluster=backprop-dev data=${BACKPROP_DATA:-} redis=0 redis_port=6379
   while [ $# -gt 0 ]; do
     case $1 in
       --silos) n=$2; shift 2 ;;
@@ -31,76 +106,130 @@ start() {
       --gateway-port) gateway_port=$2; shift 2 ;;
       --cluster-id) cluster=$2; shift 2 ;;
       --data-dir) data=$2; shift 2 ;;
+      --redis) redis=1; shift ;;
+      --redis-port) redis_port=$2; shift 2 ;;
       -h|--help) usage; exit 0 ;;
       *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
   done
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "error: --silos must be a positive integer" >&2; exit 2; }
+  [[ $redis_port =~ ^[1-9][0-9]*$ ]] || { echo "error: --redis-port must be a port number" >&2; exit 2; }
   if [ -f "$STATE/pids" ]; then
     while read -r pid; do
-      if alive "$pid"; then echo "error: a cluster is already running (pid $pid); run '$0 stop' first" >&2; exit 2; fi
+      if [ -n "$pid" ] && alive "$pid"; then echo "error: a cluster is already running (pid $pid); run '$0 stop' first" >&2; exit 2; fi
     done < "$STATE/pids"
   fi
 
-  local dll=${BACKPROP_SILO_DLL:-}
-  if [ -z "$dll" ]; then
-    echo "building the silo (Release)..."
-    dotnet build -c Release "$ROOT/src/Silo/Backprop.Silo.csproj" -v q -nologo >/dev/null
-    dll=$ROOT/src/Silo/bin/Release/net10.0/Backprop.Silo.dll
-  fi
-
+  local dll
+  dll=$(silo_dll)
   mkdir -p "$STATE"
-  : > "$STATE/pids"
-  printf 'CLUSTER_ID=%s\nGATEWAY=127.0.0.1:%s\nSILOS=%s\n' "$cluster" "$gateway_port" "$n" > "$STATE/cluster.env"
+  rm -f "$STATE/pids" "$STATE/redis.pid"
+  local gateways=()
+  local i
+  for ((i = 0; i < n; i++)); do gateways+=("127.0.0.1:$((gateway_port + i))"); done
+  local gateway_list redis_address=""
+  gateway_list=$(IFS=,; echo "${gateways[*]}")
+  if [ $redis -eq 1 ]; then
+    redis_address=127.0.0.1:$redis_port
+    start_redis "$redis_port" || { stop; exit 1; }
+  fi
+  printf 'CLUSTER_ID=%s\nGATEWAYS=%s\nREDIS=%s\nSILOS=%s\n' "$cluster" "$gateway_list" "$redis_address" "$n" > "$STATE/cluster.env"
   for ((i = 0; i < n; i++)); do
     local args=(--cluster-id "$cluster" --silo-port $((silo_port + i)) --gateway-port $((gateway_port + i)) --name "silo-$i")
-    [ "$i" -gt 0 ] && args+=(--primary "127.0.0.1:$silo_port")
+    if [ $redis -eq 1 ]; then
+      args+=(--redis "$redis_address")
+    elif [ "$i" -gt 0 ]; then
+      args+=(--primary "127.0.0.1:$silo_port")
+    fi
     [ -n "$data" ] && args+=(--data-dir "$data")
-    local log="$STATE/silo-$i.log"
-    nohup dotnet "$dll" "${args[@]}" > "$log" 2>&1 < /dev/null &
-    echo $! >> "$STATE/pids"
-    # The primary must be up before the others join; each silo logs "silo-i up" when it serves.
-    local waited=0
-    until grep -q "silo-$i up" "$log" 2>/dev/null; do
-      if ! alive "$!"; then echo "error: silo-$i exited; its log ($log) ends with:" >&2; tail -5 "$log" >&2; stop; exit 1; fi
-      if [ $waited -ge 600 ]; then echo "error: silo-$i not up after 60 s; see $log" >&2; stop; exit 1; fi
-      sleep 0.1; waited=$((waited + 1))
-    done
-    echo "silo-$i up: pid $!, silo port $((silo_port + i)), gateway 127.0.0.1:$((gateway_port + i)), log $log"
+    printf '%s\n' "${args[@]}" > "$STATE/silo-$i.args"
+    # One at a time: with localhost clustering the primary must be up before the others join.
+    launch "$i" "$dll" || { stop; exit 1; }
   done
-  echo "cluster '$cluster' of $n silos; train on it with: dotnet run --project src/Client -- train --gateway 127.0.0.1:$gateway_port --cluster-id $cluster"
+  if [ $redis -eq 1 ]; then
+    echo "cluster '$cluster' of $n silos on Redis $redis_address; train on it with: dotnet run --project src/Client -- train --redis $redis_address --cluster-id $cluster"
+  else
+    echo "cluster '$cluster' of $n silos; train on it with: dotnet run --project src/Client -- train --gateway $gateway_list --cluster-id $cluster"
+  fi
+}
+
+stop_pids() {
+  local pids=("$@")
+  for pid in "${pids[@]}"; do alive "$pid" && kill -TERM "$pid" 2>/dev/null || true; done
+  for ((t = 0; t < 150; t++)); do
+    local any=0
+    for pid in "${pids[@]}"; do alive "$pid" && any=1; done
+    [ $any -eq 0 ] && return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do alive "$pid" && { echo "pid $pid did not stop; killing it"; kill -KILL "$pid" 2>/dev/null || true; }; done
+  return 0
 }
 
 stop() {
-  [ -f "$STATE/pids" ] || { echo "no cluster state in $STATE"; return 0; }
-  local pids
-  pids=$(cat "$STATE/pids")
-  for pid in $pids; do alive "$pid" && kill -TERM "$pid" 2>/dev/null || true; done
-  for ((t = 0; t < 150; t++)); do
-    local any=0
-    for pid in $pids; do alive "$pid" && any=1; done
-    [ $any -eq 0 ] && break
-    sleep 0.1
-  done
-  for pid in $pids; do alive "$pid" && { echo "silo pid $pid did not stop; killing it"; kill -KILL "$pid" 2>/dev/null || true; }; done
-  rm -f "$STATE/pids"
+  if [ ! -f "$STATE/pids" ] && [ ! -f "$STATE/redis.pid" ]; then echo "no cluster state in $STATE"; return 0; fi
+  if [ -f "$STATE/pids" ]; then
+    local pids=()
+    mapfile -t pids < <(grep -v '^$' "$STATE/pids")
+    [ ${#pids[@]} -gt 0 ] && stop_pids "${pids[@]}"
+    rm -f "$STATE/pids"
+  fi
+  # Redis last: silos leave the membership table as they stop. SIGTERM makes redis-server flush its AOF.
+  if [ -f "$STATE/redis.pid" ]; then
+    stop_pids "$(cat "$STATE/redis.pid")"
+    rm -f "$STATE/redis.pid"
+  fi
   echo "stopped"
 }
 
 status() {
   [ -f "$STATE/pids" ] || { echo "no cluster running (no $STATE/pids)"; return 0; }
   cat "$STATE/cluster.env"
+  if [ -f "$STATE/redis.pid" ]; then
+    local redis_address
+    redis_address=$(sed -n 's/^REDIS=//p' "$STATE/cluster.env")
+    if alive "$(cat "$STATE/redis.pid")"; then
+      echo "redis pid $(cat "$STATE/redis.pid") running on $redis_address ($(redis-cli -h "${redis_address%:*}" -p "${redis_address##*:}" ping 2>&1))"
+    else
+      echo "redis pid $(cat "$STATE/redis.pid") not running"
+    fi
+  fi
   local i=0
   while read -r pid; do
-    if alive "$pid"; then echo "silo-$i pid $pid running"; else echo "silo-$i pid $pid not running"; fi
+    if [ -n "$pid" ] && alive "$pid"; then echo "silo-$i pid $pid running"; else echo "silo-$i pid $pid not running"; fi
     i=$((i + 1))
   done < "$STATE/pids"
+}
+
+check_index() {
+  [[ ${1:-} =~ ^[0-9]+$ ]] && [ -f "$STATE/silo-$1.args" ] || { echo "error: no silo '${1:-}' in $STATE" >&2; exit 2; }
+}
+
+kill_silo() {
+  check_index "${1:-}"
+  local pid
+  pid=$(silo_pid "$1")
+  if [ -z "$pid" ] || ! alive "$pid"; then echo "silo-$1 is not running"; return 0; fi
+  kill -KILL "$pid"
+  local t=$(now)
+  while alive "$pid"; do sleep 0.05; done
+  echo "$t silo-$1 killed (pid $pid)"
+}
+
+restart_silo() {
+  check_index "${1:-}"
+  local pid
+  pid=$(silo_pid "$1")
+  if [ -n "$pid" ] && alive "$pid"; then echo "error: silo-$1 is running (pid $pid)" >&2; exit 2; fi
+  launch "$1" "$(silo_dll)"
 }
 
 case ${1:-} in
   start) shift; start "$@" ;;
   stop) stop ;;
   status) status ;;
+  kill) kill_silo "${2:-}" ;;
+  restart) restart_silo "${2:-}" ;;
   -h|--help|help) usage ;;
   *) usage >&2; exit 2 ;;
 esac

@@ -1,4 +1,3 @@
-using System.Net;
 using Backprop.Grains.Hosting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
@@ -47,14 +46,26 @@ public sealed class ClusterConnection : IAsyncDisposable
     /// <summary>Where the embedded silo stores runs, so that an interrupted run can be resumed: beside the data sets.</summary>
     public static string StateDirectory(string dataDir) => Path.Combine(dataDir, "runs");
 
-    public static async Task<ClusterConnection> Connect(IPEndPoint gateway, string clusterId, CancellationToken cancel)
+    public static async Task<ClusterConnection> Connect(ClusterAddress address, CancellationToken cancel)
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder);
-        builder.UseOrleansClient(client => client
-            .UseStaticClustering(gateway)
-            .Configure<ClusterOptions>(o => { o.ClusterId = clusterId; o.ServiceId = LocalClustering.ServiceId; })
-            .Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20)));
+        // A client's failed connection attempts are the CLI's one-line error, not Orleans' log lines.
+        builder.Logging.AddFilter("Orleans", LogLevel.None);
+        builder.UseOrleansClient(client =>
+        {
+            if (address.Redis is { } redis)
+            {
+                client.UseRedisClustering(o => o.ConfigurationOptions = RedisCluster.Options(LocalClustering.ParseEndpoint(redis, "--redis")));
+                client.Configure<ClusterOptions>(o => { o.ClusterId = address.ClusterId; o.ServiceId = RedisCluster.ServiceIdOf(address.ClusterId); });
+            }
+            else
+            {
+                client.UseStaticClustering(address.Gateways);
+                client.Configure<ClusterOptions>(o => { o.ClusterId = address.ClusterId; o.ServiceId = LocalClustering.ServiceId; });
+            }
+            client.Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20));
+        });
         var host = builder.Build();
         // Bounded: a client can otherwise keep retrying a gateway that never answers.
         using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancel);
@@ -66,10 +77,11 @@ public sealed class ClusterConnection : IAsyncDisposable
         catch (Exception e) when (!cancel.IsCancellationRequested)
         {
             host.Dispose();
-            string reason = e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : e.Message;
-            throw new ClusterUnreachableException($"cannot reach a cluster '{clusterId}' at gateway {gateway}: {reason}");
+            string reason = e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : Cli.OneLine(e.Message);
+            string where = address.Redis is { } r ? $"through Redis {r}" : $"at gateway {string.Join(", ", address.Gateways.Select(g => g.ToString()))}";
+            throw new ClusterUnreachableException($"cannot reach a cluster '{address.ClusterId}' {where}: {reason}");
         }
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), $"cluster '{clusterId}' via gateway {gateway}", isEmbedded: false);
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false);
     }
 
     /// <summary>

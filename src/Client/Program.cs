@@ -39,14 +39,6 @@ namespace Backprop.Client
     /// <summary>Options several commands share, and the error handling every command goes through.</summary>
     public static class Cli
     {
-        public static Option<string?> Gateway(string description) => new("--gateway") { Description = description + " (host:port)" };
-
-        public static Option<string> ClusterId() => new("--cluster-id")
-        {
-            Description = "Cluster id of the running cluster [env BACKPROP_CLUSTER_ID]",
-            DefaultValueFactory = _ => Environment.GetEnvironmentVariable("BACKPROP_CLUSTER_ID") is { Length: > 0 } v ? v : Backprop.Grains.Hosting.LocalClustering.DefaultClusterId,
-        };
-
         public static Option<string> DataDir() => new("--data-dir")
         {
             Description = "Data directory holding <dataset>/<IDX files> [env BACKPROP_DATA]",

@@ -12,14 +12,14 @@ public static class RunCommands
 {
     public static Command Watch()
     {
-        var (command, run, gateway, clusterId) = Make("watch", "Attach to a run: print its epochs so far, then follow it to the end");
+        var (command, run, address) = Make("watch", "Attach to a run: print its epochs so far, then follow it to the end");
         var metrics = new Option<string?>("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
         var modelOut = new Option<string?>("--model-out") { Description = "Save the trained model to this file when the run completes" };
         command.Add(metrics);
         command.Add(modelOut);
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
-            await using var cluster = await Connect(parse, gateway, clusterId, cancel);
+            await using var cluster = await Connect(parse, address, cancel);
             var grain = cluster.Client.GetGrain<IRunGrain>(parse.GetValue(run)!);
             var status = await grain.GetStatus();
             if (status.State == RunState.NotStarted) throw new ArgumentException($"no run '{status.RunId}' in {cluster.Description}");
@@ -51,12 +51,12 @@ public static class RunCommands
 
     public static Command Status()
     {
-        var (command, run, gateway, clusterId) = Make("status", "Print a run's state, progress, where its grains run, finished epochs and latest events");
+        var (command, run, address) = Make("status", "Print a run's state, progress, where its grains run, finished epochs and latest events");
         var json = new Option<bool>("--json") { Description = "Print one JSON object (runId, state, epoch, step, stepsPerEpoch, silos, epochs, events)" };
         command.Add(json);
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
-            await using var cluster = await Connect(parse, gateway, clusterId, cancel);
+            await using var cluster = await Connect(parse, address, cancel);
             var status = await cluster.Client.GetGrain<IRunGrain>(parse.GetValue(run)!).GetStatus();
             if (status.State == RunState.NotStarted) throw new ArgumentException($"no run '{status.RunId}' in {cluster.Description}");
             if (parse.GetValue(json)) Console.WriteLine(RunReporter.StatusJson(status));
@@ -68,10 +68,10 @@ public static class RunCommands
 
     public static Command Cancel()
     {
-        var (command, run, gateway, clusterId) = Make("cancel", "Cancel a run; it stops before its next step");
+        var (command, run, address) = Make("cancel", "Cancel a run; it stops before its next step");
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
-            await using var cluster = await Connect(parse, gateway, clusterId, cancel);
+            await using var cluster = await Connect(parse, address, cancel);
             var grain = cluster.Client.GetGrain<IRunGrain>(parse.GetValue(run)!);
             var status = await grain.GetStatus();
             if (status.State == RunState.NotStarted) throw new ArgumentException($"no run '{status.RunId}' in {cluster.Description}");
@@ -96,14 +96,13 @@ public static class RunCommands
         return ExitCodes.RunFailed;
     }
 
-    private static (Command, Argument<string>, Option<string?>, Option<string>) Make(string name, string description)
+    private static (Command, Argument<string>, ClusterAddressOptions) Make(string name, string description)
     {
         var run = new Argument<string>("run") { Description = "Run id (printed by train)" };
-        var gateway = Cli.Gateway("Gateway of the running cluster [default 127.0.0.1:30000]");
-        var clusterId = Cli.ClusterId();
-        return (new Command(name, description) { run, gateway, clusterId }, run, gateway, clusterId);
+        var address = new ClusterAddressOptions($"Gateways of the running cluster [default {ClusterAddress.DefaultGateway}]");
+        return (new Command(name, description) { run, address.Gateway, address.Redis, address.ClusterId }, run, address);
     }
 
-    private static Task<ClusterConnection> Connect(ParseResult parse, Option<string?> gateway, Option<string> clusterId, CancellationToken cancel) =>
-        ClusterConnection.Connect(LocalClustering.ParseEndpoint(parse.GetValue(gateway) ?? "127.0.0.1:30000", "--gateway"), parse.GetValue(clusterId)!, cancel);
+    private static Task<ClusterConnection> Connect(ParseResult parse, ClusterAddressOptions address, CancellationToken cancel) =>
+        ClusterConnection.Connect(address.Parse(parse, ClusterAddress.DefaultGateway)!, cancel);
 }

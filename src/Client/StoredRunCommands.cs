@@ -1,7 +1,6 @@
 using System.CommandLine;
 using System.Globalization;
 using Backprop.Grains;
-using Backprop.Grains.Hosting;
 using Backprop.Grains.Messages;
 
 namespace Backprop.Client;
@@ -15,19 +14,19 @@ public static class StoredRunCommands
     public static Command Resume()
     {
         var run = new Argument<string>("run") { Description = "Run id (printed by train)" };
-        var (gateway, clusterId, dataDir) = Options();
+        var (address, dataDir) = Options();
         var threads = new Option<int?>("--threads-per-worker") { Description = "Embedded only: threads each worker uses for a chunk [default: 1]" };
         var metrics = new Option<string?>("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
         var modelOut = new Option<string?>("--model-out") { Description = "Save the trained model to this file when the run completes" };
         var command = new Command("resume", "Continue a stored run (interrupted, cancelled, or stopped with the whole cluster) from its last checkpoint, and follow it")
         {
-            run, gateway, clusterId, dataDir, threads, metrics, modelOut,
+            run, address.Gateway, address.Redis, address.ClusterId, dataDir, threads, metrics, modelOut,
         };
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
             int? threadCount = parse.GetValue(threads);
             if (threadCount is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threadCount} is outside 1..256");
-            await using var cluster = await Open(parse, gateway, clusterId, dataDir, threadCount ?? 1, cancel);
+            await using var cluster = await Open(parse, address, dataDir, threadCount ?? 1, cancel);
             var grain = cluster.Client.GetGrain<IRunGrain>(parse.GetValue(run)!);
             var before = await grain.GetStatus();
             if (before.State == RunState.NotStarted) throw new ArgumentException($"no run '{before.RunId}' in {cluster.Description}");
@@ -55,11 +54,11 @@ public static class StoredRunCommands
 
     public static Command Runs()
     {
-        var (gateway, clusterId, dataDir) = Options();
-        var command = new Command("runs", "List stored runs: state, epochs done and last test accuracy") { gateway, clusterId, dataDir };
+        var (address, dataDir) = Options();
+        var command = new Command("runs", "List stored runs: state, epochs done and last test accuracy") { address.Gateway, address.Redis, address.ClusterId, dataDir };
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
-            await using var cluster = await Open(parse, gateway, clusterId, dataDir, threads: 1, cancel);
+            await using var cluster = await Open(parse, address, dataDir, threads: 1, cancel);
             var runs = await cluster.Client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).List();
             if (runs.Length == 0)
             {
@@ -77,11 +76,11 @@ public static class StoredRunCommands
         return command;
     }
 
-    private static (Option<string?>, Option<string>, Option<string>) Options() =>
-        (Cli.Gateway("Gateway of a running cluster; without it, the runs stored by the embedded silo under --data-dir"), Cli.ClusterId(), Cli.DataDir());
+    private static (ClusterAddressOptions, Option<string>) Options() =>
+        (new ClusterAddressOptions("A running cluster's gateways; without them (or --redis), the runs stored by the embedded silo under --data-dir"), Cli.DataDir());
 
-    private static Task<ClusterConnection> Open(ParseResult parse, Option<string?> gateway, Option<string> clusterId, Option<string> dataDir, int threads, CancellationToken cancel) =>
-        parse.GetValue(gateway) is { } g
-            ? ClusterConnection.Connect(LocalClustering.ParseEndpoint(g, "--gateway"), parse.GetValue(clusterId)!, cancel)
+    private static Task<ClusterConnection> Open(ParseResult parse, ClusterAddressOptions address, Option<string> dataDir, int threads, CancellationToken cancel) =>
+        address.Parse(parse, fallbackGateway: null) is { } cluster
+            ? ClusterConnection.Connect(cluster, cancel)
             : ClusterConnection.StartEmbedded(parse.GetValue(dataDir)!, threads, cancel);
 }

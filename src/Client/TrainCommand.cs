@@ -29,8 +29,7 @@ public static class TrainCommand
     private static readonly Option<int?> TrainLimit = new("--train-limit") { Description = "Train on the first N training images only (0 = all)" };
     private static readonly Option<string> Dataset = Cli.Dataset();
     private static readonly Option<string> DataDir = Cli.DataDir();
-    private static readonly Option<string?> Gateway = Cli.Gateway("Run on a running cluster through this gateway instead of an embedded silo");
-    private static readonly Option<string> ClusterId = Cli.ClusterId();
+    private static readonly ClusterAddressOptions Address = new("Run on a running cluster through these gateways instead of an embedded silo");
     private static readonly Option<string?> MetricsOut = new("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
     private static readonly Option<string?> ModelOut = new("--model-out") { Description = "Save the trained model to this file" };
     private static readonly Option<int?> ThreadsPerWorker = new("--threads-per-worker")
@@ -48,7 +47,7 @@ public static class TrainCommand
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Gateway, ClusterId, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery,
+            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.ClusterId, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
@@ -96,10 +95,10 @@ public static class TrainCommand
         var spec = BuildSpec(parse);
         string runId = parse.GetValue(RunId) ?? $"run-{DateTime.UtcNow:yyyyMMdd-HHmmss}-{Random.Shared.Next(0x10000):x4}";
         string dataDir = parse.GetValue(DataDir)!;
-        var gateway = parse.GetValue(Gateway) is { } g ? LocalClustering.ParseEndpoint(g, "--gateway") : null;
+        var address = Address.Parse(parse, fallbackGateway: null);
 
         ClusterConnection cluster;
-        if (gateway is null)
+        if (address is null)
         {
             int threads = parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers);
             if (threads is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threads} is outside 1..256");
@@ -111,7 +110,7 @@ public static class TrainCommand
         {
             if (parse.GetValue(ThreadsPerWorker) is not null)
                 throw new ArgumentException("--threads-per-worker: set it on the silos (--worker-threads); it applies to the embedded cluster only");
-            cluster = await ClusterConnection.Connect(gateway, parse.GetValue(ClusterId)!, cancel);
+            cluster = await ClusterConnection.Connect(address, cancel);
         }
         await using (cluster)
         {
@@ -141,7 +140,7 @@ public static class TrainCommand
                 }
                 else
                 {
-                    Console.Error.WriteLine($"detached; run {runId} goes on. Re-attach: watch {runId} --gateway {gateway}");
+                    Console.Error.WriteLine($"detached; run {runId} goes on. Re-attach: watch {runId} {address?.Flags}");
                 }
                 return ExitCodes.Interrupted;
             }

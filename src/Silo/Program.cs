@@ -13,23 +13,27 @@ using Orleans.Configuration;
 var clusterId = Opt("--cluster-id", "BACKPROP_CLUSTER_ID", LocalClustering.DefaultClusterId, "Cluster id; silos and clients must agree");
 var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (loopback)");
 var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (loopback)");
-var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
+var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Localhost clustering: silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
+var redis = Opt("--redis", "BACKPROP_REDIS", "", "Redis (host:port) for membership, grain storage and reminders; empty = localhost clustering");
+var address = Opt("--address", "BACKPROP_ADDRESS", "127.0.0.1", "With --redis: the address this silo binds and advertises");
 var dataDir = Opt("--data-dir", "BACKPROP_DATA", DatasetCatalog.DefaultDataDir(), "Directory holding datasets (fetched there when missing)");
 var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default silo-<silo port>)");
-var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", 1.0, "Membership probe timeout, seconds");
-var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", 2, "Missed probes before a silo is suspected");
-var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", 1, "Suspicions needed to declare a silo dead");
+var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSettings.Fast.ProbeTimeout.TotalSeconds, "Membership probe timeout, seconds");
+var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", MembershipSettings.Fast.MissedProbesLimit, "Missed probes before a silo is suspected");
+var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", MembershipSettings.Fast.VotesForDeath, "Suspicions needed to declare a silo dead (fewer where the cluster is small)");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, dataDir, name, probeTimeout, missedProbes, deathVotes, workerThreads,
+    clusterId, siloPort, gatewayPort, primary, redis, address, dataDir, name, probeTimeout, missedProbes, deathVotes, workerThreads,
 };
 root.SetAction(async (parse, cancel) =>
 {
     int silo = parse.GetValue(siloPort), gateway = parse.GetValue(gatewayPort);
     string siloName = parse.GetValue(name) is { Length: > 0 } n ? n : $"silo-{silo}";
     System.Net.IPEndPoint? primaryEndpoint;
+    string? redisEndpoint = parse.GetValue(redis) is { Length: > 0 } r ? r : null;
+    System.Net.IPAddress? advertised = null;
     try
     {
         if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
@@ -37,6 +41,13 @@ root.SetAction(async (parse, cancel) =>
         if (parse.GetValue(missedProbes) < 1 || parse.GetValue(deathVotes) < 1) throw new ArgumentException("--missed-probes and --death-votes must be at least 1");
         if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
         primaryEndpoint = parse.GetValue(primary) is { Length: > 0 } p ? LocalClustering.ParseEndpoint(p, "--primary") : null;
+        if (redisEndpoint is not null)
+        {
+            // Redis has no primary: every silo finds the others through the membership table.
+            if (primaryEndpoint is not null) throw new ArgumentException("--primary: not with --redis (Redis clustering has no primary)");
+            LocalClustering.ParseEndpoint(redisEndpoint, "--redis");
+            if (!System.Net.IPAddress.TryParse(parse.GetValue(address), out advertised)) throw new ArgumentException($"--address: '{parse.GetValue(address)}' is not an IP address");
+        }
     }
     catch (ArgumentException e)
     {
@@ -52,16 +63,26 @@ root.SetAction(async (parse, cancel) =>
     builder.Logging.AddFilter("Orleans", LogLevel.Warning);
     builder.UseOrleans(s =>
     {
-        s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership);
+        if (redisEndpoint is not null)
+        {
+            s.UseRedisCluster(redisEndpoint, parse.GetValue(clusterId)!, advertised!, silo, gateway, membership);
+        }
+        else
+        {
+            s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership);
+            // Localhost clustering is for experiments on one machine: runs last as long as the silo holding them.
+            s.AddMemoryGrainStorage(SiloSetup.StorageName);
+        }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
-        s.AddMemoryGrainStorage(SiloSetup.StorageName);
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads));
     });
+    builder.Services.AddHostedService<MembershipLog>();
     using var host = builder.Build();
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
     await host.StartAsync(cancel);
-    log.LogInformation("{Silo} up: cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, primary {Primary}, data {DataDir}, pid {Pid}",
-        siloName, parse.GetValue(clusterId), silo, gateway, primaryEndpoint?.ToString() ?? "self", parse.GetValue(dataDir), Environment.ProcessId);
+    string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
+    log.LogInformation("{Silo} up: cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
+        siloName, parse.GetValue(clusterId), silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
     await host.WaitForShutdownAsync(CancellationToken.None);
     log.LogInformation("{Silo} stopped", siloName);
     return 0;

@@ -16,9 +16,11 @@ public static class SiloSetup
     public const string StorageName = "runs";
 
     /// <summary>
-    /// What every silo of a Backprop cluster needs, whatever its clustering and storage (the caller registers
-    /// grain storage named <see cref="StorageName"/>): placement, datasets, the run watchdog, and how many threads each worker may use for one chunk (1 by default, so that several
-    /// workers sharing a machine do not oversubscribe its cores; results do not depend on it).
+    /// What every silo of a Backprop cluster needs, whatever its clustering: placement, datasets, the run
+    /// watchdog, and how many threads each worker may use for one chunk (1 by default, so that several workers
+    /// sharing a machine do not oversubscribe its cores; results do not depend on it).
+    /// Grain storage is not registered here: the caller registers one named <see cref="StorageName"/> that
+    /// suits its clustering (files for the embedded silo and test clusters, Redis for a Redis cluster).
     /// </summary>
     public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1,
         bool keepRunsGoing = true)

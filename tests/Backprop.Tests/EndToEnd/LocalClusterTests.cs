@@ -1,9 +1,7 @@
-using System.Diagnostics;
 using System.Text.Json;
 using Backprop.Core;
 using Backprop.Core.Data;
 using Backprop.Core.Training;
-using Backprop.Grains.Hosting;
 
 namespace Backprop.Tests.EndToEnd;
 
@@ -14,8 +12,6 @@ namespace Backprop.Tests.EndToEnd;
 [Collection("cluster")]
 public sealed class LocalClusterTests : IDisposable
 {
-    private static readonly string Root = FindRoot();
-    private static readonly string Configuration = new DirectoryInfo(AppContext.BaseDirectory).Parent!.Name;
     private readonly string _work = Directory.CreateTempSubdirectory("e2e-").FullName;
     private string State => Path.Combine(_work, "state");
     private string DataDir => Path.Combine(_work, "data");
@@ -31,7 +27,8 @@ public sealed class LocalClusterTests : IDisposable
     {
         var data = SyntheticDigits.Create(trainCount: 640, testCount: 200, seed: 9);
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), data);
-        int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
+        var taken = new HashSet<int>();
+        int siloPort = Processes.FreePorts(2, taken), gatewayPort = Processes.FreePorts(2, taken);
         string cluster = "e2e-" + Guid.NewGuid().ToString("N")[..8];
 
         var started = Script("start", "--silos", "2", "--silo-port", siloPort.ToString(), "--gateway-port", gatewayPort.ToString(),
@@ -109,41 +106,7 @@ public sealed class LocalClusterTests : IDisposable
         Assert.StartsWith("error: cannot reach a cluster", Assert.Single(noCluster.Error.Trim().Split('\n')));
     }
 
-    private record Result(int Code, string Output, string Error);
+    private static Processes.Result Cli(params string[] args) => Processes.Cli(args);
 
-    private Result Cli(params string[] args) =>
-        Run("dotnet", [Path.Combine(Root, "src/Client/bin", Configuration, "net10.0/backprop.dll"), .. args]);
-
-    private Result Script(params string[] args)
-    {
-        var env = new Dictionary<string, string>
-        {
-            ["BACKPROP_STATE"] = State,
-            ["BACKPROP_SILO_DLL"] = Path.Combine(Root, "src/Silo/bin", Configuration, "net10.0/Backprop.Silo.dll"),
-        };
-        return Run("bash", [Path.Combine(Root, "deploy/local/cluster.sh"), .. args], env);
-    }
-
-    private static Result Run(string program, string[] args, Dictionary<string, string>? env = null)
-    {
-        var psi = new ProcessStartInfo(program) { RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        foreach (var (k, v) in env ?? []) psi.Environment[k] = v;
-        using var process = Process.Start(psi)!;
-        var stdout = process.StandardOutput.ReadToEndAsync();
-        var stderr = process.StandardError.ReadToEndAsync();
-        if (!process.WaitForExit(TimeSpan.FromSeconds(55)))
-        {
-            process.Kill(entireProcessTree: true);
-            throw new TimeoutException($"{program} {string.Join(' ', args)} did not finish: {stdout.Result}{stderr.Result}");
-        }
-        return new Result(process.ExitCode, stdout.Result + stderr.Result, stderr.Result);
-    }
-
-    private static string FindRoot()
-    {
-        var dir = new DirectoryInfo(AppContext.BaseDirectory);
-        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "Backprop.Distributed.sln"))) dir = dir.Parent;
-        return dir?.FullName ?? throw new InvalidOperationException("repository root not found");
-    }
+    private Processes.Result Script(params string[] args) => Processes.Script(State, args);
 }

@@ -1,0 +1,94 @@
+using System.Text.Json;
+using Backprop.Core;
+using Backprop.Core.Data;
+using Backprop.Core.Training;
+using Backprop.Tests.Infrastructure;
+using static Backprop.Tests.EndToEnd.Processes;
+
+namespace Backprop.Tests.EndToEnd;
+
+/// <summary>
+/// Two real silo processes clustered through a real redis-server, both started by deploy/local/cluster.sh:
+/// training through a list of gateways, finding the gateways through Redis, a silo killed and restarted,
+/// and a finished run found again after the whole cluster (Redis included) was stopped and started.
+/// </summary>
+[Collection("cluster")]
+public sealed class RedisClusterTests : IDisposable
+{
+    private readonly string _work = Directory.CreateTempSubdirectory("e2e-redis-").FullName;
+    private string State => Path.Combine(_work, "state");
+    private string DataDir => Path.Combine(_work, "data");
+
+    public void Dispose()
+    {
+        Script(State, "stop");
+        Directory.Delete(_work, recursive: true);
+    }
+
+    [Fact]
+    public void Runs_live_in_redis_through_kill_restart_and_a_cluster_restart()
+    {
+        var data = SyntheticDigits.Create(trainCount: 320, testCount: 100, seed: 11);
+        IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), data);
+        var taken = new HashSet<int>();
+        int siloPort = FreePorts(2, taken), gatewayPort = FreePorts(2, taken), redisPort = FreePorts(1, taken);
+        string cluster = "e2e-" + Guid.NewGuid().ToString("N")[..8], redis = $"127.0.0.1:{redisPort}";
+        string[] start = ["start", "--silos", "2", "--redis", "--redis-port", redisPort.ToString(), "--silo-port", siloPort.ToString(),
+            "--gateway-port", gatewayPort.ToString(), "--cluster-id", cluster, "--data-dir", DataDir];
+
+        var started = Script(State, start);
+        Assert.True(started.Code == 0, started.Output);
+        Assert.Contains("redis up", started.Output);
+        Assert.Contains("silo-1 up", started.Output);
+        Assert.Contains($"GATEWAYS=127.0.0.1:{gatewayPort},127.0.0.1:{gatewayPort + 1}", File.ReadAllText(Path.Combine(State, "cluster.env")));
+
+        string metrics = Path.Combine(_work, "metrics.jsonl");
+        var train = Cli("train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "2", "--seed", "3",
+            "--gateway", $"127.0.0.1:{gatewayPort},127.0.0.1:{gatewayPort + 1}", "--cluster-id", cluster, "--run-id", "redis-run",
+            "--metrics-out", metrics);
+        Assert.True(train.Code == 0, train.Output);
+        var line = JsonDocument.Parse(File.ReadAllLines(metrics).Single()).RootElement;
+        var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 3, Workers = 2, Epochs = 1 }, data.Train);
+        local.TrainEpoch(0);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), line.GetProperty("parameterSha256").GetString());
+
+        // No gateway named: the client reads the live gateways from Redis' membership table.
+        var status = Cli("status", "redis-run", "--redis", redis, "--cluster-id", cluster);
+        Assert.True(status.Code == 0, status.Output);
+        Assert.Contains("run redis-run: completed", status.Output);
+
+        var killed = Script(State, "kill", "1");
+        Assert.True(killed.Code == 0, killed.Output);
+        Assert.Contains("silo-1 pid", Script(State, "status").Output);
+        Assert.Contains("not running", Script(State, "status").Output);
+        var restarted = Script(State, "restart", "1");
+        Assert.True(restarted.Code == 0, restarted.Output);
+        Assert.Contains("silo-1 up", restarted.Output);
+        Assert.DoesNotContain("not running", Script(State, "status").Output);
+        Assert.Equal(2, File.ReadAllLines(Path.Combine(State, "silo-1.log")).Count(l => l.Contains("silo-1 up")));
+
+        // The whole cluster goes, Redis last (it writes its append-only file); the run comes back with it.
+        var stopped = Script(State, "stop");
+        Assert.True(stopped.Code == 0, stopped.Output);
+        var again = Script(State, start);
+        Assert.True(again.Code == 0, again.Output);
+        var after = Cli("status", "redis-run", "--redis", redis, "--cluster-id", cluster);
+        Assert.True(after.Code == 0, after.Output);
+        Assert.Contains("run redis-run: completed", after.Output);
+    }
+
+    [Fact]
+    public void A_redis_without_the_cluster_and_no_redis_at_all_are_one_line_errors()
+    {
+        using var redis = new RedisServer();
+        var empty = Cli("status", "some-run", "--redis", redis.Address, "--cluster-id", "no-such-cluster");
+        Assert.Equal(1, empty.Code);
+        Assert.StartsWith("error: cannot reach a cluster 'no-such-cluster' through Redis", Assert.Single(empty.Error.Trim().Split('\n')));
+        Assert.Equal("", empty.Output.Replace(empty.Error, "").Trim());
+
+        // Port 1: nothing listens there.
+        var none = Cli("status", "some-run", "--redis", "127.0.0.1:1");
+        Assert.Equal(1, none.Code);
+        Assert.StartsWith("error: cannot reach a cluster", Assert.Single(none.Error.Trim().Split('\n')));
+    }
+}
