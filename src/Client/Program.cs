@@ -30,7 +30,8 @@ return await parsed.InvokeAsync(new InvocationConfiguration { ProcessTermination
 
 void Interrupt(System.Runtime.InteropServices.PosixSignalContext context)
 {
-    context.Cancel = true;
+    // The second signal is not cancelled: the process ends at once.
+    context.Cancel = !interrupt.IsCancellationRequested;
     interrupt.Cancel();
 }
 

@@ -83,6 +83,17 @@ public static class RunCommands
         return command;
     }
 
+    /// <summary>
+    /// Cancels a run of the embedded silo and waits until its loop has stopped and stored its checkpoint:
+    /// the silo goes away with this process right after.
+    /// </summary>
+    public static async Task<RunStatus> StopEmbedded(IRunGrain run)
+    {
+        var status = await run.Cancel();
+        for (int i = 0; i < 3 && !status.IsFinished; i++) status = await run.WaitForFinish(TimeSpan.FromSeconds(10));
+        return status;
+    }
+
     public static int ExitCodeOf(RunStatus status) => status.State switch
     {
         RunState.Completed => ExitCodes.Ok,

@@ -11,7 +11,7 @@ namespace Backprop.Client;
 /// Follows a run: one table row per finished epoch, a progress bar within the epoch when stdout is a
 /// terminal, and optionally one JSON line per epoch to a metrics file.
 /// </summary>
-public sealed class RunReporter(TextWriter output, string? metricsPath)
+public sealed class RunReporter(TextWriter output, string? metricsPath, int metricsFromEpoch = 1)
 {
     private static readonly CultureInfo Inv = CultureInfo.InvariantCulture;
     private readonly bool _terminal = !Console.IsOutputRedirected;
@@ -30,6 +30,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
 
     /// <summary>How long the reporter keeps trying to reach a run it lost contact with before it gives up.</summary>
     public static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
+    private static readonly TimeSpan CallLimit = TimeSpan.FromSeconds(5);
 
     /// <summary>
     /// Shows progress until the run finishes; returns its final status. Asks only for epochs it has not
@@ -47,7 +48,8 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
             try
             {
                 // The wait returns early when the run ends, and otherwise paces the progress display.
-                status = await run.WaitForFinish(TimeSpan.FromMilliseconds(300), _printed).WaitAsync(cancel);
+                // Bounded here: a call in flight through a gateway that dies is not failed until the response timeout.
+                status = await run.WaitForFinish(TimeSpan.FromMilliseconds(300), _printed).WaitAsync(CallLimit, cancel);
             }
             catch (Exception e) when (e is not (ArgumentException or OperationCanceledException) && (lost ??= Stopwatch.StartNew()).Elapsed < GiveUpAfter)
             {
@@ -84,7 +86,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath)
             _printed = e.Epoch;
             output.WriteLine(string.Create(Inv,
                 $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}"));
-            if (metricsPath is not null) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e) + "\n");
+            if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e) + "\n");
         }
         if (_terminal && status.State == RunState.Running && status.StepsPerEpoch > 0 && status.Spec is { } spec)
         {

@@ -31,9 +31,12 @@ public static class StoredRunCommands
             var before = await grain.GetStatus();
             if (before.State == RunState.NotStarted) throw new ArgumentException($"no run '{before.RunId}' in {cluster.Description}");
             var status = await grain.Resume();
-            Console.WriteLine($"run {status.RunId} resumed on {cluster.Description} ({status.EpochsDone} of {status.Spec!.Epochs} epochs done)");
+            Console.WriteLine(status.IsFinished
+                ? $"run {status.RunId} is already {status.State.ToString().ToLowerInvariant()} ({status.EpochsDone} of {status.Spec!.Epochs} epochs)"
+                : $"run {status.RunId} resumed on {cluster.Description} ({status.EpochsDone} of {status.Spec!.Epochs} epochs done)");
             Console.WriteLine($"  {RunReporter.Describe(status.Spec)}");
-            var reporter = new RunReporter(Console.Out, parse.GetValue(metrics));
+            // Epochs finished before the resume are shown, but written to the metrics file only by the command that saw them end.
+            var reporter = new RunReporter(Console.Out, parse.GetValue(metrics), metricsFromEpoch: status.EpochsDone + 1);
             reporter.Header();
             RunStatus final;
             try
@@ -42,7 +45,7 @@ public static class StoredRunCommands
             }
             catch (OperationCanceledException) when (cancel.IsCancellationRequested && cluster.IsEmbedded)
             {
-                await grain.Cancel();
+                reporter.Report(await RunCommands.StopEmbedded(grain));   // epochs that ended while it stopped
                 Console.Error.WriteLine($"interrupted: run {status.RunId} stopped; continue it with: resume {status.RunId} --data-dir {parse.GetValue(dataDir)}");
                 return ExitCodes.Interrupted;
             }

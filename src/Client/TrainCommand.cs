@@ -135,7 +135,8 @@ public static class TrainCommand
             {
                 if (cluster.IsEmbedded)
                 {
-                    var stopped = await run.Cancel();
+                    var stopped = await RunCommands.StopEmbedded(run);
+                    reporter.Report(stopped);   // epochs that ended while it stopped
                     Console.Error.WriteLine($"interrupted: run {runId} stopped in epoch {stopped.Epoch + 1}; continue it with: resume {runId} --data-dir {dataDir}");
                 }
                 else

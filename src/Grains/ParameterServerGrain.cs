@@ -40,8 +40,9 @@ public sealed class ParameterServerGrain(
     private int _incarnation;
     private double _epochLossSum;
     private ReadOnlyMemory<float>[] _sums = [];
+    private long _persistedStep = -1;
 
-    public Task<ServerPosition> Attach(RunSpec spec, int incarnation)
+    public async Task<ServerPosition> Attach(RunSpec spec, int incarnation)
     {
         spec.Validate();
         if (incarnation < 1) throw new ArgumentException($"incarnation {incarnation} is not positive");
@@ -50,6 +51,7 @@ public sealed class ParameterServerGrain(
             Load(stored, state.State.Parameters!.Span.ToArray(), state.State.Velocity!.Span.ToArray(), state.State.Step);
             _incarnation = state.State.Incarnation;
             _epochLossSum = state.State.EpochLossSum;
+            _persistedStep = state.State.Step;
         }
         if (_spec is null)
         {
@@ -62,8 +64,13 @@ public sealed class ParameterServerGrain(
         }
         if (incarnation < _incarnation)
             throw new StaleCoordinatorException($"coordinator incarnation {incarnation} is superseded by {_incarnation}");
-        _incarnation = incarnation;
-        return Task.FromResult(new ServerPosition(Current(), _epochLossSum, state.State.Step, silo.SiloAddress.Endpoint.ToString()));
+        if (incarnation > _incarnation)
+        {
+            // Stored at once, so that the fence holds for a server activated after this one is lost.
+            _incarnation = incarnation;
+            await Write();
+        }
+        return new ServerPosition(Current(), _epochLossSum, state.State.Step, silo.SiloAddress.Endpoint.ToString());
     }
 
     public Task<ParameterVersion> GetParameters() =>
@@ -109,12 +116,29 @@ public sealed class ParameterServerGrain(
     {
         if (_spec is null) throw new InvalidOperationException("parameter server is not attached to a coordinator");
         if (incarnation != _incarnation) throw new StaleCoordinatorException($"checkpoint from incarnation {incarnation}; {_incarnation} owns the run");
-        if (state.RecordExists && state.State.Step == _step && state.State.Incarnation == _incarnation) return;
+        if (_persistedStep == _step) return;
         await Write();
+    }
+
+    /// <summary>A silo stopping cleanly keeps the steps applied since the last checkpoint.</summary>
+    public override async Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        if (_spec is null || _persistedStep == _step) return;
+        try
+        {
+            await Write();
+        }
+        catch (Exception)
+        {
+            // The last checkpoint stays; the coordinator recomputes the steps after it.
+        }
     }
 
     private async Task Write()
     {
+        // Parameters that overflowed are never stored: the last good checkpoint stays for the diverged run.
+        if (!float.IsFinite(TensorPrimitives.Sum<float>(_parameters))) return;
+        var before = state.State;
         state.State = new ParameterServerState
         {
             Spec = _spec,
@@ -124,7 +148,16 @@ public sealed class ParameterServerGrain(
             Incarnation = _incarnation,
             EpochLossSum = _epochLossSum,
         };
-        await state.WriteAuthoritative();
+        try
+        {
+            await state.WriteAuthoritative((stored, mine) => stored.Incarnation > mine.Incarnation);
+        }
+        catch
+        {
+            state.State = before;
+            throw;
+        }
+        _persistedStep = _step;
     }
 
     private void Load(RunSpec spec, float[] parameters, float[] velocity, long step)

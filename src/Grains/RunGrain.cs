@@ -63,9 +63,18 @@ public sealed class RunGrain(
 
     public override Task OnActivateAsync(CancellationToken cancellationToken)
     {
-        // A run stored as running has lost its coordinator (its silo died, or the whole cluster stopped): go on.
-        if (record.State.State == RunState.Running && settings.KeepRunsGoing) StartLoop(resumed: true);
+        KeepGoing();
         return Task.CompletedTask;
+    }
+
+    /// <summary>
+    /// A run stored as running with no loop here has lost its coordinator (its silo died, the whole cluster
+    /// stopped, or this loop could not store its end): go on from the last checkpoint. Called on activation
+    /// and by status calls, which the silos' watchdogs make for every running run.
+    /// </summary>
+    private void KeepGoing()
+    {
+        if (record.State.State == RunState.Running && settings.KeepRunsGoing && !LoopActive) StartLoop(resumed: true);
     }
 
     public override async Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -90,7 +99,7 @@ public sealed class RunGrain(
         string sha = await datasets.Sha256(spec.Dataset);
 
         // Registered first: a run the registry does not know would not be continued after its silo dies.
-        await Register(RunState.Running, spec, 0);
+        await Register(RunState.Running, spec, 0, required: true);
         await Update(r =>
         {
             r.Spec = spec;
@@ -104,7 +113,11 @@ public sealed class RunGrain(
         return Status(0);
     }
 
-    public Task<RunStatus> GetStatus(int knownEpochs = 0) => Task.FromResult(Status(knownEpochs));
+    public Task<RunStatus> GetStatus(int knownEpochs = 0)
+    {
+        KeepGoing();
+        return Task.FromResult(Status(knownEpochs));
+    }
 
     public async Task<RunStatus> WaitForFinish(TimeSpan maxWait, int knownEpochs = 0)
     {
@@ -132,9 +145,8 @@ public sealed class RunGrain(
     {
         var spec = record.State.Spec ?? throw new ArgumentException($"no run '{RunId}'");
         if (LoopActive) return Status(0);
-        if (record.State.State is RunState.Completed or RunState.Diverged)
-            throw new ArgumentException($"run '{RunId}' is {record.State.State.ToString().ToLowerInvariant()}; there is nothing to resume");
-        await Register(RunState.Running, spec, record.State.Epochs.Count);
+        if (record.State.State is RunState.Completed or RunState.Diverged) return Status(0);   // nothing to continue
+        await Register(RunState.Running, spec, record.State.Epochs.Count, required: true);
         await Update(r => { r.State = RunState.Running; r.Error = null; AddEvent(r, "resume", $"resume requested (was {record.State.State.ToString().ToLowerInvariant()})"); });
         StartLoop(resumed: true);
         return Status(0);
@@ -173,25 +185,26 @@ public sealed class RunGrain(
         try
         {
             // This loop's incarnation, stored before it acts: a coordinator still running elsewhere is fenced off.
-            await Update(r => r.Incarnation++);
+            await Update(r => r.Incarnation++, claim: true);
             await Train(spec, record.State.Incarnation, resumed, either.Token);
             final = RunState.Completed;
         }
-        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        catch (OperationCanceledException) when (cancel.IsCancellationRequested)
         {
-            logger.LogInformation("Run {Run}: coordinator stopping with its silo; the run goes on elsewhere", RunId);
-            _finished.TrySetResult();
+            final = RunState.Cancelled;
+        }
+        catch (Exception e) when (stop.IsCancellationRequested)
+        {
+            // Whatever the last call threw while the silo shut down (its grains go first): the run stays running.
+            logger.LogInformation("Run {Run}: coordinator stopping with its silo ({Error}); the run goes on elsewhere", RunId, e.Message);
+            EndLoop();
             return;
         }
         catch (StaleCoordinatorException e)
         {
             logger.LogWarning("Run {Run}: {Reason}; this coordinator stops", RunId, e.Message);
-            _finished.TrySetResult();
+            EndLoop();
             return;
-        }
-        catch (OperationCanceledException) when (cancel.IsCancellationRequested)
-        {
-            final = RunState.Cancelled;
         }
         catch (RunDivergedException e)
         {
@@ -224,8 +237,14 @@ public sealed class RunGrain(
         }
         catch (Exception e)
         {
+            // Still stored as running: the next status call or watchdog sweep starts a loop that finds the end again.
             logger.LogError(e, "Run {Run}: could not store its final state", RunId);
         }
+        EndLoop();
+    }
+
+    private void EndLoop()
+    {
         _finished.TrySetResult();
         DelayDeactivation(TimeSpan.FromSeconds(-1));   // negative: back to normal idle collection
     }
@@ -236,15 +255,16 @@ public sealed class RunGrain(
     /// </summary>
     private async Task Train(RunSpec spec, int incarnation, bool resumed, CancellationToken cancel)
     {
-        var lastProgress = Stopwatch.StartNew();
+        // Restarted by every applied step: the budget counts time without progress, from the first failure on.
+        var failing = new Stopwatch();
         while (true)
         {
             try
             {
-                await TrainFromServer(spec, incarnation, resumed, lastProgress, cancel);
+                await TrainFromServer(spec, incarnation, resumed, failing, cancel);
                 return;
             }
-            catch (Exception e) when (IsTransient(e) && lastProgress.Elapsed < RetryBudget && !cancel.IsCancellationRequested)
+            catch (Exception e) when (IsTransient(e) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RetryBudget)
             {
                 await AddEventNow("server-lost", $"parameter server call failed ({e.Message}); attaching again");
                 await Task.Delay(TimeSpan.FromMilliseconds(200), cancel);
@@ -253,8 +273,17 @@ public sealed class RunGrain(
         }
     }
 
-    private async Task TrainFromServer(RunSpec spec, int incarnation, bool resumed, Stopwatch lastProgress, CancellationToken cancel)
+    private static bool StartClock(Stopwatch clock)
     {
+        clock.Restart();
+        return true;
+    }
+
+    private async Task TrainFromServer(RunSpec spec, int incarnation, bool resumed, Stopwatch failing, CancellationToken cancel)
+    {
+        // The step and evaluation plans come from this silo's copy of the data: it must be the run's.
+        if (await datasets.Sha256(spec.Dataset) != record.State.DatasetSha256)
+            throw new DataMismatchException($"silo {SiloEndpoint}: its data set '{spec.Dataset}' differs from the run's; check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
         int trainCount = spec.TrainCount(data.Train.Count);
         var server = GrainFactory.GetGrain<IParameterServerGrain>(RunId);
@@ -274,7 +303,7 @@ public sealed class RunGrain(
 
         // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
         if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
-            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, workers, clock, clock.Elapsed.TotalSeconds, incarnation);
+            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, workers, clock, 0, incarnation, cancel);
 
         for (int e = epoch; e < spec.Epochs; e++)
         {
@@ -292,7 +321,7 @@ public sealed class RunGrain(
                 if (outcome.Divergence is { } why) throw new RunDivergedException(current.Step + 1, e + 1, why);
                 current = outcome.Version;
                 _step = current.Step;
-                lastProgress.Restart();
+                failing.Reset();
                 if (resumed)
                 {
                     await AddEventNow("recovered", $"first step after the resume applied (step {current.Step}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
@@ -301,7 +330,7 @@ public sealed class RunGrain(
             }
             double trainSeconds = clock.Elapsed.TotalSeconds;
             _stepInEpoch = steps;
-            await FinishEpoch(spec, e, lossSum, trainCount, current, server, workers, clock, trainSeconds, incarnation);
+            await FinishEpoch(spec, e, lossSum, trainCount, current, server, workers, clock, trainSeconds, incarnation, cancel);
             (first, lossSum) = (0, 0);
             clock.Restart();
         }
@@ -309,10 +338,10 @@ public sealed class RunGrain(
 
     /// <summary>Evaluates, checkpoints the server at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
     private async Task FinishEpoch(RunSpec spec, int epoch, double lossSum, int trainCount, ParameterVersion current,
-        IParameterServerGrain server, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation)
+        IParameterServerGrain server, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation, CancellationToken cancel)
     {
         var test = (await datasets.Get(spec.Dataset)).Test;
-        var eval = await Evaluate(workers, spec, test.Count, current.Parameters);
+        var eval = await Evaluate(workers, spec, test.Count, current.Parameters, cancel);
         await server.Checkpoint(incarnation);
         var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
             trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(current.Parameters.Span), current.Step, eval.Confusion);
@@ -348,14 +377,14 @@ public sealed class RunGrain(
     }
 
     /// <summary>The test set cut into one contiguous range per worker; counts add up exactly. A failed range is redone by another worker.</summary>
-    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int testCount, FloatPayload parameters)
+    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int testCount, FloatPayload parameters, CancellationToken cancel)
     {
         int parts = Math.Min(workers.Length, testCount);
         var calls = Enumerable.Range(0, parts).Select(w =>
         {
             int start = (int)((long)testCount * w / parts), end = (int)((long)testCount * (w + 1) / parts);
             var work = new EvalWork(spec, start, end, parameters, record.State.DatasetSha256!);
-            return WithRetry(workers, w, $"evaluation of test samples [{start}, {end})", worker => worker.Evaluate(work), CancellationToken.None);
+            return WithRetry(workers, w, $"evaluation of test samples [{start}, {end})", worker => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);
         return partials.Aggregate((a, b) => a.Add(b));
@@ -367,17 +396,17 @@ public sealed class RunGrain(
     /// </summary>
     private async Task<T> WithRetry<T>(IWorkerGrain[] workers, int first, string what, Func<IWorkerGrain, Task<T>> call, CancellationToken cancel)
     {
-        var clock = Stopwatch.StartNew();
+        var failing = new Stopwatch();
         for (int attempt = 0; ; attempt++)
         {
             int index = (first + attempt) % workers.Length;
             try
             {
                 var result = await call(workers[index]);
-                if (attempt > 0) await AddEventNow("redone", $"{what} redone on worker {index} after {clock.Elapsed.TotalSeconds:F1} s");
+                if (attempt > 0) await AddEventNow("redone", $"{what} redone on worker {index}, {failing.Elapsed.TotalSeconds:F1} s after the first failure");
                 return result;
             }
-            catch (Exception e) when (IsTransient(e) && clock.Elapsed < RetryBudget && !cancel.IsCancellationRequested)
+            catch (Exception e) when (IsTransient(e) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RetryBudget)
             {
                 logger.LogWarning("Run {Run}: {What} failed on worker {Worker} ({Error}); retrying on the next worker", RunId, what, index, e.Message);
                 await AddEventNow("worker-failed", $"{what} failed on worker {index}: {e.Message}");
@@ -389,7 +418,7 @@ public sealed class RunGrain(
     private static bool IsTransient(Exception e) =>
         e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException);
 
-    private async Task Register(RunState state, RunSpec spec, int epochsDone)
+    private async Task Register(RunState state, RunSpec spec, int epochsDone, bool required = false)
     {
         try
         {
@@ -397,14 +426,25 @@ public sealed class RunGrain(
             await GrainFactory.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key)
                 .Update(new RunSummary(RunId, state, epochsDone, spec.Epochs, accuracy, DateTime.UtcNow));
         }
-        catch (Exception e)
+        catch (Exception e) when (!required)
         {
-            // The list is for display and for the watchdog's sweep; the run itself does not depend on it.
+            // Later updates are for display; the first (at start or resume) is what the watchdog's sweep relies on.
             logger.LogWarning("Run {Run}: could not update the run list ({Error})", RunId, e.Message);
         }
     }
 
-    private Task AddEventNow(string kind, string message) => Update(r => AddEvent(r, kind, message));
+    /// <summary>Stores an event now; a failed write costs the event, never the run.</summary>
+    private async Task AddEventNow(string kind, string message)
+    {
+        try
+        {
+            await Update(r => AddEvent(r, kind, message));
+        }
+        catch (Exception e) when (e is not StaleCoordinatorException)
+        {
+            logger.LogWarning("Run {Run}: could not store event {Kind} ({Error}): {Message}", RunId, kind, e.Message, message);
+        }
+    }
 
     private static void AddEvent(RunRecord r, string kind, string message)
     {
@@ -412,8 +452,11 @@ public sealed class RunGrain(
         if (r.Events.Count > MaxEvents) r.Events.RemoveRange(1, r.Events.Count - MaxEvents);   // the first ("started") stays
     }
 
-    /// <summary>Changes the record in memory only once the change is stored (a failed write leaves the run as it was).</summary>
-    private async Task Update(Action<RunRecord> change)
+    /// <summary>
+    /// Changes the record in memory only once the change is stored (a failed write leaves the run as it was).
+    /// <paramref name="claim"/>: this write takes the run over (a new incarnation).
+    /// </summary>
+    private async Task Update(Action<RunRecord> change, bool claim = false)
     {
         await _writes.WaitAsync();
         var before = record.State;
@@ -422,7 +465,8 @@ public sealed class RunGrain(
             var next = before.Copy();
             change(next);
             record.State = next;
-            await record.WriteAuthoritative();
+            // Fenced: a record written by a newer coordinator is not overwritten (nor an equal one, when claiming).
+            await record.WriteAuthoritative((stored, mine) => claim ? stored.Incarnation >= mine.Incarnation : stored.Incarnation > mine.Incarnation);
         }
         catch
         {

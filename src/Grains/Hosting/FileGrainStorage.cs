@@ -9,9 +9,10 @@ namespace Backprop.Grains.Hosting;
 /// <summary>
 /// Grain storage in a directory: one file per grain state, written to a temporary file, flushed and
 /// renamed over the old one, so a crash leaves either the old or the new state, never a torn one.
-/// The file starts with a version number that serves as the ETag. For the embedded silo (an interrupted
-/// run can be resumed) and for in-process test clusters whose silos share one directory; several
-/// processes must not share a directory (use Redis for a real cluster).
+/// The file starts with a version number that serves as the ETag; a lock file held across the check and
+/// the write keeps two processes (two CLI commands on one data directory) from both writing the same next
+/// version. For the embedded silo (an interrupted run can be resumed) and for in-process test clusters
+/// whose silos share one directory; a real cluster uses Redis.
 /// </summary>
 public sealed class FileGrainStorage(string directory, IGrainStorageSerializer serializer) : IGrainStorage
 {
@@ -51,10 +52,11 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
         await gate.WaitAsync();
         try
         {
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+            using var processLock = await LockAcrossProcesses(path);
             long version = CheckETag(path, grainState.ETag) + 1;
             var payload = serializer.Serialize(grainState.State);
-            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-            var temp = path + ".tmp";
+            var temp = $"{path}.{Guid.NewGuid():N}.tmp";
             await using (var file = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 16, FileOptions.Asynchronous))
             {
                 await file.WriteAsync(BitConverter.GetBytes(version));
@@ -78,6 +80,8 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
         await gate.WaitAsync();
         try
         {
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+            using var processLock = await LockAcrossProcesses(path);
             CheckETag(path, grainState.ETag);
             File.Delete(path);
             grainState.ETag = null;
@@ -87,6 +91,22 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
         finally
         {
             gate.Release();
+        }
+    }
+
+    /// <summary>An exclusive lock on "{path}.lock" (flock on Unix), waited for up to 10 s.</summary>
+    private static async Task<FileStream> LockAcrossProcesses(string path)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            try
+            {
+                return new FileStream(path + ".lock", FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+            }
+            catch (IOException) when (attempt < 1000)
+            {
+                await Task.Delay(10);
+            }
         }
     }
 

@@ -49,21 +49,38 @@ public sealed class RunWatchdog(IClusterMembershipService membership, IGrainFact
 
     private async Task KeepRunsGoing(CancellationToken stop)
     {
+        string[] running;
+        var registry = grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
         try
         {
-            var registry = grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
-            foreach (var runId in await registry.Running().WaitAsync(stop))
-            {
-                var status = await grains.GetGrain<IRunGrain>(runId).GetStatus(int.MaxValue).WaitAsync(stop);
-                // A run the registry still lists as running but that has finished (or never started) is corrected.
-                if (status.State != RunState.Running)
-                    await registry.Update(new RunSummary(runId, status.State, status.EpochsDone, status.Spec?.Epochs ?? 0, null, DateTime.UtcNow));
-            }
+            running = await registry.Running().WaitAsync(CallLimit, stop);
         }
-        catch (Exception e) when (e is not OperationCanceledException || !stop.IsCancellationRequested)
+        catch (Exception e) when (!stop.IsCancellationRequested)
         {
             // The silo may not be serving yet, or the cluster is changing: the next event or sweep tries again.
-            logger.LogDebug("Watchdog: {Error}", e.Message);
+            logger.LogDebug("Watchdog: run list unavailable ({Error})", e.Message);
+            return;
+        }
+        // One run that cannot be reached (its state unreadable, its silo just lost) does not hold up the others.
+        foreach (var runId in running)
+        {
+            try
+            {
+                var status = await grains.GetGrain<IRunGrain>(runId).GetStatus(int.MaxValue).WaitAsync(CallLimit, stop);
+                // A run the registry still lists as running but that has finished (or never started) is corrected.
+                if (status.State != RunState.Running)
+                {
+                    var last = status.EpochsDone > 0 ? (await grains.GetGrain<IRunGrain>(runId).GetStatus(status.EpochsDone - 1)).Epochs.LastOrDefault() : null;
+                    await registry.Update(new RunSummary(runId, status.State, status.EpochsDone, status.Spec?.Epochs ?? 0, last?.TestAccuracy, DateTime.UtcNow))
+                        .WaitAsync(CallLimit, stop);
+                }
+            }
+            catch (Exception e) when (!stop.IsCancellationRequested)
+            {
+                logger.LogWarning("Watchdog: run {Run} did not answer ({Error}); trying again at the next sweep", runId, e.Message);
+            }
         }
     }
+
+    private static readonly TimeSpan CallLimit = TimeSpan.FromSeconds(10);
 }

@@ -3,6 +3,7 @@ using System.Text.Json;
 using Backprop.Core;
 using Backprop.Core.Data;
 using Backprop.Core.Training;
+using static Backprop.Tests.EndToEnd.Processes;
 
 namespace Backprop.Tests.EndToEnd;
 
@@ -22,22 +23,26 @@ public sealed class EmbeddedRunTests : IDisposable
     public void A_run_interrupted_by_ctrl_c_resumes_from_its_checkpoint_with_the_same_bits()
     {
         const int epochs = 60;
+        string metrics = Path.Combine(_work, "metrics.jsonl");
         var train = CliProcess.Start("train", "--epochs", $"{epochs}", "--seed", "11", "--workers", "2", "--run-id", "interrupted",
-            "--checkpoint-every", "3", "--data-dir", DataDir);
+            "--checkpoint-every", "3", "--data-dir", DataDir, "--metrics-out", metrics);
         // Ctrl+C once the first epoch is reported: the run is then well inside its 600 steps.
         train.WaitForLine(line => line.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(60));
         train.Interrupt();
         var stopped = train.Finish(TimeSpan.FromSeconds(60));
         Assert.True(stopped.Code == 130, stopped.Output);
         Assert.Contains("continue it with: resume interrupted", stopped.Error);
+        int before = File.ReadAllLines(metrics).Length;
+        Assert.InRange(before, 1, epochs - 1);
 
-        var runs = CliProcess.Run("runs", "--data-dir", DataDir);
+        var runs = Cli("runs", "--data-dir", DataDir);
         Assert.True(runs.Code == 0, runs.Output);
-        Assert.Matches(@"interrupted\s+cancelled\s+\d+/60", runs.Output);
+        Assert.Matches($@"interrupted\s+cancelled\s+{before}/60", runs.Output);
 
-        string metrics = Path.Combine(_work, "resumed.jsonl");
-        var resumed = CliProcess.Run("resume", "interrupted", "--data-dir", DataDir, "--metrics-out", metrics);
+        // Resumed from the stored progress, not from the start; the metrics file gets only the epochs it adds.
+        var resumed = Cli("resume", "interrupted", "--data-dir", DataDir, "--metrics-out", metrics);
         Assert.True(resumed.Code == 0, resumed.Output);
+        Assert.Contains($"run interrupted resumed on embedded cluster (1 silo in this process) ({before} of 60 epochs done)", resumed.Output);
         var lines = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement).ToArray();
         Assert.Equal(Enumerable.Range(1, epochs), lines.Select(l => l.GetProperty("epoch").GetInt32()));
 
@@ -45,15 +50,15 @@ public sealed class EmbeddedRunTests : IDisposable
         for (int e = 0; e < epochs; e++) local.TrainEpoch(e);
         Assert.Equal(ParameterHash.Sha256(local.Parameters), lines[^1].GetProperty("parameterSha256").GetString());
 
-        var again = CliProcess.Run("resume", "interrupted", "--data-dir", DataDir);
-        Assert.Equal(2, again.Code);
-        Assert.Equal("error: run 'interrupted' is completed; there is nothing to resume", again.Error.Trim());
+        var again = Cli("resume", "interrupted", "--data-dir", DataDir);
+        Assert.Equal(0, again.Code);
+        Assert.Contains("run interrupted is already completed (60 of 60 epochs)", again.Output);
     }
 
     [Fact]
     public void A_huge_learning_rate_ends_as_diverged_with_exit_3()
     {
-        var run = CliProcess.Run("train", "--epochs", "1", "--lr", "1e30", "--run-id", "boom", "--data-dir", DataDir);
+        var run = Cli("train", "--epochs", "1", "--lr", "1e30", "--run-id", "boom", "--data-dir", DataDir);
         Assert.Equal(3, run.Code);
         var line = Assert.Single(run.Error.Trim().Split('\n'));
         Assert.Matches(@"^run boom diverged: diverged at step \d+ \(epoch 1\): ", line);

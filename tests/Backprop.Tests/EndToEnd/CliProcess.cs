@@ -1,23 +1,19 @@
 using System.Diagnostics;
 using System.Text;
 
-namespace Backprop.Tests;
+namespace Backprop.Tests.EndToEnd;
 
 /// <summary>The CLI (`backprop`) of this test run's build, started as a user would, with its output collected line by line.</summary>
 public sealed class CliProcess
 {
-    private static readonly string Root = FindRoot();
-    private static readonly string Configuration = new DirectoryInfo(AppContext.BaseDirectory).Parent!.Name;
     private readonly Process _process;
     private readonly List<string> _stdout = [];
     private readonly StringBuilder _stderr = new();
 
-    public record Result(int Code, string Output, string Error);
-
     private CliProcess(string[] args)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        psi.ArgumentList.Add(Path.Combine(Root, "src/Client/bin", Configuration, "net10.0/backprop.dll"));
+        psi.ArgumentList.Add(Path.Combine(Processes.Root, "src/Client/bin", Processes.Configuration, "net10.0/backprop.dll"));
         foreach (var a in args) psi.ArgumentList.Add(a);
         _process = new Process { StartInfo = psi };
         _process.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (_stdout) { _stdout.Add(e.Data); Monitor.PulseAll(_stdout); } };
@@ -28,8 +24,6 @@ public sealed class CliProcess
     }
 
     public static CliProcess Start(params string[] args) => new(args);
-
-    public static Result Run(params string[] args) => new CliProcess(args).Finish(TimeSpan.FromSeconds(90));
 
     /// <summary>Blocks until the CLI prints a line that matches (woken by each new line, not by a timer).</summary>
     public string WaitForLine(Func<string, bool> match, TimeSpan limit)
@@ -59,7 +53,7 @@ public sealed class CliProcess
         kill.WaitForExit();
     }
 
-    public Result Finish(TimeSpan limit)
+    public Processes.Result Finish(TimeSpan limit)
     {
         if (!_process.WaitForExit(limit))
         {
@@ -72,13 +66,6 @@ public sealed class CliProcess
         lock (_stderr) stderr = _stderr.ToString();
         int code = _process.ExitCode;
         _process.Dispose();
-        return new Result(code, stdout + "\n" + stderr, stderr);
-    }
-
-    private static string FindRoot()
-    {
-        var dir = new DirectoryInfo(AppContext.BaseDirectory);
-        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "Backprop.Distributed.sln"))) dir = dir.Parent;
-        return dir?.FullName ?? throw new InvalidOperationException("repository root not found");
+        return new Processes.Result(code, stdout + "\n" + stderr, stderr);
     }
 }
