@@ -50,8 +50,6 @@ public sealed class ClusterConnection : IAsyncDisposable
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder);
-        // A client's failed connection attempts are the CLI's one-line error, not Orleans' log lines.
-        builder.Logging.AddFilter("Orleans", LogLevel.None);
         builder.UseOrleansClient(client =>
         {
             if (address.Redis is { } redis)
@@ -84,23 +82,23 @@ public sealed class ClusterConnection : IAsyncDisposable
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false);
     }
 
+    /// <summary>Show the logs of Orleans and of the embedded silo on stderr (`--verbose`).</summary>
+    public static bool Verbose { get; set; }
+
     /// <summary>
-    /// The CLI reports failures itself, in one line: only errors of the embedded silo reach the console,
-    /// and not the host's own account of a failed start (a stack trace the CLI turns into a message).
+    /// The CLI reports failures itself, in one line: unless <see cref="Verbose"/>, no log line of Orleans or of
+    /// the embedded silo reaches the console (a failed start or call becomes the CLI's own message).
     /// </summary>
     private static void Quiet(HostApplicationBuilder builder)
     {
         // Ctrl+C and SIGTERM belong to the command (it cancels or detaches from the run, then stops the host);
         // the host's console lifetime would otherwise stop the embedded silo under the running command.
         builder.Services.AddSingleton<IHostLifetime, CommandLifetime>();
-        var logging = builder.Logging;
-        logging.ClearProviders();
-        logging.AddSimpleConsole(o => o.SingleLine = true);
-        logging.SetMinimumLevel(LogLevel.Error);
-        logging.AddFilter("Microsoft.Extensions.Hosting", LogLevel.None);
-        logging.AddFilter("Orleans.Messaging", LogLevel.None);
-        logging.AddFilter("Orleans.Runtime.Messaging", LogLevel.None);
-        logging.AddFilter("Orleans.OutsideRuntimeClient", LogLevel.None);
+        builder.Logging.ClearProviders();
+        if (!Verbose) return;
+        builder.Logging.AddSimpleConsole(o => o.SingleLine = true);
+        builder.Logging.AddConsole(o => o.LogToStandardErrorThreshold = LogLevel.Trace);
+        builder.Logging.SetMinimumLevel(LogLevel.Information);
     }
 
     public async ValueTask DisposeAsync()

@@ -14,7 +14,10 @@ var root = new RootCommand("Backprop.Distributed: data-parallel backprop trainin
     DataCommand.Create(),
 };
 
+var verbose = new Option<bool>("--verbose") { Description = "Show the log of Orleans and of the embedded silo on stderr", Recursive = true };
+root.Add(verbose);
 var parsed = root.Parse(args);
+ClusterConnection.Verbose = parsed.GetValue(verbose);
 if (parsed.Errors.Count > 0)
 {
     Console.Error.WriteLine($"error: {Cli.OneLine(parsed.Errors[0].Message)} (see --help)");

@@ -11,11 +11,11 @@ namespace Backprop.Grains.Hosting;
 public sealed record MembershipSettings(TimeSpan ProbeTimeout, int MissedProbesLimit, int VotesForDeath)
 {
     /// <summary>
-    /// Orleans' defaults declare death after 11-15 s. These aim at a few seconds on loopback while tolerating a
-    /// silo that is slow but alive on a loaded 2-core machine: 3 missed probes of 2 s each, and 2 votes where
+    /// Orleans' defaults declare death after 11-15 s. These aim at about 2 s on loopback while tolerating a
+    /// silo that is slow but alive on a loaded 2-core machine: 3 missed probes of 1 s each, and 2 votes where
     /// the cluster is big enough (README "Membership settings" has the measurements).
     /// </summary>
-    public static readonly MembershipSettings Fast = new(TimeSpan.FromSeconds(2), 3, 2);
+    public static readonly MembershipSettings Fast = new(TimeSpan.FromSeconds(1), 3, 2);
 
     /// <summary>The timeouts that go with these settings; the same for every kind of clustering.</summary>
     public ISiloBuilder ApplyTo(ISiloBuilder silo) => silo.Configure<ClusterMembershipOptions>(o =>
