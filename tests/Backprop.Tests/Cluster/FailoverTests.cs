@@ -53,7 +53,9 @@ public sealed class FailoverTests
     public async Task Killing_a_worker_silo_loses_nothing_and_changes_no_bit()
     {
         await using var fixture = await Start(new ClusterFixture());
-        // 40 epochs of 19 steps: long enough that the kill lands mid-run.
+        // 40 epochs of 19 steps: long enough that the kill lands mid-run. The test cluster declares the death at
+        // once, so the victim's workers are activated again elsewhere; whether a call was in flight (and redone) is
+        // chance here. The process tests see the redo, where death takes seconds to declare.
         var spec = Presets.PyTorchMlp with { Epochs = 40, Workers = 4, Seed = 6 };
         var run = fixture.Cluster.Client.GetGrain<IRunGrain>("failover");
         await fixture.StartOn(fixture.Cluster.Silos[0], "failover", spec);
@@ -69,7 +71,6 @@ public sealed class FailoverTests
         Assert.True(status.State == RunState.Completed, $"run ended {status.State}: {status.Error}");
         Assert.Equal(40, status.EpochsDone);
         Assert.Equal(Expected(spec, fixture), status.Epochs[^1].ParameterSha256);
-        Assert.Contains(status.Events, e => e.Kind == "redone");
     }
 
     [Fact]

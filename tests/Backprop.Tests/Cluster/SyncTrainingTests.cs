@@ -74,6 +74,27 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task A_spec_whose_buffers_would_overflow_is_refused_by_every_grain_and_the_cluster_still_trains()
+    {
+        // The spec that used to kill every silo (32768 x 65536 floats wrapped an int buffer size).
+        var overflow = Spec(1) with
+        {
+            Model = Spec(1).Model with { Layers = [784, 65536, 10] }, BatchSize = 32768, ChunkSize = 32768,
+        };
+        var start = await Assert.ThrowsAsync<ArgumentException>(() => fixture.Cluster.Client.GetGrain<IRunGrain>("overflow").Start(overflow));
+        Assert.Contains("over the limit", start.Message);
+        // Sent straight to the grains that allocate, bypassing Start: refused before allocating.
+        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("overflow-direct");
+        await Assert.ThrowsAsync<ArgumentException>(() => server.Attach(overflow, 1));
+        var version = new ParameterVersion(0, new FloatPayload(new float[10]));
+        var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("overflow-direct/0");
+        await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeChunks(new ChunkWork(overflow, 0, 0, [0], version, fixture.DatasetSha256)));
+
+        var after = await RunToEnd("after-overflow", Spec(2) with { Epochs = 1 });
+        Assert.Single(after.Epochs);
+    }
+
+    [Fact]
     public async Task Cancel_stops_a_run()
     {
         var run = fixture.Cluster.Client.GetGrain<IRunGrain>("cancel");
