@@ -96,8 +96,8 @@ public sealed class ClusterConnection : IAsyncDisposable
     private static string TlsHint(TlsFiles? tls, string? rejection) => tls is null
         ? " (TLS: not used; if the cluster requires it, give --tls-cert, --tls-key and --tls-ca)"
         : $" (TLS: {rejection ?? (tls.Certificate is null
-            ? "the cluster closed the connection; it requires a client certificate (--tls-cert, --tls-key) signed by its CA"
-            : $"the cluster closed the connection; it may not use TLS, or not accept '{tls.Certificate.Subject}' (signed by another CA?)")})";
+            ? "if a gateway is up there, it refused this client: a cluster with TLS requires a client certificate (--tls-cert, --tls-key) signed by its CA"
+            : $"if a gateway is up there, it refused this client: it may not use TLS, or not accept '{tls.Certificate.Subject}' (signed by another CA?)")})";
 
     /// <summary>Show the logs of Orleans and of the embedded silo on stderr (`--verbose`).</summary>
     public static bool Verbose { get; set; }

@@ -2,6 +2,8 @@ using System.Net;
 using System.Net.Security;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using Orleans.Connections.Security;
 
 namespace Backprop.Grains.Hosting;
@@ -216,11 +218,31 @@ public static class TlsHosting
     /// Silo-to-silo and client-to-gateway connections of this silo use TLS, both ways: it presents its certificate
     /// when it accepts and when it dials, and requires and checks the peer's, clients included.
     /// </summary>
-    public static ISiloBuilder UseBackpropTls(this ISiloBuilder silo, TlsFiles tls) => silo.UseTls(options =>
+    public static ISiloBuilder UseBackpropTls(this ISiloBuilder silo, TlsFiles tls)
     {
-        options.LocalCertificate = tls.Certificate ?? throw new ArgumentException("a silo needs its own certificate");
-        Configure(options, tls, rejected: null);
-    });
+        // Orleans logs only that a handshake failed; this says whose certificate and why.
+        var log = new RejectionLog();
+        silo.Services.AddSingleton(log);
+        silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp =>
+        {
+            log.Logger = sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backprop.Tls");
+            return log;
+        });
+        return silo.UseTls(options =>
+        {
+            options.LocalCertificate = tls.Certificate ?? throw new ArgumentException("a silo needs its own certificate");
+            Configure(options, tls, log.Rejected);
+        });
+    }
+
+    private sealed class RejectionLog : ILifecycleParticipant<ISiloLifecycle>
+    {
+        public ILogger? Logger { get; set; }
+
+        public void Rejected(string reason) => Logger?.LogWarning("TLS: refused a peer: {Reason}", reason);
+
+        public void Participate(ISiloLifecycle lifecycle) { }
+    }
 
     /// <summary>
     /// The client's connections to gateways use TLS: it checks the gateway's certificate and presents its own,

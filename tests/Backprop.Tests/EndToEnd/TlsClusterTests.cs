@@ -96,6 +96,8 @@ public sealed class TlsClusterTests : IDisposable
         }
         Assert.Contains("this client refused the gateway's certificate", results["another CA altogether"].Error);
         Assert.Contains("requires a client certificate", results["TLS without a client certificate"].Error);
+        // The silo says whose certificate it refused and why (Orleans only logs that a handshake failed).
+        Assert.Contains("TLS: refused a peer: 'CN=backprop client'", File.ReadAllText(Path.Combine(State, "silo-0.log")));
     }
 
     [Fact]
