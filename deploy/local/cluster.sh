@@ -11,7 +11,7 @@ STATE=${BACKPROP_STATE:-$ROOT/deploy/local/state}
 usage() {
   cat <<USAGE
 usage: deploy/local/cluster.sh start [--silos N] [--silo-port P] [--gateway-port G] [--cluster-id ID] [--data-dir DIR]
-                                     [--redis [--redis-port R]]
+                                     [--redis [--redis-port R]] [--tls]
        deploy/local/cluster.sh stop | status | kill I | restart I
 
 start    builds the silo (Release) and starts N silos (default 3): silo i listens on P+i (default 11111+i)
@@ -21,6 +21,9 @@ start    builds the silo (Release) and starts N silos (default 3): silo i listen
          With --redis: starts redis-server on 127.0.0.1:R (default 6379, append-only file in
          STATE/redis) and clusters the silos through it: membership, grain storage and reminders are in
          Redis, any silo may die, and a later 'start --redis' on the same state folder finds the runs again.
+         With --tls: silo-to-silo and client connections use TLS with mutual authentication, with the
+         development certificates of make-dev-certs.sh in STATE/certs (made when missing); cluster.env
+         lists the client certificate, key and CA the CLI must be given (--tls-cert/--tls-key/--tls-ca).
 stop     stops the silos (SIGTERM, then SIGKILL after 15 s), then Redis (which writes its append-only file).
 status   lists the silos (and Redis) and whether they run.
 kill I   kills silo I with SIGKILL (no goodbye: the others must detect its death).
@@ -98,7 +101,7 @@ start_redis() {
 }
 
 start() {
-  local n=3 silo_port=11111 gateway_port=30000 cluster=backprop-dev data=${BACKPROP_DATA:-} redis=0 redis_port=6379
+  local n=3 silo_port=11111 gateway_port=30000 cluster=backprop-dev data=${BACKPROP_DATA:-} redis=0 redis_port=6379 tls=0
   while [ $# -gt 0 ]; do
     case $1 in
       --silos) n=$2; shift 2 ;;
@@ -108,6 +111,7 @@ start() {
       --data-dir) data=$2; shift 2 ;;
       --redis) redis=1; shift ;;
       --redis-port) redis_port=$2; shift 2 ;;
+      --tls) tls=1; shift ;;
       -h|--help) usage; exit 0 ;;
       *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -134,6 +138,14 @@ start() {
     start_redis "$redis_port" || { stop; exit 1; }
   fi
   printf 'CLUSTER_ID=%s\nGATEWAYS=%s\nREDIS=%s\nSILOS=%s\n' "$cluster" "$gateway_list" "$redis_address" "$n" > "$STATE/cluster.env"
+  local tls_args=()
+  if [ $tls -eq 1 ]; then
+    local certs=$STATE/certs
+    "$ROOT/deploy/local/make-dev-certs.sh" "$certs" >/dev/null || { stop; exit 1; }
+    tls_args=(--tls-cert "$certs/silo.pem" --tls-key "$certs/silo.key" --tls-ca "$certs/ca.pem")
+    # What the CLI needs (as flags or as these environment variables) to be let in.
+    printf 'BACKPROP_TLS_CERT=%s\nBACKPROP_TLS_KEY=%s\nBACKPROP_TLS_CA=%s\n' "$certs/client.pem" "$certs/client.key" "$certs/ca.pem" >> "$STATE/cluster.env"
+  fi
   for ((i = 0; i < n; i++)); do
     local args=(--cluster-id "$cluster" --silo-port $((silo_port + i)) --gateway-port $((gateway_port + i)) --name "silo-$i")
     if [ $redis -eq 1 ]; then
@@ -142,6 +154,7 @@ start() {
       args+=(--primary "127.0.0.1:$silo_port")
     fi
     [ -n "$data" ] && args+=(--data-dir "$data")
+    args+=("${tls_args[@]}")
     printf '%s\n' "${args[@]}" > "$STATE/silo-$i.args"
     # One at a time: with localhost clustering the primary must be up before the others join.
     launch "$i" "$dll" || { stop; exit 1; }
@@ -151,6 +164,7 @@ start() {
   else
     echo "cluster '$cluster' of $n silos; train on it with: dotnet run --project src/Client -- train --gateway $gateway_list --cluster-id $cluster"
   fi
+  if [ $tls -eq 1 ]; then echo "TLS required: add --tls-cert $STATE/certs/client.pem --tls-key $STATE/certs/client.key --tls-ca $STATE/certs/ca.pem"; fi
 }
 
 stop_pids() {

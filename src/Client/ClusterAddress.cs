@@ -6,15 +6,16 @@ namespace Backprop.Client;
 
 /// <summary>
 /// Where a running cluster is: a fixed list of gateways (the client fails over between them), or a Redis whose
-/// membership table lists the live gateways. Exactly one of the two is set.
+/// membership table lists the live gateways. Exactly one of the two is set. With <see cref="Tls"/>, connections
+/// to the gateways use TLS (the cluster's silos must too).
 /// </summary>
-public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string ClusterId)
+public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string ClusterId, TlsFiles? Tls = null)
 {
     public const string DefaultGateway = "127.0.0.1:30000";
 
     /// <summary>How a user names this address again, e.g. in "re-attach with ..." hints.</summary>
     public string Flags => (Redis is not null ? $"--redis {Redis}" : $"--gateway {string.Join(',', Gateways.Select(g => g.ToString()))}")
-        + $" --cluster-id {ClusterId}";
+        + $" --cluster-id {ClusterId}" + (Tls is not null ? " " + Tls.Flags : "");
 
     public string Description => Redis is not null
         ? $"cluster '{ClusterId}' via Redis {Redis}"
@@ -27,7 +28,7 @@ public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string
             : throw new ArgumentException($"--gateway: '{text}' names no host:port");
 }
 
-/// <summary>The options every cluster command shares: --gateway, --redis, --cluster-id.</summary>
+/// <summary>The options every cluster command shares: --gateway, --redis, --cluster-id, --tls-cert, --tls-key, --tls-ca.</summary>
 public sealed class ClusterAddressOptions(string gatewayDescription)
 {
     public Option<string?> Gateway { get; } = new("--gateway") { Description = gatewayDescription + " (host:port[,host:port...])" };
@@ -44,18 +45,36 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
         DefaultValueFactory = _ => Environment.GetEnvironmentVariable("BACKPROP_CLUSTER_ID") is { Length: > 0 } v ? v : LocalClustering.DefaultClusterId,
     };
 
+    public Option<string?> TlsCert { get; } = EnvOption("--tls-cert", TlsFiles.CertEnv,
+        "TLS to a cluster that requires it: the client certificate (PEM, with --tls-key; or a PFX without password)");
+
+    public Option<string?> TlsKey { get; } = EnvOption("--tls-key", TlsFiles.KeyEnv, "TLS: the PEM private key of --tls-cert");
+
+    public Option<string?> TlsCa { get; } = EnvOption("--tls-ca", TlsFiles.CaEnv, "TLS: PEM CA that signed the cluster's certificates (the only one trusted)");
+
+    private static Option<string?> EnvOption(string flag, string env, string description) => new(flag)
+    {
+        Description = $"{description} [env {env}]",
+        DefaultValueFactory = _ => Environment.GetEnvironmentVariable(env) is { Length: > 0 } v ? v : null,
+    };
+
     /// <summary>The address given, else one at <paramref name="fallbackGateway"/>; null when neither is there (train's embedded silo).</summary>
     public ClusterAddress? Parse(ParseResult parse, string? fallbackGateway)
     {
         string? gateway = parse.GetValue(Gateway), redis = parse.GetValue(Redis);
         string clusterId = parse.GetValue(ClusterId)!;
         if (gateway is not null && redis is not null) throw new ArgumentException("--gateway and --redis: give one of them");
+        gateway = redis is null ? gateway ?? fallbackGateway : null;
+        // The embedded silo never uses TLS: the files are read only for a cluster.
+        if (redis is null && gateway is null) return null;
+        // The client's own certificate is optional here (a cluster with TLS refuses a client without one); its
+        // chain is not checked against --tls-ca before connecting: the cluster judges it.
+        var tls = TlsFiles.Load(parse.GetValue(TlsCert), parse.GetValue(TlsKey), parse.GetValue(TlsCa), certificateRequired: false);
         if (redis is not null)
         {
             LocalClustering.ParseEndpoint(redis, "--redis");
-            return new ClusterAddress([], redis, clusterId);
+            return new ClusterAddress([], redis, clusterId, tls);
         }
-        gateway ??= fallbackGateway;
-        return gateway is null ? null : new ClusterAddress(ClusterAddress.ParseGateways(gateway), null, clusterId);
+        return new ClusterAddress(ClusterAddress.ParseGateways(gateway!), null, clusterId, tls);
     }
 }

@@ -50,8 +50,17 @@ public sealed class ClusterConnection : IAsyncDisposable
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder);
+        // Bounded: a client can otherwise keep retrying a gateway that never answers.
+        using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+        string? tlsRejection = null;
         builder.UseOrleansClient(client =>
         {
+            // A gateway certificate this client refuses will not change on a retry: give up at once.
+            if (address.Tls is { } tls) client.UseBackpropTls(tls, reason =>
+            {
+                tlsRejection = reason;
+                try { limit.Cancel(); } catch (ObjectDisposedException) { /* a reconnect after the start: nothing to stop */ }
+            });
             if (address.Redis is { } redis)
             {
                 client.UseRedisClustering(o => o.ConfigurationOptions = RedisCluster.Options(LocalClustering.ParseEndpoint(redis, "--redis")));
@@ -65,8 +74,6 @@ public sealed class ClusterConnection : IAsyncDisposable
             client.Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20));
         });
         var host = builder.Build();
-        // Bounded: a client can otherwise keep retrying a gateway that never answers.
-        using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancel);
         limit.CancelAfter(ConnectTimeout);
         try
         {
@@ -75,12 +82,22 @@ public sealed class ClusterConnection : IAsyncDisposable
         catch (Exception e) when (!cancel.IsCancellationRequested)
         {
             host.Dispose();
-            string reason = e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : Cli.OneLine(e.Message);
+            string reason = tlsRejection is not null ? "this client refused the gateway's certificate" : e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : Cli.OneLine(e.Message);
             string where = address.Redis is { } r ? $"through Redis {r}" : $"at gateway {string.Join(", ", address.Gateways.Select(g => g.ToString()))}";
-            throw new ClusterUnreachableException($"cannot reach a cluster '{address.ClusterId}' {where}: {reason}");
+            throw new ClusterUnreachableException($"cannot reach a cluster '{address.ClusterId}' {where}: {reason}{TlsHint(address.Tls, tlsRejection)}");
         }
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false);
     }
+
+    /// <summary>
+    /// What TLS may have to do with a failed connection: the gateway certificate this client refused, else what
+    /// a refusal by the cluster looks like from here (the connection closed during or after the handshake).
+    /// </summary>
+    private static string TlsHint(TlsFiles? tls, string? rejection) => tls is null
+        ? " (TLS: not used; if the cluster requires it, give --tls-cert, --tls-key and --tls-ca)"
+        : $" (TLS: {rejection ?? (tls.Certificate is null
+            ? "if a gateway is up there, it refused this client: a cluster with TLS requires a client certificate (--tls-cert, --tls-key) signed by its CA"
+            : $"if a gateway is up there, it refused this client: it may not use TLS, or not accept '{tls.Certificate.Subject}' (signed by another CA?)")})";
 
     /// <summary>Show the logs of Orleans and of the embedded silo on stderr (`--verbose`).</summary>
     public static bool Verbose { get; set; }

@@ -22,10 +22,14 @@ var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSe
 var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", MembershipSettings.Fast.MissedProbesLimit, "Missed probes before a silo is suspected");
 var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", MembershipSettings.Fast.VotesForDeath, "Suspicions needed to declare a silo dead (fewer where the cluster is small)");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
+var tlsCert = Opt("--tls-cert", TlsFiles.CertEnv, "", "TLS with mutual authentication: this silo's certificate (PEM, with --tls-key; or a PFX without password)");
+var tlsKey = Opt("--tls-key", TlsFiles.KeyEnv, "", "TLS: the PEM private key of --tls-cert");
+var tlsCa = Opt("--tls-ca", TlsFiles.CaEnv, "", "TLS: PEM CA that signed every silo's and client's certificate (the only one trusted)");
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
     clusterId, siloPort, gatewayPort, primary, redis, address, dataDir, name, probeTimeout, missedProbes, deathVotes, workerThreads,
+    tlsCert, tlsKey, tlsCa,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -34,6 +38,7 @@ root.SetAction(async (parse, cancel) =>
     System.Net.IPEndPoint? primaryEndpoint;
     string? redisEndpoint = parse.GetValue(redis) is { Length: > 0 } r ? r : null;
     System.Net.IPAddress? advertised = null;
+    TlsFiles? tls;
     try
     {
         if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
@@ -48,6 +53,7 @@ root.SetAction(async (parse, cancel) =>
             LocalClustering.ParseEndpoint(redisEndpoint, "--redis");
             if (!System.Net.IPAddress.TryParse(parse.GetValue(address), out advertised)) throw new ArgumentException($"--address: '{parse.GetValue(address)}' is not an IP address");
         }
+        tls = TlsFiles.Load(parse.GetValue(tlsCert), parse.GetValue(tlsKey), parse.GetValue(tlsCa), certificateRequired: true);
     }
     catch (ArgumentException e)
     {
@@ -75,6 +81,7 @@ root.SetAction(async (parse, cancel) =>
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads));
+        if (tls is not null) s.UseBackpropTls(tls);
     });
     builder.Services.AddHostedService<MembershipLog>();
     using var host = builder.Build();
@@ -83,6 +90,7 @@ root.SetAction(async (parse, cancel) =>
     string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
     log.LogInformation("{Silo} up: cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
         siloName, parse.GetValue(clusterId), silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
+    if (tls is not null) log.LogInformation("{Silo} {Tls}", siloName, tls.Description);
     await host.WaitForShutdownAsync(CancellationToken.None);
     log.LogInformation("{Silo} stopped", siloName);
     return 0;

@@ -44,6 +44,14 @@ public static class Processes
     public static Result Cli(params string[] args) =>
         Run("dotnet", [Path.Combine(Root, "src/Client/bin", Configuration, "net10.0/backprop.dll"), .. args]);
 
+    /// <summary>The CLI with extra environment variables (e.g. BACKPROP_TLS_*).</summary>
+    public static Result CliWithEnv(Dictionary<string, string> env, params string[] args) =>
+        Run("dotnet", [Path.Combine(Root, "src/Client/bin", Configuration, "net10.0/backprop.dll"), .. args], env);
+
+    /// <summary>The silo host of this test run, run directly (not through cluster.sh).</summary>
+    public static Result SiloHost(params string[] args) =>
+        Run("dotnet", [Path.Combine(Root, "src/Silo/bin", Configuration, "net10.0/Backprop.Silo.dll"), .. args]);
+
     /// <summary>cluster.sh with its state in <paramref name="state"/> and this run's silo build.</summary>
     public static Result Script(string state, params string[] args)
     {

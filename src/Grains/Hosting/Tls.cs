@@ -1,0 +1,266 @@
+using System.Net;
+using System.Net.Security;
+using System.Security.Cryptography;
+using System.Security.Cryptography.X509Certificates;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+using Orleans.Connections.Security;
+
+namespace Backprop.Grains.Hosting;
+
+/// <summary>
+/// The certificates of TLS with mutual authentication, loaded and checked once at start: this process'
+/// certificate with its private key (PEM certificate + PEM key, or one PFX), and the CA that signed every peer's
+/// certificate. A peer is accepted when its certificate chains to that CA alone (a custom trust store: the
+/// system's roots are never consulted) and, where this side dialled, names the address it dialled.
+/// </summary>
+public sealed class TlsFiles
+{
+    public const string CertEnv = "BACKPROP_TLS_CERT", KeyEnv = "BACKPROP_TLS_KEY", CaEnv = "BACKPROP_TLS_CA";
+
+    private TlsFiles(X509Certificate2? certificate, X509Certificate2Collection authorities, string? certPath, string? keyPath, string caPath)
+    {
+        Certificate = certificate;
+        Authorities = authorities;
+        CertPath = certPath;
+        KeyPath = keyPath;
+        CaPath = caPath;
+    }
+
+    /// <summary>This side's certificate, with its private key; null for a client that presents none.</summary>
+    public X509Certificate2? Certificate { get; }
+
+    /// <summary>The only trust anchors for the peers' certificates.</summary>
+    public X509Certificate2Collection Authorities { get; }
+
+    public string? CertPath { get; }
+    public string? KeyPath { get; }
+    public string CaPath { get; }
+
+    /// <summary>The options that name these files again, for hints such as "re-attach with ...".</summary>
+    public string Flags => (CertPath is null ? "" : $"--tls-cert {CertPath} ") + (KeyPath is null ? "" : $"--tls-key {KeyPath} ") + $"--tls-ca {CaPath}";
+
+    public string Description => Certificate is { } c
+        ? $"TLS: certificate '{c.Subject}' (expires {c.NotAfter:yyyy-MM-dd}), peers must be signed by {CaPath}"
+        : $"TLS: no certificate of its own, the cluster must be signed by {CaPath}";
+
+    /// <summary>
+    /// Loads the files named by --tls-cert / --tls-key / --tls-ca; null when none is given (no TLS). Throws
+    /// <see cref="ArgumentException"/> with a one-line message naming the option when a file is missing,
+    /// unreadable or not what it should be, or when the key does not match the certificate.
+    /// A silo must have its own certificate (<paramref name="certificateRequired"/>) and it must chain to the CA,
+    /// or every peer would refuse it.
+    /// </summary>
+    public static TlsFiles? Load(string? certPath, string? keyPath, string? caPath, bool certificateRequired)
+    {
+        certPath = Blank(certPath);
+        keyPath = Blank(keyPath);
+        caPath = Blank(caPath);
+        if (certPath is null && keyPath is null && caPath is null) return null;
+        if (caPath is null) throw new ArgumentException("--tls-ca: needed with --tls-cert/--tls-key (the CA that signed the peers' certificates)");
+        if (keyPath is not null && certPath is null) throw new ArgumentException("--tls-key: given without --tls-cert");
+        if (certPath is null && certificateRequired) throw new ArgumentException("--tls-cert: needed with --tls-ca (this side's certificate)");
+
+        var authorities = LoadAuthorities(caPath);
+        var certificate = certPath is null ? null : LoadCertificate(certPath, keyPath);
+        if (certificate is not null && certificateRequired && ChainError(certificate, authorities, null) is { } error)
+            throw new ArgumentException($"--tls-cert: {certPath} is not accepted by the CA in {caPath}: {error}");
+        return new TlsFiles(certificate, authorities, certPath, keyPath, caPath);
+    }
+
+    /// <summary>Why <paramref name="certificate"/> does not chain to <paramref name="authorities"/>; null when it does.</summary>
+    public static string? ChainError(X509Certificate2 certificate, X509Certificate2Collection authorities, X509Chain? presented)
+    {
+        using var chain = new X509Chain();
+        chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+        chain.ChainPolicy.CustomTrustStore.AddRange(authorities);
+        // Development CAs publish no revocation lists; revocation is by replacing the CA.
+        chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+        // Intermediates the peer sent with its certificate may complete the path; they are not trusted themselves.
+        if (presented is not null)
+            foreach (var element in presented.ChainElements)
+                if (!element.Certificate.Equals(certificate)) chain.ChainPolicy.ExtraStore.Add(element.Certificate);
+        if (chain.Build(certificate)) return null;
+        var problems = chain.ChainStatus.Select(s => s.StatusInformation.Trim()).Where(s => s.Length > 0).Distinct();
+        return $"'{certificate.Subject}': {string.Join("; ", problems.DefaultIfEmpty("chain not built"))}";
+    }
+
+    /// <summary>The validation both directions use: chain to the CA only, and the dialled address named.</summary>
+    internal bool Accept(X509Certificate2 certificate, X509Chain? presented, SslPolicyErrors errors, Action<string>? rejected)
+    {
+        string? reason = ChainError(certificate, Authorities, presented);
+        // Set only where this side dialled and named the target (see TargetHostIsPeerAddress).
+        if (reason is null && errors.HasFlag(SslPolicyErrors.RemoteCertificateNameMismatch))
+            reason = $"'{certificate.Subject}' does not name the address it was reached at";
+        if (reason is null) return true;
+        rejected?.Invoke($"{reason} (checked against {CaPath})");
+        return false;
+    }
+
+    /// <summary>Makes the name check of an outgoing connection the address dialled (certificates name 127.0.0.x).</summary>
+    internal static void TargetHostIsPeerAddress(Microsoft.AspNetCore.Connections.ConnectionContext connection, TlsClientAuthenticationOptions options)
+    {
+        if (connection.RemoteEndPoint is IPEndPoint ip) options.TargetHost = ip.Address.ToString();
+    }
+
+    private static X509Certificate2Collection LoadAuthorities(string path)
+    {
+        var collection = new X509Certificate2Collection();
+        try
+        {
+            collection.ImportFromPem(Read(path, "--tls-ca"));
+        }
+        catch (CryptographicException e)
+        {
+            throw new ArgumentException($"--tls-ca: {path}: not a PEM certificate ({OneLine(e.Message)})");
+        }
+        if (collection.Count == 0) throw new ArgumentException($"--tls-ca: {path} holds no PEM certificate");
+        return collection;
+    }
+
+    private static X509Certificate2 LoadCertificate(string certPath, string? keyPath)
+    {
+        if (keyPath is null)
+        {
+            // Without a key, the certificate must be a PFX (PKCS#12, no password) that holds its key.
+            if (!File.Exists(certPath)) throw new ArgumentException($"--tls-cert: {certPath}: no such file");
+            if (IsPem(certPath)) throw new ArgumentException($"--tls-key: needed with a PEM certificate ({certPath})");
+            X509Certificate2 pfx;
+            try
+            {
+                pfx = X509CertificateLoader.LoadPkcs12FromFile(certPath, null);
+            }
+            catch (CryptographicException e)
+            {
+                throw new ArgumentException($"--tls-cert: {certPath}: neither PEM nor a PFX without password ({OneLine(e.Message)})");
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new ArgumentException($"--tls-cert: cannot read {certPath}: {OneLine(e.Message)}");
+            }
+            if (!pfx.HasPrivateKey) throw new ArgumentException($"--tls-cert: {certPath} holds no private key");
+            return pfx;
+        }
+
+        X509Certificate2 certificate;
+        try
+        {
+            certificate = X509Certificate2.CreateFromPem(Read(certPath, "--tls-cert"));
+        }
+        catch (CryptographicException e)
+        {
+            throw new ArgumentException($"--tls-cert: {certPath}: not a PEM certificate ({OneLine(e.Message)})");
+        }
+        string keyText = Read(keyPath, "--tls-key");
+        try
+        {
+            X509Certificate2 withKey;
+            switch (certificate.PublicKey.Oid.Value)
+            {
+                case "1.2.840.113549.1.1.1":
+                    using (var rsa = RSA.Create()) { rsa.ImportFromPem(keyText); withKey = certificate.CopyWithPrivateKey(rsa); }
+                    break;
+                case "1.2.840.10045.2.1":
+                    using (var ec = ECDsa.Create()) { ec.ImportFromPem(keyText); withKey = certificate.CopyWithPrivateKey(ec); }
+                    break;
+                default:
+                    throw new ArgumentException($"--tls-cert: {certPath}: unsupported key algorithm {certificate.PublicKey.Oid.FriendlyName} (RSA or ECDSA)");
+            }
+            // Through PKCS#12 so that the key is usable by SslStream on every platform (not an ephemeral key).
+            return X509CertificateLoader.LoadPkcs12(withKey.Export(X509ContentType.Pkcs12), null);
+        }
+        catch (Exception e) when (e is ArgumentException or CryptographicException && !e.Message.StartsWith("--tls-", StringComparison.Ordinal))
+        {
+            // ImportFromPem: no key of the certificate's algorithm in the file; CopyWithPrivateKey: another key pair.
+            throw new ArgumentException($"--tls-key: {keyPath} is not the private key of the certificate in {certPath} ({OneLine(e.Message)})");
+        }
+    }
+
+    private static string Read(string path, string option)
+    {
+        try
+        {
+            return File.ReadAllText(path);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            throw new ArgumentException($"{option}: {path}: no such file");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ArgumentException($"{option}: cannot read {path}: {OneLine(e.Message)}");
+        }
+    }
+
+    private static bool IsPem(string path)
+    {
+        try
+        {
+            using var reader = new StreamReader(path);
+            var buffer = new char[4096];
+            return new string(buffer, 0, reader.ReadBlock(buffer)).Contains("-----BEGIN ", StringComparison.Ordinal);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ArgumentException($"--tls-cert: cannot read {path}: {OneLine(e.Message)}");
+        }
+    }
+
+    private static string? Blank(string? s) => string.IsNullOrWhiteSpace(s) ? null : s;
+
+    private static string OneLine(string s) => string.Join(' ', s.Split('\n', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries));
+}
+
+/// <summary>Orleans' TLS (Microsoft.Orleans.Connections.Security) configured from <see cref="TlsFiles"/>.</summary>
+public static class TlsHosting
+{
+    /// <summary>
+    /// Silo-to-silo and client-to-gateway connections of this silo use TLS, both ways: it presents its certificate
+    /// when it accepts and when it dials, and requires and checks the peer's, clients included.
+    /// </summary>
+    public static ISiloBuilder UseBackpropTls(this ISiloBuilder silo, TlsFiles tls)
+    {
+        // Orleans logs only that a handshake failed; this says whose certificate and why.
+        var log = new RejectionLog();
+        silo.Services.AddSingleton(log);
+        silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp =>
+        {
+            log.Logger = sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backprop.Tls");
+            return log;
+        });
+        return silo.UseTls(options =>
+        {
+            options.LocalCertificate = tls.Certificate ?? throw new ArgumentException("a silo needs its own certificate");
+            Configure(options, tls, log.Rejected);
+        });
+    }
+
+    private sealed class RejectionLog : ILifecycleParticipant<ISiloLifecycle>
+    {
+        public ILogger? Logger { get; set; }
+
+        public void Rejected(string reason) => Logger?.LogWarning("TLS: refused a peer: {Reason}", reason);
+
+        public void Participate(ISiloLifecycle lifecycle) { }
+    }
+
+    /// <summary>
+    /// The client's connections to gateways use TLS: it checks the gateway's certificate and presents its own,
+    /// if it has one (silos refuse a client without one). <paramref name="rejected"/> hears why a gateway's
+    /// certificate was refused, for the caller's error message.
+    /// </summary>
+    public static IClientBuilder UseBackpropTls(this IClientBuilder client, TlsFiles tls, Action<string>? rejected = null) => client.UseTls(options =>
+    {
+        options.LocalCertificate = tls.Certificate;
+        Configure(options, tls, rejected);
+        if (tls.Certificate is null) options.ClientCertificateMode = RemoteCertificateMode.NoCertificate;
+    });
+
+    private static void Configure(TlsOptions options, TlsFiles tls, Action<string>? rejected)
+    {
+        options.RemoteCertificateMode = RemoteCertificateMode.RequireCertificate;
+        options.ClientCertificateMode = RemoteCertificateMode.RequireCertificate;
+        options.RemoteCertificateValidation = (certificate, chain, errors) => tls.Accept(certificate, chain, errors, rejected);
+        options.OnAuthenticateAsClient = TlsFiles.TargetHostIsPeerAddress;
+    }
+}
