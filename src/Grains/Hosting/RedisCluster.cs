@@ -17,9 +17,10 @@ public static class RedisCluster
     /// <summary>
     /// The service id of a Redis cluster. Orleans keys storage (<c>{ServiceId}/state/...</c>) and reminders
     /// (<c>{ServiceId}/reminders</c>) by service id only, so putting the cluster id in it keeps several
-    /// clusters in one Redis apart. Clients that find gateways through Redis must use the same one.
+    /// clusters in one Redis apart. Clients that find gateways through Redis must use the same one. Joined with
+    /// '-': Orleans' Kubernetes hosting puts the service id in a pod label, whose values cannot hold '/'.
     /// </summary>
-    public static string ServiceIdOf(string clusterId) => $"{LocalClustering.ServiceId}/{clusterId}";
+    public static string ServiceIdOf(string clusterId) => $"{LocalClustering.ServiceId}-{clusterId}";
 
     public static ISiloBuilder UseRedisCluster(this ISiloBuilder silo, string redis, string clusterId, IPAddress advertised,
         int siloPort, int gatewayPort, MembershipSettings membership)
