@@ -56,4 +56,6 @@ public interface IRunRegistryGrain : IGrainWithStringKey
     Task Update(RunSummary summary);
     Task<RunSummary[]> List();
     Task<string[]> Running();
+    /// <summary>Endpoints of the active silos that host workers: a cluster run's default worker count is their number.</summary>
+    Task<string[]> WorkerSilos();
 }

@@ -21,11 +21,12 @@ var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default 
 var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSettings.Fast.ProbeTimeout.TotalSeconds, "Membership probe timeout, seconds");
 var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", MembershipSettings.Fast.MissedProbesLimit, "Missed probes before a silo is suspected");
 var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", MembershipSettings.Fast.VotesForDeath, "Suspicions needed to declare a silo dead (fewer where the cluster is small)");
+var role = Opt("--role", "BACKPROP_ROLE", "all", "server (run coordinators, parameter servers, run registry), worker (worker grains) or all (both)");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, redis, address, dataDir, name, probeTimeout, missedProbes, deathVotes, workerThreads,
+    clusterId, siloPort, gatewayPort, primary, redis, address, dataDir, name, probeTimeout, missedProbes, deathVotes, role, workerThreads,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -34,8 +35,10 @@ root.SetAction(async (parse, cancel) =>
     System.Net.IPEndPoint? primaryEndpoint;
     string? redisEndpoint = parse.GetValue(redis) is { Length: > 0 } r ? r : null;
     System.Net.IPAddress? advertised = null;
+    SiloRole siloRole;
     try
     {
+        siloRole = SiloRoles.Parse(parse.GetValue(role)!);
         if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
         if (parse.GetValue(probeTimeout) is <= 0 or > 600) throw new ArgumentException("--probe-timeout must be in (0, 600] seconds");
         if (parse.GetValue(missedProbes) < 1 || parse.GetValue(deathVotes) < 1) throw new ArgumentException("--missed-probes and --death-votes must be at least 1");
@@ -74,15 +77,15 @@ root.SetAction(async (parse, cancel) =>
             s.AddMemoryGrainStorage(SiloSetup.StorageName);
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
-        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads));
+        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole);
     });
     builder.Services.AddHostedService<MembershipLog>();
     using var host = builder.Build();
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
     await host.StartAsync(cancel);
     string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
-    log.LogInformation("{Silo} up: cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
-        siloName, parse.GetValue(clusterId), silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
+    log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
+        siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
     await host.WaitForShutdownAsync(CancellationToken.None);
     log.LogInformation("{Silo} stopped", siloName);
     return 0;
