@@ -11,11 +11,12 @@ using Orleans.Configuration;
 // so containers and scripts can configure it without a command line.
 
 var clusterId = Opt("--cluster-id", "BACKPROP_CLUSTER_ID", LocalClustering.DefaultClusterId, "Cluster id; silos and clients must agree");
-var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (loopback)");
-var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (loopback)");
+var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (on --host)");
+var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (on --host)");
 var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Localhost clustering: silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
 var redis = Opt("--redis", "BACKPROP_REDIS", "", "Redis (host:port) for membership, grain storage and reminders; empty = localhost clustering");
-var address = Opt("--address", "BACKPROP_ADDRESS", "127.0.0.1", "With --redis: the address this silo binds and advertises");
+var hostAddress = Opt("--host", "BACKPROP_HOST", "127.0.0.1", "IP address this silo binds and advertises (silo and gateway ports); with --kubernetes the pod's IP is used instead");
+var kubernetes = Opt("--kubernetes", "BACKPROP_KUBERNETES", false, "Running in a Kubernetes pod: take the pod's IP and name from the environment (POD_IP, POD_NAME, POD_NAMESPACE) and remove pods that are gone from membership");
 var dataDir = Opt("--data-dir", "BACKPROP_DATA", DatasetCatalog.DefaultDataDir(), "Directory holding datasets (fetched there when missing)");
 var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default silo-<silo port>)");
 var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSettings.Fast.ProbeTimeout.TotalSeconds, "Membership probe timeout, seconds");
@@ -26,7 +27,7 @@ var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threa
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, redis, address, dataDir, name, probeTimeout, missedProbes, deathVotes, role, workerThreads,
+    clusterId, siloPort, gatewayPort, primary, redis, hostAddress, kubernetes, dataDir, name, probeTimeout, missedProbes, deathVotes, role, workerThreads,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -34,7 +35,7 @@ root.SetAction(async (parse, cancel) =>
     string siloName = parse.GetValue(name) is { Length: > 0 } n ? n : $"silo-{silo}";
     System.Net.IPEndPoint? primaryEndpoint;
     string? redisEndpoint = parse.GetValue(redis) is { Length: > 0 } r ? r : null;
-    System.Net.IPAddress? advertised = null;
+    System.Net.IPAddress? advertised;
     SiloRole siloRole;
     try
     {
@@ -49,8 +50,8 @@ root.SetAction(async (parse, cancel) =>
             // Redis has no primary: every silo finds the others through the membership table.
             if (primaryEndpoint is not null) throw new ArgumentException("--primary: not with --redis (Redis clustering has no primary)");
             LocalClustering.ParseEndpoint(redisEndpoint, "--redis");
-            if (!System.Net.IPAddress.TryParse(parse.GetValue(address), out advertised)) throw new ArgumentException($"--address: '{parse.GetValue(address)}' is not an IP address");
         }
+        if (!System.Net.IPAddress.TryParse(parse.GetValue(hostAddress), out advertised)) throw new ArgumentException($"--host: '{parse.GetValue(hostAddress)}' is not an IP address");
     }
     catch (ArgumentException e)
     {
@@ -72,11 +73,13 @@ root.SetAction(async (parse, cancel) =>
         }
         else
         {
-            s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership);
+            s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership, advertised);
             // Localhost clustering is for experiments on one machine: runs last as long as the silo holding them.
             s.AddMemoryGrainStorage(SiloSetup.StorageName);
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
+        // After the clustering: it replaces the endpoints' address with the pod's IP (and the silo name with the pod's name).
+        if (parse.GetValue(kubernetes)) s.UseKubernetesHosting();
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole);
     });
     builder.Services.AddHostedService<MembershipLog>();
@@ -84,8 +87,8 @@ root.SetAction(async (parse, cancel) =>
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
     await host.StartAsync(cancel);
     string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
-    log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
-        siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
+    log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, host {Host}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
+        siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), parse.GetValue(kubernetes) ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
     await host.WaitForShutdownAsync(CancellationToken.None);
     log.LogInformation("{Silo} stopped", siloName);
     return 0;
