@@ -23,11 +23,14 @@ var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSe
 var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", MembershipSettings.Fast.MissedProbesLimit, "Missed probes before a silo is suspected");
 var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", MembershipSettings.Fast.VotesForDeath, "Suspicions needed to declare a silo dead (fewer where the cluster is small)");
 var role = Opt("--role", "BACKPROP_ROLE", "all", "server (run coordinators, parameter servers, run registry), worker (worker grains) or all (both)");
+var httpPort = Opt("--http-port", "BACKPROP_HTTP_PORT", 0, "Port of /healthz and /readyz (HTTP); 0 = none");
+var httpBind = Opt("--http-bind", "BACKPROP_HTTP_BIND", "127.0.0.1", "Address /healthz and /readyz listen on (0.0.0.0 in a pod, for the kubelet's probes)");
+var dataset = Opt("--dataset", "BACKPROP_DATASET", "mnist", "Data set a worker silo loads at start; /readyz waits for it");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, redis, hostAddress, kubernetes, dataDir, name, probeTimeout, missedProbes, deathVotes, role, workerThreads,
+    clusterId, siloPort, gatewayPort, primary, redis, hostAddress, kubernetes, dataDir, name, probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -37,12 +40,16 @@ root.SetAction(async (parse, cancel) =>
     string? redisEndpoint = parse.GetValue(redis) is { Length: > 0 } r ? r : null;
     System.Net.IPAddress? advertised;
     SiloRole siloRole;
+    System.Net.IPAddress? healthBind;
     try
     {
         siloRole = SiloRoles.Parse(parse.GetValue(role)!);
         if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
         if (parse.GetValue(probeTimeout) is <= 0 or > 600) throw new ArgumentException("--probe-timeout must be in (0, 600] seconds");
         if (parse.GetValue(missedProbes) < 1 || parse.GetValue(deathVotes) < 1) throw new ArgumentException("--missed-probes and --death-votes must be at least 1");
+        if (parse.GetValue(httpPort) is < 0 or > 65535) throw new ArgumentException("--http-port must be in 0..65535");
+        if (!System.Net.IPAddress.TryParse(parse.GetValue(httpBind), out healthBind)) throw new ArgumentException($"--http-bind: '{parse.GetValue(httpBind)}' is not an IP address");
+        Backprop.Core.Data.DatasetCatalog.Get(parse.GetValue(dataset)!);
         if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
         primaryEndpoint = parse.GetValue(primary) is { Length: > 0 } p ? LocalClustering.ParseEndpoint(p, "--primary") : null;
         if (redisEndpoint is not null)
@@ -83,9 +90,13 @@ root.SetAction(async (parse, cancel) =>
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole);
     });
     builder.Services.AddHostedService<MembershipLog>();
+    builder.Services.AddSingleton<SiloHealth>();
+    if (parse.GetValue(httpPort) > 0)
+        builder.Services.AddHostedService(sp => new HealthServer(sp.GetRequiredService<SiloHealth>(), healthBind!, parse.GetValue(httpPort)));
     using var host = builder.Build();
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
     await host.StartAsync(cancel);
+    if (siloRole.HostsWorkers()) host.Services.GetRequiredService<SiloHealth>().LoadDataset(parse.GetValue(dataset)!);
     string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
     log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, host {Host}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
         siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), parse.GetValue(kubernetes) ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
