@@ -40,7 +40,7 @@ public interface IParameterServerGrain : IGrainWithStringKey
     Task Checkpoint(int incarnation);
 }
 
-/// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{index}"). Stateless beyond caches.</summary>
+/// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{incarnation}.{generation}/{index}"). Stateless beyond caches.</summary>
 public interface IWorkerGrain : IGrainWithStringKey
 {
     Task<ChunkResults> ComputeChunks(ChunkWork work);

@@ -135,7 +135,8 @@ public sealed class FailoverTests
         var clock = Stopwatch.StartNew();
         while (!status.IsFinished && clock.Elapsed < TimeSpan.FromSeconds(120))
             status = await run.WaitForFinish(TimeSpan.FromSeconds(5));
-        Assert.True(status.State == RunState.Completed, $"run ended {status.State}: {status.Error}");
+        Assert.True(status.State == RunState.Completed, $"run ended {status.State}: {status.Error}; epoch {status.Epoch + 1} step {status.StepInEpoch}; " +
+            string.Join("; ", status.Events.Select(e => $"{e.Time:HH:mm:ss.fff} {e.Kind} {e.Message}")));
         Assert.True(status.Events.Any(e => e.Kind == "redone" && e.Message.StartsWith("evaluation of test samples")),
             $"the kill ({killTook.TotalSeconds:F2} s) missed the evaluation: {string.Join("; ", status.Events.Select(e => $"{e.Time:HH:mm:ss.fff} {e.Kind} {e.Message}"))}");
         Assert.All(status.Epochs, e => Assert.Equal(60_000, e.Confusion.Sum()));
