@@ -68,6 +68,7 @@ silo_env() {
   echo "BACKPROP_SILO_PORT=$silo"
   echo "BACKPROP_GATEWAY_PORT=$gateway"
   echo "BACKPROP_HTTP_PORT=$http"
+  echo "BACKPROP_HTTP_BIND=$host"
   echo "BACKPROP_SILO_NAME=silo-$i"
   if [ -n "$REDIS" ]; then
     echo "BACKPROP_REDIS=$REDIS"

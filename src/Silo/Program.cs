@@ -16,7 +16,7 @@ var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port cl
 var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Localhost clustering: silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
 var redis = Opt("--redis", "BACKPROP_REDIS", "", "Redis (host:port) for membership, grain storage and reminders; empty = localhost clustering");
 var hostAddress = Opt("--host", "BACKPROP_HOST", "127.0.0.1", "IP address this silo binds and advertises (silo and gateway ports); with --kubernetes the pod's IP is used instead");
-var kubernetes = Opt("--kubernetes", "BACKPROP_KUBERNETES", false, "Running in a Kubernetes pod: take the pod's IP and name from the environment (POD_IP, POD_NAME, POD_NAMESPACE) and remove pods that are gone from membership");
+var kubernetes = Opt("--kubernetes", "BACKPROP_KUBERNETES", false, "Running in a Kubernetes pod (needs --redis): advertise the pod's IP (POD_IP), listen on all its addresses, name the silo after the pod (POD_NAME, POD_NAMESPACE); Orleans then marks silos whose pod is gone as dead");
 var dataDir = Opt("--data-dir", "BACKPROP_DATA", DatasetCatalog.DefaultDataDir(), "Directory holding datasets (fetched there when missing)");
 var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default silo-<silo port>)");
 var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSettings.Fast.ProbeTimeout.TotalSeconds, "Membership probe timeout, seconds");
@@ -35,7 +35,10 @@ var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, p
 root.SetAction(async (parse, cancel) =>
 {
     int silo = parse.GetValue(siloPort), gateway = parse.GetValue(gatewayPort);
-    string siloName = parse.GetValue(name) is { Length: > 0 } n ? n : $"silo-{silo}";
+    bool inPod = parse.GetValue(kubernetes);
+    // Orleans' Kubernetes hosting needs the silo named after its pod.
+    string siloName = parse.GetValue(name) is { Length: > 0 } n ? n
+        : inPod && Environment.GetEnvironmentVariable("POD_NAME") is { Length: > 0 } pod ? pod : $"silo-{silo}";
     System.Net.IPEndPoint? primaryEndpoint;
     string? redisEndpoint = parse.GetValue(redis) is { Length: > 0 } r ? r : null;
     System.Net.IPAddress? advertised;
@@ -58,6 +61,10 @@ root.SetAction(async (parse, cancel) =>
             if (primaryEndpoint is not null) throw new ArgumentException("--primary: not with --redis (Redis clustering has no primary)");
             LocalClustering.ParseEndpoint(redisEndpoint, "--redis");
         }
+        else if (parse.GetValue(kubernetes))
+        {
+            throw new ArgumentException("--kubernetes: needs --redis (localhost clustering is for one machine)");
+        }
         if (!System.Net.IPAddress.TryParse(parse.GetValue(hostAddress), out advertised)) throw new ArgumentException($"--host: '{parse.GetValue(hostAddress)}' is not an IP address");
     }
     catch (ArgumentException e)
@@ -74,9 +81,12 @@ root.SetAction(async (parse, cancel) =>
     builder.Logging.AddFilter("Orleans", LogLevel.Warning);
     builder.UseOrleans(s =>
     {
+        // First, so that the cluster id and service id set below win over its ORLEANS_CLUSTER_ID and ORLEANS_SERVICE_ID;
+        // with no address configured it advertises the pod's IP (POD_IP) and listens on all of the pod's addresses.
+        if (inPod) s.UseKubernetesHosting();
         if (redisEndpoint is not null)
         {
-            s.UseRedisCluster(redisEndpoint, parse.GetValue(clusterId)!, advertised!, silo, gateway, membership);
+            s.UseRedisCluster(redisEndpoint, parse.GetValue(clusterId)!, inPod ? null : advertised, silo, gateway, membership);
         }
         else
         {
@@ -85,8 +95,6 @@ root.SetAction(async (parse, cancel) =>
             s.AddMemoryGrainStorage(SiloSetup.StorageName);
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
-        // After the clustering: it replaces the endpoints' address with the pod's IP (and the silo name with the pod's name).
-        if (parse.GetValue(kubernetes)) s.UseKubernetesHosting();
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole);
     });
     builder.Services.AddHostedService<MembershipLog>();
@@ -99,7 +107,7 @@ root.SetAction(async (parse, cancel) =>
     if (siloRole.HostsWorkers()) host.Services.GetRequiredService<SiloHealth>().LoadDataset(parse.GetValue(dataset)!);
     string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
     log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, host {Host}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
-        siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), parse.GetValue(kubernetes) ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
+        siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), inPod ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
     await host.WaitForShutdownAsync(CancellationToken.None);
     log.LogInformation("{Silo} stopped", siloName);
     return 0;

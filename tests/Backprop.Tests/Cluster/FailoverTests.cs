@@ -61,6 +61,7 @@ public sealed class FailoverTests
         Assert.Equal(RunState.Running, status.State);
 
         // Four workers on three silos: every silo holds one.
+        string dead = fixture.Cluster.Silos[1].SiloAddress.Endpoint.ToString();
         await fixture.Cluster.KillSiloAsync(fixture.Cluster.Silos[1]);
 
         var clock = Stopwatch.StartNew();
@@ -69,7 +70,8 @@ public sealed class FailoverTests
         Assert.True(status.State == RunState.Completed, $"run ended {status.State}: {status.Error}");
         Assert.Equal(40, status.EpochsDone);
         Assert.Equal(Expected(spec, fixture), status.Epochs[^1].ParameterSha256);
-        Assert.Contains(status.Events, e => e.Kind == "redone");
+        // Either a call in flight failed and was redone elsewhere, or the next step already spread new workers over the survivors.
+        Assert.Contains(status.Events, e => e.Kind == "redone" || e.Kind == "workers" && !e.Message.Contains(dead));
     }
 
     [Fact]

@@ -69,16 +69,18 @@ public sealed class HealthTests : IDisposable
         return http;
     }
 
-    private sealed record Reply(HttpStatusCode Code, string Body);
+    internal sealed record Reply(HttpStatusCode Code, string Body);
 
-    private static async Task<Reply> Get(int port, string path)
+    private static Task<Reply> Get(int port, string path) => Get("127.0.0.1", port, path);
+
+    internal static async Task<Reply> Get(string host, int port, string path)
     {
         var clock = Stopwatch.StartNew();
         while (true)
         {
             try
             {
-                using var response = await Http.GetAsync($"http://127.0.0.1:{port}{path}");
+                using var response = await Http.GetAsync($"http://{host}:{port}{path}");
                 return new Reply(response.StatusCode, await response.Content.ReadAsStringAsync());
             }
             catch (HttpRequestException) when (clock.Elapsed < TimeSpan.FromSeconds(60))
@@ -89,14 +91,16 @@ public sealed class HealthTests : IDisposable
     }
 
     /// <summary>Polls /readyz until <paramref name="done"/> holds (or a minute has passed); returns the last reply.</summary>
-    private static async Task<Reply> PollReady(int port, Func<Reply, bool> done)
+    private static Task<Reply> PollReady(int port, Func<Reply, bool> done) => PollReady("127.0.0.1", port, done);
+
+    internal static async Task<Reply> PollReady(string host, int port, Func<Reply, bool> done)
     {
         var clock = Stopwatch.StartNew();
-        var reply = await Get(port, "/readyz");
+        var reply = await Get(host, port, "/readyz");
         while (!done(reply) && clock.Elapsed < TimeSpan.FromSeconds(60))
         {
             await Task.Delay(50);
-            reply = await Get(port, "/readyz");
+            reply = await Get(host, port, "/readyz");
         }
         Assert.True(done(reply), $"/readyz: {(int)reply.Code} {reply.Body}");
         return reply;
