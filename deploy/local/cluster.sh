@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A local multi-process cluster: N silo processes on loopback, clustered either around silo 0 (localhost
 # clustering, the default) or through a Redis started here (--redis).
-# PIDs, logs, each silo's arguments and the cluster's settings live in a state folder so that 'stop',
-# 'status', 'kill' and 'restart' find them; with --redis, Redis' append-only file lives there too.
+# Each silo is configured only through the environment variables a container gets (BACKPROP_ROLE, BACKPROP_HOST,
+# BACKPROP_SILO_PORT, ...), so this runs the topology of the deploy manifests as processes.
+# PIDs, logs, each silo's environment and the cluster's settings live in a state folder so that 'stop',
+# 'status', 'kill', 'term', 'restart' and 'add' find them; with --redis, Redis' append-only file lives there too.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -10,12 +12,16 @@ STATE=${BACKPROP_STATE:-$ROOT/deploy/local/state}
 
 usage() {
   cat <<USAGE
-usage: deploy/local/cluster.sh start [--silos N] [--silo-port P] [--gateway-port G] [--cluster-id ID] [--data-dir DIR]
+usage: deploy/local/cluster.sh start [--silos N | --servers S --workers N] [--distinct-addresses] [--silo-port P]
+                                     [--gateway-port G] [--http-port H] [--cluster-id ID] [--data-dir DIR]
                                      [--redis [--redis-port R]] [--tls]
-       deploy/local/cluster.sh stop | status | kill I | restart I
+       deploy/local/cluster.sh stop | status | kill I | term I | restart I | add server|worker|all
 
-start    builds the silo (Release) and starts N silos (default 3): silo i listens on P+i (default 11111+i)
-         and serves clients on G+i (default 30000+i). Waits until every silo is up.
+start    builds the silo (Release) and starts N silos of role all (default 3), or S server silos (run
+         coordinators, parameter servers) then N worker silos: silo i listens on P+i (default 11111+i),
+         serves clients on G+i (default 30000+i) and, with --http-port, /healthz and /readyz on H+i.
+         --distinct-addresses: silo i binds 127.0.0.(i+2) instead, with the same ports P, G, H for every
+         silo, as separate machines would. Waits until every silo is up.
          Without --redis: localhost clustering around silo 0 (the primary). For quick experiments on one
          machine: the primary is a single point of failure and runs live in silo memory.
          With --redis: starts redis-server on 127.0.0.1:R (default 6379, append-only file in
@@ -27,7 +33,9 @@ start    builds the silo (Release) and starts N silos (default 3): silo i listen
 stop     stops the silos (SIGTERM, then SIGKILL after 15 s), then Redis (which writes its append-only file).
 status   lists the silos (and Redis) and whether they run.
 kill I   kills silo I with SIGKILL (no goodbye: the others must detect its death).
-restart  starts silo I again with the arguments it was started with.
+term I   stops silo I with SIGTERM (it leaves the cluster cleanly) and waits until it has exited.
+restart  starts silo I again with the environment it was started with.
+add R    starts one more silo of role R in the running cluster (the next index, same settings).
 Env: BACKPROP_STATE (state folder, default deploy/local/state), BACKPROP_SILO_DLL (a built silo to run
 instead of building one), BACKPROP_DATA (data directory).
 USAGE
@@ -52,22 +60,51 @@ silo_dll() {
   echo "$dll"
 }
 
+# The environment of silo I with role R, from the cluster's settings (CLUSTER_ID, REDIS, ... in STATE/cluster.env).
+silo_env() {
+  local i=$1 role=$2 host=127.0.0.1 silo=$((SILO_PORT + i)) gateway=$((GATEWAY_PORT + i)) http=0
+  [ "$HTTP_PORT" -gt 0 ] && http=$((HTTP_PORT + i))
+  if [ "$DISTINCT" = 1 ]; then host=127.0.0.$((i + 2)); silo=$SILO_PORT; gateway=$GATEWAY_PORT; http=$HTTP_PORT; fi
+  echo "BACKPROP_ROLE=$role"
+  echo "BACKPROP_HOST=$host"
+  echo "BACKPROP_CLUSTER_ID=$CLUSTER_ID"
+  echo "BACKPROP_SILO_PORT=$silo"
+  echo "BACKPROP_GATEWAY_PORT=$gateway"
+  echo "BACKPROP_HTTP_PORT=$http"
+  echo "BACKPROP_HTTP_BIND=$host"
+  echo "BACKPROP_SILO_NAME=silo-$i"
+  if [ -n "$REDIS" ]; then
+    echo "BACKPROP_REDIS=$REDIS"
+  elif [ "$i" -gt 0 ]; then
+    # Localhost clustering: silo 0 is the primary.
+    if [ "$DISTINCT" = 1 ]; then echo "BACKPROP_PRIMARY=127.0.0.2:$SILO_PORT"; else echo "BACKPROP_PRIMARY=127.0.0.1:$SILO_PORT"; fi
+  fi
+  [ -n "$DATA" ] && echo "BACKPROP_DATA=$DATA"
+  if [ -n "${TLS:-}" ]; then
+    echo "BACKPROP_TLS_CERT=$TLS/silo.pem"
+    echo "BACKPROP_TLS_KEY=$TLS/silo.key"
+    echo "BACKPROP_TLS_CA=$TLS/ca.pem"
+  fi
+  echo "GATEWAY=$host:$gateway"
+}
+
 # How many times silo I has logged that it is up.
 ups() { local c; c=$(grep -c "silo-$1 up" "$STATE/silo-$1.log" 2>/dev/null) || true; echo "${c:-0}"; }
 
 # The pid of silo I (line I of STATE/pids), or nothing.
 silo_pid() { sed -n "$(($1 + 1))p" "$STATE/pids" 2>/dev/null; }
 
-# Starts silo I from its stored argument list (one argument a line, STATE/silo-I.args) and waits until it
-# logs "silo-I up" once more than before. Appends to its log, so a restart keeps the history of a kill.
+# Starts silo I with its stored environment (one VAR=value a line, STATE/silo-I.env; GATEWAY is for this
+# script) and waits until it logs "silo-I up" once more than before. Appends to its log, so a restart keeps
+# the history of a kill.
 launch() {
   local i=$1 dll=$2
   local log="$STATE/silo-$i.log"
-  local args=()
-  mapfile -t args < "$STATE/silo-$i.args"
+  local vars=()
+  mapfile -t vars < <(grep '^BACKPROP_' "$STATE/silo-$i.env")
   local before
   before=$(ups "$i")
-  nohup dotnet "$dll" "${args[@]}" >> "$log" 2>&1 < /dev/null &
+  nohup env "${vars[@]}" dotnet "$dll" >> "$log" 2>&1 < /dev/null &
   local pid=$!
   # Line i of the pids file is silo i's pid.
   local pids=()
@@ -101,10 +138,15 @@ start_redis() {
 }
 
 start() {
-  local n=3 silo_port=11111 gateway_port=30000 cluster=backprop-dev data=${BACKPROP_DATA:-} redis=0 redis_port=6379 tls=0
+  local n=3 silo_port=11111 gateway_port=30000 http_port=0 cluster=backprop-dev data=${BACKPROP_DATA:-} redis=0 redis_port=6379
+  local servers="" workers="" distinct=0 tls=0
   while [ $# -gt 0 ]; do
     case $1 in
       --silos) n=$2; shift 2 ;;
+      --servers) servers=$2; shift 2 ;;
+      --workers) workers=$2; shift 2 ;;
+      --distinct-addresses) distinct=1; shift ;;
+      --http-port) http_port=$2; shift 2 ;;
       --silo-port) silo_port=$2; shift 2 ;;
       --gateway-port) gateway_port=$2; shift 2 ;;
       --cluster-id) cluster=$2; shift 2 ;;
@@ -117,6 +159,17 @@ start() {
     esac
   done
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "error: --silos must be a positive integer" >&2; exit 2; }
+  local roles=()
+  if [ -n "$servers$workers" ]; then
+    [[ $servers =~ ^[1-9][0-9]*$ && $workers =~ ^[1-9][0-9]*$ ]] || { echo "error: --servers and --workers go together, each a positive integer" >&2; exit 2; }
+    for ((i = 0; i < servers; i++)); do roles+=(server); done
+    for ((i = 0; i < workers; i++)); do roles+=(worker); done
+  else
+    for ((i = 0; i < n; i++)); do roles+=(all); done
+  fi
+  n=${#roles[@]}
+  [ "$distinct" = 1 ] && [ "$n" -gt 253 ] && { echo "error: --distinct-addresses: at most 253 silos (127.0.0.2-254)" >&2; exit 2; }
+  [[ $http_port =~ ^[0-9]+$ ]] || { echo "error: --http-port must be a port number" >&2; exit 2; }
   [[ $redis_port =~ ^[1-9][0-9]*$ ]] || { echo "error: --redis-port must be a port number" >&2; exit 2; }
   if [ -f "$STATE/pids" ]; then
     while read -r pid; do
@@ -128,34 +181,23 @@ start() {
   dll=$(silo_dll)
   mkdir -p "$STATE"
   rm -f "$STATE/pids" "$STATE/redis.pid"
-  local gateways=()
-  local i
-  for ((i = 0; i < n; i++)); do gateways+=("127.0.0.1:$((gateway_port + i))"); done
-  local gateway_list redis_address=""
-  gateway_list=$(IFS=,; echo "${gateways[*]}")
+  local i redis_address=""
   if [ $redis -eq 1 ]; then
     redis_address=127.0.0.1:$redis_port
     start_redis "$redis_port" || { stop; exit 1; }
   fi
-  printf 'CLUSTER_ID=%s\nGATEWAYS=%s\nREDIS=%s\nSILOS=%s\n' "$cluster" "$gateway_list" "$redis_address" "$n" > "$STATE/cluster.env"
-  local tls_args=()
+  rm -f "$STATE"/silo-*.env
+  TLS=""
   if [ $tls -eq 1 ]; then
-    local certs=$STATE/certs
-    "$ROOT/deploy/local/make-dev-certs.sh" "$certs" >/dev/null || { stop; exit 1; }
-    tls_args=(--tls-cert "$certs/silo.pem" --tls-key "$certs/silo.key" --tls-ca "$certs/ca.pem")
-    # What the CLI needs (as flags or as these environment variables) to be let in.
-    printf 'BACKPROP_TLS_CERT=%s\nBACKPROP_TLS_KEY=%s\nBACKPROP_TLS_CA=%s\n' "$certs/client.pem" "$certs/client.key" "$certs/ca.pem" >> "$STATE/cluster.env"
+    TLS=$STATE/certs
+    "$ROOT/deploy/local/make-dev-certs.sh" "$TLS" >/dev/null || { stop; exit 1; }
   fi
+  CLUSTER_ID=$cluster REDIS=$redis_address SILO_PORT=$silo_port GATEWAY_PORT=$gateway_port HTTP_PORT=$http_port DISTINCT=$distinct DATA=$data
+  for ((i = 0; i < n; i++)); do silo_env "$i" "${roles[$i]}" > "$STATE/silo-$i.env"; done
+  write_settings
+  local gateway_list
+  gateway_list=$(sed -n 's/^GATEWAYS=//p' "$STATE/cluster.env")
   for ((i = 0; i < n; i++)); do
-    local args=(--cluster-id "$cluster" --silo-port $((silo_port + i)) --gateway-port $((gateway_port + i)) --name "silo-$i")
-    if [ $redis -eq 1 ]; then
-      args+=(--redis "$redis_address")
-    elif [ "$i" -gt 0 ]; then
-      args+=(--primary "127.0.0.1:$silo_port")
-    fi
-    [ -n "$data" ] && args+=(--data-dir "$data")
-    args+=("${tls_args[@]}")
-    printf '%s\n' "${args[@]}" > "$STATE/silo-$i.args"
     # One at a time: with localhost clustering the primary must be up before the others join.
     launch "$i" "$dll" || { stop; exit 1; }
   done
@@ -164,7 +206,33 @@ start() {
   else
     echo "cluster '$cluster' of $n silos; train on it with: dotnet run --project src/Client -- train --gateway $gateway_list --cluster-id $cluster"
   fi
-  if [ $tls -eq 1 ]; then echo "TLS required: add --tls-cert $STATE/certs/client.pem --tls-key $STATE/certs/client.key --tls-ca $STATE/certs/ca.pem"; fi
+  if [ -n "$TLS" ]; then echo "TLS required: add --tls-cert $TLS/client.pem --tls-key $TLS/client.key --tls-ca $TLS/ca.pem"; fi
+}
+
+# The cluster's settings, for status, the CLI and 'add'; the gateways are those of every silo started so far.
+write_settings() {
+  local gateway_list count
+  gateway_list=$(cat "$STATE"/silo-*.env | sed -n 's/^GATEWAY=//p' | paste -sd, -)
+  count=$(ls "$STATE"/silo-*.env | wc -l)
+  printf 'CLUSTER_ID=%s\nGATEWAYS=%s\nREDIS=%s\nSILOS=%s\nSILO_PORT=%s\nGATEWAY_PORT=%s\nHTTP_PORT=%s\nDISTINCT=%s\nDATA=%s\nTLS=%s\n' \
+    "$CLUSTER_ID" "$gateway_list" "$REDIS" "$count" "$SILO_PORT" "$GATEWAY_PORT" "$HTTP_PORT" "$DISTINCT" "$DATA" "${TLS:-}" > "$STATE/cluster.env"
+  # What the CLI needs (as flags or as these environment variables) to be let in.
+  [ -n "${TLS:-}" ] && printf 'BACKPROP_TLS_CERT=%s\nBACKPROP_TLS_KEY=%s\nBACKPROP_TLS_CA=%s\n' "$TLS/client.pem" "$TLS/client.key" "$TLS/ca.pem" >> "$STATE/cluster.env"
+  return 0
+}
+
+add_silo() {
+  local role=${1:-}
+  [[ $role =~ ^(server|worker|all)$ ]] || { echo "error: add: role must be server, worker or all" >&2; exit 2; }
+  [ -f "$STATE/cluster.env" ] && [ -f "$STATE/pids" ] || { echo "error: no cluster running in $STATE" >&2; exit 2; }
+  # shellcheck disable=SC1091
+  source "$STATE/cluster.env"
+  local i
+  i=$(ls "$STATE"/silo-*.env | wc -l)
+  [ "$DISTINCT" = 1 ] && [ "$i" -gt 252 ] && { echo "error: no loopback address left" >&2; exit 2; }
+  silo_env "$i" "$role" > "$STATE/silo-$i.env"
+  write_settings
+  launch "$i" "$(silo_dll)"
 }
 
 stop_pids() {
@@ -216,7 +284,22 @@ status() {
 }
 
 check_index() {
-  [[ ${1:-} =~ ^[0-9]+$ ]] && [ -f "$STATE/silo-$1.args" ] || { echo "error: no silo '${1:-}' in $STATE" >&2; exit 2; }
+  [[ ${1:-} =~ ^[0-9]+$ ]] && [ -f "$STATE/silo-$1.env" ] || { echo "error: no silo '${1:-}' in $STATE" >&2; exit 2; }
+}
+
+term_silo() {
+  check_index "${1:-}"
+  local pid
+  pid=$(silo_pid "$1")
+  if [ -z "$pid" ] || ! alive "$pid"; then echo "silo-$1 is not running"; return 0; fi
+  local t=$(now)
+  kill -TERM "$pid"
+  local waited=0
+  while alive "$pid"; do
+    if [ $waited -ge 600 ]; then echo "error: silo-$1 (pid $pid) still running 60 s after SIGTERM" >&2; return 1; fi
+    sleep 0.1; waited=$((waited + 1))
+  done
+  echo "$t silo-$1 terminated (pid $pid), exited by $(now)"
 }
 
 kill_silo() {
@@ -243,6 +326,8 @@ case ${1:-} in
   stop) stop ;;
   status) status ;;
   kill) kill_silo "${2:-}" ;;
+  term) term_silo "${2:-}" ;;
+  add) add_silo "${2:-}" ;;
   restart) restart_silo "${2:-}" ;;
   -h|--help|help) usage ;;
   *) usage >&2; exit 2 ;;

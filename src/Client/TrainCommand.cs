@@ -24,7 +24,7 @@ public static class TrainCommand
     private static readonly Option<int?> BatchSize = new("--batch-size") { Description = "Global batch size B (independent of the worker count)" };
     private static readonly Option<int?> ChunkSize = new("--chunk-size") { Description = "Samples per chunk, the unit of work and reduction [default: B/4 rounded up]" };
     private static readonly Option<int?> Epochs = new("--epochs") { Description = "Epochs to train" };
-    private static readonly Option<int?> Workers = new("--workers") { Description = "Worker grains (spread over the silos)" };
+    private static readonly Option<int?> Workers = new("--workers") { Description = "Worker grains (spread over the worker silos); default: the preset's on the embedded silo, one per worker silo on a cluster" };
     private static readonly Option<long?> Seed = new("--seed") { Description = "Seed of initialisation and sample order" };
     private static readonly Option<int?> TrainLimit = new("--train-limit") { Description = "Train on the first N training images only (0 = all)" };
     private static readonly Option<string> Dataset = Cli.Dataset();
@@ -119,6 +119,12 @@ public static class TrainCommand
                 // Same process: load and check the data here so a damaged file is a usage error, not a failed run.
                 var data = await cluster.Services.GetRequiredService<DatasetCache>().Get(spec.Dataset);
                 spec.ValidateAgainst(data.Train);
+            }
+            else if (parse.GetValue(Workers) is null)
+            {
+                // One worker per worker silo: the cluster's size, not the preset's, decides how the work is cut.
+                var silos = await cluster.Client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).WorkerSilos();
+                spec = spec with { Workers = Math.Clamp(silos.Length, 1, RunSpec.MaxWorkers) };
             }
             var run = cluster.Client.GetGrain<IRunGrain>(runId);
             Console.WriteLine($"run {runId} on {cluster.Description}");

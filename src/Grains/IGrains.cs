@@ -40,7 +40,7 @@ public interface IParameterServerGrain : IGrainWithStringKey
     Task Checkpoint(int incarnation);
 }
 
-/// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{index}"). Stateless beyond caches.</summary>
+/// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{incarnation}.{generation}/{index}"). Stateless beyond caches.</summary>
 public interface IWorkerGrain : IGrainWithStringKey
 {
     Task<ChunkResults> ComputeChunks(ChunkWork work);
@@ -56,4 +56,6 @@ public interface IRunRegistryGrain : IGrainWithStringKey
     Task Update(RunSummary summary);
     Task<RunSummary[]> List();
     Task<string[]> Running();
+    /// <summary>Endpoints of the active silos that host workers: a cluster run's default worker count is their number.</summary>
+    Task<string[]> WorkerSilos();
 }

@@ -37,6 +37,7 @@ public sealed class RunGrain(
     DatasetCache datasets,
     WorkerSettings settings,
     ILocalSiloDetails silo,
+    WorkerSilos workerSilos,
     [PersistentState("run", SiloSetup.StorageName)] IPersistentState<RunRecord> record,
     ILogger<RunGrain> logger) : Grain, IRunGrain
 {
@@ -56,6 +57,9 @@ public sealed class RunGrain(
     private long _step;
     private string? _serverSilo;
     private readonly SortedSet<string> _workerSilos = new(StringComparer.Ordinal);
+    private IWorkerGrain[] _workers = [];
+    private string[] _spreadOver = [];
+    private int _generation;
 
     private string RunId => this.GetPrimaryKeyString();
     private string SiloEndpoint => silo.SiloAddress.Endpoint.ToString();
@@ -287,7 +291,7 @@ public sealed class RunGrain(
         var data = await datasets.Get(spec.Dataset);
         int trainCount = spec.TrainCount(data.Train.Count);
         var server = GrainFactory.GetGrain<IParameterServerGrain>(RunId);
-        var workers = Enumerable.Range(0, spec.Workers).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{i}")).ToArray();
+        _workers = [];
         var position = await server.Attach(spec, incarnation);
         var resumeClock = Stopwatch.StartNew();
         _serverSilo = position.Silo;
@@ -303,7 +307,7 @@ public sealed class RunGrain(
 
         // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
         if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
-            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, workers, clock, 0, incarnation, cancel);
+            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, await Workers(spec, incarnation), clock, 0, incarnation, cancel);
 
         for (int e = epoch; e < spec.Epochs; e++)
         {
@@ -313,7 +317,7 @@ public sealed class RunGrain(
             {
                 cancel.ThrowIfCancellationRequested();
                 _stepInEpoch = s;
-                var chunks = await ComputeStep(workers, spec, e, s, plan.ChunkCount(s), current, cancel);
+                var chunks = await ComputeStep(await Workers(spec, incarnation), spec, e, s, plan.ChunkCount(s), current, cancel);
                 double stepLoss = chunks.Sum(c => c.LossSum);
                 if (!double.IsFinite(stepLoss)) throw new RunDivergedException(current.Step + 1, e + 1, $"training loss is {stepLoss}");
                 lossSum += stepLoss;
@@ -330,10 +334,29 @@ public sealed class RunGrain(
             }
             double trainSeconds = clock.Elapsed.TotalSeconds;
             _stepInEpoch = steps;
-            await FinishEpoch(spec, e, lossSum, trainCount, current, server, workers, clock, trainSeconds, incarnation, cancel);
+            await FinishEpoch(spec, e, lossSum, trainCount, current, server, await Workers(spec, incarnation), clock, trainSeconds, incarnation, cancel);
             (first, lossSum) = (0, 0);
             clock.Restart();
         }
+    }
+
+    /// <summary>
+    /// The workers for the next step, spread over the worker silos active now. Worker activations never move, so
+    /// when the set of worker silos changes (one joined, left or died) the run takes a new generation of workers,
+    /// keyed "{runId}/{incarnation}.{generation}/{i}", which placement spreads over the current silos; the old ones
+    /// idle until collected. The count is the spec's, or one per worker silo where there are more silos: a silo
+    /// that joins gets work from the next step on. Which worker computes a chunk never changes a bit (chunk sums
+    /// are added in chunk order). Checked before every step: it reads this silo's membership and manifest, no call.
+    /// </summary>
+    private async Task<IWorkerGrain[]> Workers(RunSpec spec, int incarnation)
+    {
+        var silos = workerSilos.Active();
+        if (_workers.Length > 0 && (silos.Length == 0 || silos.SequenceEqual(_spreadOver))) return _workers;
+        _spreadOver = silos;
+        int count = Math.Clamp(Math.Max(spec.Workers, silos.Length), 1, RunSpec.MaxWorkers), generation = _generation++;
+        _workers = Enumerable.Range(0, count).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{incarnation}.{generation}/{i}")).ToArray();
+        await AddEventNow("workers", $"{count} workers over {silos.Length} worker silos ({string.Join(", ", silos)}), generation {generation}");
+        return _workers;
     }
 
     /// <summary>Evaluates, checkpoints the server at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>

@@ -12,7 +12,7 @@ public sealed class RunList
 
 /// <summary>The cluster's runs, newest summary of each. Stored, so a whole-cluster restart finds them again.</summary>
 public sealed class RunRegistryGrain(
-    [PersistentState("registry", SiloSetup.StorageName)] IPersistentState<RunList> list) : Grain, IRunRegistryGrain
+    [PersistentState("registry", SiloSetup.StorageName)] IPersistentState<RunList> list, WorkerSilos workerSilos) : Grain, IRunRegistryGrain
 {
     public const string Key = "all";
     /// <summary>Keeps the stored list (one grain state) bounded; the oldest finished runs are dropped first.</summary>
@@ -51,4 +51,6 @@ public sealed class RunRegistryGrain(
 
     public Task<string[]> Running() =>
         Task.FromResult(list.State.Runs.Values.Where(r => r.State == RunState.Running).Select(r => r.RunId).ToArray());
+
+    public Task<string[]> WorkerSilos() => Task.FromResult(workerSilos.Active());
 }

@@ -11,16 +11,21 @@ using Orleans.Configuration;
 // so containers and scripts can configure it without a command line.
 
 var clusterId = Opt("--cluster-id", "BACKPROP_CLUSTER_ID", LocalClustering.DefaultClusterId, "Cluster id; silos and clients must agree");
-var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (loopback)");
-var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (loopback)");
+var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (on --host)");
+var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (on --host)");
 var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Localhost clustering: silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
 var redis = Opt("--redis", "BACKPROP_REDIS", "", "Redis (host:port) for membership, grain storage and reminders; empty = localhost clustering");
-var address = Opt("--address", "BACKPROP_ADDRESS", "127.0.0.1", "With --redis: the address this silo binds and advertises");
+var hostAddress = Opt("--host", "BACKPROP_HOST", "127.0.0.1", "IP address this silo binds and advertises (silo and gateway ports); with --kubernetes the pod's IP is used instead");
+var kubernetes = Opt("--kubernetes", "BACKPROP_KUBERNETES", false, "Running in a Kubernetes pod (needs --redis): advertise the pod's IP (POD_IP), listen on all its addresses, name the silo after the pod (POD_NAME, POD_NAMESPACE); Orleans then marks silos whose pod is gone as dead");
 var dataDir = Opt("--data-dir", "BACKPROP_DATA", DatasetCatalog.DefaultDataDir(), "Directory holding datasets (fetched there when missing)");
-var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default silo-<silo port>)");
+var name = Opt("--name", "BACKPROP_SILO_NAME", "", "Name shown in logs (default silo-<silo port>; with --kubernetes the pod's name, POD_NAME)");
 var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSettings.Fast.ProbeTimeout.TotalSeconds, "Membership probe timeout, seconds");
 var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", MembershipSettings.Fast.MissedProbesLimit, "Missed probes before a silo is suspected");
 var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", MembershipSettings.Fast.VotesForDeath, "Suspicions needed to declare a silo dead (fewer where the cluster is small)");
+var role = Opt("--role", "BACKPROP_ROLE", "all", "server (run coordinators, parameter servers, run registry), worker (worker grains) or all (both)");
+var httpPort = Opt("--http-port", "BACKPROP_HTTP_PORT", 0, "Port of /healthz and /readyz (HTTP); 0 = none");
+var httpBind = Opt("--http-bind", "BACKPROP_HTTP_BIND", "127.0.0.1", "Address /healthz and /readyz listen on (0.0.0.0 in a pod, for the kubelet's probes)");
+var dataset = Opt("--dataset", "BACKPROP_DATASET", "mnist", "Data set a worker silo loads at start; /readyz waits for it");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 var tlsCert = Opt("--tls-cert", TlsFiles.CertEnv, "", "TLS with mutual authentication: this silo's certificate (PEM, with --tls-key; or a PFX without password)");
 var tlsKey = Opt("--tls-key", TlsFiles.KeyEnv, "", "TLS: the PEM private key of --tls-cert");
@@ -28,22 +33,31 @@ var tlsCa = Opt("--tls-ca", TlsFiles.CaEnv, "", "TLS: PEM CA that signed every s
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, redis, address, dataDir, name, probeTimeout, missedProbes, deathVotes, workerThreads,
+    clusterId, siloPort, gatewayPort, primary, redis, hostAddress, kubernetes, dataDir, name, probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads,
     tlsCert, tlsKey, tlsCa,
 };
 root.SetAction(async (parse, cancel) =>
 {
     int silo = parse.GetValue(siloPort), gateway = parse.GetValue(gatewayPort);
-    string siloName = parse.GetValue(name) is { Length: > 0 } n ? n : $"silo-{silo}";
+    bool inPod = parse.GetValue(kubernetes);
+    // Orleans' Kubernetes hosting needs the silo named after its pod.
+    string siloName = parse.GetValue(name) is { Length: > 0 } n ? n
+        : inPod && Environment.GetEnvironmentVariable("POD_NAME") is { Length: > 0 } pod ? pod : $"silo-{silo}";
     System.Net.IPEndPoint? primaryEndpoint;
     string? redisEndpoint = parse.GetValue(redis) is { Length: > 0 } r ? r : null;
-    System.Net.IPAddress? advertised = null;
+    System.Net.IPAddress? advertised;
+    SiloRole siloRole;
+    System.Net.IPAddress? healthBind;
     TlsFiles? tls;
     try
     {
+        siloRole = SiloRoles.Parse(parse.GetValue(role)!);
         if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
         if (parse.GetValue(probeTimeout) is <= 0 or > 600) throw new ArgumentException("--probe-timeout must be in (0, 600] seconds");
         if (parse.GetValue(missedProbes) < 1 || parse.GetValue(deathVotes) < 1) throw new ArgumentException("--missed-probes and --death-votes must be at least 1");
+        if (parse.GetValue(httpPort) is < 0 or > 65535) throw new ArgumentException("--http-port must be in 0..65535");
+        if (!System.Net.IPAddress.TryParse(parse.GetValue(httpBind), out healthBind)) throw new ArgumentException($"--http-bind: '{parse.GetValue(httpBind)}' is not an IP address");
+        Backprop.Core.Data.DatasetCatalog.Get(parse.GetValue(dataset)!);
         if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
         primaryEndpoint = parse.GetValue(primary) is { Length: > 0 } p ? LocalClustering.ParseEndpoint(p, "--primary") : null;
         if (redisEndpoint is not null)
@@ -51,8 +65,12 @@ root.SetAction(async (parse, cancel) =>
             // Redis has no primary: every silo finds the others through the membership table.
             if (primaryEndpoint is not null) throw new ArgumentException("--primary: not with --redis (Redis clustering has no primary)");
             LocalClustering.ParseEndpoint(redisEndpoint, "--redis");
-            if (!System.Net.IPAddress.TryParse(parse.GetValue(address), out advertised)) throw new ArgumentException($"--address: '{parse.GetValue(address)}' is not an IP address");
         }
+        else if (parse.GetValue(kubernetes))
+        {
+            throw new ArgumentException("--kubernetes: needs --redis (localhost clustering is for one machine)");
+        }
+        if (!System.Net.IPAddress.TryParse(parse.GetValue(hostAddress), out advertised)) throw new ArgumentException($"--host: '{parse.GetValue(hostAddress)}' is not an IP address");
         tls = TlsFiles.Load(parse.GetValue(tlsCert), parse.GetValue(tlsKey), parse.GetValue(tlsCa), certificateRequired: true);
     }
     catch (ArgumentException e)
@@ -69,27 +87,34 @@ root.SetAction(async (parse, cancel) =>
     builder.Logging.AddFilter("Orleans", LogLevel.Warning);
     builder.UseOrleans(s =>
     {
+        // First, so that the cluster id and service id set below win over its ORLEANS_CLUSTER_ID and ORLEANS_SERVICE_ID;
+        // with no address configured it advertises the pod's IP (POD_IP) and listens on all of the pod's addresses.
+        if (inPod) s.UseKubernetesHosting();
         if (redisEndpoint is not null)
         {
-            s.UseRedisCluster(redisEndpoint, parse.GetValue(clusterId)!, advertised!, silo, gateway, membership);
+            s.UseRedisCluster(redisEndpoint, parse.GetValue(clusterId)!, inPod ? null : advertised, silo, gateway, membership);
         }
         else
         {
-            s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership);
+            s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership, advertised);
             // Localhost clustering is for experiments on one machine: runs last as long as the silo holding them.
             s.AddMemoryGrainStorage(SiloSetup.StorageName);
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
-        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads));
+        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole);
         if (tls is not null) s.UseBackpropTls(tls);
     });
     builder.Services.AddHostedService<MembershipLog>();
+    builder.Services.AddSingleton<SiloHealth>();
+    if (parse.GetValue(httpPort) > 0)
+        builder.Services.AddHostedService(sp => new HealthServer(sp.GetRequiredService<SiloHealth>(), healthBind!, parse.GetValue(httpPort)));
     using var host = builder.Build();
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
     await host.StartAsync(cancel);
+    if (siloRole.HostsWorkers()) host.Services.GetRequiredService<SiloHealth>().LoadDataset(parse.GetValue(dataset)!);
     string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
-    log.LogInformation("{Silo} up: cluster {Cluster}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
-        siloName, parse.GetValue(clusterId), silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
+    log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, host {Host}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
+        siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), inPod ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
     if (tls is not null) log.LogInformation("{Silo} {Tls}", siloName, tls.Description);
     await host.WaitForShutdownAsync(CancellationToken.None);
     log.LogInformation("{Silo} stopped", siloName);

@@ -44,9 +44,11 @@ public static class LocalClustering
     public const string ServiceId = "backprop-distributed";
 
     public static ISiloBuilder UseLocalCluster(this ISiloBuilder silo, string clusterId, int siloPort, int gatewayPort,
-        IPEndPoint? primary, MembershipSettings membership)
+        IPEndPoint? primary, MembershipSettings membership, IPAddress? host = null)
     {
         silo.UseLocalhostClustering(siloPort, gatewayPort, primary, ServiceId, clusterId);
+        // Orleans' localhost clustering binds 127.0.0.1; another loopback address lets several silos share ports like separate machines.
+        if (host is not null) silo.ConfigureEndpoints(host, siloPort, gatewayPort, listenOnAnyHostAddress: false);
         return membership.ApplyTo(silo);
     }
 

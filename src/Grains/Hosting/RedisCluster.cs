@@ -17,18 +17,21 @@ public static class RedisCluster
     /// <summary>
     /// The service id of a Redis cluster. Orleans keys storage (<c>{ServiceId}/state/...</c>) and reminders
     /// (<c>{ServiceId}/reminders</c>) by service id only, so putting the cluster id in it keeps several
-    /// clusters in one Redis apart. Clients that find gateways through Redis must use the same one. Joined with
-    /// '-': Orleans' Kubernetes hosting puts the service id in a pod label, whose values cannot hold '/'.
+    /// clusters in one Redis apart. Clients that find gateways through Redis must use the same one.
+    /// No '/': Orleans' Kubernetes hosting selects the cluster's pods by the label orleans/serviceId, and label
+    /// values allow only letters, digits, '-', '_' and '.'.
     /// </summary>
     public static string ServiceIdOf(string clusterId) => $"{LocalClustering.ServiceId}-{clusterId}";
 
-    public static ISiloBuilder UseRedisCluster(this ISiloBuilder silo, string redis, string clusterId, IPAddress advertised,
+    /// <summary><paramref name="advertised"/> null: the ports only, the address is set elsewhere (Kubernetes hosting: the pod's IP).</summary>
+    public static ISiloBuilder UseRedisCluster(this ISiloBuilder silo, string redis, string clusterId, IPAddress? advertised,
         int siloPort, int gatewayPort, MembershipSettings membership)
     {
         var endpoint = LocalClustering.ParseEndpoint(redis, "--redis");
         silo.Configure<ClusterOptions>(o => { o.ClusterId = clusterId; o.ServiceId = ServiceIdOf(clusterId); });
         // Bind where we advertise: on one machine several silos may share ports on distinct loopback addresses.
-        silo.ConfigureEndpoints(advertised, siloPort, gatewayPort, listenOnAnyHostAddress: false);
+        if (advertised is not null) silo.ConfigureEndpoints(advertised, siloPort, gatewayPort, listenOnAnyHostAddress: false);
+        else silo.Configure<EndpointOptions>(o => { o.SiloPort = siloPort; o.GatewayPort = gatewayPort; });
         silo.UseRedisClustering(o => o.ConfigurationOptions = Options(endpoint));
         silo.AddRedisGrainStorage(SiloSetup.StorageName, b => b.Configure<IServiceProvider>((o, services) =>
         {

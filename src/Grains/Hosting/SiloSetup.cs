@@ -7,26 +7,28 @@ namespace Backprop.Grains.Hosting;
 /// <summary>
 /// What a silo's grains are allowed to use: how many threads each worker may use for one chunk, and whether
 /// runs stored as running are continued by this silo (a cluster: yes; the embedded silo of a CLI: only
-/// when asked, with `resume`).
+/// when asked, with `resume`), and which grains it hosts.
 /// </summary>
-public sealed record WorkerSettings(int ThreadsPerWorker, bool KeepRunsGoing = true);
+public sealed record WorkerSettings(int ThreadsPerWorker, bool KeepRunsGoing = true, SiloRole Role = SiloRole.All);
 
 public static class SiloSetup
 {
     public const string StorageName = "runs";
 
     /// <summary>
-    /// What every silo of a Backprop cluster needs, whatever its clustering: placement, datasets, the run
-    /// watchdog, and how many threads each worker may use for one chunk (1 by default, so that several workers
+    /// What every silo of a Backprop cluster needs, whatever its clustering: its role (which grains it hosts),
+    /// placement, datasets, the run watchdog, and how many threads each worker may use for one chunk (1 by default, so that several workers
     /// sharing a machine do not oversubscribe its cores; results do not depend on it).
     /// Grain storage is not registered here: the caller registers one named <see cref="StorageName"/> that
     /// suits its clustering (files for the embedded silo and test clusters, Redis for a Redis cluster).
     /// </summary>
     public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1,
-        bool keepRunsGoing = true)
+        bool keepRunsGoing = true, SiloRole role = SiloRole.All)
     {
         if (threadsPerWorker < 1 || threadsPerWorker > 256) throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..256");
-        silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing));
+        silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing, role));
+        silo.Services.AddSingleton<WorkerSilos>();
+        silo.ApplyRole(role);
         silo.AddPlacementDirector<SpreadPlacementStrategy, SpreadPlacementDirector>();
         silo.Services.AddSingleton(sp => new DatasetCache(dataDir, allowFetch, sp.GetRequiredService<ILogger<DatasetCache>>()));
         if (keepRunsGoing) silo.Services.AddHostedService<RunWatchdog>();

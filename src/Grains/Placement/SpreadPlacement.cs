@@ -7,7 +7,7 @@ namespace Backprop.Grains.Placement;
 /// <summary>
 /// Puts worker i of a run on silo (i mod n) of the compatible silos in address order. The built-in
 /// strategies pile a burst of first activations onto one silo (ORLEANS-10-FACTS); this spreads them exactly.
-/// Keys are "{runId}/{index}".
+/// Keys end in "/{index}".
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed class SpreadPlacementStrategy : PlacementStrategy

@@ -18,7 +18,13 @@ public sealed class ClusterFixture : IAsyncLifetime, IAsyncDisposable
     public ClusterFixture() : this(1200, 400) { }
 
     /// <summary>A cluster for one test, with other data sizes (xunit needs the shared fixture's constructor to be the only public one).</summary>
-    internal ClusterFixture(int trainCount, int testCount) => Data = SyntheticDigits.Create(trainCount, testCount, seed: 5);
+    internal ClusterFixture(int trainCount, int testCount, Func<int, SiloRole>? roles = null)
+    {
+        Data = SyntheticDigits.Create(trainCount, testCount, seed: 5);
+        _roles = roles ?? (_ => SiloRole.All);
+    }
+
+    private readonly Func<int, SiloRole> _roles;
 
     public const int Silos = 3;
     public readonly string DataDir = Directory.CreateTempSubdirectory("cluster-data-").FullName;
@@ -32,11 +38,13 @@ public sealed class ClusterFixture : IAsyncLifetime, IAsyncDisposable
     {
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), Data, gzip: true);
         var builder = new InProcessTestClusterBuilder(Silos);
-        var (dataDir, stateDir) = (DataDir, StateDir);
-        builder.ConfigureSilo((_, silo) =>
+        var (dataDir, stateDir, roles) = (DataDir, StateDir, _roles);
+        builder.ConfigureSilo((options, silo) =>
         {
             silo.AddFileGrainStorage(SiloSetup.StorageName, stateDir);
-            silo.AddBackpropGrains(dataDir, allowFetch: false);
+            // Silo names are "Primary", then "Secondary_1", "Secondary_2", ...
+            int index = options.SiloName.LastIndexOf('_') is var u and >= 0 ? int.Parse(options.SiloName[(u + 1)..]) : 0;
+            silo.AddBackpropGrains(dataDir, allowFetch: false, role: roles(index));
             silo.Configure<SiloMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(30));
         });
         Cluster = builder.Build();

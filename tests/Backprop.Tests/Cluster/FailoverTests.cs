@@ -55,9 +55,7 @@ public sealed class FailoverTests
     public async Task Killing_a_worker_silo_loses_nothing_and_changes_no_bit()
     {
         await using var fixture = await Start(new ClusterFixture());
-        // 40 epochs of 19 steps: long enough that the kill lands mid-run. The test cluster declares the death at
-        // once, so the victim's workers are activated again elsewhere; whether a call was in flight (and redone) is
-        // chance here. The process tests see the redo, where death takes seconds to declare.
+        // 40 epochs of 19 steps: long enough that the kill lands mid-run.
         var spec = Presets.PyTorchMlp with { Epochs = 40, Workers = 4, Seed = 6 };
         var run = fixture.Cluster.Client.GetGrain<IRunGrain>("failover");
         await fixture.StartOn(fixture.Cluster.Silos[0], "failover", spec);
@@ -65,6 +63,7 @@ public sealed class FailoverTests
         Assert.Equal(RunState.Running, status.State);
 
         // Four workers on three silos: every silo holds one.
+        string dead = fixture.Cluster.Silos[1].SiloAddress.Endpoint.ToString();
         await fixture.Cluster.KillSiloAsync(fixture.Cluster.Silos[1]);
 
         var clock = Stopwatch.StartNew();
@@ -73,6 +72,8 @@ public sealed class FailoverTests
         Assert.True(status.State == RunState.Completed, $"run ended {status.State}: {status.Error}");
         Assert.Equal(40, status.EpochsDone);
         Assert.Equal(Expected(spec, fixture), status.Epochs[^1].ParameterSha256);
+        // Either a call in flight failed and was redone elsewhere, or the next step already spread new workers over the survivors.
+        Assert.Contains(status.Events, e => e.Kind == "redone" || e.Kind == "workers" && !e.Message.Contains(dead));
     }
 
     [Fact]
@@ -138,7 +139,8 @@ public sealed class FailoverTests
         var clock = Stopwatch.StartNew();
         while (!status.IsFinished && clock.Elapsed < TimeSpan.FromSeconds(300))
             status = await run.WaitForFinish(TimeSpan.FromSeconds(5));
-        Assert.True(status.State == RunState.Completed, $"run ended {status.State}: {status.Error}");
+        Assert.True(status.State == RunState.Completed, $"run ended {status.State}: {status.Error}; epoch {status.Epoch + 1} step {status.StepInEpoch}; " +
+            string.Join("; ", status.Events.Select(e => $"{e.Time:HH:mm:ss.fff} {e.Kind} {e.Message}")));
         Assert.True(status.Events.Any(e => e.Kind == "redone" && e.Message.StartsWith("evaluation of test samples")),
             $"the kill ({killTook.TotalSeconds:F2} s) missed the evaluation: {string.Join("; ", status.Events.Select(e => $"{e.Time:HH:mm:ss.fff} {e.Kind} {e.Message}"))}");
         Assert.All(status.Epochs, e => Assert.Equal(60_000, e.Confusion.Sum()));

@@ -1,0 +1,99 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Backprop.Core;
+using Backprop.Core.Data;
+using Backprop.Core.Training;
+using Xunit.Abstractions;
+using static Backprop.Tests.EndToEnd.Processes;
+
+namespace Backprop.Tests.EndToEnd;
+
+/// <summary>
+/// The manifests' topology as processes: Redis, one server silo and two worker silos, each on its own loopback
+/// address with the same ports (cluster.sh --distinct-addresses), configured by environment variables only.
+/// A worker silo joins mid-run and gets work; another leaves with SIGTERM; the parameters are still the bits of
+/// one uninterrupted process.
+/// </summary>
+[Collection("cluster")]
+public sealed class ScaleOutTests(ITestOutputHelper output) : IDisposable
+{
+    // 150 steps an epoch: 25 epochs leave time for a silo to start and join while the run goes on.
+    private const int Epochs = 25;
+    private readonly string _work = Directory.CreateTempSubdirectory("e2e-scale-").FullName;
+    private readonly TrainTest _data = SyntheticDigits.Create(trainCount: 9600, testCount: 400, seed: 23);
+    private readonly string _cluster = "scale-" + Guid.NewGuid().ToString("N")[..8];
+    private string State => Path.Combine(_work, "state");
+    private string DataDir => Path.Combine(_work, "data");
+
+    public void Dispose()
+    {
+        Script(State, "stop");
+        Directory.Delete(_work, recursive: true);
+    }
+
+    [Fact]
+    public async Task Worker_silos_join_and_leave_a_running_run_without_changing_a_bit()
+    {
+        IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), _data);
+        var taken = new HashSet<int>();
+        int siloPort = FreePorts(1, taken), gatewayPort = FreePorts(1, taken), httpPort = FreePorts(1, taken), redisPort = FreePorts(1, taken);
+        string redis = $"127.0.0.1:{redisPort}";
+        var started = Script(State, "start", "--redis", "--redis-port", $"{redisPort}", "--servers", "1", "--workers", "2", "--distinct-addresses",
+            "--silo-port", $"{siloPort}", "--gateway-port", $"{gatewayPort}", "--http-port", $"{httpPort}", "--cluster-id", _cluster, "--data-dir", DataDir);
+        Assert.True(started.Code == 0, started.Output);
+        string Silo(int i) => $"127.0.0.{i + 2}:{siloPort}";
+
+        // No --workers: one per worker silo.
+        string metrics = Path.Combine(_work, "metrics.jsonl");
+        var train = CliProcess.Start("train", "--epochs", $"{Epochs}", "--seed", "5", "--checkpoint-every", "50",
+            "--redis", redis, "--cluster-id", _cluster, "--run-id", "elastic", "--metrics-out", metrics);
+        train.WaitForLine(l => l.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(120));
+        var status = Status(redis);
+        Assert.Equal(Silo(0), status.GetProperty("coordinatorSilo").GetString());
+        Assert.Equal(Silo(0), status.GetProperty("parameterServerSilo").GetString());
+        Assert.Equal([Silo(1), Silo(2)], WorkerSilos(status));
+
+        var added = Script(State, "add", "worker");
+        Assert.True(added.Code == 0, added.Output);
+        var sinceJoin = Stopwatch.StartNew();
+        // Its own address and the HTTP port every silo shares: ready once it has joined and loaded the data.
+        Assert.Equal(System.Net.HttpStatusCode.OK, (await HealthTests.PollReady("127.0.0.5", httpPort, r => r.Code == System.Net.HttpStatusCode.OK)).Code);
+        while (!WorkerSilos(status = Status(redis)).Contains(Silo(3)) && status.GetProperty("state").GetString() == "running"
+               && sinceJoin.Elapsed < TimeSpan.FromSeconds(60)) { }
+        var joinedAfter = sinceJoin.Elapsed;
+        Assert.True(WorkerSilos(status).Contains(Silo(3)), $"silo-3 got no work: {status}");
+        Assert.Equal("running", status.GetProperty("state").GetString());
+        int stepAtJoin = status.GetProperty("step").GetInt32();
+
+        var termed = Script(State, "term", "1");
+        Assert.True(termed.Code == 0, termed.Output);
+        Assert.Equal("running", Status(redis).GetProperty("state").GetString());
+
+        var result = train.Finish(TimeSpan.FromSeconds(240));
+        Assert.True(result.Code == 0, result.Output);
+        var lines = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement).ToArray();
+        Assert.Equal(Enumerable.Range(1, Epochs), lines.Select(l => l.GetProperty("epoch").GetInt32()));
+        using var local = new LocalTrainer(Presets.PyTorchMlp with { Epochs = Epochs, Workers = 2, Seed = 5 }, _data.Train);
+        for (int e = 0; e < Epochs; e++) local.TrainEpoch(e);
+        string expected = ParameterHash.Sha256(local.Parameters);
+        Assert.Equal(expected, lines[^1].GetProperty("parameterSha256").GetString());
+
+        var events = Status(redis).GetProperty("events").EnumerateArray()
+            .Select(e => $"{e.GetProperty("time").GetString()} {e.GetProperty("kind").GetString()}: {e.GetProperty("message").GetString()}");
+        output.WriteLine(File.ReadLines(Path.Combine(State, "silo-3.log")).First(l => l.Contains("silo-3 up")));
+        output.WriteLine($"silo-3 (worker) up -> its endpoint in workerSilos: {joinedAfter.TotalSeconds:F2} s (status polled by CLI processes), at step {stepAtJoin}");
+        output.WriteLine(termed.Output.Trim());
+        output.WriteLine(string.Join('\n', events));
+        output.WriteLine($"parameterSha256 after {Epochs} epochs: {lines[^1].GetProperty("parameterSha256").GetString()} (LocalTrainer: {expected})");
+    }
+
+    private JsonElement Status(string redis)
+    {
+        var status = Cli("status", "elastic", "--json", "--redis", redis, "--cluster-id", _cluster);
+        Assert.True(status.Code == 0, status.Output);
+        return JsonDocument.Parse(status.Output.Split('\n').Single(l => l.StartsWith('{'))).RootElement;
+    }
+
+    private static string[] WorkerSilos(JsonElement status) =>
+        status.GetProperty("workerSilos").EnumerateArray().Select(s => s.GetString()!).Order(StringComparer.Ordinal).ToArray();
+}
