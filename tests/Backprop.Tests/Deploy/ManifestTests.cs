@@ -124,7 +124,9 @@ public sealed class ManifestTests
             string role = Map(silo["metadata"]!["labels"])["app.kubernetes.io/component"];
             Assert.Equal(role, Str(env["BACKPROP_ROLE"]["value"]));
             Assert.Equal("true", Str(env["BACKPROP_KUBERNETES"]["value"]));
-            Assert.Equal("status.podIP", Str(env["BACKPROP_HOST"]["valueFrom"]?["fieldRef"]?["fieldPath"]));
+            Assert.Equal("status.podIP", Str(env["POD_IP"]["valueFrom"]?["fieldRef"]?["fieldPath"]));
+            Assert.Equal("metadata.name", Str(env["POD_NAME"]["valueFrom"]?["fieldRef"]?["fieldPath"]));
+            Assert.Equal("metadata.namespace", Str(env["POD_NAMESPACE"]["valueFrom"]?["fieldRef"]?["fieldPath"]));
             // The host gives a stopping silo 30 s (HostOptions.ShutdownTimeout); Kubernetes must wait longer.
             Assert.True(int.Parse(Str(silo["spec"]!["template"]!["spec"]!["terminationGracePeriodSeconds"])!) > 30);
             var limits = Container(silo)["resources"]!;
@@ -317,6 +319,8 @@ public sealed class ManifestTests
         Assert.True(code == 0, output);
         // The programs document each variable as "[env NAME]" after the option it sets.
         var names = Regex.Matches(output, @"\[env\s+(BACKPROP_[A-Z0-9_]+)\]").Select(m => m.Groups[1].Value).ToHashSet();
+        // Orleans' Kubernetes hosting reads the pod's own variables; the silo's --help names them under --kubernetes.
+        names.UnionWith(Regex.Matches(output, @"\b(POD_(?:IP|NAME|NAMESPACE))\b").Select(m => m.Groups[1].Value));
         Assert.NotEmpty(names);
         return names;
     }
