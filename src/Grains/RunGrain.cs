@@ -399,15 +399,22 @@ public sealed class RunGrain(
         return results;
     }
 
-    /// <summary>The test set cut into one contiguous range per worker; counts add up exactly. A failed range is redone by another worker.</summary>
+    /// <summary>Test samples per evaluation call; fixed, so that the loss sum is added in the same blocks whatever the worker count.</summary>
+    private const int EvalBlock = 1024;
+
+    /// <summary>
+    /// The test set cut into blocks of <see cref="EvalBlock"/> samples, block b to worker b mod W, the partial
+    /// results added in block order: counts add up exactly, and the loss (a double sum) does not depend on how
+    /// many workers there are. A failed block is redone by another worker.
+    /// </summary>
     private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int testCount, FloatPayload parameters, CancellationToken cancel)
     {
-        int parts = Math.Min(workers.Length, testCount);
-        var calls = Enumerable.Range(0, parts).Select(w =>
+        int blocks = (testCount + EvalBlock - 1) / EvalBlock;
+        var calls = Enumerable.Range(0, blocks).Select(b =>
         {
-            int start = (int)((long)testCount * w / parts), end = (int)((long)testCount * (w + 1) / parts);
+            int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
             var work = new EvalWork(spec, start, end, parameters, record.State.DatasetSha256!);
-            return WithRetry(workers, w, $"evaluation of test samples [{start}, {end})", worker => worker.Evaluate(work), cancel);
+            return WithRetry(workers, b % workers.Length, $"evaluation of test samples [{start}, {end})", worker => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);
         return partials.Aggregate((a, b) => a.Add(b));

@@ -9,9 +9,9 @@ using Microsoft.Extensions.Logging;
 namespace Backprop.Silo;
 
 /// <summary>
-/// Whether this silo should get traffic: it has joined the cluster (membership says Active) and, if it hosts
-/// workers, its data set is loaded and checked. The data set is loaded at start rather than by the first chunk,
-/// so that a silo with missing or damaged data is not ready (and says why) before any run relies on it.
+/// Whether this silo should get traffic: it has joined the cluster (membership says Active) and its data set is
+/// loaded and checked. The data set is loaded before the silo joins rather than by the first chunk, so that a
+/// silo with missing or damaged data is not ready (and says why) before any run relies on it.
 /// </summary>
 public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloDetails local, DatasetCache datasets, ILogger<SiloHealth> logger)
 {
@@ -27,6 +27,9 @@ public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloD
             return t;
         }, TaskScheduler.Default).Unwrap();
     }
+
+    /// <summary>Completes when the load has ended, loaded or failed.</summary>
+    public Task DatasetLoaded() => _data?.ContinueWith(_ => { }, TaskScheduler.Default) ?? Task.CompletedTask;
 
     public (bool Ready, string Reason) Readiness()
     {

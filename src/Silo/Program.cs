@@ -110,8 +110,13 @@ root.SetAction(async (parse, cancel) =>
         builder.Services.AddHostedService(sp => new HealthServer(sp.GetRequiredService<SiloHealth>(), healthBind!, parse.GetValue(httpPort)));
     using var host = builder.Build();
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
+    // The data set is loaded before the silo joins: a worker silo gets chunks as soon as membership lists it as
+    // active, and coordinators (server silos) plan steps and evaluations from it too. A set that fails to load
+    // leaves the silo joining anyway, not ready (/readyz says why), so that the failure is visible.
+    var health = host.Services.GetRequiredService<SiloHealth>();
+    health.LoadDataset(parse.GetValue(dataset)!);
+    await health.DatasetLoaded();
     await host.StartAsync(cancel);
-    if (siloRole.HostsWorkers()) host.Services.GetRequiredService<SiloHealth>().LoadDataset(parse.GetValue(dataset)!);
     string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
     log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, host {Host}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
         siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), inPod ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);

@@ -19,7 +19,6 @@ public static class SiloRoles
         _ => throw new ArgumentException($"--role: '{text}' is not server, worker or all"),
     };
 
-    public static bool HostsWorkers(this SiloRole role) => role != SiloRole.Server;
 
     /// <summary>
     /// A role is the set of grain classes a silo registers. Orleans places a grain only on silos whose grain
