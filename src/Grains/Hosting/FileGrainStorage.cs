@@ -19,12 +19,8 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
     // Shared by every silo of the process: in-process test clusters write the same files from several silos.
     private static readonly ConcurrentDictionary<string, SemaphoreSlim> Locks = new();
 
-    public async Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
-    {
-        var path = PathOf(stateName, grainId);
-        var gate = Locks.GetOrAdd(path, _ => new SemaphoreSlim(1, 1));
-        await gate.WaitAsync();
-        try
+    public Task ReadStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
+        Locked(PathOf(stateName, grainId), acrossProcesses: false, async path =>
         {
             if (!File.Exists(path))
             {
@@ -38,22 +34,11 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
             grainState.State = serializer.Deserialize<T>(new BinaryData(bytes.AsMemory(sizeof(long))));
             grainState.ETag = BitConverter.ToInt64(bytes).ToString(System.Globalization.CultureInfo.InvariantCulture);
             grainState.RecordExists = true;
-        }
-        finally
-        {
-            gate.Release();
-        }
-    }
+        });
 
-    public async Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
-    {
-        var path = PathOf(stateName, grainId);
-        var gate = Locks.GetOrAdd(path, _ => new SemaphoreSlim(1, 1));
-        await gate.WaitAsync();
-        try
+    public Task WriteStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
+        Locked(PathOf(stateName, grainId), acrossProcesses: true, async path =>
         {
-            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-            using var processLock = await LockAcrossProcesses(path);
             long version = CheckETag(path, grainState.ETag) + 1;
             var payload = serializer.Serialize(grainState.State);
             var temp = $"{path}.{Guid.NewGuid():N}.tmp";
@@ -66,27 +51,37 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
             File.Move(temp, path, overwrite: true);
             grainState.ETag = version.ToString(System.Globalization.CultureInfo.InvariantCulture);
             grainState.RecordExists = true;
-        }
-        finally
-        {
-            gate.Release();
-        }
-    }
+        });
 
-    public async Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState)
-    {
-        var path = PathOf(stateName, grainId);
-        var gate = Locks.GetOrAdd(path, _ => new SemaphoreSlim(1, 1));
-        await gate.WaitAsync();
-        try
+    public Task ClearStateAsync<T>(string stateName, GrainId grainId, IGrainState<T> grainState) =>
+        Locked(PathOf(stateName, grainId), acrossProcesses: true, path =>
         {
-            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-            using var processLock = await LockAcrossProcesses(path);
             CheckETag(path, grainState.ETag);
             File.Delete(path);
             grainState.ETag = null;
             grainState.RecordExists = false;
             grainState.State = Activator.CreateInstance<T>();
+            return Task.CompletedTask;
+        });
+
+    /// <summary>
+    /// Runs <paramref name="action"/> on <paramref name="path"/> alone among this process's silos, and, for
+    /// changes, alone among processes too (the check of the ETag and the write must not interleave).
+    /// </summary>
+    private static async Task Locked(string path, bool acrossProcesses, Func<string, Task> action)
+    {
+        var gate = Locks.GetOrAdd(path, _ => new SemaphoreSlim(1, 1));
+        await gate.WaitAsync();
+        try
+        {
+            if (!acrossProcesses)
+            {
+                await action(path);
+                return;
+            }
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+            using var processLock = await LockAcrossProcesses(path);
+            await action(path);
         }
         finally
         {

@@ -12,30 +12,21 @@ namespace Backprop.Tests.EndToEnd;
 /// are the bits of an uninterrupted run. Then the whole cluster stopped mid-run, started again, and `resume`.
 /// </summary>
 [Collection("cluster")]
-public sealed class ProcessFailoverTests : IDisposable
+public sealed class ProcessFailoverTests : ClusterWorkspace
 {
     private const int Epochs = 3;
-    private readonly string _work = Directory.CreateTempSubdirectory("e2e-failover-").FullName;
     private readonly TrainTest _data = SyntheticDigits.Create(trainCount: 9600, testCount: 400, seed: 21);
     private readonly int _siloPort, _gatewayPort, _redisPort;
     private readonly string _cluster = "failover-" + Guid.NewGuid().ToString("N")[..8];
-    private string State => Path.Combine(_work, "state");
-    private string DataDir => Path.Combine(_work, "data");
     private string Gateways => string.Join(',', Enumerable.Range(0, 3).Select(i => $"127.0.0.1:{_gatewayPort + i}"));
     // 150 steps an epoch, a checkpoint every 20: a kill loses some steps, which are recomputed.
     private static RunSpec Spec(long seed) => Presets.PyTorchMlp with { Epochs = Epochs, Workers = 3, Seed = seed, CheckpointEvery = 20 };
 
-    public ProcessFailoverTests()
+    public ProcessFailoverTests() : base("e2e-failover-")
     {
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), _data);
         var taken = new HashSet<int>();
         (_siloPort, _gatewayPort, _redisPort) = (FreePorts(3, taken), FreePorts(3, taken), FreePorts(1, taken));
-    }
-
-    public void Dispose()
-    {
-        Script(State, "stop");
-        Directory.Delete(_work, recursive: true);
     }
 
     private Result StartCluster() => Script(State, "start", "--silos", "3", "--redis", "--redis-port", $"{_redisPort}",
@@ -80,7 +71,7 @@ public sealed class ProcessFailoverTests : IDisposable
         foreach (var (runId, victimOf, recovery) in new (string, Func<string, int>, string)[]
                  { ("lose-coordinator", CoordinatorSilo, "resumed"), ("lose-gateway", _ => 0, "redone|resumed") })
         {
-            string metrics = Path.Combine(_work, runId + ".jsonl");
+            string metrics = Path.Combine(Work, runId + ".jsonl");
             var train = Train(runId, metrics);
             train.WaitForLine(l => l.StartsWith("epoch"), TimeSpan.FromSeconds(60));
             int victim = victimOf(runId);
@@ -107,14 +98,14 @@ public sealed class ProcessFailoverTests : IDisposable
     {
         var started = StartCluster();
         Assert.True(started.Code == 0, started.Output);
-        var train = Train("whole-cluster", Path.Combine(_work, "before.jsonl"));
+        var train = Train("whole-cluster", Path.Combine(Work, "before.jsonl"));
         train.WaitForLine(l => l.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(90));
         var stopped = Script(State, "stop");
         Assert.True(stopped.Code == 0, stopped.Output);
         train.Interrupt();   // its cluster is gone; the client only detaches
         train.Finish(TimeSpan.FromSeconds(60));
 
-        Assert.InRange(Metrics(Path.Combine(_work, "before.jsonl")).Length, 1, Epochs - 1);
+        Assert.InRange(Metrics(Path.Combine(Work, "before.jsonl")).Length, 1, Epochs - 1);
 
         // A restarted cluster may carry on by itself (its watchdogs sweep for running runs) before `resume` asks.
         var again = StartCluster();

@@ -13,18 +13,8 @@ namespace Backprop.Tests.EndToEnd;
 /// and a finished run found again after the whole cluster (Redis included) was stopped and started.
 /// </summary>
 [Collection("cluster")]
-public sealed class RedisClusterTests : IDisposable
+public sealed class RedisClusterTests() : ClusterWorkspace("e2e-redis-")
 {
-    private readonly string _work = Directory.CreateTempSubdirectory("e2e-redis-").FullName;
-    private string State => Path.Combine(_work, "state");
-    private string DataDir => Path.Combine(_work, "data");
-
-    public void Dispose()
-    {
-        Script(State, "stop");
-        Directory.Delete(_work, recursive: true);
-    }
-
     [Fact]
     public void Runs_live_in_redis_through_kill_restart_and_a_cluster_restart()
     {
@@ -42,7 +32,7 @@ public sealed class RedisClusterTests : IDisposable
         Assert.Contains("silo-1 up", started.Output);
         Assert.Contains($"GATEWAYS=127.0.0.1:{gatewayPort},127.0.0.1:{gatewayPort + 1}", File.ReadAllText(Path.Combine(State, "cluster.env")));
 
-        string metrics = Path.Combine(_work, "metrics.jsonl");
+        string metrics = Path.Combine(Work, "metrics.jsonl");
         var train = Cli("train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "2", "--seed", "3",
             "--gateway", $"127.0.0.1:{gatewayPort},127.0.0.1:{gatewayPort + 1}", "--cluster-id", cluster, "--run-id", "redis-run",
             "--metrics-out", metrics);

@@ -15,21 +15,12 @@ namespace Backprop.Tests.EndToEnd;
 /// one uninterrupted process.
 /// </summary>
 [Collection("cluster")]
-public sealed class ScaleOutTests(ITestOutputHelper output) : IDisposable
+public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("e2e-scale-")
 {
     // 150 steps an epoch: 25 epochs leave time for a silo to start and join while the run goes on.
     private const int Epochs = 25;
-    private readonly string _work = Directory.CreateTempSubdirectory("e2e-scale-").FullName;
     private readonly TrainTest _data = SyntheticDigits.Create(trainCount: 9600, testCount: 400, seed: 23);
     private readonly string _cluster = "scale-" + Guid.NewGuid().ToString("N")[..8];
-    private string State => Path.Combine(_work, "state");
-    private string DataDir => Path.Combine(_work, "data");
-
-    public void Dispose()
-    {
-        Script(State, "stop");
-        Directory.Delete(_work, recursive: true);
-    }
 
     [Fact]
     public async Task Worker_silos_join_and_leave_a_running_run_without_changing_a_bit()
@@ -44,7 +35,7 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : IDisposable
         string Silo(int i) => $"127.0.0.{i + 2}:{siloPort}";
 
         // No --workers: one per worker silo.
-        string metrics = Path.Combine(_work, "metrics.jsonl");
+        string metrics = Path.Combine(Work, "metrics.jsonl");
         var train = CliProcess.Start("train", "--epochs", $"{Epochs}", "--seed", "5", "--checkpoint-every", "50",
             "--redis", redis, "--cluster-id", _cluster, "--run-id", "elastic", "--metrics-out", metrics);
         train.WaitForLine(l => l.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(120));

@@ -12,18 +12,8 @@ namespace Backprop.Tests.EndToEnd;
 /// with one from another CA. Also the one-line start errors of silo and CLI for missing files and mismatched keys.
 /// </summary>
 [Collection("cluster")]
-public sealed class TlsClusterTests : IDisposable
+public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
 {
-    private readonly string _work = Directory.CreateTempSubdirectory("e2e-tls-").FullName;
-    private string State => Path.Combine(_work, "state");
-    private string DataDir => Path.Combine(_work, "data");
-
-    public void Dispose()
-    {
-        Script(State, "stop");
-        Directory.Delete(_work, recursive: true);
-    }
-
     [Fact]
     public async Task A_tls_cluster_trains_with_the_client_certificate_and_refuses_clients_without_one_or_from_another_ca()
     {
@@ -49,7 +39,7 @@ public sealed class TlsClusterTests : IDisposable
         Assert.Equal(Path.Combine(certs, "client.pem"), tlsEnv["BACKPROP_TLS_CERT"]);
 
         string gateways = $"127.0.0.1:{gatewayPort},127.0.0.1:{gatewayPort + 1}";
-        string metrics = Path.Combine(_work, "metrics.jsonl");
+        string metrics = Path.Combine(Work, "metrics.jsonl");
         var train = CliWithEnv(tlsEnv, "train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "2", "--seed", "6",
             "--gateway", gateways, "--cluster-id", cluster, "--run-id", "tls-run", "--metrics-out", metrics);
         Assert.True(train.Code == 0, train.Output);
@@ -66,7 +56,7 @@ public sealed class TlsClusterTests : IDisposable
         Assert.Contains("workers on 2 silo(s)", status.Output);
 
         // Another development CA, with its own client certificate.
-        string other = Path.Combine(_work, "other-ca");
+        string other = Path.Combine(Work, "other-ca");
         var made = Run("bash", [Path.Combine(Root, "deploy/local/make-dev-certs.sh"), other]);
         Assert.True(made.Code == 0, made.Output);
 
@@ -103,7 +93,7 @@ public sealed class TlsClusterTests : IDisposable
     [Fact]
     public void Missing_files_and_a_key_of_another_certificate_are_one_line_errors_of_silo_and_cli()
     {
-        string certs = Path.Combine(_work, "certs");
+        string certs = Path.Combine(Work, "certs");
         var made = Run("bash", [Path.Combine(Root, "deploy/local/make-dev-certs.sh"), certs]);
         Assert.True(made.Code == 0, made.Output);
         string ca = Path.Combine(certs, "ca.pem"), silo = Path.Combine(certs, "silo.pem"), missing = Path.Combine(certs, "missing.pem");
@@ -128,7 +118,7 @@ public sealed class TlsClusterTests : IDisposable
         }
 
         // A silo's own certificate must come from the CA it trusts (its peers would refuse it).
-        string other = Path.Combine(_work, "other-ca");
+        string other = Path.Combine(Work, "other-ca");
         Assert.Equal(0, Run("bash", [Path.Combine(Root, "deploy/local/make-dev-certs.sh"), other]).Code);
         var foreign = SiloHost("--tls-cert", silo, "--tls-key", Path.Combine(certs, "silo.key"), "--tls-ca", Path.Combine(other, "ca.pem"));
         Assert.Equal(2, foreign.Code);
