@@ -60,6 +60,7 @@ public sealed class RunGrain(
     private IWorkerGrain[] _workers = [];
     private string[] _spreadOver = [];
     private int _generation;
+    private int _workersIncarnation;
 
     private string RunId => this.GetPrimaryKeyString();
     private string SiloEndpoint => silo.SiloAddress.Endpoint.ToString();
@@ -291,7 +292,6 @@ public sealed class RunGrain(
         var data = await datasets.Get(spec.Dataset);
         int trainCount = spec.TrainCount(data.Train.Count);
         var server = GrainFactory.GetGrain<IParameterServerGrain>(RunId);
-        _workers = [];
         var position = await server.Attach(spec, incarnation);
         var resumeClock = Stopwatch.StartNew();
         _serverSilo = position.Silo;
@@ -351,8 +351,9 @@ public sealed class RunGrain(
     private async Task<IWorkerGrain[]> Workers(RunSpec spec, int incarnation)
     {
         var silos = workerSilos.Active();
-        if (_workers.Length > 0 && (silos.Length == 0 || silos.SequenceEqual(_spreadOver))) return _workers;
-        _spreadOver = silos;
+        // A re-attach of the same coordinator keeps its workers; a new incarnation takes its own.
+        if (_workers.Length > 0 && _workersIncarnation == incarnation && (silos.Length == 0 || silos.SequenceEqual(_spreadOver))) return _workers;
+        (_spreadOver, _workersIncarnation) = (silos, incarnation);
         int count = Math.Clamp(Math.Max(spec.Workers, silos.Length), 1, RunSpec.MaxWorkers), generation = _generation++;
         _workers = Enumerable.Range(0, count).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{incarnation}.{generation}/{i}")).ToArray();
         await AddEventNow("workers", $"{count} workers over {silos.Length} worker silos ({string.Join(", ", silos)}), generation {generation}");

@@ -81,7 +81,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         string sha = await datasets.Sha256(spec.Dataset);
         if (sha != expectedSha256)
             throw new DataMismatchException(
-                $"silo {silo.SiloAddress.Endpoint}: its data set '{spec.Dataset}' (sha256 {sha[..12]}...) differs from the run's ({(expectedSha256 ?? "none")[..Math.Min(12, expectedSha256?.Length ?? 4)]}...); check {datasets.DataDir}");
+                $"silo {silo.SiloAddress.Endpoint}: its data set '{spec.Dataset}' (sha256 {sha[..12]}...) differs from the run's ({expectedSha256}); check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
         return data;
