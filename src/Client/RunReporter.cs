@@ -118,6 +118,19 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         samplesPerSecond = e.SamplesPerSecond,
         parameterSha256 = e.ParameterSha256,
         steps = e.Steps,
+        profile = e.Profile is { } p ? new
+        {
+            steps = p.Steps,
+            trainSeconds = p.TrainSeconds,
+            slowestComputeSeconds = p.SlowestComputeSeconds,
+            fastestComputeSeconds = p.FastestComputeSeconds,
+            transferSeconds = p.TransferSeconds,
+            reduceAndStepSeconds = p.ReduceAndStepSeconds,
+            serverCallSeconds = p.ServerCallSeconds,
+            barrierWaitSeconds = p.BarrierWaitSeconds,
+            wireBytesPerStep = p.WireBytesPerStep,
+            allocatedBytesPerStep = p.AllocatedBytesPerStep,
+        } : null,
     };
 
     /// <summary>`status --json`: one object with the run's position, where its grains are, its epochs and its event log.</summary>

@@ -14,7 +14,36 @@ public sealed record EpochResult(
     [property: Id(5)] double SamplesPerSecond,
     [property: Id(6)] string ParameterSha256,
     [property: Id(7)] long Steps,
-    [property: Id(8)] int[] Confusion);
+    [property: Id(8)] int[] Confusion,
+    [property: Id(9)] StepProfile? Profile = null);
+
+/// <summary>
+/// Where an epoch's training steps spent their time (evaluation excluded), as means per step, measured by the
+/// coordinator: the workers report their compute time, the server its reduce-and-step time, and every process
+/// its allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>), so that the sum covers coordinator,
+/// server and workers once per process.
+/// </summary>
+[GenerateSerializer, Immutable]
+public sealed record StepProfile(
+    // Training steps of the epoch that this profile covers.
+    [property: Id(0)] int Steps,
+    // Training time of the epoch (the steps only, evaluation excluded).
+    [property: Id(1)] double TrainSeconds,
+    // Backprop and pre-reduction inside the slowest worker's call, per step.
+    [property: Id(2)] double SlowestComputeSeconds,
+    [property: Id(3)] double FastestComputeSeconds,
+    // The slowest worker's round trip minus its compute: messages, serialization and scheduling.
+    [property: Id(4)] double TransferSeconds,
+    // Reduction of the workers' gradients and the optimizer step, inside the server.
+    [property: Id(5)] double ReduceAndStepSeconds,
+    // The server call's round trip minus its reduce-and-step time.
+    [property: Id(6)] double ServerCallSeconds,
+    // From the first worker's reply to the last one's: the fastest worker's wait at the barrier.
+    [property: Id(7)] double BarrierWaitSeconds,
+    // Payload bytes (parameters and gradients) that crossed between processes, per step.
+    [property: Id(8)] double WireBytesPerStep,
+    // Bytes allocated per step by every process the step ran in, together.
+    [property: Id(9)] double AllocatedBytesPerStep);
 
 /// <summary>Something that happened to a run: failures, what was redone, resumes.</summary>
 [GenerateSerializer, Immutable]
