@@ -19,6 +19,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private RunSpec? _planSpec;
     private RunSpec? _validSpec;
     private string? _siloName;
+    private (RunSpec Spec, string Sha256, Backprop.Core.Data.TrainTest Data)? _data;
 
     public async Task<BlockSum> ComputeBlock(BlockWork work)
     {
@@ -84,14 +85,17 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     }
 
     /// <summary>This silo's copy of the run's data set; refuses to compute on other samples than the run's.</summary>
-    private async Task<Backprop.Core.Data.TrainTest> DataFor(RunSpec spec, string expectedSha256)
+    private async ValueTask<Backprop.Core.Data.TrainTest> DataFor(RunSpec spec, string expectedSha256)
     {
+        // Checked once per spec and hash, not on every step.
+        if (_data is { } known && known.Spec == spec && known.Sha256 == expectedSha256) return known.Data;
         string sha = await datasets.Sha256(spec.Dataset);
         if (sha != expectedSha256)
             throw new DataMismatchException(
                 $"silo {silo.SiloAddress.Endpoint}: its data set '{spec.Dataset}' (sha256 {sha[..12]}...) differs from the run's ({expectedSha256}); check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
+        _data = (spec, expectedSha256, data);
         return data;
     }
 
