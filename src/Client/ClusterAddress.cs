@@ -28,7 +28,7 @@ public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string
             : throw new ArgumentException($"--gateway: '{text}' names no host:port");
 }
 
-/// <summary>The options every cluster command shares: --gateway, --redis, --cluster-id, --tls-cert, --tls-key, --tls-ca.</summary>
+/// <summary>The options every cluster command shares: --gateway, --redis, --cluster-id, --tls-cert, --tls-key, --tls-ca, --tls-peer-name.</summary>
 public sealed class ClusterAddressOptions(string gatewayDescription)
 {
     public Option<string?> Gateway { get; } = new("--gateway") { Description = gatewayDescription + " (host:port[,host:port...])" };
@@ -52,6 +52,9 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
 
     public Option<string?> TlsCa { get; } = EnvOption("--tls-ca", TlsFiles.CaEnv, "TLS: PEM CA that signed the cluster's certificates (the only one trusted)");
 
+    public Option<string?> TlsPeerName { get; } = EnvOption("--tls-peer-name", TlsFiles.PeerNameEnv,
+        "TLS: DNS name the gateways' certificates must carry in their subject alternative names (instead of the address dialled)");
+
     private static Option<string?> EnvOption(string flag, string env, string description) => new(flag)
     {
         Description = $"{description} [env {env}]",
@@ -69,7 +72,7 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
         if (redis is null && gateway is null) return null;
         // The client's own certificate is optional here (a cluster with TLS refuses a client without one); its
         // chain is not checked against --tls-ca before connecting: the cluster judges it.
-        var tls = TlsFiles.Load(parse.GetValue(TlsCert), parse.GetValue(TlsKey), parse.GetValue(TlsCa), certificateRequired: false);
+        var tls = TlsFiles.Load(parse.GetValue(TlsCert), parse.GetValue(TlsKey), parse.GetValue(TlsCa), parse.GetValue(TlsPeerName), silo: false);
         if (redis is not null)
         {
             LocalClustering.ParseEndpoint(redis, "--redis");

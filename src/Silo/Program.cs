@@ -30,11 +30,12 @@ var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threa
 var tlsCert = Opt("--tls-cert", TlsFiles.CertEnv, "", "TLS with mutual authentication: this silo's certificate (PEM, with --tls-key; or a PFX without password)");
 var tlsKey = Opt("--tls-key", TlsFiles.KeyEnv, "", "TLS: the PEM private key of --tls-cert");
 var tlsCa = Opt("--tls-ca", TlsFiles.CaEnv, "", "TLS: PEM CA that signed every silo's and client's certificate (the only one trusted)");
+var tlsPeerName = Opt("--tls-peer-name", TlsFiles.PeerNameEnv, "", "TLS: DNS name every silo's certificate carries in its subject alternative names; silos are checked against it instead of the IP address dialled (Kubernetes: pod IPs change)");
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
     clusterId, siloPort, gatewayPort, primary, redis, hostAddress, kubernetes, dataDir, name, probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads,
-    tlsCert, tlsKey, tlsCa,
+    tlsCert, tlsKey, tlsCa, tlsPeerName,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -71,7 +72,7 @@ root.SetAction(async (parse, cancel) =>
             throw new ArgumentException("--kubernetes: needs --redis (localhost clustering is for one machine)");
         }
         if (!System.Net.IPAddress.TryParse(parse.GetValue(hostAddress), out advertised)) throw new ArgumentException($"--host: '{parse.GetValue(hostAddress)}' is not an IP address");
-        tls = TlsFiles.Load(parse.GetValue(tlsCert), parse.GetValue(tlsKey), parse.GetValue(tlsCa), certificateRequired: true);
+        tls = TlsFiles.Load(parse.GetValue(tlsCert), parse.GetValue(tlsKey), parse.GetValue(tlsCa), parse.GetValue(tlsPeerName), silo: true);
     }
     catch (ArgumentException e)
     {

@@ -213,6 +213,40 @@ public sealed class ManifestTests
     }
 
     [Fact]
+    public void The_tls_overlay_gives_every_silo_and_the_train_job_certificates_from_a_secret_and_the_peer_name()
+    {
+        var objects = Objects(Render(Path.Combine(K8s, "overlays/tls")));
+        var silos = SiloDeployments(objects);
+        var job = objects.Single(o => Kind(o) == "Job");
+        Assert.Equal(2, silos.Count);
+        var peerNames = new HashSet<string>();
+        foreach (var workload in silos.Append(job))
+        {
+            var container = Container(workload);
+            var env = container["env"]!.AsArray().ToDictionary(e => Str(e!["name"])!, e => Str(e!["value"]));
+            foreach (var file in new[] { "BACKPROP_TLS_CERT", "BACKPROP_TLS_KEY", "BACKPROP_TLS_CA" })
+            {
+                Assert.True(env.TryGetValue(file, out var path) && path is not null, $"{Id(workload)}: no {file}");
+                // The file lies in a mounted Secret.
+                var mount = container["volumeMounts"]?.AsArray().SingleOrDefault(m => path!.StartsWith(Str(m!["mountPath"])! + "/", StringComparison.Ordinal));
+                Assert.True(mount is not null, $"{Id(workload)}: {file}={path} is in no volumeMount");
+                var volume = workload["spec"]!["template"]!["spec"]!["volumes"]!.AsArray().Single(v => Str(v!["name"]) == Str(mount["name"]));
+                Assert.False(string.IsNullOrEmpty(Str(volume!["secret"]?["secretName"])), $"{Id(workload)}: volume {Str(mount["name"])} is not a Secret");
+            }
+            // Pod IPs change: silos and the CLI check a name that every silo certificate carries.
+            Assert.True(env.TryGetValue("BACKPROP_TLS_PEER_NAME", out var peerName) && peerName is { Length: > 0 }, $"{Id(workload)}: no BACKPROP_TLS_PEER_NAME");
+            peerNames.Add(peerName!);
+        }
+        Assert.Equal("backprop-tls-client", Str(job["spec"]!["template"]!["spec"]!["volumes"]![0]!["secret"]!["secretName"]));
+        // One name, and the one the development certificates carry.
+        string name = Assert.Single(peerNames);
+        var script = File.ReadAllText(Path.Combine(Processes.Root, "deploy/local/make-dev-certs.sh"));
+        Assert.Equal(name, Regex.Match(script, @"NAME=\$\{BACKPROP_CERT_NAME:-([^}]+)\}").Groups[1].Value);
+        // The base has no TLS: the Job is patched by the component only.
+        Assert.Null(Container(Objects(Render(K8s)).Single(o => Kind(o) == "Job"))["env"]);
+    }
+
+    [Fact]
     public void The_worker_overlays_change_only_the_worker_replica_count()
     {
         var baseObjects = Objects(Render(K8s)).ToDictionary(Id, o => o.ToJsonString());
