@@ -27,6 +27,8 @@ start    builds the silo (Release) and starts N silos of role all (default 3), o
          With --redis: starts redis-server on 127.0.0.1:R (default 6379, append-only file in
          STATE/redis) and clusters the silos through it: membership, grain storage and reminders are in
          Redis, any silo may die, and a later 'start --redis' on the same state folder finds the runs again.
+         Redis requires the password in STATE/redis.password (made once, readable by this user only);
+         silos and cluster.env name the file (BACKPROP_REDIS_PASSWORD_FILE), never the password.
          With --tls: silo-to-silo and client connections use TLS with mutual authentication, with the
          development certificates of make-dev-certs.sh in STATE/certs (made when missing); cluster.env
          lists the client certificate, key and CA the CLI must be given (--tls-cert/--tls-key/--tls-ca).
@@ -78,6 +80,7 @@ silo_env() {
   echo "BACKPROP_SILO_NAME=silo-$i"
   if [ -n "$REDIS" ]; then
     echo "BACKPROP_REDIS=$REDIS"
+    echo "BACKPROP_REDIS_PASSWORD_FILE=$STATE/redis.password"
   elif [ "$i" -gt 0 ]; then
     # Localhost clustering: silo 0 is the primary.
     if [ "$DISTINCT" = 1 ]; then echo "BACKPROP_PRIMARY=127.0.0.2:$SILO_PORT"; else echo "BACKPROP_PRIMARY=127.0.0.1:$SILO_PORT"; fi
@@ -124,21 +127,29 @@ launch() {
   echo "silo-$i up: pid $pid, $(grep "silo-$i up" "$log" | tail -1 | sed -E 's/.* up: //'), log $log"
 }
 
+# redis-cli with the cluster's password (REDISCLI_AUTH: not on its command line).
+redis_cli() { REDISCLI_AUTH=$(cat "$STATE/redis.password") redis-cli "$@"; }
+
 start_redis() {
   local port=$1
   command -v redis-server >/dev/null || { echo "error: redis-server is not installed (apt-get install -y redis-server)" >&2; return 1; }
   mkdir -p "$STATE/redis"
-  # Loopback only; the append-only file (fsync every second) is what makes runs survive a stop.
-  nohup redis-server --bind 127.0.0.1 --port "$port" --appendonly yes --dir "$STATE/redis" --save '' \
-    > "$STATE/redis.log" 2>&1 < /dev/null &
+  # AUTH: a password made once per state folder (kept, like Redis' data, across stops), readable by this user only.
+  if [ ! -s "$STATE/redis.password" ]; then
+    (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$STATE/redis.password")
+  fi
+  # Loopback only; the append-only file (fsync every second) is what makes runs survive a stop. The password goes
+  # in as configuration on stdin ('-'), not as an argument that ps would show.
+  printf 'requirepass %s\n' "$(cat "$STATE/redis.password")" | nohup redis-server - --bind 127.0.0.1 --port "$port" \
+    --appendonly yes --dir "$STATE/redis" --save '' > "$STATE/redis.log" 2>&1 &
   echo $! > "$STATE/redis.pid"
   local waited=0
-  until [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; do
+  until [ "$(redis_cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; do
     if ! alive "$(cat "$STATE/redis.pid")"; then echo "error: redis-server exited; $STATE/redis.log ends with:" >&2; tail -5 "$STATE/redis.log" >&2; return 1; fi
     if [ $waited -ge 300 ]; then echo "error: redis-server not answering after 30 s" >&2; return 1; fi
     sleep 0.1; waited=$((waited + 1))
   done
-  echo "redis up: pid $(cat "$STATE/redis.pid"), 127.0.0.1:$port, data $STATE/redis"
+  echo "redis up: pid $(cat "$STATE/redis.pid"), 127.0.0.1:$port, data $STATE/redis, password in $STATE/redis.password"
 }
 
 start() {
@@ -207,7 +218,7 @@ start() {
     launch "$i" "$dll" || { stop; exit 1; }
   done
   if [ $redis -eq 1 ]; then
-    echo "cluster '$cluster' of $n silos on Redis $redis_address; train on it with: dotnet run --project src/Client -- train --redis $redis_address --cluster-id $cluster"
+    echo "cluster '$cluster' of $n silos on Redis $redis_address; train on it with: dotnet run --project src/Client -- train --redis $redis_address --redis-password-file $STATE/redis.password --cluster-id $cluster"
   else
     echo "cluster '$cluster' of $n silos; train on it with: dotnet run --project src/Client -- train --gateway $gateway_list --cluster-id $cluster"
   fi
@@ -224,6 +235,7 @@ write_settings() {
   # What the CLI needs (as flags or as these environment variables) to be let in.
   [ -n "${TLS:-}" ] && printf 'BACKPROP_TLS_CERT=%s\nBACKPROP_TLS_KEY=%s\nBACKPROP_TLS_CA=%s\n' "$TLS/client.pem" "$TLS/client.key" "$TLS/ca.pem" >> "$STATE/cluster.env"
   [ -n "${TLS_PEER_NAME:-}" ] && echo "BACKPROP_TLS_PEER_NAME=$TLS_PEER_NAME" >> "$STATE/cluster.env"
+  [ -n "$REDIS" ] && echo "BACKPROP_REDIS_PASSWORD_FILE=$STATE/redis.password" >> "$STATE/cluster.env"
   return 0
 }
 
@@ -277,7 +289,7 @@ status() {
     local redis_address
     redis_address=$(sed -n 's/^REDIS=//p' "$STATE/cluster.env")
     if alive "$(cat "$STATE/redis.pid")"; then
-      echo "redis pid $(cat "$STATE/redis.pid") running on $redis_address ($(redis-cli -h "${redis_address%:*}" -p "${redis_address##*:}" ping 2>&1))"
+      echo "redis pid $(cat "$STATE/redis.pid") running on $redis_address ($(redis_cli -h "${redis_address%:*}" -p "${redis_address##*:}" ping 2>&1))"
     else
       echo "redis pid $(cat "$STATE/redis.pid") not running"
     fi
