@@ -106,8 +106,15 @@ public sealed class ParameterServerGrain(
         foreach (var sum in sums)
             if (sum is null || sum.Length != _parameters.Length)
                 throw new ArgumentException($"gradient of length {sum?.Length ?? 0} for {_parameters.Length} parameters");
+        int chunks = (update.Samples + spec.ChunkSize - 1) / spec.ChunkSize;
+        var starts = update.BlockStarts;
+        if (starts is null || starts.Length != sums.Length)
+            throw new ArgumentException($"{sums.Length} block sums with {starts?.Length ?? 0} block starts");
+        for (int i = 0; i < starts.Length; i++)
+            if (!PairwiseSum.IsNode(starts[i], i + 1 < starts.Length ? starts[i + 1] : chunks, chunks) || (i == 0 && starts[0] != 0))
+                throw new ArgumentException($"the blocks starting at chunks [{string.Join(",", starts)}] are not nodes of the reduction tree covering the step's {chunks} chunks");
 
-        if (!StepFused(spec, sums, update.Samples))
+        if (!StepFused(spec, sums, starts, chunks, update.Samples))
             return new StepOutcome(Current(), "the gradient has non-finite values");
         (_parameters, _nextParameters) = (_nextParameters, _parameters);
         (_velocity, _nextVelocity) = (_nextVelocity, _velocity);
@@ -120,12 +127,11 @@ public sealed class ParameterServerGrain(
     }
 
     /// <summary>
-    /// One pass, a tile at a time: the blocks' sums reduced with the tree's upper levels (they are the nodes of
-    /// one level), the total checked, and the optimizer step written to the spare buffers. False, with the
+    /// One pass, a tile at a time: the blocks' sums combined with the tree above them, the total checked, and the optimizer step written to the spare buffers. False, with the
     /// current parameters untouched, when the gradient has a non-finite value (an overflow to infinity in a tile's
     /// sum counts too).
     /// </summary>
-    private bool StepFused(RunSpec spec, FloatPayload[] sums, int samples)
+    private bool StepFused(RunSpec spec, FloatPayload[] sums, int[] starts, int chunks, int samples)
     {
         if (_leaves.Length != sums.Length) _leaves = new ReadOnlyMemory<float>[sums.Length];
         for (int i = 0; i < sums.Length; i++) _leaves[i] = sums[i].Memory;
@@ -135,7 +141,7 @@ public sealed class ParameterServerGrain(
             {
                 int n = Math.Min(Tile, _parameters.Length - start);
                 ReadOnlySpan<float> gradient = sums.Length == 1 ? _leaves[0].Span.Slice(start, n) : _tile.AsSpan(0, n);
-                if (sums.Length > 1) PairwiseSum.SumRange(_leaves, start, _tile.AsSpan(0, n), _scratch);
+                if (sums.Length > 1) PairwiseSum.SumNodes(_leaves, starts, chunks, start, _tile.AsSpan(0, n), _scratch);
                 if (!float.IsFinite(TensorPrimitives.Sum(gradient))) return false;
                 Optimizer.Step(spec.Optimizer, _parameters.AsSpan(start, n), gradient, samples, _velocity.AsSpan(start, n),
                     _nextParameters.AsSpan(start, n), _nextVelocity.AsSpan(start, n));

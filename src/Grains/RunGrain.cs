@@ -67,6 +67,10 @@ public sealed class RunGrain(
     private BlockSum[] _blocks = [];
     private FloatPayload[] _blockSums = [];
     private long[] _roundTrips = [], _replied = [];
+    // The cut of a full step and of a short last one, for the current worker count.
+    private (ChunkBlocks Cut, int[] Starts) _cut, _shortCut;
+    private int _cutWorkers;
+    private int[] _stepStarts = [];
     private StepProfiler? _profile;
 
     private string RunId => this.GetPrimaryKeyString();
@@ -338,7 +342,7 @@ public sealed class RunGrain(
                     if (!double.IsFinite(stepLoss)) throw new RunDivergedException(current.Step + 1, e + 1, $"training loss is {stepLoss}");
                     lossSum += stepLoss;
                     long serverStart = Stopwatch.GetTimestamp();
-                    var outcome = await server.ApplyStep(new StepUpdate(incarnation, current.Step, _blockSums, plan.StepSize(s), lossSum));
+                    var outcome = await server.ApplyStep(new StepUpdate(incarnation, current.Step, _blockSums, _stepStarts, plan.StepSize(s), lossSum));
                     long end = Stopwatch.GetTimestamp();
                     Array.Clear(_blockSums);
                     if (outcome.Divergence is { } why) throw new RunDivergedException(current.Step + 1, e + 1, why);
@@ -417,7 +421,8 @@ public sealed class RunGrain(
     private async Task<BlockSum[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int epoch, int step, int chunkCount,
         ParameterVersion parameters, CancellationToken cancel)
     {
-        var blocks = ChunkBlocks.For(chunkCount, workers.Length);
+        var (blocks, starts) = BlocksFor(chunkCount, workers.Length);
+        _stepStarts = starts;
         int count = blocks.Count;
         if (_calls.Length != count)
             (_calls, _blocks, _blockSums, _roundTrips, _replied) = (new Task<BlockSum>[count], new BlockSum[count], new FloatPayload[count], new long[count], new long[count]);
@@ -440,6 +445,19 @@ public sealed class RunGrain(
         }
         Array.Clear(_calls);
         return _blocks;
+    }
+
+    /// <summary>The cut of a step of <paramref name="chunks"/> chunks over the workers, with its starts as the server gets them; made once per worker count.</summary>
+    private (ChunkBlocks Cut, int[] Starts) BlocksFor(int chunks, int workers)
+    {
+        if (_cutWorkers != workers) (_cut, _shortCut, _cutWorkers) = (default, default, workers);
+        if (_cut.Cut?.Chunks == chunks) return _cut;
+        if (_shortCut.Cut?.Chunks == chunks) return _shortCut;
+        var cut = ChunkBlocks.For(chunks, workers);
+        var made = (cut, cut.Starts.ToArray());
+        if (_cut.Cut is null || chunks > _cut.Cut.Chunks) (_cut, _shortCut) = (made, _cut);
+        else _shortCut = made;
+        return made;
     }
 
     /// <summary>Block b on worker <paramref name="first"/>, then on the next workers while it fails.</summary>

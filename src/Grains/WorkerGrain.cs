@@ -31,8 +31,8 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var plan = PlanFor(spec, work.Epoch, spec.TrainCount(train.Count));
         if (work.Step < 0 || work.Step >= plan.Steps) throw new ArgumentException($"step {work.Step} is outside 0..{plan.Steps - 1}");
         int chunkCount = plan.ChunkCount(work.Step);
-        if (!IsTreeNode(work.FirstChunk, work.EndChunk, chunkCount))
-            throw new ArgumentException($"chunks [{work.FirstChunk}, {work.EndChunk}) are not an aligned block of step {work.Step}'s {chunkCount} chunks");
+        if (!PairwiseSum.IsNode(work.FirstChunk, work.EndChunk, chunkCount))
+            throw new ArgumentException($"chunks [{work.FirstChunk}, {work.EndChunk}) are not an aligned block of step {work.Step}'s {chunkCount} chunks (not a node of the reduction tree)");
         var gradient = GradientFor(spec);
         var parameters = work.Parameters?.Parameters;
         CheckParameters(parameters, gradient.ParameterCount);
@@ -76,14 +76,6 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         {
             lease.Return();
         }
-    }
-
-    /// <summary>Whether [first, end) is a node of the reduction tree over <paramref name="chunks"/> chunks (see <see cref="ChunkBlocks"/>).</summary>
-    private static bool IsTreeNode(int first, int end, int chunks)
-    {
-        if (first < 0 || end > chunks || first >= end) return false;
-        int size = (int)System.Numerics.BitOperations.RoundUpToPowerOf2((uint)(end - first));
-        return first % size == 0 && (end - first == size || end == chunks);
     }
 
     public async Task<Evaluation> Evaluate(EvalWork work)

@@ -10,8 +10,8 @@ namespace Backprop.Core.Training;
 /// fixed shape is what makes the result independent of the number of workers.
 ///
 /// Node i of level k covers chunks [i·2ᵏ, min((i+1)·2ᵏ, K)), and is itself the tree over those chunks: a worker
-/// holding such an aligned block (<see cref="ChunkBlocks"/>) reduces it alone and sends one sum, and the server
-/// reduces the blocks' sums with the same tree one level up. Every split gives the same bits.
+/// holding such a block (<see cref="ChunkBlocks"/>) reduces it alone and sends one sum, and the server combines
+/// the blocks' sums with the tree above them (<see cref="SumNodes"/>). Every cut gives the same bits.
 ///
 /// Leaves arrive in order, whole or block by block from the backprop threads (disjoint ranges, in parallel).
 /// A finished left subtree waits in a buffer of its level; leaf x merges with the waiting subtrees at the
@@ -114,34 +114,53 @@ public sealed class PairwiseSum
     }
 
     /// <summary>
-    /// The tree over every leaf's entries [<paramref name="start"/>, start + dest.Length), into
-    /// <paramref name="dest"/>, when all leaves are at hand: one pass over them, a range (a tile that stays in L1)
-    /// at a time. The root of n leaves is the tree over the first h + the tree over the rest, h the largest power of
-    /// two under n (the level-by-level definition, read from the top). <paramref name="scratch"/>: dest.Length
-    /// floats per level, <see cref="ScratchFor"/>.
+    /// The tree's root over entries [<paramref name="start"/>, start + dest.Length) of <paramref name="nodes"/>, into
+    /// <paramref name="dest"/>: nodes of the tree over <paramref name="chunks"/> chunks, in chunk order, covering them
+    /// all, node i starting at chunk <paramref name="starts"/>[i] (a <see cref="ChunkBlocks"/> cut). One pass over
+    /// them, a range (a tile that stays in L1) at a time. <paramref name="scratch"/>: <see cref="ScratchFor"/>.
     /// </summary>
-    public static void SumRange(ReadOnlySpan<ReadOnlyMemory<float>> leaves, int start, Span<float> dest, Span<float> scratch)
+    public static void SumNodes(ReadOnlySpan<ReadOnlyMemory<float>> nodes, ReadOnlySpan<int> starts, int chunks, int start, Span<float> dest, Span<float> scratch) =>
+        Combine(nodes, starts, 0, chunks, start, dest, scratch);
+
+    /// <summary>
+    /// The node over chunks [lo, hi) from the nodes that cover it: itself, or its left child (the first
+    /// <see cref="LeftSize"/> chunks) + its right child.
+    /// </summary>
+    private static void Combine(ReadOnlySpan<ReadOnlyMemory<float>> nodes, ReadOnlySpan<int> starts, int lo, int hi, int start, Span<float> dest, Span<float> scratch)
     {
         int n = dest.Length;
-        if (leaves.Length == 1)
+        if (nodes.Length == 1)
         {
-            leaves[0].Span.Slice(start, n).CopyTo(dest);
+            nodes[0].Span.Slice(start, n).CopyTo(dest);
             return;
         }
-        int h = 1 << (31 - System.Numerics.BitOperations.LeadingZeroCount((uint)(leaves.Length - 1)));
-        SumRange(leaves[..h], start, dest, scratch);
-        if (leaves.Length - h == 1)
+        int mid = lo + LeftSize(hi - lo), split = starts.IndexOf(mid);
+        if (split <= 0) throw new ArgumentException($"the nodes do not cover chunks [{lo}, {hi}) as the tree cuts them");
+        Combine(nodes[..split], starts[..split], lo, mid, start, dest, scratch);
+        if (nodes.Length - split == 1)
         {
-            TensorPrimitives.Add(dest, leaves[h].Span.Slice(start, n), dest);
+            TensorPrimitives.Add(dest, nodes[split].Span.Slice(start, n), dest);
             return;
         }
         var right = scratch[..n];
-        SumRange(leaves[h..], start, right, scratch[n..]);
+        Combine(nodes[split..], starts[split..], mid, hi, start, right, scratch[n..]);
         TensorPrimitives.Add(dest, right, dest);
     }
 
-    /// <summary>Scratch floats <see cref="SumRange"/> needs for ranges of <paramref name="length"/> over up to <paramref name="maxLeaves"/> leaves.</summary>
-    public static int ScratchFor(int length, int maxLeaves) => checked(length * Math.Max(1, Levels(maxLeaves)));
+    /// <summary>Chunks under a node's left child, for a node over n ≥ 2 chunks: the largest power of two below n.</summary>
+    public static int LeftSize(int n) => n < 2 ? throw new ArgumentOutOfRangeException(nameof(n), $"a node of {n} chunks has no children")
+        : 1 << (31 - System.Numerics.BitOperations.LeadingZeroCount((uint)(n - 1)));
+
+    /// <summary>Whether chunks [first, end) are a node of the tree over <paramref name="chunks"/> chunks.</summary>
+    public static bool IsNode(int first, int end, int chunks)
+    {
+        if (first < 0 || end > chunks || first >= end) return false;
+        int size = (int)System.Numerics.BitOperations.RoundUpToPowerOf2((uint)(end - first));
+        return first % size == 0 && (end - first == size || end == chunks);
+    }
+
+    /// <summary>Scratch floats <see cref="SumNodes"/> needs for ranges of <paramref name="length"/> over up to <paramref name="maxChunks"/> chunks.</summary>
+    public static int ScratchFor(int length, int maxChunks) => checked(length * Math.Max(1, Levels(maxChunks)));
 
     /// <summary>Decides the leaf's destination: the level it waits at, or (last leaf) the buffer the root is built in.</summary>
     private void PlanLeaf()
@@ -184,23 +203,42 @@ public sealed class PairwiseSum
 }
 
 /// <summary>
-/// How a step's K chunks are cut into aligned blocks of the reduction tree, one block per busy worker: the
-/// smallest power of two 2ᵏ such that ⌈K / 2ᵏ⌉ blocks are no more than the workers. Block b covers chunks
-/// [b·2ᵏ, min((b+1)·2ᵏ, K)); its sum is node b of level k of <see cref="PairwiseSum"/>'s tree.
+/// How a step's K chunks are cut into blocks, one per busy worker: nodes of the reduction tree, in chunk order,
+/// that together cover all K chunks. Starting from the root, the largest node (the first of the largest) is
+/// split into its two children while there are fewer blocks than workers, so up to min(W, K) workers get a block
+/// each and the largest block is as small as the tree allows (4 chunks on 3 workers: [0,1) [1,2) [2,4)). Each
+/// block's sum is that node of <see cref="PairwiseSum"/>'s tree; the server combines them with the tree above
+/// (<see cref="PairwiseSum.SumNodes"/>).
 /// </summary>
-public readonly record struct ChunkBlocks(int Chunks, int BlockSize)
+public sealed class ChunkBlocks
 {
+    private readonly int[] _starts;
+
+    private ChunkBlocks(int chunks, int[] starts) => (Chunks, _starts) = (chunks, starts);
+
     public static ChunkBlocks For(int chunks, int workers)
     {
         if (chunks < 1) throw new ArgumentOutOfRangeException(nameof(chunks), $"{chunks} chunks");
         if (workers < 1) throw new ArgumentOutOfRangeException(nameof(workers), $"{workers} workers");
-        int size = 1;
-        while ((chunks + size - 1) / size > workers) size *= 2;
-        return new ChunkBlocks(chunks, size);
+        var nodes = new List<(int First, int End)> { (0, chunks) };
+        while (nodes.Count < workers)
+        {
+            int largest = 0;
+            for (int i = 1; i < nodes.Count; i++)
+                if (nodes[i].End - nodes[i].First > nodes[largest].End - nodes[largest].First) largest = i;
+            var (first, end) = nodes[largest];
+            if (end - first == 1) break;
+            int mid = first + PairwiseSum.LeftSize(end - first);
+            nodes[largest] = (first, mid);
+            nodes.Insert(largest + 1, (mid, end));
+        }
+        return new ChunkBlocks(chunks, nodes.Select(n => n.First).ToArray());
     }
 
-    public int Count => (Chunks + BlockSize - 1) / BlockSize;
-    public int First(int block) => block * BlockSize;
-    public int End(int block) => Math.Min(Chunks, (block + 1) * BlockSize);
-    public bool IsBlock(int first, int end) => first >= 0 && first % BlockSize == 0 && end == End(first / BlockSize) && first < Chunks;
+    public int Chunks { get; }
+    public int Count => _starts.Length;
+    public int First(int block) => _starts[block];
+    public int End(int block) => block + 1 < _starts.Length ? _starts[block + 1] : Chunks;
+    /// <summary>The first chunk of every block, in order: what the server needs to combine their sums.</summary>
+    public ReadOnlySpan<int> Starts => _starts;
 }

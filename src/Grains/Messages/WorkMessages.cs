@@ -56,16 +56,18 @@ public sealed record EvalWork(
 
 /// <summary>
 /// One optimizer step, sent by the coordinator of incarnation <see cref="Incarnation"/>: the gradient sums of
-/// step <see cref="Step"/>'s aligned blocks in block order, the step's sample count, and the epoch's training loss
-/// sum up to and including this step (kept with checkpoints so that a resumed epoch reports the same loss).
+/// step <see cref="Step"/>'s blocks in chunk order with the first chunk of each (nodes of the reduction tree
+/// that cover the step), the step's sample count, and the epoch's training loss sum up to and including this
+/// step (kept with checkpoints so that a resumed epoch reports the same loss).
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record StepUpdate(
     [property: Id(0)] int Incarnation,
     [property: Id(1)] long Step,
     [property: Id(2)] FloatPayload[] BlockSums,
-    [property: Id(3)] int Samples,
-    [property: Id(4)] double EpochLossSum);
+    [property: Id(3)] int[] BlockStarts,
+    [property: Id(4)] int Samples,
+    [property: Id(5)] double EpochLossSum);
 
 /// <summary>
 /// The server's answer to a step: the new version, or why the step was refused as diverged; with the time its

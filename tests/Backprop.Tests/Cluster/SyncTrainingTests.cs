@@ -114,7 +114,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var start = await server.Attach(spec, incarnation: 1);
         Assert.Equal(0, start.Version.Step);
         var gradient = new FloatPayload(Enumerable.Repeat(0.5f, start.Version.Parameters.Length).ToArray());
-        var update = new StepUpdate(1, 0, [gradient, gradient], 32, 1.5);
+        var update = new StepUpdate(1, 0, [gradient, gradient], [0, 1], 32, 1.5);
 
         var first = await server.ApplyStep(update);
         var again = await server.ApplyStep(update);
@@ -138,12 +138,17 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("bad-steps");
         var start = await server.Attach(spec, incarnation: 1);
         var ok = new FloatPayload(new float[start.Version.Parameters.Length]);
-        var e1 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok], 0, 0)));
+        var e1 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok], [0], 0, 0)));
         Assert.Contains("sample count 0", e1.Message);
-        var e2 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [new FloatPayload(new float[3])], 10, 0)));
+        var e2 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [new FloatPayload(new float[3])], [0], 10, 0)));
         Assert.Contains("length 3", e2.Message);
-        var e3 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok, ok, ok, ok, ok], 10, 0)));
+        var e3 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok, ok, ok, ok, ok], [0, 1, 2, 3, 4], 10, 0)));
         Assert.Contains("1..4 block sums", e3.Message);
+        // Blocks that are not nodes of the tree over the step's chunks, or do not start at chunk 0.
+        var e4 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok, ok], [0, 3], 64, 0)));
+        Assert.Contains("not nodes of the reduction tree", e4.Message);
+        var e5 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok], [2], 64, 0)));
+        Assert.Contains("not nodes of the reduction tree", e5.Message);
         Assert.Equal(0, (await server.GetParameters()).Step);
 
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/0");

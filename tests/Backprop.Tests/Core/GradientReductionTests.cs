@@ -76,7 +76,7 @@ public class GradientReductionTests
 
     [Theory]
     [InlineData(4, 1)] [InlineData(4, 2)] [InlineData(4, 3)] [InlineData(4, 4)] [InlineData(4, 9)]
-    [InlineData(7, 2)] [InlineData(7, 3)] [InlineData(13, 4)] [InlineData(16, 5)] [InlineData(1, 3)]
+    [InlineData(7, 2)] [InlineData(7, 3)] [InlineData(7, 5)] [InlineData(13, 4)] [InlineData(16, 5)] [InlineData(16, 11)] [InlineData(1, 3)]
     public void Workers_reducing_their_aligned_blocks_and_a_server_reducing_the_blocks_give_the_same_bits(int chunks, int workers)
     {
         const int length = 29;
@@ -84,21 +84,37 @@ public class GradientReductionTests
         string expected = ParameterHash.Sha256(LevelByLevel(leaves));
 
         var blocks = ChunkBlocks.For(chunks, workers);
-        Assert.True(blocks.Count <= workers);
-        // As small as the workers allow: blocks of half the size would need more workers than there are.
-        Assert.True(blocks.BlockSize == 1 || (chunks + blocks.BlockSize / 2 - 1) / (blocks.BlockSize / 2) > workers);
-        var partials = new List<float[]>();
+        Assert.Equal(Math.Min(chunks, workers), blocks.Count);   // every worker busy while there are chunks
+        Assert.Equal(0, blocks.First(0));
+        Assert.Equal(chunks, blocks.End(blocks.Count - 1));
+        var partials = new List<ReadOnlyMemory<float>>();
         for (int b = 0; b < blocks.Count; b++)
         {
-            var worker = new PairwiseSum(length, blocks.BlockSize);
+            Assert.True(PairwiseSum.IsNode(blocks.First(b), blocks.End(b), chunks));
+            var worker = new PairwiseSum(length, chunks);
             worker.Begin(blocks.End(b) - blocks.First(b));
             for (int c = blocks.First(b); c < blocks.End(b); c++) Deliver(worker, leaves[c]);
             partials.Add(worker.Result.ToArray());
         }
-        var server = new PairwiseSum(length, blocks.Count);
-        server.Begin(partials.Count);
-        foreach (var p in partials) server.Add(p);
-        Assert.Equal(expected, ParameterHash.Sha256(server.Result.ToArray()));
+        // The server, a tile at a time (tiles of 8 entries here, the last one short).
+        var total = new float[length];
+        var scratch = new float[PairwiseSum.ScratchFor(8, chunks)];
+        for (int start = 0; start < length; start += 8)
+            PairwiseSum.SumNodes(partials.ToArray(), blocks.Starts, chunks, start, total.AsSpan(start, Math.Min(8, length - start)), scratch);
+        Assert.Equal(expected, ParameterHash.Sha256(total));
+    }
+
+    [Fact]
+    public void The_largest_blocks_are_split_first_and_only_tree_nodes_are_blocks()
+    {
+        Assert.Equal([0, 1, 2], ChunkBlocks.For(4, 3).Starts.ToArray());
+        Assert.Equal([0, 2], ChunkBlocks.For(4, 2).Starts.ToArray());
+        Assert.Equal([0, 4], ChunkBlocks.For(5, 2).Starts.ToArray());
+        Assert.Equal([0, 1, 2, 4, 6], ChunkBlocks.For(7, 5).Starts.ToArray());
+        Assert.True(PairwiseSum.IsNode(4, 7, 7));
+        Assert.False(PairwiseSum.IsNode(1, 3, 4));
+        Assert.False(PairwiseSum.IsNode(2, 5, 8));
+        Assert.False(PairwiseSum.IsNode(0, 3, 4));
     }
 
     [Fact]
