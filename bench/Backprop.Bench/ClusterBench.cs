@@ -307,7 +307,8 @@ public static class ClusterBench
                 Console.WriteLine(JsonSerializer.Serialize(row, JsonOptions));
                 return;
             }
-            Console.WriteLine($"{row.Mode,-9} {row.Model} batch {row.BatchSize} chunk {row.ChunkSize}, {row.Workers} worker(s) on {row.Silos} silo(s), {row.Threads} threads: "
+            string where = row.Mode == "core" ? $"LocalTrainer on {row.Threads} threads" : $"{row.Workers} workers x 1 thread on {row.Silos} silo(s)";
+            Console.WriteLine($"{row.Mode,-9} {row.Model} batch {row.BatchSize} chunk {row.ChunkSize}, {where}: "
                 + $"{row.SecondsPerEpochMedian:F3} s/epoch (median of {row.Epochs}; {row.SecondsSource})"
                 + (row.Ratio is { } r ? $", {r:F2}x core" : "")
                 + (row.WireBytesPerStep is { } w ? $", wire {w / 1e6:F2} MB/step" : "")
