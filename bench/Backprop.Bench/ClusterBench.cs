@@ -234,11 +234,11 @@ public static class ClusterBench
             return NewRow("core", spec, silos: 0, workers: 1, train.Count) with
             {
                 SecondsSource = "stopwatch around LocalTrainer.TrainEpoch (training only)",
-                SecondsPerEpochMedian = median,
+                SecondsPerEpochMedian = Math.Round(median, 4),
                 SecondsPerEpoch = [.. seconds.Select(s => Math.Round(s, 4))],
-                MicrosecondsPerStep = median / steps * 1e6,
+                MicrosecondsPerStep = Math.Round(median / steps * 1e6, 1),
                 WireBytesPerStep = 0,
-                AllocatedBytesPerStep = (double)allocated / (options.Epochs * steps),
+                AllocatedBytesPerStep = Math.Round((double)allocated / (options.Epochs * steps), 1),
                 AllocatedBytesSource = "the training thread",
             };
         }
@@ -266,7 +266,7 @@ public static class ClusterBench
             bool profiled = profiles.All(p => p is not null);
             double P(JsonNode? p, string field) => (double)p![field]!;
             double ProfileMedian(string field) => Median(profiles.Select(p => P(p, field)));
-            double StepMedianUs(string field) => ProfileMedian(field) * 1e6;
+            double StepMedianUs(string field) => Math.Round(ProfileMedian(field) * 1e6, 1);
             var seconds = timed.Select(e => profiled ? P(e["profile"], "trainSeconds") : (double)e["seconds"]!).ToList();
             double median = Median(seconds);
             double? core = _coreMedian.TryGetValue(spec.BatchSize, out var c) ? c : null;
@@ -274,14 +274,14 @@ public static class ClusterBench
             return NewRow(mode, spec, silos, spec.Workers, MnistTrainCount) with
             {
                 SecondsSource = profiled ? "profile.trainSeconds (training only)" : "epoch seconds (profile absent: includes evaluation)",
-                SecondsPerEpochMedian = median,
+                SecondsPerEpochMedian = Math.Round(median, 4),
                 SecondsPerEpoch = [.. seconds.Select(s => Math.Round(s, 4))],
-                EpochSecondsMedian = Median(timed.Select(e => (double)e["seconds"]!)),
-                CoreSecondsPerEpochMedian = core,
-                Ratio = core is { } cm ? median / cm : null,
-                MicrosecondsPerStep = median / steps * 1e6,
-                WireBytesPerStep = profiled ? ProfileMedian("wireBytesPerStep") : null,
-                AllocatedBytesPerStep = profiled ? ProfileMedian("allocatedBytesPerStep") : null,
+                EpochSecondsMedian = Math.Round(Median(timed.Select(e => (double)e["seconds"]!)), 4),
+                CoreSecondsPerEpochMedian = core is { } cs ? Math.Round(cs, 4) : null,
+                Ratio = core is { } cm ? Math.Round(median / cm, 3) : null,
+                MicrosecondsPerStep = Math.Round(median / steps * 1e6, 1),
+                WireBytesPerStep = profiled ? Math.Round(ProfileMedian("wireBytesPerStep"), 1) : null,
+                AllocatedBytesPerStep = profiled ? Math.Round(ProfileMedian("allocatedBytesPerStep"), 1) : null,
                 AllocatedBytesSource = profiled ? "every process of the cluster (profile)" : null,
                 StepMicroseconds = profiled ? new StepBreakdown(
                     StepMedianUs("slowestComputeSeconds"), StepMedianUs("fastestComputeSeconds"), StepMedianUs("transferSeconds"),
@@ -296,7 +296,7 @@ public static class ClusterBench
             WarmUp: mode == "core" ? "until the JIT is quiet (2-10 epochs)" : "first epoch of the run excluded",
             VectorWidth: Vector<float>.Count * 32, Vector512Accelerated: System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated)
         {
-            CoreSecondsPerEpochMedian = _coreMedian.TryGetValue(spec.BatchSize, out var c) ? c : null,
+            CoreSecondsPerEpochMedian = _coreMedian.TryGetValue(spec.BatchSize, out var c) ? Math.Round(c, 4) : null,
             Ratio = mode == "core" ? 1.0 : null,
         };
 
