@@ -31,7 +31,7 @@ public interface IParameterServerGrain : IGrainWithStringKey
     Task<ServerPosition> Attach(RunSpec spec, int incarnation);
     Task<ParameterVersion> GetParameters();
     /// <summary>
-    /// Applies step <see cref="StepUpdate.Step"/> once: sums the chunk sums in the order given (chunk order),
+    /// Applies step <see cref="StepUpdate.Step"/> once: reduces the blocks' sums with the pairwise tree,
     /// divides by the sample count, steps the optimizer. A step that was already applied returns the current
     /// version and changes nothing. A non-finite gradient is refused as divergence.
     /// </summary>
@@ -43,7 +43,8 @@ public interface IParameterServerGrain : IGrainWithStringKey
 /// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{incarnation}.{generation}/{index}"). Stateless beyond caches.</summary>
 public interface IWorkerGrain : IGrainWithStringKey
 {
-    Task<ChunkResults> ComputeChunks(ChunkWork work);
+    /// <summary>The gradient sum of an aligned block of a step's chunks, reduced in the tree's order.</summary>
+    Task<BlockSum> ComputeBlock(BlockWork work);
     Task<Evaluation> Evaluate(EvalWork work);
 }
 

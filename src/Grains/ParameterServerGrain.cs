@@ -20,8 +20,10 @@ public sealed class ParameterServerState
 }
 
 /// <summary>
-/// Owns a run's parameters and optimizer state. Each step publishes a new parameter array and never
-/// writes to one it has handed out, so payloads passed by reference inside a silo stay immutable.
+/// Owns a run's parameters and optimizer state, updated in place: a version handed out by reference inside the
+/// silo is read by that step's workers, and the next step is only applied after all of them have replied (a
+/// worker still computing on a version after its call was given up on has its result dropped). Reads from
+/// outside the step (<see cref="GetParameters"/>) get a copy.
 /// Checkpoints every <see cref="RunSpec.CheckpointEvery"/> steps and when asked (epoch ends); after its
 /// silo dies the next activation starts from the last checkpoint and the coordinator recomputes the rest,
 /// which gives the same bits because a step depends only on the parameters and the step number.
@@ -35,11 +37,10 @@ public sealed class ParameterServerGrain(
     private RunSpec? _spec;
     private float[] _parameters = [];
     private float[] _velocity = [];
-    private float[] _total = [];
+    private PairwiseSum? _sum;
     private long _step;
     private int _incarnation;
     private double _epochLossSum;
-    private ReadOnlyMemory<float>[] _sums = [];
     private long _persistedStep = -1;
 
     public async Task<ServerPosition> Attach(RunSpec spec, int incarnation)
@@ -76,7 +77,9 @@ public sealed class ParameterServerGrain(
     public Task<ParameterVersion> GetParameters() =>
         _spec is null && !state.RecordExists
             ? throw new InvalidOperationException($"run '{this.GetPrimaryKeyString()}' has no parameters")
-            : Task.FromResult(_spec is null ? new ParameterVersion(state.State.Step, state.State.Parameters!) : Current());
+            : Task.FromResult(_spec is null
+                ? new ParameterVersion(state.State.Step, state.State.Parameters!)
+                : new ParameterVersion(_step, new FloatPayload((float[])_parameters.Clone())));
 
     public async Task<StepOutcome> ApplyStep(StepUpdate update)
     {
@@ -86,30 +89,31 @@ public sealed class ParameterServerGrain(
         if (update.Step < _step) return new StepOutcome(Current(), null);   // a duplicate: already applied
         if (update.Step > _step)
             throw new InvalidOperationException($"a step computed against version {update.Step} arrived, but the server is at version {_step}");
-        int maxChunks = (spec.BatchSize + spec.ChunkSize - 1) / spec.ChunkSize;
-        if (update.ChunkSums is null || update.ChunkSums.Length < 1 || update.ChunkSums.Length > maxChunks)
-            throw new ArgumentException($"a step needs 1..{maxChunks} chunk sums, got {update.ChunkSums?.Length ?? 0}");
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        var sums = update.BlockSums;
+        if (sums is null || sums.Length < 1 || sums.Length > spec.ChunksPerStep)
+            throw new ArgumentException($"a step needs 1..{spec.ChunksPerStep} block sums, got {sums?.Length ?? 0}");
         if (update.Samples < 1 || update.Samples > spec.BatchSize)
             throw new ArgumentException($"a step's sample count {update.Samples} is outside 1..{spec.BatchSize}");
-        foreach (var sum in update.ChunkSums)
+        foreach (var sum in sums)
             if (sum is null || sum.Length != _parameters.Length)
                 throw new ArgumentException($"gradient of length {sum?.Length ?? 0} for {_parameters.Length} parameters");
 
-        if (_sums.Length != update.ChunkSums.Length) _sums = new ReadOnlyMemory<float>[update.ChunkSums.Length];
-        for (int i = 0; i < _sums.Length; i++) _sums[i] = update.ChunkSums[i].Memory;
-        GradientReduction.SumInChunkOrder(_sums, _total);
-        Array.Clear(_sums);
+        // The blocks are nodes of one level of the tree: the same tree over them gives the step's sum.
+        var tree = _sum!;
+        tree.Begin(sums.Length);
+        foreach (var sum in sums) tree.Add(sum.Memory);
+        var total = tree.Result.Span;
         // One pass: the sum of a vector is finite only if every element is (an overflow to infinity counts too).
-        if (!float.IsFinite(TensorPrimitives.Sum<float>(_total)))
+        if (!float.IsFinite(TensorPrimitives.Sum(total)))
             return new StepOutcome(Current(), "the gradient has non-finite values");
-
-        var next = (float[])_parameters.Clone();
-        Optimizer.Step(spec.Optimizer, next, _total, update.Samples, _velocity);
-        _parameters = next;
+        Optimizer.Step(spec.Optimizer, _parameters, total, update.Samples, _velocity);
+        foreach (var sum in sums) sum.Release();
         _step++;
         _epochLossSum = update.EpochLossSum;
+        double seconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
         if (_step % spec.CheckpointEvery == 0) await Write();
-        return new StepOutcome(Current(), null);
+        return new StepOutcome(Current(), null, seconds, GC.GetTotalAllocatedBytes(precise: false));
     }
 
     public async Task Checkpoint(int incarnation)
@@ -142,8 +146,9 @@ public sealed class ParameterServerGrain(
         state.State = new ParameterServerState
         {
             Spec = _spec,
+            // Serialized by the write below, during which no step runs (one call at a time).
             Parameters = new FloatPayload(_parameters),
-            Velocity = new FloatPayload((float[])_velocity.Clone()),
+            Velocity = new FloatPayload(_velocity),
             Step = _step,
             Incarnation = _incarnation,
             EpochLossSum = _epochLossSum,
@@ -165,7 +170,7 @@ public sealed class ParameterServerGrain(
         _spec = spec;
         _parameters = parameters;
         _velocity = velocity;
-        _total = new float[parameters.Length];
+        _sum = new PairwiseSum(parameters.Length, spec.ChunksPerStep);
         _step = step;
     }
 

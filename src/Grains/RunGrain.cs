@@ -27,9 +27,10 @@ public sealed class RunRecord
 
 /// <summary>
 /// The coordinator of one run. Its training loop is background work on this activation (not a grain
-/// call), so status and cancel calls are answered while it runs. Each sync step: send chunk numbers to
-/// workers (chunk c to worker c mod W) with the current parameters, collect the chunk sums, and hand them
-/// to the parameter server in chunk order. When this grain's silo dies, the next activation (started by a
+/// call), so status and cancel calls are answered while it runs. Each sync step: cut the step's chunks into
+/// aligned blocks of the reduction tree (<see cref="ChunkBlocks"/>, block b to worker b), send each worker its
+/// block's numbers with the current parameters, collect one pre-reduced sum per worker, and hand them to the
+/// parameter server in block order. When this grain's silo dies, the next activation (started by a
 /// silo's <see cref="RunWatchdog"/> or any call) continues from the server's last checkpoint: the data order
 /// is a function of (seed, epoch) and every step of the parameters and step number, so the bits are the same.
 /// </summary>
@@ -61,6 +62,12 @@ public sealed class RunGrain(
     private string[] _spreadOver = [];
     private int _generation;
     private int _workersIncarnation;
+    // One step's calls and replies, reused from step to step.
+    private Task<BlockSum>[] _calls = [];
+    private BlockSum[] _blocks = [];
+    private FloatPayload[] _blockSums = [];
+    private long[] _roundTrips = [], _replied = [];
+    private StepProfiler? _profile;
 
     private string RunId => this.GetPrimaryKeyString();
     private string SiloEndpoint => silo.SiloAddress.Endpoint.ToString();
@@ -307,36 +314,56 @@ public sealed class RunGrain(
 
         // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
         if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
-            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, await Workers(spec, incarnation), clock, 0, incarnation, cancel);
+            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, await Workers(spec, incarnation), clock, 0, incarnation, cancel, null);
 
-        for (int e = epoch; e < spec.Epochs; e++)
+        var profile = _profile = new StepProfiler(SiloEndpoint);
+        long vectorBytes = (long)spec.Model.ParameterCount * sizeof(float);
+        // A version received from a server in another process is pooled: this loop owns it while its workers read it.
+        var lease = current.Parameters.Own();
+        try
         {
-            if (plan.Epoch != e) plan.MoveTo(e);
-            (_epoch, _stepInEpoch, _stepsPerEpoch) = (e, first, steps);
-            for (int s = first; s < steps; s++)
+            for (int e = epoch; e < spec.Epochs; e++)
             {
-                cancel.ThrowIfCancellationRequested();
-                _stepInEpoch = s;
-                var chunks = await ComputeStep(await Workers(spec, incarnation), spec, e, s, plan.ChunkCount(s), current, cancel);
-                double stepLoss = chunks.Sum(c => c.LossSum);
-                if (!double.IsFinite(stepLoss)) throw new RunDivergedException(current.Step + 1, e + 1, $"training loss is {stepLoss}");
-                lossSum += stepLoss;
-                var outcome = await server.ApplyStep(new StepUpdate(incarnation, current.Step, chunks.Select(c => c.GradientSum).ToArray(), plan.StepSize(s), lossSum));
-                if (outcome.Divergence is { } why) throw new RunDivergedException(current.Step + 1, e + 1, why);
-                current = outcome.Version;
-                _step = current.Step;
-                failing.Reset();
-                if (resumed)
+                if (plan.Epoch != e) plan.MoveTo(e);
+                (_epoch, _stepInEpoch, _stepsPerEpoch) = (e, first, steps);
+                profile.Reset();
+                for (int s = first; s < steps; s++)
                 {
-                    await AddEventNow("recovered", $"first step after the resume applied (step {current.Step}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
-                    resumed = false;
+                    cancel.ThrowIfCancellationRequested();
+                    _stepInEpoch = s;
+                    long stepStart = Stopwatch.GetTimestamp();
+                    var blocks = await ComputeStep(await Workers(spec, incarnation), spec, e, s, plan.ChunkCount(s), current, cancel);
+                    double stepLoss = 0;
+                    for (int b = 0; b < blocks.Length; b++) (stepLoss, _blockSums[b]) = (stepLoss + blocks[b].LossSum, blocks[b].GradientSum);
+                    if (!double.IsFinite(stepLoss)) throw new RunDivergedException(current.Step + 1, e + 1, $"training loss is {stepLoss}");
+                    lossSum += stepLoss;
+                    long serverStart = Stopwatch.GetTimestamp();
+                    var outcome = await server.ApplyStep(new StepUpdate(incarnation, current.Step, _blockSums, plan.StepSize(s), lossSum));
+                    long end = Stopwatch.GetTimestamp();
+                    Array.Clear(_blockSums);
+                    if (outcome.Divergence is { } why) throw new RunDivergedException(current.Step + 1, e + 1, why);
+                    profile.Add(blocks, _roundTrips, _replied, outcome, end - serverStart, _serverSilo, end - stepStart, vectorBytes);
+                    lease.Return();
+                    current = outcome.Version;
+                    lease = current.Parameters.Own();
+                    _step = current.Step;
+                    failing.Reset();
+                    if (resumed)
+                    {
+                        await AddEventNow("recovered", $"first step after the resume applied (step {current.Step}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
+                        resumed = false;
+                    }
                 }
+                double trainSeconds = clock.Elapsed.TotalSeconds;
+                _stepInEpoch = steps;
+                await FinishEpoch(spec, e, lossSum, trainCount, current, server, await Workers(spec, incarnation), clock, trainSeconds, incarnation, cancel, profile.Result());
+                (first, lossSum) = (0, 0);
+                clock.Restart();
             }
-            double trainSeconds = clock.Elapsed.TotalSeconds;
-            _stepInEpoch = steps;
-            await FinishEpoch(spec, e, lossSum, trainCount, current, server, await Workers(spec, incarnation), clock, trainSeconds, incarnation, cancel);
-            (first, lossSum) = (0, 0);
-            clock.Restart();
+        }
+        finally
+        {
+            lease.Return();
         }
     }
 
@@ -362,13 +389,13 @@ public sealed class RunGrain(
 
     /// <summary>Evaluates, checkpoints the server at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
     private async Task FinishEpoch(RunSpec spec, int epoch, double lossSum, int trainCount, ParameterVersion current,
-        IParameterServerGrain server, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation, CancellationToken cancel)
+        IParameterServerGrain server, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation, CancellationToken cancel, StepProfile? profile)
     {
         var test = (await datasets.Get(spec.Dataset)).Test;
         var eval = await Evaluate(workers, spec, test.Count, current.Parameters, cancel);
         await server.Checkpoint(incarnation);
         var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
-            trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(current.Parameters.Span), current.Step, eval.Confusion);
+            trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(current.Parameters.Span), current.Step, eval.Confusion, profile);
         if (record.State.Epochs.Count == epoch)
         {
             await Update(r => r.Epochs.Add(result));
@@ -377,27 +404,43 @@ public sealed class RunGrain(
         logger.LogInformation("Run {Run} epoch {Epoch}: test accuracy {Accuracy:P2}, {Seconds:F1}s", RunId, epoch + 1, eval.Accuracy, result.Seconds);
     }
 
-    /// <summary>Chunk sums of one step, in chunk order. A worker whose call fails has its chunks redone by the next one.</summary>
-    private async Task<ChunkResult[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int epoch, int step, int chunkCount,
+    /// <summary>
+    /// The blocks' sums of one step, in block order: block b on worker b, redone by the next worker while it fails.
+    /// Each call's round trip and reply time go to <see cref="_roundTrips"/> and <see cref="_replied"/> for the profile.
+    /// </summary>
+    private async Task<BlockSum[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int epoch, int step, int chunkCount,
         ParameterVersion parameters, CancellationToken cancel)
     {
-        int busy = Math.Min(workers.Length, chunkCount);
-        var calls = new Task<ChunkResult[]>[busy];
-        for (int w = 0; w < busy; w++)
+        var blocks = ChunkBlocks.For(chunkCount, workers.Length);
+        int count = blocks.Count;
+        if (_calls.Length != count)
+            (_calls, _blocks, _blockSums, _roundTrips, _replied) = (new Task<BlockSum>[count], new BlockSum[count], new FloatPayload[count], new long[count], new long[count]);
+        for (int b = 0; b < count; b++)
+            _calls[b] = ComputeBlock(workers, b, new BlockWork(spec, epoch, step, blocks.First(b), blocks.End(b), parameters, record.State.DatasetSha256!), cancel);
+        for (int b = 0; b < count; b++)
         {
-            var chunks = Enumerable.Range(0, chunkCount).Where(c => c % workers.Length == w).ToArray();
-            var work = new ChunkWork(spec, epoch, step, chunks, parameters, record.State.DatasetSha256!);
-            calls[w] = WithRetry(workers, w, $"step {step} chunks [{string.Join(",", chunks)}]", async worker =>
-            {
-                var reply = await worker.ComputeChunks(work);
-                _workerSilos.Add(reply.Silo);
-                return reply.Results;
-            }, cancel);
+            var reply = await _calls[b];
+            if (reply.FirstChunk != blocks.First(b) || reply.GradientSum is null)
+                throw new InvalidOperationException($"step {step}: block {b} came back for chunk {reply.FirstChunk}, not {blocks.First(b)}");
+            _blocks[b] = reply;
         }
-        var results = (await Task.WhenAll(calls)).SelectMany(r => r).OrderBy(r => r.Chunk).ToArray();
-        if (results.Length != chunkCount || results.Where((r, i) => r.Chunk != i).Any())
-            throw new InvalidOperationException($"step {step}: expected {chunkCount} chunk results, got {results.Length}");
-        return results;
+        return _blocks;
+    }
+
+    private async Task<BlockSum> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, CancellationToken cancel)
+    {
+        long start = Stopwatch.GetTimestamp();
+        var reply = await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, work.EndChunk), worker => worker.ComputeBlock(work), cancel);
+        long end = Stopwatch.GetTimestamp();
+        (_roundTrips[b], _replied[b]) = (end - start, end);
+        _workerSilos.Add(reply.Silo);
+        return reply;
+    }
+
+    /// <summary>What a retried call computes, formatted only for the event log.</summary>
+    private readonly record struct WorkLabel(int Step, int First, int End)
+    {
+        public override string ToString() => Step < 0 ? $"evaluation of test samples [{First}, {End})" : $"step {Step} chunks [{First}, {End})";
     }
 
     /// <summary>Test samples per evaluation call; fixed, so that the loss sum is added in the same blocks whatever the worker count.</summary>
@@ -415,7 +458,7 @@ public sealed class RunGrain(
         {
             int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
             var work = new EvalWork(spec, start, end, parameters, record.State.DatasetSha256!);
-            return WithRetry(workers, b % workers.Length, $"evaluation of test samples [{start}, {end})", worker => worker.Evaluate(work), cancel);
+            return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), worker => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);
         return partials.Aggregate((a, b) => a.Add(b));
@@ -425,7 +468,7 @@ public sealed class RunGrain(
     /// Runs <paramref name="call"/> on worker <paramref name="first"/>, and on the next workers in turn while it fails,
     /// for up to <see cref="RetryBudget"/>. Bad input (ArgumentException) is never retried.
     /// </summary>
-    private async Task<T> WithRetry<T>(IWorkerGrain[] workers, int first, string what, Func<IWorkerGrain, Task<T>> call, CancellationToken cancel)
+    private async Task<T> WithRetry<T>(IWorkerGrain[] workers, int first, WorkLabel what, Func<IWorkerGrain, Task<T>> call, CancellationToken cancel)
     {
         var failing = new Stopwatch();
         for (int attempt = 0; ; attempt++)

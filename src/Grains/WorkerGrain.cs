@@ -14,12 +14,13 @@ namespace Backprop.Grains;
 [SpreadPlacement]
 public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, ILocalSiloDetails silo) : Grain, IWorkerGrain
 {
-    private ChunkRunner? _runner;
+    private StepGradient? _gradient;
     private EpochPlan? _plan;
     private RunSpec? _planSpec;
     private RunSpec? _validSpec;
+    private string? _siloName;
 
-    public async Task<ChunkResults> ComputeChunks(ChunkWork work)
+    public async Task<BlockSum> ComputeBlock(BlockWork work)
     {
         var spec = CheckSpec(work.Spec);
         var train = (await DataFor(spec, work.DatasetSha256)).Train;
@@ -27,24 +28,29 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var plan = PlanFor(spec, work.Epoch, spec.TrainCount(train.Count));
         if (work.Step < 0 || work.Step >= plan.Steps) throw new ArgumentException($"step {work.Step} is outside 0..{plan.Steps - 1}");
         int chunkCount = plan.ChunkCount(work.Step);
-        if (work.Chunks is null || work.Chunks.Length < 1 || work.Chunks.Length > chunkCount)
-            throw new ArgumentException($"step {work.Step} has {chunkCount} chunks; {work.Chunks?.Length ?? 0} were sent");
-        foreach (int c in work.Chunks)
-            if (c < 0 || c >= chunkCount) throw new ArgumentException($"chunk {c} is outside 0..{chunkCount - 1}");
-        var runner = RunnerFor(spec);
-        CheckParameters(work.Parameters?.Parameters, runner.ParameterCount);
+        if (!IsTreeNode(work.FirstChunk, work.EndChunk, chunkCount))
+            throw new ArgumentException($"chunks [{work.FirstChunk}, {work.EndChunk}) are not an aligned block of step {work.Step}'s {chunkCount} chunks");
+        var gradient = GradientFor(spec);
+        var parameters = work.Parameters?.Parameters;
+        CheckParameters(parameters, gradient.ParameterCount);
 
-        var parameters = work.Parameters!.Parameters.Span;
-        var results = new ChunkResult[work.Chunks.Length];
-        for (int i = 0; i < work.Chunks.Length; i++)
-        {
-            var indices = plan.Chunk(work.Step, work.Chunks[i]);
-            var gradient = new float[runner.ParameterCount];
-            var next = i + 1 < work.Chunks.Length ? plan.Chunk(work.Step, work.Chunks[i + 1]) : default;
-            double loss = runner.GradientSum(train, parameters, indices, gradient, next);
-            results[i] = new ChunkResult(work.Chunks[i], new FloatPayload(gradient), loss, indices.Length);
-        }
-        return new ChunkResults(results, silo.SiloAddress.Endpoint.ToString());
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
+        double loss = gradient.SumBlock(train, plan, work.Step, work.FirstChunk, work.EndChunk, parameters!.Span, nextStepChunk: work.FirstChunk);
+        double seconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
+        parameters.Release();
+        // The sum stays in this worker's buffer: passed by reference inside the silo, serialized before the reply
+        // leaves it. The buffer is rewritten by the next step's call, which comes after the server has used this one.
+        return new BlockSum(work.FirstChunk, new FloatPayload(gradient.Result), loss, _siloName ??= silo.SiloAddress.Endpoint.ToString(),
+            seconds, GC.GetTotalAllocatedBytes(precise: false));
+    }
+
+    /// <summary>Whether [first, end) is a node of the reduction tree over <paramref name="chunks"/> chunks (see <see cref="ChunkBlocks"/>).</summary>
+    private static bool IsTreeNode(int first, int end, int chunks)
+    {
+        if (first < 0 || end > chunks || first >= end) return false;
+        int size = (int)System.Numerics.BitOperations.RoundUpToPowerOf2((uint)(end - first));
+        return first % size == 0 && (end - first == size || end == chunks);
     }
 
     public async Task<Evaluation> Evaluate(EvalWork work)
@@ -53,14 +59,16 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var test = (await DataFor(spec, work.DatasetSha256)).Test;
         if (work.Start < 0 || work.Start >= work.End || work.End > test.Count)
             throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {test.Count} test samples");
-        var runner = RunnerFor(spec);
+        var runner = GradientFor(spec).Runner;
         CheckParameters(work.Parameters, runner.ParameterCount);
-        return runner.Evaluate(test, work.Parameters!.Span, work.Start, work.End);
+        var result = runner.Evaluate(test, work.Parameters!.Span, work.Start, work.End);
+        work.Parameters.Release();
+        return result;
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
     {
-        _runner?.Dispose();
+        _gradient?.Dispose();
         return Task.CompletedTask;
     }
 
@@ -93,15 +101,16 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             throw new ArgumentException($"{parameters?.Length ?? 0} parameters sent for a model of {expected}");
     }
 
-    private ChunkRunner RunnerFor(RunSpec spec)
+    private StepGradient GradientFor(RunSpec spec)
     {
-        if (_runner is null || !_runner.Spec.Equals(spec.Model) || _runner.MaxChunk != spec.ChunkSize)
+        var runner = _gradient?.Runner;
+        if (runner is null || !runner.Spec.Equals(spec.Model) || runner.MaxChunk != spec.ChunkSize || _gradient!.MaxChunks != spec.ChunksPerStep)
         {
-            _runner?.Dispose();
-            _runner = null;
-            _runner = new ChunkRunner(spec.Model, spec.ChunkSize, settings.ThreadsPerWorker);
+            _gradient?.Dispose();
+            _gradient = null;
+            _gradient = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, settings.ThreadsPerWorker);
         }
-        return _runner;
+        return _gradient;
     }
 
     private EpochPlan PlanFor(RunSpec spec, int epoch, int count)

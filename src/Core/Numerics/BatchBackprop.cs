@@ -50,7 +50,7 @@ public sealed unsafe class BatchBackprop : IDisposable
 
     // The operation in progress, read by the row delegates on every thread.
     private int _n, _mp, _inputVersion, _nextCount;
-    private bool _inputPerThread, _backward;
+    private bool _inputPerThread, _backward, _updating;
     private float* _p, _g;
     private Dataset? _data;
     private GradientBlock? _ready;
@@ -204,22 +204,27 @@ public sealed unsafe class BatchBackprop : IDisposable
     public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient)
     {
         if (gradient.Length != _layout.Length) throw new ArgumentException("gradient has the wrong length", nameof(gradient));
-        return Backward(parameters, n, labels, gradient, null);
+        return Backward(parameters, n, labels, gradient, null, updating: false);
     }
 
     /// <summary>
     /// The same sum, not written anywhere: each block of it goes to <paramref name="ready"/> as soon as it
     /// is final, from the thread that computed it, while it is still in that core's L1 (blocks of up to 4
-    /// weight rows, and each thread's run of biases). No weight is read once the first block is reported,
-    /// so the callback may update <paramref name="parameters"/> in place: a one-chunk step applies its
-    /// optimizer this way, and the whole gradient never goes through memory. For that mode the parameters
-    /// are writable: this method rewrites some of them with their own values, to take their cache lines
-    /// early (see <see cref="TakeLines"/>).
+    /// weight rows, and each thread's run of biases; threads call it at once for disjoint ranges).
     /// </summary>
-    public double GradientSum(Span<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready) =>
-        Backward(parameters, n, labels, default, ready);
+    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready) =>
+        Backward(parameters, n, labels, default, ready, updating: false);
 
-    private double Backward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, GradientBlock? ready)
+    /// <summary>
+    /// <see cref="GradientSum(ReadOnlySpan{float}, int, ReadOnlySpan{byte}, GradientBlock)"/> for a callback that
+    /// updates <paramref name="parameters"/> in place: no weight is read once the first block is reported, so a
+    /// step's last chunk applies the optimizer this way and its gradient never goes through memory. This method
+    /// rewrites some parameters with their own values, to take their cache lines early (see <see cref="TakeLines"/>).
+    /// </summary>
+    public double GradientSumAndUpdate(Span<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock update) =>
+        Backward(parameters, n, labels, default, update, updating: true);
+
+    private double Backward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, GradientBlock? ready, bool updating)
     {
         Begin(parameters, n, labels, backward: true);
         int m = _layout.Out(0);
@@ -228,7 +233,7 @@ public sealed unsafe class BatchBackprop : IDisposable
         {
             _p = p;
             _g = g;
-            _ready = ready;
+            (_ready, _updating) = (ready, updating);
             _parallel.Run(m, _firstLayerRows);
             _parallel.Run(m, _laterLayers);
             _parallel.Run(m, _weightGradientRows);
@@ -381,7 +386,7 @@ public sealed unsafe class BatchBackprop : IDisposable
                 _data!.Prefetch(_next.AsSpan(prefetched, upTo - prefetched));
                 prefetched = upTo;
             }
-            if (first && ready is not null && parts > 1) TakeLines(thread, parts, b, blocks);
+            if (first && _updating && parts > 1) TakeLines(thread, parts, b, blocks);
             int rows = Math.Min(4, to - r);
             float* c = ready is null ? _g + _layout.WeightOffset(l) + r * inSize : block;
             new GemmJob(_isa, inSize, _n, delta + r * mp, mp, 1, act, inSize, c, inSize).Rows(0, rows);

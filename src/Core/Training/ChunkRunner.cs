@@ -32,8 +32,12 @@ public sealed class ChunkRunner : IDisposable
         _backprop.GradientSum(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), gradient);
 
     /// <summary>The same sum, given block by block to <paramref name="ready"/> (see <see cref="BatchBackprop"/>).</summary>
-    public double GradientSum(Dataset data, Span<float> parameters, ReadOnlySpan<int> indices, GradientBlock ready, ReadOnlySpan<int> next = default) =>
+    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, GradientBlock ready, ReadOnlySpan<int> next = default) =>
         _backprop.GradientSum(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), ready);
+
+    /// <summary>The same blocks, to a callback that updates <paramref name="parameters"/> in place (a step's last chunk).</summary>
+    public double GradientSumAndUpdate(Dataset data, Span<float> parameters, ReadOnlySpan<int> indices, GradientBlock update, ReadOnlySpan<int> next = default) =>
+        _backprop.GradientSumAndUpdate(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), update);
 
     private int Load(Dataset data, ReadOnlySpan<int> indices, ReadOnlySpan<int> next)
     {

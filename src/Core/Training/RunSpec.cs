@@ -72,6 +72,9 @@ public sealed record RunSpec(
             throw new ArgumentException($"layers: output size {Model.OutputSize} does not match the {train.Classes} classes of {Dataset}");
     }
 
+    /// <summary>Chunks of a full step (the last step of an epoch may have fewer).</summary>
+    public int ChunksPerStep => (int)((BatchSize + (long)ChunkSize - 1) / ChunkSize);
+
     public int TrainCount(int available) => TrainLimit == 0 ? available : Math.Min(TrainLimit, available);
 
     /// <summary>The default chunk size cuts a batch into 4 chunks, so up to 4 workers share each step (more when a quarter is over the chunk limit).</summary>

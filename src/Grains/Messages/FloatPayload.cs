@@ -7,18 +7,66 @@ using Orleans.Serialization.WireProtocol;
 namespace Backprop.Grains.Messages;
 
 /// <summary>
-/// A parameter or gradient vector in a message. Immutable once sent: inside a silo it passes by reference,
-/// across silos it is written as one length-prefixed block of little-endian floats (Orleans' default
+/// A parameter or gradient vector in a message. Immutable once sent: inside a silo it passes by reference (no
+/// copy), across silos it is written as one length-prefixed block of little-endian floats (Orleans' default
 /// float[] codec writes each element with its own tag, several times slower — see ORLEANS-10-FACTS).
+/// A payload read from the wire lives in an array rented from <see cref="Pool"/>: its final reader gives it
+/// back with <see cref="Release"/>, so that a step's messages allocate no vectors once warm. A payload that is
+/// not released is simply collected.
 /// </summary>
 [Immutable]
-public sealed class FloatPayload(float[] values)
+public sealed class FloatPayload
 {
-    private readonly float[] _values = values;
+    /// <summary>Arrays of received payloads (up to the 64 MiB message cap), a few per size, reused across steps.</summary>
+    internal static readonly System.Buffers.ArrayPool<float> Pool =
+        System.Buffers.ArrayPool<float>.Create((int)(Backprop.Core.ResourceLimits.MaxMessageBytes / sizeof(float)), maxArraysPerBucket: 16);
+
+    private float[]? _rented;
+    private ReadOnlyMemory<float> _values;
+
+    public FloatPayload(float[] values) => _values = values;
+
+    /// <summary>A view of memory that the sender keeps unchanged until the receiver is done with it.</summary>
+    public FloatPayload(ReadOnlyMemory<float> values) => _values = values;
+
+    private FloatPayload(float[] rented, int length) => (_rented, _values) = (rented, rented.AsMemory(0, length));
 
     public int Length => _values.Length;
-    public ReadOnlySpan<float> Span => _values;
+    public ReadOnlySpan<float> Span => _values.Span;
     public ReadOnlyMemory<float> Memory => _values;
+
+    /// <summary>
+    /// Gives a received payload's array back to the pool; nothing for one passed by reference. Only the last
+    /// reader may call it: the values are gone afterwards.
+    /// </summary>
+    public void Release()
+    {
+        var rented = Interlocked.Exchange(ref _rented, null);
+        if (rented is null) return;
+        _values = default;
+        Pool.Return(rented);
+    }
+
+    /// <summary>
+    /// Makes the caller the owner of a received payload that it passes on to other grains of its silo (by
+    /// reference): their <see cref="Release"/> then does nothing, and the caller returns the array through the
+    /// lease once none of them reads it any more.
+    /// </summary>
+    public PayloadLease Own() => new(Interlocked.Exchange(ref _rented, null));
+
+    internal static FloatPayload Rent(int length) => length == 0 ? new FloatPayload(Array.Empty<float>()) : new(Pool.Rent(length), length);
+
+    /// <summary>The rented array behind a payload being read, to fill.</summary>
+    internal Span<float> Filling => _rented is null ? Span<float>.Empty : _rented.AsSpan(0, _values.Length);
+}
+
+/// <summary>The pooled array of a payload that its owner gives back when nothing reads it (default: none).</summary>
+public readonly struct PayloadLease(float[]? rented)
+{
+    public void Return()
+    {
+        if (rented is not null) FloatPayload.Pool.Return(rented);
+    }
 }
 
 [RegisterSerializer]
@@ -45,9 +93,8 @@ public sealed class FloatPayloadCodec : IFieldCodec<FloatPayload>
         // Checked before allocating: a length prefix is whatever the sender wrote.
         if (length > Backprop.Core.ResourceLimits.MaxMessageBytes)
             throw new InvalidDataException($"payload of {Backprop.Core.ResourceLimits.Bytes(length)} is over the {Backprop.Core.ResourceLimits.Bytes(Backprop.Core.ResourceLimits.MaxMessageBytes)} limit");
-        var values = new float[length / sizeof(float)];
-        reader.ReadBytes(MemoryMarshal.AsBytes(values.AsSpan()));
-        var result = new FloatPayload(values);
+        var result = FloatPayload.Rent((int)(length / sizeof(float)));
+        reader.ReadBytes(MemoryMarshal.AsBytes(result.Filling));
         ReferenceCodec.RecordObject(reader.Session, result);
         return result;
     }

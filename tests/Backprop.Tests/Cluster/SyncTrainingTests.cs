@@ -90,7 +90,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         await Assert.ThrowsAsync<ArgumentException>(() => server.Attach(overflow, 1));
         var version = new ParameterVersion(0, new FloatPayload(new float[10]));
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("overflow-direct/0");
-        await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeChunks(new ChunkWork(overflow, 0, 0, [0], version, fixture.DatasetSha256)));
+        await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(overflow, 0, 0, 0, 1, version, fixture.DatasetSha256)));
 
         var after = await RunToEnd("after-overflow", Spec(2) with { Epochs = 1 });
         Assert.Single(after.Epochs);
@@ -143,14 +143,16 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var e2 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [new FloatPayload(new float[3])], 10, 0)));
         Assert.Contains("length 3", e2.Message);
         var e3 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok, ok, ok, ok, ok], 10, 0)));
-        Assert.Contains("1..4 chunk sums", e3.Message);
+        Assert.Contains("1..4 block sums", e3.Message);
         Assert.Equal(0, (await server.GetParameters()).Step);
 
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/0");
         var version = start.Version;
-        Assert.Contains("differs from the run's", (await Assert.ThrowsAnyAsync<Exception>(() => worker.ComputeChunks(new ChunkWork(spec, 0, 0, [0], version, "not-the-data")))).Message);
-        Assert.Contains("chunk 7", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeChunks(new ChunkWork(spec, 0, 0, [7], version, fixture.DatasetSha256)))).Message);
-        Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeChunks(new ChunkWork(spec, 0, 999, [0], version, fixture.DatasetSha256)))).Message);
+        Assert.Contains("differs from the run's", (await Assert.ThrowsAnyAsync<Exception>(() => worker.ComputeBlock(new BlockWork(spec, 0, 0, 0, 1, version, "not-the-data")))).Message);
+        Assert.Contains("chunks [7, 8)", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(spec, 0, 0, 7, 8, version, fixture.DatasetSha256)))).Message);
+        // Not a node of the reduction tree: its sum would not be one the server can combine in the fixed order.
+        Assert.Contains("not an aligned block", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(spec, 0, 0, 1, 3, version, fixture.DatasetSha256)))).Message);
+        Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(spec, 0, 999, 0, 1, version, fixture.DatasetSha256)))).Message);
         Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 5, 5_000_000, version.Parameters, fixture.DatasetSha256)))).Message);
     }
 

@@ -212,7 +212,10 @@ public class ResourceLimitTests
         Assert.Throws<ArgumentException>(() => Evaluation.Empty(10).Add(Evaluation.Empty(3)));
         Assert.Throws<ArgumentException>(() => Evaluation.Empty(8192));
         Assert.Throws<ArgumentException>(() => new ModelSpec([784, 8192], Activation.Relu, Loss.CrossEntropy).Validate());
-        Assert.Throws<ArgumentException>(() => GradientReduction.SumInChunkOrder(new ReadOnlyMemory<float>[] { new float[4], new float[3] }, new float[4]));
+        var sum = new PairwiseSum(4, 2);
+        sum.Begin(2);
+        Assert.Throws<ArgumentException>(() => sum.Add(new float[3]));
+        Assert.ThrowsAny<ArgumentException>(() => sum.Begin(3));
         Assert.Throws<ArgumentException>(() => ResourceLimits.CheckMessageBytes(ResourceLimits.MaxMessageBytes + 1, "a payload"));
         ResourceLimits.CheckMessageBytes(ResourceLimits.MaxMessageBytes, "a payload");
     }
