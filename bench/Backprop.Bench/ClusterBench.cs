@@ -206,6 +206,7 @@ public static class ClusterBench
 
         private Row MeasureCore(RunSpec spec, Dataset train)
         {
+            double? loadBefore = LoadAverage();
             Progress($"core, batch {spec.BatchSize}: warming up, then {options.Epochs} epochs on {options.Workers} threads");
             using var trainer = new LocalTrainer(spec, train, options.Workers);
             int steps = StepsPerEpoch(spec, train.Count);
@@ -240,12 +241,14 @@ public static class ClusterBench
                 WireBytesPerStep = 0,
                 AllocatedBytesPerStep = Math.Round((double)allocated / (options.Epochs * steps), 1),
                 AllocatedBytesSource = "the training thread",
+                LoadAverage = Loads(loadBefore),
             };
         }
 
         /// <summary>Runs `backprop train` for the spec (N+1 epochs) and reads the epochs from its metrics file.</summary>
         private async Task<Row> MeasureCli(string mode, RunSpec spec, int silos, string[] where)
         {
+            double? loadBefore = LoadAverage();
             Progress($"{mode}, batch {spec.BatchSize}: `backprop train`, {spec.Epochs} epochs ({options.Epochs} timed) with {spec.Workers} workers");
             string metrics = Path.Combine(paths.Work, $"{mode}-b{spec.BatchSize}.jsonl");
             string[] args =
@@ -287,6 +290,7 @@ public static class ClusterBench
                     StepMedianUs("slowestComputeSeconds"), StepMedianUs("fastestComputeSeconds"), StepMedianUs("transferSeconds"),
                     StepMedianUs("reduceAndStepSeconds"), StepMedianUs("serverCallSeconds"), StepMedianUs("barrierWaitSeconds")) : null,
                 TestAccuracyLast = (double)epochs[^1]["testAccuracy"]!,
+                LoadAverage = Loads(loadBefore),
             };
         }
 
@@ -346,10 +350,29 @@ public static class ClusterBench
         public string? AllocatedBytesSource { get; init; }
         public StepBreakdown? StepMicroseconds { get; init; }
         public double? TestAccuracyLast { get; init; }
+        public double[]? LoadAverage { get; init; }
     }
 
     /// <summary>Medians over the timed epochs of the coordinator's per-step means, in microseconds.</summary>
     private sealed record StepBreakdown(double SlowestCompute, double FastestCompute, double Transfer, double ReduceAndStep, double ServerCall, double BarrierWait);
+
+    /// <summary>
+    /// The 1-minute load average before and after a row (Linux): on a shared 2-core machine anything above ~2
+    /// means other processes took cores from the measurement.
+    /// </summary>
+    private static double[]? Loads(double? before) => before is { } b && LoadAverage() is { } a ? [b, a] : null;
+
+    private static double? LoadAverage()
+    {
+        try
+        {
+            return double.Parse(File.ReadAllText("/proc/loadavg").Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException)
+        {
+            return null;
+        }
+    }
 
     private static int StepsPerEpoch(RunSpec spec, int available) => (spec.TrainCount(available) + spec.BatchSize - 1) / spec.BatchSize;
 
