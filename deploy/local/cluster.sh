@@ -14,7 +14,7 @@ usage() {
   cat <<USAGE
 usage: deploy/local/cluster.sh start [--silos N | --servers S --workers N] [--distinct-addresses] [--silo-port P]
                                      [--gateway-port G] [--http-port H] [--cluster-id ID] [--data-dir DIR]
-                                     [--redis [--redis-port R]] [--tls]
+                                     [--redis [--redis-port R]] [--tls [--tls-peer-name NAME]]
        deploy/local/cluster.sh stop | status | kill I | term I | restart I | add server|worker|all
 
 start    builds the silo (Release) and starts N silos of role all (default 3), or S server silos (run
@@ -27,9 +27,14 @@ start    builds the silo (Release) and starts N silos of role all (default 3), o
          With --redis: starts redis-server on 127.0.0.1:R (default 6379, append-only file in
          STATE/redis) and clusters the silos through it: membership, grain storage and reminders are in
          Redis, any silo may die, and a later 'start --redis' on the same state folder finds the runs again.
+         Redis requires the password in STATE/redis.password (made once, readable by this user only);
+         silos and cluster.env name the file (BACKPROP_REDIS_PASSWORD_FILE), never the password.
          With --tls: silo-to-silo and client connections use TLS with mutual authentication, with the
          development certificates of make-dev-certs.sh in STATE/certs (made when missing); cluster.env
          lists the client certificate, key and CA the CLI must be given (--tls-cert/--tls-key/--tls-ca).
+         --tls-peer-name NAME (implies --tls): silos and the CLI check that a silo's certificate carries the
+         DNS name NAME (as in Kubernetes, where pod IPs change) instead of the address dialled; certificates
+         made here get NAME (BACKPROP_CERT_NAME of make-dev-certs.sh).
 stop     stops the silos (SIGTERM, then SIGKILL after 15 s), then Redis (which writes its append-only file).
 status   lists the silos (and Redis) and whether they run.
 kill I   kills silo I with SIGKILL (no goodbye: the others must detect its death).
@@ -75,6 +80,7 @@ silo_env() {
   echo "BACKPROP_SILO_NAME=silo-$i"
   if [ -n "$REDIS" ]; then
     echo "BACKPROP_REDIS=$REDIS"
+    echo "BACKPROP_REDIS_PASSWORD_FILE=$STATE/redis.password"
   elif [ "$i" -gt 0 ]; then
     # Localhost clustering: silo 0 is the primary.
     if [ "$DISTINCT" = 1 ]; then echo "BACKPROP_PRIMARY=127.0.0.2:$SILO_PORT"; else echo "BACKPROP_PRIMARY=127.0.0.1:$SILO_PORT"; fi
@@ -84,6 +90,7 @@ silo_env() {
     echo "BACKPROP_TLS_CERT=$TLS/silo.pem"
     echo "BACKPROP_TLS_KEY=$TLS/silo.key"
     echo "BACKPROP_TLS_CA=$TLS/ca.pem"
+    [ -n "${TLS_PEER_NAME:-}" ] && echo "BACKPROP_TLS_PEER_NAME=$TLS_PEER_NAME"
   fi
   echo "GATEWAY=$host:$gateway"
 }
@@ -120,26 +127,34 @@ launch() {
   echo "silo-$i up: pid $pid, $(grep "silo-$i up" "$log" | tail -1 | sed -E 's/.* up: //'), log $log"
 }
 
+# redis-cli with the cluster's password (REDISCLI_AUTH: not on its command line).
+redis_cli() { REDISCLI_AUTH=$(cat "$STATE/redis.password") redis-cli "$@"; }
+
 start_redis() {
   local port=$1
   command -v redis-server >/dev/null || { echo "error: redis-server is not installed (apt-get install -y redis-server)" >&2; return 1; }
   mkdir -p "$STATE/redis"
-  # Loopback only; the append-only file (fsync every second) is what makes runs survive a stop.
-  nohup redis-server --bind 127.0.0.1 --port "$port" --appendonly yes --dir "$STATE/redis" --save '' \
-    > "$STATE/redis.log" 2>&1 < /dev/null &
+  # AUTH: a password made once per state folder (kept, like Redis' data, across stops), readable by this user only.
+  if [ ! -s "$STATE/redis.password" ]; then
+    (umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$STATE/redis.password")
+  fi
+  # Loopback only; the append-only file (fsync every second) is what makes runs survive a stop. The password goes
+  # in as configuration on stdin ('-'), not as an argument that ps would show.
+  printf 'requirepass %s\n' "$(cat "$STATE/redis.password")" | nohup redis-server - --bind 127.0.0.1 --port "$port" \
+    --appendonly yes --dir "$STATE/redis" --save '' > "$STATE/redis.log" 2>&1 &
   echo $! > "$STATE/redis.pid"
   local waited=0
-  until [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; do
+  until [ "$(redis_cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; do
     if ! alive "$(cat "$STATE/redis.pid")"; then echo "error: redis-server exited; $STATE/redis.log ends with:" >&2; tail -5 "$STATE/redis.log" >&2; return 1; fi
     if [ $waited -ge 300 ]; then echo "error: redis-server not answering after 30 s" >&2; return 1; fi
     sleep 0.1; waited=$((waited + 1))
   done
-  echo "redis up: pid $(cat "$STATE/redis.pid"), 127.0.0.1:$port, data $STATE/redis"
+  echo "redis up: pid $(cat "$STATE/redis.pid"), 127.0.0.1:$port, data $STATE/redis, password in $STATE/redis.password"
 }
 
 start() {
   local n=3 silo_port=11111 gateway_port=30000 http_port=0 cluster=backprop-dev data=${BACKPROP_DATA:-} redis=0 redis_port=6379
-  local servers="" workers="" distinct=0 tls=0
+  local servers="" workers="" distinct=0 tls=0 peer_name=""
   while [ $# -gt 0 ]; do
     case $1 in
       --silos) n=$2; shift 2 ;;
@@ -154,6 +169,7 @@ start() {
       --redis) redis=1; shift ;;
       --redis-port) redis_port=$2; shift 2 ;;
       --tls) tls=1; shift ;;
+      --tls-peer-name) tls=1; peer_name=$2; shift 2 ;;
       -h|--help) usage; exit 0 ;;
       *) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -187,10 +203,10 @@ start() {
     start_redis "$redis_port" || { stop; exit 1; }
   fi
   rm -f "$STATE"/silo-*.env
-  TLS=""
+  TLS="" TLS_PEER_NAME=$peer_name
   if [ $tls -eq 1 ]; then
     TLS=$STATE/certs
-    "$ROOT/deploy/local/make-dev-certs.sh" "$TLS" >/dev/null || { stop; exit 1; }
+    BACKPROP_CERT_NAME=${peer_name:-backprop-silo} "$ROOT/deploy/local/make-dev-certs.sh" "$TLS" >/dev/null || { stop; exit 1; }
   fi
   CLUSTER_ID=$cluster REDIS=$redis_address SILO_PORT=$silo_port GATEWAY_PORT=$gateway_port HTTP_PORT=$http_port DISTINCT=$distinct DATA=$data
   for ((i = 0; i < n; i++)); do silo_env "$i" "${roles[$i]}" > "$STATE/silo-$i.env"; done
@@ -202,11 +218,11 @@ start() {
     launch "$i" "$dll" || { stop; exit 1; }
   done
   if [ $redis -eq 1 ]; then
-    echo "cluster '$cluster' of $n silos on Redis $redis_address; train on it with: dotnet run --project src/Client -- train --redis $redis_address --cluster-id $cluster"
+    echo "cluster '$cluster' of $n silos on Redis $redis_address; train on it with: dotnet run --project src/Client -- train --redis $redis_address --redis-password-file $STATE/redis.password --cluster-id $cluster"
   else
     echo "cluster '$cluster' of $n silos; train on it with: dotnet run --project src/Client -- train --gateway $gateway_list --cluster-id $cluster"
   fi
-  if [ -n "$TLS" ]; then echo "TLS required: add --tls-cert $TLS/client.pem --tls-key $TLS/client.key --tls-ca $TLS/ca.pem"; fi
+  if [ -n "$TLS" ]; then echo "TLS required: add --tls-cert $TLS/client.pem --tls-key $TLS/client.key --tls-ca $TLS/ca.pem${TLS_PEER_NAME:+ --tls-peer-name $TLS_PEER_NAME}"; fi
 }
 
 # The cluster's settings, for status, the CLI and 'add'; the gateways are those of every silo started so far.
@@ -214,10 +230,12 @@ write_settings() {
   local gateway_list count
   gateway_list=$(cat "$STATE"/silo-*.env | sed -n 's/^GATEWAY=//p' | paste -sd, -)
   count=$(ls "$STATE"/silo-*.env | wc -l)
-  printf 'CLUSTER_ID=%s\nGATEWAYS=%s\nREDIS=%s\nSILOS=%s\nSILO_PORT=%s\nGATEWAY_PORT=%s\nHTTP_PORT=%s\nDISTINCT=%s\nDATA=%s\nTLS=%s\n' \
-    "$CLUSTER_ID" "$gateway_list" "$REDIS" "$count" "$SILO_PORT" "$GATEWAY_PORT" "$HTTP_PORT" "$DISTINCT" "$DATA" "${TLS:-}" > "$STATE/cluster.env"
+  printf 'CLUSTER_ID=%s\nGATEWAYS=%s\nREDIS=%s\nSILOS=%s\nSILO_PORT=%s\nGATEWAY_PORT=%s\nHTTP_PORT=%s\nDISTINCT=%s\nDATA=%s\nTLS=%s\nTLS_PEER_NAME=%s\n' \
+    "$CLUSTER_ID" "$gateway_list" "$REDIS" "$count" "$SILO_PORT" "$GATEWAY_PORT" "$HTTP_PORT" "$DISTINCT" "$DATA" "${TLS:-}" "${TLS_PEER_NAME:-}" > "$STATE/cluster.env"
   # What the CLI needs (as flags or as these environment variables) to be let in.
   [ -n "${TLS:-}" ] && printf 'BACKPROP_TLS_CERT=%s\nBACKPROP_TLS_KEY=%s\nBACKPROP_TLS_CA=%s\n' "$TLS/client.pem" "$TLS/client.key" "$TLS/ca.pem" >> "$STATE/cluster.env"
+  [ -n "${TLS_PEER_NAME:-}" ] && echo "BACKPROP_TLS_PEER_NAME=$TLS_PEER_NAME" >> "$STATE/cluster.env"
+  [ -n "$REDIS" ] && echo "BACKPROP_REDIS_PASSWORD_FILE=$STATE/redis.password" >> "$STATE/cluster.env"
   return 0
 }
 
@@ -271,7 +289,7 @@ status() {
     local redis_address
     redis_address=$(sed -n 's/^REDIS=//p' "$STATE/cluster.env")
     if alive "$(cat "$STATE/redis.pid")"; then
-      echo "redis pid $(cat "$STATE/redis.pid") running on $redis_address ($(redis-cli -h "${redis_address%:*}" -p "${redis_address##*:}" ping 2>&1))"
+      echo "redis pid $(cat "$STATE/redis.pid") running on $redis_address ($(redis_cli -h "${redis_address%:*}" -p "${redis_address##*:}" ping 2>&1))"
     else
       echo "redis pid $(cat "$STATE/redis.pid") not running"
     fi

@@ -6,9 +6,11 @@
 #
 # Writes PEM files into DIR:
 #   ca.pem, ca.key          the development CA (the only trust anchor silos and clients are given: --tls-ca)
-#   silo.pem, silo.key      every silo's certificate: serverAuth and clientAuth (a silo dials other silos too),
-#                           SANs localhost and 127.0.0.1 .. 127.0.0.N (N = BACKPROP_CERT_HOSTS, default 16)
-#   client.pem, client.key  a CLI's certificate: clientAuth only
+#   silo.pem, silo.key      every silo's certificate: serverAuth and clientAuth (a silo accepts and dials other
+#                           silos), SANs: the DNS name BACKPROP_CERT_NAME (default backprop-silo: what
+#                           --tls-peer-name checks where addresses change, as pod IPs do), localhost and
+#                           127.0.0.1 .. 127.0.0.N (N = BACKPROP_CERT_HOSTS, default 16: the addresses dialled locally)
+#   client.pem, client.key  a CLI's certificate: clientAuth only (silos refuse it on their silo port)
 # Files already there are kept (delete DIR to start again); the CA is made once, so certificates made later
 # with the same DIR are still accepted by the same cluster.
 set -euo pipefail
@@ -16,8 +18,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DIR=${1:-$ROOT/deploy/local/state/certs}
 HOSTS=${BACKPROP_CERT_HOSTS:-16}
+NAME=${BACKPROP_CERT_NAME:-backprop-silo}
 DAYS=${BACKPROP_CERT_DAYS:-825}
 [[ $HOSTS =~ ^[1-9][0-9]*$ && $HOSTS -le 254 ]] || { echo "error: BACKPROP_CERT_HOSTS must be in 1..254" >&2; exit 2; }
+[[ $NAME =~ ^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$ ]] || { echo "error: BACKPROP_CERT_NAME must be a DNS name" >&2; exit 2; }
 command -v openssl >/dev/null || { echo "error: openssl is not installed (apt-get install -y openssl)" >&2; exit 2; }
 mkdir -p "$DIR"
 cd "$DIR"
@@ -53,7 +57,7 @@ issue() {
   echo "made $DIR/$name.pem ($cn)"
 }
 
-sans="DNS:localhost"
+sans="DNS:$NAME,DNS:localhost"
 for ((i = 1; i <= HOSTS; i++)); do sans+=",IP:127.0.0.$i"; done
 issue silo "backprop silo" "serverAuth,clientAuth" "$sans"
 issue client "backprop client" "clientAuth" ""

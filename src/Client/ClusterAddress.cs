@@ -9,12 +9,13 @@ namespace Backprop.Client;
 /// membership table lists the live gateways. Exactly one of the two is set. With <see cref="Tls"/>, connections
 /// to the gateways use TLS (the cluster's silos must too).
 /// </summary>
-public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string ClusterId, TlsFiles? Tls = null)
+public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string ClusterId, TlsFiles? Tls = null, RedisPassword? RedisPassword = null)
 {
     public const string DefaultGateway = "127.0.0.1:30000";
 
     /// <summary>How a user names this address again, e.g. in "re-attach with ..." hints.</summary>
     public string Flags => (Redis is not null ? $"--redis {Redis}" : $"--gateway {string.Join(',', Gateways.Select(g => g.ToString()))}")
+        + (RedisPassword is { Source: not RedisPassword.Env } p ? $" --redis-password-file {p.Source}" : "")
         + $" --cluster-id {ClusterId}" + (Tls is not null ? " " + Tls.Flags : "");
 
     public string Description => Redis is not null
@@ -28,7 +29,7 @@ public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string
             : throw new ArgumentException($"--gateway: '{text}' names no host:port");
 }
 
-/// <summary>The options every cluster command shares: --gateway, --redis, --cluster-id, --tls-cert, --tls-key, --tls-ca.</summary>
+/// <summary>The options every cluster command shares: --gateway, --redis, --redis-password-file, --cluster-id, --tls-cert, --tls-key, --tls-ca, --tls-peer-name.</summary>
 public sealed class ClusterAddressOptions(string gatewayDescription)
 {
     public Option<string?> Gateway { get; } = new("--gateway") { Description = gatewayDescription + " (host:port[,host:port...])" };
@@ -38,6 +39,9 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
         Description = "Find the cluster's gateways through this Redis (host:port) [env BACKPROP_REDIS]",
         DefaultValueFactory = _ => Environment.GetEnvironmentVariable("BACKPROP_REDIS") is { Length: > 0 } v ? v : null,
     };
+
+    public Option<string?> RedisPasswordFile { get; } = EnvOption("--redis-password-file", RedisPassword.FileEnv,
+        $"With --redis: file whose first line is Redis' password; or the password itself in [env {RedisPassword.Env}]; never printed");
 
     public Option<string> ClusterId { get; } = new("--cluster-id")
     {
@@ -51,6 +55,9 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
     public Option<string?> TlsKey { get; } = EnvOption("--tls-key", TlsFiles.KeyEnv, "TLS: the PEM private key of --tls-cert");
 
     public Option<string?> TlsCa { get; } = EnvOption("--tls-ca", TlsFiles.CaEnv, "TLS: PEM CA that signed the cluster's certificates (the only one trusted)");
+
+    public Option<string?> TlsPeerName { get; } = EnvOption("--tls-peer-name", TlsFiles.PeerNameEnv,
+        "TLS: DNS name the gateways' certificates must carry in their subject alternative names (instead of the address dialled)");
 
     private static Option<string?> EnvOption(string flag, string env, string description) => new(flag)
     {
@@ -69,11 +76,11 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
         if (redis is null && gateway is null) return null;
         // The client's own certificate is optional here (a cluster with TLS refuses a client without one); its
         // chain is not checked against --tls-ca before connecting: the cluster judges it.
-        var tls = TlsFiles.Load(parse.GetValue(TlsCert), parse.GetValue(TlsKey), parse.GetValue(TlsCa), certificateRequired: false);
+        var tls = TlsFiles.Load(parse.GetValue(TlsCert), parse.GetValue(TlsKey), parse.GetValue(TlsCa), parse.GetValue(TlsPeerName), silo: false);
         if (redis is not null)
         {
             LocalClustering.ParseEndpoint(redis, "--redis");
-            return new ClusterAddress([], redis, clusterId, tls);
+            return new ClusterAddress([], redis, clusterId, tls, RedisPassword.Resolve(parse.GetValue(RedisPasswordFile)));
         }
         return new ClusterAddress(ClusterAddress.ParseGateways(gateway!), null, clusterId, tls);
     }

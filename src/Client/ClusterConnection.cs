@@ -63,7 +63,7 @@ public sealed class ClusterConnection : IAsyncDisposable
             });
             if (address.Redis is { } redis)
             {
-                client.UseRedisClustering(o => o.ConfigurationOptions = RedisCluster.Options(LocalClustering.ParseEndpoint(redis, "--redis")));
+                client.UseRedisClustering(o => o.ConfigurationOptions = RedisCluster.Options(LocalClustering.ParseEndpoint(redis, "--redis"), address.RedisPassword));
                 client.Configure<ClusterOptions>(o => { o.ClusterId = address.ClusterId; o.ServiceId = RedisCluster.ServiceIdOf(address.ClusterId); });
             }
             else
@@ -84,9 +84,18 @@ public sealed class ClusterConnection : IAsyncDisposable
             host.Dispose();
             string reason = tlsRejection is not null ? "this client refused the gateway's certificate" : e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : Cli.OneLine(e.Message);
             string where = address.Redis is { } r ? $"through Redis {r}" : $"at gateway {string.Join(", ", address.Gateways.Select(g => g.ToString()))}";
-            throw new ClusterUnreachableException($"cannot reach a cluster '{address.ClusterId}' {where}: {reason}{TlsHint(address.Tls, tlsRejection)}");
+            // Redis refusing this client (not there, or AUTH) has nothing to do with TLS to the gateways.
+            bool redisRefused = address.Redis is not null && Causes(e).Any(c => c is StackExchange.Redis.RedisConnectionException);
+            string hint = !redisRefused ? TlsHint(address.Tls, tlsRejection)
+                : address.RedisPassword is null ? $" (if Redis requires a password: --redis-password-file or {RedisPassword.Env})" : $" ({address.RedisPassword})";
+            throw new ClusterUnreachableException($"cannot reach a cluster '{address.ClusterId}' {where}: {reason}{hint}");
         }
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false);
+    }
+
+    private static IEnumerable<Exception> Causes(Exception e)
+    {
+        for (Exception? c = e; c is not null; c = c.InnerException) yield return c;
     }
 
     /// <summary>

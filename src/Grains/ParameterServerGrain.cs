@@ -20,10 +20,12 @@ public sealed class ParameterServerState
 }
 
 /// <summary>
-/// Owns a run's parameters and optimizer state, updated in place: a version handed out by reference inside the
-/// silo is read by that step's workers, and the next step is only applied after all of them have replied (a
-/// worker still computing on a version after its call was given up on has its result dropped). Reads from
-/// outside the step (<see cref="GetParameters"/>) get a copy.
+/// Owns a run's parameters and optimizer state, in two pairs of buffers that a step alternates between (it
+/// writes the new pair, and keeps it only when the gradient was finite), so nothing is copied or allocated per
+/// step. A version handed out by reference inside the silo is read by that step's workers; its buffer is
+/// rewritten two steps later, after all of them have replied (a worker still computing on an old version after
+/// its call was given up on has its result dropped). Reads from outside the step (<see cref="GetParameters"/>)
+/// get a copy.
 /// Checkpoints every <see cref="RunSpec.CheckpointEvery"/> steps and when asked (epoch ends); after its
 /// silo dies the next activation starts from the last checkpoint and the coordinator recomputes the rest,
 /// which gives the same bits because a step depends only on the parameters and the step number.
@@ -37,7 +39,13 @@ public sealed class ParameterServerGrain(
     private RunSpec? _spec;
     private float[] _parameters = [];
     private float[] _velocity = [];
-    private PairwiseSum? _sum;
+    // The step writes (θ', v') into these and swaps them in only when the whole gradient was finite.
+    private float[] _nextParameters = [], _nextVelocity = [];
+    private ReadOnlyMemory<float>[] _leaves = [];
+    private readonly float[] _tile = new float[Tile];
+    private float[] _scratch = [];
+    /// <summary>Entries reduced, checked and stepped together, while they are in L1.</summary>
+    private const int Tile = 4096;
     private long _step;
     private int _incarnation;
     private double _epochLossSum;
@@ -99,21 +107,45 @@ public sealed class ParameterServerGrain(
             if (sum is null || sum.Length != _parameters.Length)
                 throw new ArgumentException($"gradient of length {sum?.Length ?? 0} for {_parameters.Length} parameters");
 
-        // The blocks are nodes of one level of the tree: the same tree over them gives the step's sum.
-        var tree = _sum!;
-        tree.Begin(sums.Length);
-        foreach (var sum in sums) tree.Add(sum.Memory);
-        var total = tree.Result.Span;
-        // One pass: the sum of a vector is finite only if every element is (an overflow to infinity counts too).
-        if (!float.IsFinite(TensorPrimitives.Sum(total)))
+        if (!StepFused(spec, sums, update.Samples))
             return new StepOutcome(Current(), "the gradient has non-finite values");
-        Optimizer.Step(spec.Optimizer, _parameters, total, update.Samples, _velocity);
+        (_parameters, _nextParameters) = (_nextParameters, _parameters);
+        (_velocity, _nextVelocity) = (_nextVelocity, _velocity);
         foreach (var sum in sums) sum.Release();
         _step++;
         _epochLossSum = update.EpochLossSum;
         double seconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
         if (_step % spec.CheckpointEvery == 0) await Write();
         return new StepOutcome(Current(), null, seconds, GC.GetTotalAllocatedBytes(precise: false));
+    }
+
+    /// <summary>
+    /// One pass, a tile at a time: the blocks' sums reduced with the tree's upper levels (they are the nodes of
+    /// one level), the total checked, and the optimizer step written to the spare buffers. False, with the
+    /// current parameters untouched, when the gradient has a non-finite value (an overflow to infinity in a tile's
+    /// sum counts too).
+    /// </summary>
+    private bool StepFused(RunSpec spec, FloatPayload[] sums, int samples)
+    {
+        if (_leaves.Length != sums.Length) _leaves = new ReadOnlyMemory<float>[sums.Length];
+        for (int i = 0; i < sums.Length; i++) _leaves[i] = sums[i].Memory;
+        try
+        {
+            for (int start = 0; start < _parameters.Length; start += Tile)
+            {
+                int n = Math.Min(Tile, _parameters.Length - start);
+                ReadOnlySpan<float> gradient = sums.Length == 1 ? _leaves[0].Span.Slice(start, n) : _tile.AsSpan(0, n);
+                if (sums.Length > 1) PairwiseSum.SumRange(_leaves, start, _tile.AsSpan(0, n), _scratch);
+                if (!float.IsFinite(TensorPrimitives.Sum(gradient))) return false;
+                Optimizer.Step(spec.Optimizer, _parameters.AsSpan(start, n), gradient, samples, _velocity.AsSpan(start, n),
+                    _nextParameters.AsSpan(start, n), _nextVelocity.AsSpan(start, n));
+            }
+            return true;
+        }
+        finally
+        {
+            Array.Clear(_leaves);
+        }
     }
 
     public async Task Checkpoint(int incarnation)
@@ -170,7 +202,9 @@ public sealed class ParameterServerGrain(
         _spec = spec;
         _parameters = parameters;
         _velocity = velocity;
-        _sum = new PairwiseSum(parameters.Length, spec.ChunksPerStep);
+        _nextParameters = new float[parameters.Length];
+        _nextVelocity = new float[parameters.Length];
+        _scratch = new float[PairwiseSum.ScratchFor(Tile, spec.ChunksPerStep)];
         _step = step;
     }
 

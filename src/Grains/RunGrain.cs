@@ -375,11 +375,17 @@ public sealed class RunGrain(
     /// that joins gets work from the next step on. Which worker computes a chunk never changes a bit (chunk sums
     /// are added in chunk order). Checked before every step: it reads this silo's membership and manifest, no call.
     /// </summary>
-    private async Task<IWorkerGrain[]> Workers(RunSpec spec, int incarnation)
+    private ValueTask<IWorkerGrain[]> Workers(RunSpec spec, int incarnation)
     {
         var silos = workerSilos.Active();
         // A re-attach of the same coordinator keeps its workers; a new incarnation takes its own.
-        if (_workers.Length > 0 && _workersIncarnation == incarnation && (silos.Length == 0 || silos.SequenceEqual(_spreadOver))) return _workers;
+        if (_workers.Length > 0 && _workersIncarnation == incarnation && (silos.Length == 0 || silos == _spreadOver || silos.SequenceEqual(_spreadOver)))
+            return ValueTask.FromResult(_workers);
+        return new ValueTask<IWorkerGrain[]>(NewWorkers(spec, incarnation, silos));
+    }
+
+    private async Task<IWorkerGrain[]> NewWorkers(RunSpec spec, int incarnation, string[] silos)
+    {
         (_spreadOver, _workersIncarnation) = (silos, incarnation);
         int count = Math.Clamp(Math.Max(spec.Workers, silos.Length), 1, RunSpec.MaxWorkers), generation = _generation++;
         _workers = Enumerable.Range(0, count).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{incarnation}.{generation}/{i}")).ToArray();
@@ -430,7 +436,7 @@ public sealed class RunGrain(
     private async Task<BlockSum> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, CancellationToken cancel)
     {
         long start = Stopwatch.GetTimestamp();
-        var reply = await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, work.EndChunk), worker => worker.ComputeBlock(work), cancel);
+        var reply = await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, work.EndChunk), work, static (worker, work) => worker.ComputeBlock(work), cancel);
         long end = Stopwatch.GetTimestamp();
         (_roundTrips[b], _replied[b]) = (end - start, end);
         _workerSilos.Add(reply.Silo);
@@ -458,7 +464,7 @@ public sealed class RunGrain(
         {
             int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
             var work = new EvalWork(spec, start, end, parameters, record.State.DatasetSha256!);
-            return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), worker => worker.Evaluate(work), cancel);
+            return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), work, static (worker, work) => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);
         return partials.Aggregate((a, b) => a.Add(b));
@@ -468,7 +474,7 @@ public sealed class RunGrain(
     /// Runs <paramref name="call"/> on worker <paramref name="first"/>, and on the next workers in turn while it fails,
     /// for up to <see cref="RetryBudget"/>. Bad input (ArgumentException) is never retried.
     /// </summary>
-    private async Task<T> WithRetry<T>(IWorkerGrain[] workers, int first, WorkLabel what, Func<IWorkerGrain, Task<T>> call, CancellationToken cancel)
+    private async Task<T> WithRetry<TWork, T>(IWorkerGrain[] workers, int first, WorkLabel what, TWork work, Func<IWorkerGrain, TWork, Task<T>> call, CancellationToken cancel)
     {
         var failing = new Stopwatch();
         for (int attempt = 0; ; attempt++)
@@ -476,7 +482,7 @@ public sealed class RunGrain(
             int index = (first + attempt) % workers.Length;
             try
             {
-                var result = await call(workers[index]);
+                var result = await call(workers[index], work);
                 if (attempt > 0) await AddEventNow("redone", $"{what} redone on worker {index}, {failing.Elapsed.TotalSeconds:F1} s after the first failure");
                 return result;
             }

@@ -19,6 +19,9 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private RunSpec? _planSpec;
     private RunSpec? _validSpec;
     private string? _siloName;
+    private (RunSpec Spec, string Sha256, Backprop.Core.Data.TrainTest Data)? _data;
+    /// <summary>The last sum handed out, which lives in this worker's buffer, and its step.</summary>
+    private (FloatPayload Sum, int Epoch, int Step)? _lent;
 
     public async Task<BlockSum> ComputeBlock(BlockWork work)
     {
@@ -34,6 +37,9 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var parameters = work.Parameters?.Parameters;
         CheckParameters(parameters, gradient.ParameterCount);
 
+        // A second block of the same step (a retry of another worker's): the first one's sum may still wait at the
+        // coordinator, so it gets its own copy before the buffer is reused. A new step comes only after the server used it.
+        if (_lent is { } lent && lent.Epoch == work.Epoch && lent.Step == work.Step) lent.Sum.Detach();
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
         // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
         double loss = gradient.SumBlock(train, plan, work.Step, work.FirstChunk, work.EndChunk, parameters!.Span, nextStepChunk: work.FirstChunk);
@@ -41,7 +47,9 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         parameters.Release();
         // The sum stays in this worker's buffer: passed by reference inside the silo, serialized before the reply
         // leaves it. The buffer is rewritten by the next step's call, which comes after the server has used this one.
-        return new BlockSum(work.FirstChunk, new FloatPayload(gradient.Result), loss, _siloName ??= silo.SiloAddress.Endpoint.ToString(),
+        var sum = new FloatPayload(gradient.Result);
+        _lent = (sum, work.Epoch, work.Step);
+        return new BlockSum(work.FirstChunk, sum, loss, _siloName ??= silo.SiloAddress.Endpoint.ToString(),
             seconds, GC.GetTotalAllocatedBytes(precise: false));
     }
 
@@ -84,14 +92,17 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     }
 
     /// <summary>This silo's copy of the run's data set; refuses to compute on other samples than the run's.</summary>
-    private async Task<Backprop.Core.Data.TrainTest> DataFor(RunSpec spec, string expectedSha256)
+    private async ValueTask<Backprop.Core.Data.TrainTest> DataFor(RunSpec spec, string expectedSha256)
     {
+        // Checked once per spec and hash, not on every step.
+        if (_data is { } known && known.Spec == spec && known.Sha256 == expectedSha256) return known.Data;
         string sha = await datasets.Sha256(spec.Dataset);
         if (sha != expectedSha256)
             throw new DataMismatchException(
                 $"silo {silo.SiloAddress.Endpoint}: its data set '{spec.Dataset}' (sha256 {sha[..12]}...) differs from the run's ({expectedSha256}); check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
+        _data = (spec, expectedSha256, data);
         return data;
     }
 

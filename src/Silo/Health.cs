@@ -12,11 +12,26 @@ namespace Backprop.Silo;
 /// Whether this silo should get traffic: it has joined the cluster (membership says Active) and its data set is
 /// loaded and checked. The data set is loaded before the silo joins rather than by the first chunk, so that a
 /// silo with missing or damaged data is not ready (and says why) before any run relies on it.
+/// The host program says where the silo is in its life (<see cref="Joining"/>, <see cref="Started"/>,
+/// <see cref="Leaving"/>): the health endpoints answer from before the data set is loaded until after the silo has
+/// left, so membership is asked only while the silo runs.
 /// </summary>
 public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloDetails local, DatasetCache datasets, ILogger<SiloHealth> logger)
 {
     private Task? _data;
     private string? _dataset;
+
+    private enum Phase { Starting, Joining, Running, Leaving }
+    private volatile Phase _phase = Phase.Starting;
+
+    /// <summary>The silo is being started: it joins the cluster.</summary>
+    public void Joining() => _phase = Phase.Joining;
+
+    /// <summary>The silo has started (joined, or failed to and stops).</summary>
+    public void Started() { if (_phase == Phase.Joining) _phase = Phase.Running; }
+
+    /// <summary>The silo is stopping: it leaves the cluster (hand-over of its grains, parameter servers checkpoint).</summary>
+    public void Leaving() => _phase = Phase.Leaving;
 
     public void LoadDataset(string dataset)
     {
@@ -33,6 +48,12 @@ public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloD
 
     public (bool Ready, string Reason) Readiness()
     {
+        switch (_phase)
+        {
+            case Phase.Starting: return (false, _data is { IsCompleted: false } ? $"loading data set {_dataset}" : "starting");
+            case Phase.Joining: return (false, "joining");
+            case Phase.Leaving: return (false, "leaving");
+        }
         var status = membership.CurrentSnapshot.GetSiloStatus(local.SiloAddress);
         if (status != SiloStatus.Active) return (false, $"membership status {status.ToString().ToLowerInvariant()}");
         if (_data is { } data)
@@ -44,8 +65,12 @@ public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloD
     }
 }
 
-/// <summary>/healthz (the process runs) and /readyz (<see cref="SiloHealth"/>) over plain HTTP, for probes.</summary>
-public sealed class HealthServer(SiloHealth health, IPAddress bind, int port) : IHostedService
+/// <summary>
+/// /healthz (the process runs) and /readyz (<see cref="SiloHealth"/>) over plain HTTP, for probes. Not a hosted
+/// service of the silo's host: the program starts it before the silo joins and stops it after the silo has left,
+/// so that a startup probe sees the process live while it loads data and joins, and readiness says why not.
+/// </summary>
+public sealed class HealthServer(SiloHealth health, IPAddress bind, int port)
 {
     private WebApplication? _app;
 
@@ -59,7 +84,7 @@ public sealed class HealthServer(SiloHealth health, IPAddress bind, int port) : 
         _app.MapGet("/readyz", () =>
         {
             var (ready, reason) = health.Readiness();
-            return Results.Text(reason + "\n", statusCode: ready ? StatusCodes.Status200OK : StatusCodes.Status503ServiceUnavailable);
+            return ready ? Results.Text(reason + "\n") : Results.Text($"not ready: {reason}\n", statusCode: StatusCodes.Status503ServiceUnavailable);
         });
         await _app.StartAsync(cancellationToken);
     }

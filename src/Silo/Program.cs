@@ -15,6 +15,7 @@ var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to
 var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (on --host)");
 var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Localhost clustering: silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
 var redis = Opt("--redis", "BACKPROP_REDIS", "", "Redis (host:port) for membership, grain storage and reminders; empty = localhost clustering");
+var redisPasswordFile = Opt("--redis-password-file", RedisPassword.FileEnv, "", $"Redis AUTH: file whose first line is the password (a mounted Secret); or the password itself in [env {RedisPassword.Env}]; never printed");
 var hostAddress = Opt("--host", "BACKPROP_HOST", "127.0.0.1", "IP address this silo binds and advertises (silo and gateway ports); with --kubernetes the pod's IP is used instead");
 var kubernetes = Opt("--kubernetes", "BACKPROP_KUBERNETES", false, "Running in a Kubernetes pod (needs --redis): advertise the pod's IP (POD_IP), listen on all its addresses, name the silo after the pod (POD_NAME, POD_NAMESPACE); Orleans then marks silos whose pod is gone as dead");
 var dataDir = Opt("--data-dir", "BACKPROP_DATA", DatasetCatalog.DefaultDataDir(), "Directory holding datasets (fetched there when missing)");
@@ -30,11 +31,12 @@ var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threa
 var tlsCert = Opt("--tls-cert", TlsFiles.CertEnv, "", "TLS with mutual authentication: this silo's certificate (PEM, with --tls-key; or a PFX without password)");
 var tlsKey = Opt("--tls-key", TlsFiles.KeyEnv, "", "TLS: the PEM private key of --tls-cert");
 var tlsCa = Opt("--tls-ca", TlsFiles.CaEnv, "", "TLS: PEM CA that signed every silo's and client's certificate (the only one trusted)");
+var tlsPeerName = Opt("--tls-peer-name", TlsFiles.PeerNameEnv, "", "TLS: DNS name every silo's certificate carries in its subject alternative names; silos are checked against it instead of the IP address dialled (Kubernetes: pod IPs change)");
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, redis, hostAddress, kubernetes, dataDir, name, probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads,
-    tlsCert, tlsKey, tlsCa,
+    clusterId, siloPort, gatewayPort, primary, redis, redisPasswordFile, hostAddress, kubernetes, dataDir, name, probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads,
+    tlsCert, tlsKey, tlsCa, tlsPeerName,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -49,6 +51,7 @@ root.SetAction(async (parse, cancel) =>
     SiloRole siloRole;
     System.Net.IPAddress? healthBind;
     TlsFiles? tls;
+    RedisPassword? redisPassword = null;
     try
     {
         siloRole = SiloRoles.Parse(parse.GetValue(role)!);
@@ -65,13 +68,14 @@ root.SetAction(async (parse, cancel) =>
             // Redis has no primary: every silo finds the others through the membership table.
             if (primaryEndpoint is not null) throw new ArgumentException("--primary: not with --redis (Redis clustering has no primary)");
             LocalClustering.ParseEndpoint(redisEndpoint, "--redis");
+            redisPassword = RedisPassword.Resolve(parse.GetValue(redisPasswordFile));
         }
         else if (parse.GetValue(kubernetes))
         {
             throw new ArgumentException("--kubernetes: needs --redis (localhost clustering is for one machine)");
         }
         if (!System.Net.IPAddress.TryParse(parse.GetValue(hostAddress), out advertised)) throw new ArgumentException($"--host: '{parse.GetValue(hostAddress)}' is not an IP address");
-        tls = TlsFiles.Load(parse.GetValue(tlsCert), parse.GetValue(tlsKey), parse.GetValue(tlsCa), certificateRequired: true);
+        tls = TlsFiles.Load(parse.GetValue(tlsCert), parse.GetValue(tlsKey), parse.GetValue(tlsCa), parse.GetValue(tlsPeerName), silo: true);
     }
     catch (ArgumentException e)
     {
@@ -92,7 +96,7 @@ root.SetAction(async (parse, cancel) =>
         if (inPod) s.UseKubernetesHosting();
         if (redisEndpoint is not null)
         {
-            s.UseRedisCluster(redisEndpoint, parse.GetValue(clusterId)!, inPod ? null : advertised, silo, gateway, membership);
+            s.UseRedisCluster(redisEndpoint, parse.GetValue(clusterId)!, inPod ? null : advertised, silo, gateway, membership, redisPassword);
         }
         else
         {
@@ -106,24 +110,65 @@ root.SetAction(async (parse, cancel) =>
     });
     builder.Services.AddHostedService<MembershipLog>();
     builder.Services.AddSingleton<SiloHealth>();
-    if (parse.GetValue(httpPort) > 0)
-        builder.Services.AddHostedService(sp => new HealthServer(sp.GetRequiredService<SiloHealth>(), healthBind!, parse.GetValue(httpPort)));
     using var host = builder.Build();
     var log = host.Services.GetRequiredService<ILoggerFactory>().CreateLogger(siloName);
-    // The data set is loaded before the silo joins: a worker silo gets chunks as soon as membership lists it as
-    // active, and coordinators (server silos) plan steps and evaluations from it too. A set that fails to load
-    // leaves the silo joining anyway, not ready (/readyz says why), so that the failure is visible.
     var health = host.Services.GetRequiredService<SiloHealth>();
-    health.LoadDataset(parse.GetValue(dataset)!);
-    await health.DatasetLoaded();
-    await host.StartAsync(cancel);
-    string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
-    log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, host {Host}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
-        siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), inPod ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
-    if (tls is not null) log.LogInformation("{Silo} {Tls}", siloName, tls.Description);
-    await host.WaitForShutdownAsync(CancellationToken.None);
-    log.LogInformation("{Silo} stopped", siloName);
-    return 0;
+    // The health endpoints first and last: live (and saying why not ready) while the data set loads and the silo
+    // joins, and until it has left the cluster; a Kubernetes startup probe on /healthz covers the start.
+    var healthServer = parse.GetValue(httpPort) > 0 ? new HealthServer(health, healthBind!, parse.GetValue(httpPort)) : null;
+    if (healthServer is not null)
+    {
+        try
+        {
+            await healthServer.StartAsync(cancel);
+        }
+        catch (IOException e)
+        {
+            Console.Error.WriteLine($"error: --http-port: cannot listen on {healthBind}:{parse.GetValue(httpPort)}: {e.Message.ReplaceLineEndings(" ")}");
+            return 1;
+        }
+    }
+    try
+    {
+        // The data set is loaded before the silo joins: a worker silo gets chunks as soon as membership lists it as
+        // active, and coordinators (server silos) plan steps and evaluations from it too. A set that fails to load
+        // leaves the silo joining anyway, not ready (/readyz says why), so that the failure is visible.
+        health.LoadDataset(parse.GetValue(dataset)!);
+        await health.DatasetLoaded();
+        health.Joining();
+        host.Services.GetRequiredService<IHostApplicationLifetime>().ApplicationStopping.Register(health.Leaving);
+        try
+        {
+            await host.StartAsync(cancel);
+            health.Started();
+        }
+        catch (Exception e) when (!cancel.IsCancellationRequested)
+        {
+            // One line on stderr, for scripts and for a pod's last state: above all, Redis refusing the connection
+            // (not there, or the password missing or wrong; StackExchange.Redis' messages never hold the password).
+            // Orleans' Redis providers wrap StackExchange.Redis' exception in their own (RedisRemindersException,
+            // RedisClusteringException), at times as text only.
+            var redisError = Causes(e).FirstOrDefault(c => c is StackExchange.Redis.RedisConnectionException || c.GetType().Name.StartsWith("Redis", StringComparison.Ordinal));
+            string why = redisError is not null
+                ? $"cannot connect to Redis {redisEndpoint}{(redisPassword is null ? " (no password given)" : $" ({redisPassword})")}: "
+                    + redisError.Message.Replace("StackExchange.Redis.RedisConnectionException: ", "")
+                : $"the silo did not start: {Causes(e).Last().Message}";
+            Console.Error.WriteLine($"error: {why.ReplaceLineEndings(" ")}");
+            return 1;
+        }
+        string membershipText = redisEndpoint is not null ? $"redis {redisEndpoint}" : $"primary {primaryEndpoint?.ToString() ?? "self"}";
+        log.LogInformation("{Silo} up: role {Role}, cluster {Cluster}, host {Host}, silo port {SiloPort}, gateway port {GatewayPort}, {Membership}, data {DataDir}, pid {Pid}",
+            siloName, siloRole.ToString().ToLowerInvariant(), parse.GetValue(clusterId), inPod ? "pod IP" : advertised, silo, gateway, membershipText, parse.GetValue(dataDir), Environment.ProcessId);
+        if (tls is not null) log.LogInformation("{Silo} {Tls}", siloName, tls.Description);
+        await host.WaitForShutdownAsync(CancellationToken.None);
+        log.LogInformation("{Silo} stopped", siloName);
+        return 0;
+    }
+    finally
+    {
+        // After the silo has left: /healthz answered all along, /readyz said "leaving".
+        if (healthServer is not null) await healthServer.StopAsync(CancellationToken.None);
+    }
 });
 
 var result = root.Parse(args);
@@ -133,6 +178,12 @@ if (result.Errors.Count > 0)
     return 2;
 }
 return await result.InvokeAsync();
+
+static IEnumerable<Exception> Causes(Exception e)
+{
+    // An AggregateException's InnerException is its first: enough to find the cause of a failed start.
+    for (Exception? c = e; c is not null; c = c.InnerException) yield return c;
+}
 
 static Option<T> Opt<T>(string flag, string env, T fallback, string description) => new(flag)
 {

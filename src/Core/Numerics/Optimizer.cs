@@ -24,10 +24,20 @@ public sealed record OptimizerSettings(OptimizerKind Kind, float LearningRate, f
 /// </summary>
 public static class Optimizer
 {
+    public static void Step(OptimizerSettings settings, Span<float> parameters, ReadOnlySpan<float> gradientSum, int count, Span<float> velocity) =>
+        Step(settings, parameters, gradientSum, count, velocity, parameters, velocity);
+
+    /// <summary>
+    /// The same update from (θ, v) into (θ', v'), which may be the same spans or others of the same length: a caller
+    /// that must be able to drop the step (a non-finite gradient found while it runs) writes into spare buffers.
+    /// Element i of the outputs is written after element i of the inputs is read, so in place is safe.
+    /// </summary>
     [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
-    public static void Step(OptimizerSettings settings, Span<float> parameters, ReadOnlySpan<float> gradientSum, int count, Span<float> velocity)
+    public static void Step(OptimizerSettings settings, ReadOnlySpan<float> parameters, ReadOnlySpan<float> gradientSum, int count,
+        ReadOnlySpan<float> velocity, Span<float> parametersOut, Span<float> velocityOut)
     {
-        if (gradientSum.Length != parameters.Length) throw new ArgumentException("gradient and parameters differ in length");
+        if (gradientSum.Length != parameters.Length || parametersOut.Length != parameters.Length)
+            throw new ArgumentException("gradient and parameters differ in length");
         float lr = settings.LearningRate, mu = settings.Momentum, n = count;
         int i = 0, w = Vector<float>.Count;
         if (settings.Kind == OptimizerKind.Sgd)
@@ -37,27 +47,28 @@ public static class Optimizer
             for (; i + w <= parameters.Length; i += w)
             {
                 var g = new Vector<float>(gradientSum.Slice(i)) / vn;
-                (new Vector<float>(parameters.Slice(i)) - vlr * g).CopyTo(parameters.Slice(i));
+                (new Vector<float>(parameters.Slice(i)) - vlr * g).CopyTo(parametersOut.Slice(i));
             }
-            for (; i < parameters.Length; i++) parameters[i] = parameters[i] - lr * (gradientSum[i] / n);
+            for (; i < parameters.Length; i++) parametersOut[i] = parameters[i] - lr * (gradientSum[i] / n);
         }
         else
         {
-            if (velocity.Length != parameters.Length) throw new ArgumentException("velocity and parameters differ in length");
+            if (velocity.Length != parameters.Length || velocityOut.Length != parameters.Length)
+                throw new ArgumentException("velocity and parameters differ in length");
             var vlr = new Vector<float>(lr);
             var vmu = new Vector<float>(mu);
             var vn = new Vector<float>(n);
             for (; i + w <= parameters.Length; i += w)
             {
                 var v = vmu * new Vector<float>(velocity.Slice(i)) + new Vector<float>(gradientSum.Slice(i)) / vn;
-                v.CopyTo(velocity.Slice(i));
-                (new Vector<float>(parameters.Slice(i)) - vlr * v).CopyTo(parameters.Slice(i));
+                v.CopyTo(velocityOut.Slice(i));
+                (new Vector<float>(parameters.Slice(i)) - vlr * v).CopyTo(parametersOut.Slice(i));
             }
             for (; i < parameters.Length; i++)
             {
                 float v = mu * velocity[i] + gradientSum[i] / n;
-                velocity[i] = v;
-                parameters[i] = parameters[i] - lr * v;
+                velocityOut[i] = v;
+                parametersOut[i] = parameters[i] - lr * v;
             }
         }
     }

@@ -113,6 +113,36 @@ public sealed class PairwiseSum
         Next();
     }
 
+    /// <summary>
+    /// The tree over every leaf's entries [<paramref name="start"/>, start + dest.Length), into
+    /// <paramref name="dest"/>, when all leaves are at hand: one pass over them, a range (a tile that stays in L1)
+    /// at a time. The root of n leaves is the tree over the first h + the tree over the rest, h the largest power of
+    /// two under n (the level-by-level definition, read from the top). <paramref name="scratch"/>: dest.Length
+    /// floats per level, <see cref="ScratchFor"/>.
+    /// </summary>
+    public static void SumRange(ReadOnlySpan<ReadOnlyMemory<float>> leaves, int start, Span<float> dest, Span<float> scratch)
+    {
+        int n = dest.Length;
+        if (leaves.Length == 1)
+        {
+            leaves[0].Span.Slice(start, n).CopyTo(dest);
+            return;
+        }
+        int h = 1 << (31 - System.Numerics.BitOperations.LeadingZeroCount((uint)(leaves.Length - 1)));
+        SumRange(leaves[..h], start, dest, scratch);
+        if (leaves.Length - h == 1)
+        {
+            TensorPrimitives.Add(dest, leaves[h].Span.Slice(start, n), dest);
+            return;
+        }
+        var right = scratch[..n];
+        SumRange(leaves[h..], start, right, scratch[n..]);
+        TensorPrimitives.Add(dest, right, dest);
+    }
+
+    /// <summary>Scratch floats <see cref="SumRange"/> needs for ranges of <paramref name="length"/> over up to <paramref name="maxLeaves"/> leaves.</summary>
+    public static int ScratchFor(int length, int maxLeaves) => checked(length * Math.Max(1, Levels(maxLeaves)));
+
     /// <summary>Decides the leaf's destination: the level it waits at, or (last leaf) the buffer the root is built in.</summary>
     private void PlanLeaf()
     {

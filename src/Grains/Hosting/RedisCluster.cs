@@ -23,32 +23,89 @@ public static class RedisCluster
     /// </summary>
     public static string ServiceIdOf(string clusterId) => $"{LocalClustering.ServiceId}-{clusterId}";
 
-    /// <summary><paramref name="advertised"/> null: the ports only, the address is set elsewhere (Kubernetes hosting: the pod's IP).</summary>
+    /// <summary>
+    /// <paramref name="advertised"/> null: the ports only, the address is set elsewhere (Kubernetes hosting: the pod's IP).
+    /// <paramref name="password"/>: Redis AUTH (see <see cref="RedisPassword"/>); null: none.
+    /// </summary>
     public static ISiloBuilder UseRedisCluster(this ISiloBuilder silo, string redis, string clusterId, IPAddress? advertised,
-        int siloPort, int gatewayPort, MembershipSettings membership)
+        int siloPort, int gatewayPort, MembershipSettings membership, RedisPassword? password)
     {
         var endpoint = LocalClustering.ParseEndpoint(redis, "--redis");
         silo.Configure<ClusterOptions>(o => { o.ClusterId = clusterId; o.ServiceId = ServiceIdOf(clusterId); });
         // Bind where we advertise: on one machine several silos may share ports on distinct loopback addresses.
         if (advertised is not null) silo.ConfigureEndpoints(advertised, siloPort, gatewayPort, listenOnAnyHostAddress: false);
         else silo.Configure<EndpointOptions>(o => { o.SiloPort = siloPort; o.GatewayPort = gatewayPort; });
-        silo.UseRedisClustering(o => o.ConfigurationOptions = Options(endpoint));
+        silo.UseRedisClustering(o => o.ConfigurationOptions = Options(endpoint, password));
         silo.AddRedisGrainStorage(SiloSetup.StorageName, b => b.Configure<IServiceProvider>((o, services) =>
         {
-            o.ConfigurationOptions = Options(endpoint);
+            o.ConfigurationOptions = Options(endpoint, password);
             // Orleans' own binary format: parameter vectors are FloatPayloads with their own codec, which JSON would spell out float by float.
             o.GrainStorageSerializer = new OrleansGrainStorageSerializer(services.GetRequiredService<Serializer>());
         }));
-        silo.UseRedisReminderService(o => o.ConfigurationOptions = Options(endpoint));
+        silo.UseRedisReminderService(o => o.ConfigurationOptions = Options(endpoint, password));
         membership.ApplyTo(silo);
         return silo;
     }
 
-    /// <summary>Redis client settings for Orleans' providers: fail the start when Redis is not there, instead of retrying forever.</summary>
-    public static ConfigurationOptions Options(IPEndPoint redis) => new()
+    /// <summary>Redis client settings for Orleans' providers: fail the start when Redis is not there (or refuses the password), instead of retrying forever.</summary>
+    public static ConfigurationOptions Options(IPEndPoint redis, RedisPassword? password) => new()
     {
         EndPoints = { redis },
         AbortOnConnectFail = true,
         ConnectTimeout = 5000,
+        Password = password?.Value,
     };
+}
+
+/// <summary>
+/// The password of a Redis that requires AUTH: from a file (<c>--redis-password-file</c>, env
+/// <c>BACKPROP_REDIS_PASSWORD_FILE</c>; a mounted Secret in Kubernetes) or from the environment variable
+/// <c>BACKPROP_REDIS_PASSWORD</c> (compose). Never a command-line value: arguments are visible to every user of the
+/// machine (ps). Never printed: <see cref="ToString"/> hides it, and messages name the file or the variable.
+/// </summary>
+public sealed class RedisPassword
+{
+    public const string Env = "BACKPROP_REDIS_PASSWORD", FileEnv = "BACKPROP_REDIS_PASSWORD_FILE";
+
+    private RedisPassword(string value, string source)
+    {
+        Value = value;
+        Source = source;
+    }
+
+    public string Value { get; }
+
+    /// <summary>Where the password came from (the file or the variable), for messages.</summary>
+    public string Source { get; }
+
+    public override string ToString() => $"password from {Source}";
+
+    /// <summary>
+    /// The password in <paramref name="file"/> (its first line) or, without a file, in BACKPROP_REDIS_PASSWORD;
+    /// null when neither is given. Throws <see cref="ArgumentException"/> (one line, naming the option) for a missing,
+    /// unreadable or empty file, and when both are given (which one is meant is not clear).
+    /// </summary>
+    public static RedisPassword? Resolve(string? file)
+    {
+        string? fromEnv = Environment.GetEnvironmentVariable(Env) is { Length: > 0 } v ? v : null;
+        if (string.IsNullOrWhiteSpace(file)) return fromEnv is null ? null : new RedisPassword(fromEnv, Env);
+        if (fromEnv is not null) throw new ArgumentException($"--redis-password-file: given together with {Env}; give one of them");
+        string text;
+        try
+        {
+            text = File.ReadAllText(file);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            throw new ArgumentException($"--redis-password-file: {file}: no such file");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ArgumentException($"--redis-password-file: cannot read {file}: {e.Message.ReplaceLineEndings(" ")}");
+        }
+        // The first line: files written by echo or an editor end with a newline that is not part of the password.
+        string password = text.Split('\n')[0].TrimEnd('\r');
+        if (password.Length == 0) throw new ArgumentException($"--redis-password-file: {file} is empty");
+        return new RedisPassword(password, file);
+    }
 }

@@ -43,14 +43,22 @@ public sealed class WorkerSilos(IClusterManifestProvider manifests, IClusterMemb
 {
     private readonly GrainType _worker = types.GetGrainType(typeof(WorkerGrain));
 
+    private (MembershipVersion Membership, MajorMinorVersion Manifest, string[] Silos) _cached;
+
+    /// <summary>Recomputed only when membership or the cluster manifest changed: the coordinator asks before every step.</summary>
     public string[] Active()
     {
         var members = membership.CurrentSnapshot;
-        return manifests.Current.Silos
+        var manifest = manifests.Current;
+        var cached = _cached;
+        if (cached.Silos is not null && cached.Membership == members.Version && cached.Manifest == manifest.Version) return cached.Silos;
+        var silos = manifest.Silos
             .Where(s => s.Value.Grains.ContainsKey(_worker) && members.GetSiloStatus(s.Key) == SiloStatus.Active)
             .Select(s => s.Key)
             .OrderBy(s => s.ToParsableString(), StringComparer.Ordinal)
             .Select(s => s.Endpoint.ToString())
             .ToArray();
+        _cached = (members.Version, manifest.Version, silos);
+        return silos;
     }
 }

@@ -54,6 +54,17 @@ public sealed class FloatPayload
     /// </summary>
     public PayloadLease Own() => new(Interlocked.Exchange(ref _rented, null));
 
+    /// <summary>
+    /// Points this payload at a copy of its values, so that the sender may reuse the memory it lent: for a
+    /// worker asked for a second block of the same step (a retry) while the first block's sum, in the buffer it
+    /// reuses, still waits at the coordinator. Nobody reads the payload meanwhile (the coordinator reads the
+    /// sums only once every block is back).
+    /// </summary>
+    internal void Detach()
+    {
+        if (_rented is null) _values = _values.ToArray();
+    }
+
     internal static FloatPayload Rent(int length) => length == 0 ? new FloatPayload(Array.Empty<float>()) : new(Pool.Rent(length), length);
 
     /// <summary>The rented array behind a payload being read, to fill.</summary>

@@ -91,13 +91,20 @@ public sealed class ManifestTests
             Assert.Equal(gatewayPort, ContainerPort(silo, "gateway"));
             Assert.Equal(httpPort, ContainerPort(silo, "http"));
             var container = Container(silo);
-            foreach (var (probe, path) in new[] { ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz") })
+            foreach (var (probe, path) in new[] { ("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz") })
             {
                 var get = container[probe]?["httpGet"];
                 Assert.True(get is not null, $"{Id(silo)}: no {probe} httpGet");
                 Assert.Equal(path, Str(get["path"]));
                 Assert.Equal(httpPort, ContainerPort(silo, Str(get["port"])!));
             }
+        }
+        // The startup probe gives the process minutes to come up (a slow node, a cold runtime) before liveness counts.
+        foreach (var silo in silos)
+        {
+            var startup = Container(silo)["startupProbe"]!;
+            int failures = int.Parse(Str(startup["failureThreshold"]) ?? "3"), period = int.Parse(Str(startup["periodSeconds"]) ?? "10");
+            Assert.True(failures * period >= 120, $"{Id(silo)}: startupProbe allows {failures * period} s");
         }
         var gateway = objects.Single(o => Kind(o) == "Service" && Name(o) == "backprop-gateway");
         Assert.Equal(gatewayPort, ContainerPort(silos[0], Str(gateway["spec"]!["ports"]![0]!["targetPort"])!));
@@ -213,6 +220,41 @@ public sealed class ManifestTests
     }
 
     [Fact]
+    public void The_tls_overlay_gives_every_silo_and_the_train_job_certificates_from_a_secret_and_the_peer_name()
+    {
+        var objects = Objects(Render(Path.Combine(K8s, "overlays/tls")));
+        var silos = SiloDeployments(objects);
+        var job = objects.Single(o => Kind(o) == "Job");
+        Assert.Equal(2, silos.Count);
+        var peerNames = new HashSet<string>();
+        foreach (var workload in silos.Append(job))
+        {
+            var container = Container(workload);
+            var env = container["env"]!.AsArray().ToDictionary(e => Str(e!["name"])!, e => Str(e!["value"]));
+            foreach (var file in new[] { "BACKPROP_TLS_CERT", "BACKPROP_TLS_KEY", "BACKPROP_TLS_CA" })
+            {
+                Assert.True(env.TryGetValue(file, out var path) && path is not null, $"{Id(workload)}: no {file}");
+                // The file lies in a mounted Secret.
+                var mount = container["volumeMounts"]?.AsArray().SingleOrDefault(m => path!.StartsWith(Str(m!["mountPath"])! + "/", StringComparison.Ordinal));
+                Assert.True(mount is not null, $"{Id(workload)}: {file}={path} is in no volumeMount");
+                var volume = workload["spec"]!["template"]!["spec"]!["volumes"]!.AsArray().Single(v => Str(v!["name"]) == Str(mount["name"]));
+                Assert.False(string.IsNullOrEmpty(Str(volume!["secret"]?["secretName"])), $"{Id(workload)}: volume {Str(mount["name"])} is not a Secret");
+            }
+            // Pod IPs change: silos and the CLI check a name that every silo certificate carries.
+            Assert.True(env.TryGetValue("BACKPROP_TLS_PEER_NAME", out var peerName) && peerName is { Length: > 0 }, $"{Id(workload)}: no BACKPROP_TLS_PEER_NAME");
+            peerNames.Add(peerName!);
+        }
+        Assert.Contains("backprop-tls-client", job["spec"]!["template"]!["spec"]!["volumes"]!.AsArray().Select(v => Str(v!["secret"]?["secretName"])));
+        // One name, and the one the development certificates carry.
+        string name = Assert.Single(peerNames);
+        var script = File.ReadAllText(Path.Combine(Processes.Root, "deploy/local/make-dev-certs.sh"));
+        Assert.Equal(name, Regex.Match(script, @"NAME=\$\{BACKPROP_CERT_NAME:-([^}]+)\}").Groups[1].Value);
+        // The base has no TLS: the Job is patched by the component only.
+        var baseJob = Container(Objects(Render(K8s)).Single(o => Kind(o) == "Job"));
+        Assert.DoesNotContain(baseJob["env"]?.AsArray() ?? [], e => Str(e!["name"])!.StartsWith("BACKPROP_TLS_", StringComparison.Ordinal));
+    }
+
+    [Fact]
     public void The_worker_overlays_change_only_the_worker_replica_count()
     {
         var baseObjects = Objects(Render(K8s)).ToDictionary(Id, o => o.ToJsonString());
@@ -252,10 +294,45 @@ public sealed class ManifestTests
         Assert.Equal("train", Str(services["train"]!["command"]![0]));
         foreach (var silo in new[] { "server", "worker" })
             Assert.Equal("service_healthy", Str(services["train"]!["depends_on"]![silo]!["condition"]));
-        // Redis keeps its append-only file on a named volume.
+        // Redis keeps its append-only file on a named volume, and requires the password the silos and train are given.
         var redis = services["redis"]!;
-        Assert.Contains("--appendonly", redis["command"]!.AsArray().Select(Str));
+        var entrypoint = string.Join(' ', redis["entrypoint"]!.AsArray().Select(Str));
+        Assert.Contains("--appendonly yes", entrypoint);
+        Assert.Contains("requirepass $REDIS_PASSWORD", entrypoint.Replace("$$", "$"));
+        Assert.Equal(ComposePassword, Str(redis["environment"]!["REDIS_PASSWORD"]));
+        foreach (var name in new[] { "server", "worker", "train" })
+            Assert.Equal(ComposePassword, Str(services[name]!["environment"]!["BACKPROP_REDIS_PASSWORD"]));
         Assert.StartsWith("redis-data:/data", Str(redis["volumes"]![0]));
+    }
+
+    [Fact]
+    public void Redis_requires_the_password_of_a_secret_that_every_silo_and_the_train_job_read_as_a_file()
+    {
+        var objects = Objects(Render(K8s));
+        var redis = objects.Single(o => Kind(o) == "StatefulSet" && Name(o) == "redis");
+        var redisContainer = Container(redis);
+        var secretRef = redisContainer["env"]!.AsArray().Single(e => Str(e!["name"]) == "REDIS_PASSWORD")!["valueFrom"]!["secretKeyRef"]!;
+        string secret = Str(secretRef["name"])!, key = Str(secretRef["key"])!;
+        // The password goes to redis-server as configuration on stdin, not as an argument.
+        var command = string.Join(' ', redisContainer["command"]!.AsArray().Select(Str));
+        Assert.Contains("redis-server -", command);
+        Assert.Contains("requirepass $REDIS_PASSWORD", command);
+        Assert.Contains("REDISCLI_AUTH", string.Join(' ', redisContainer["readinessProbe"]!["exec"]!["command"]!.AsArray().Select(Str)));
+
+        var readers = SiloDeployments(objects).Append(objects.Single(o => Kind(o) == "Job")).ToList();
+        Assert.Equal(3, readers.Count);
+        foreach (var workload in readers)
+        {
+            var container = Container(workload);
+            string? path = container["env"]!.AsArray().SingleOrDefault(e => Str(e!["name"]) == "BACKPROP_REDIS_PASSWORD_FILE")?["value"] is { } v ? Str(v) : null;
+            Assert.True(path is not null, $"{Id(workload)}: no BACKPROP_REDIS_PASSWORD_FILE");
+            var mount = container["volumeMounts"]!.AsArray().Single(m => path.StartsWith(Str(m!["mountPath"])! + "/", StringComparison.Ordinal))!;
+            var volume = workload["spec"]!["template"]!["spec"]!["volumes"]!.AsArray().Single(v => Str(v!["name"]) == Str(mount["name"]))!;
+            Assert.Equal(secret, Str(volume["secret"]?["secretName"]));
+            // The file is the Secret's key, under the name the variable gives.
+            string file = path[(Str(mount["mountPath"])!.Length + 1)..];
+            Assert.Contains(volume["secret"]!["items"]!.AsArray(), i => Str(i!["key"]) == key && Str(i["path"]) == file);
+        }
     }
 
     // ---- tools and YAML ----
@@ -267,16 +344,19 @@ public sealed class ManifestTests
         return result.Stdout;
     }
 
+    /// <summary>The compose file requires BACKPROP_REDIS_PASSWORD (it refuses to start without); a stand-in for the checks.</summary>
+    private const string ComposePassword = "manifest-test-password";
+
     private static JsonNode Compose()
     {
-        var result = Tool("docker-compose", ["-f", ComposeFile, "config"]);
+        var result = Tool("docker-compose", ["-f", ComposeFile, "config"], env: new() { ["BACKPROP_REDIS_PASSWORD"] = ComposePassword });
         Assert.True(result.Code == 0, $"docker-compose config: {result.Output}");
         return Objects(result.Stdout).Single();
     }
 
     private sealed record ToolResult(int Code, string Stdout, string Output);
 
-    private static ToolResult Tool(string program, string[] args, string? stdin = null)
+    private static ToolResult Tool(string program, string[] args, string? stdin = null, Dictionary<string, string>? env = null)
     {
         var psi = new ProcessStartInfo(program)
         {
@@ -284,6 +364,7 @@ public sealed class ManifestTests
             WorkingDirectory = Processes.Root,
         };
         foreach (var a in args) psi.ArgumentList.Add(a);
+        foreach (var (k, v) in env ?? []) psi.Environment[k] = v;
         Process process;
         try
         {

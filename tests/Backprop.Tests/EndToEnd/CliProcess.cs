@@ -3,18 +3,21 @@ using System.Text;
 
 namespace Backprop.Tests.EndToEnd;
 
-/// <summary>The CLI (`backprop`) of this test run's build, started as a user would, with its output collected line by line.</summary>
+/// <summary>
+/// The CLI (`backprop`), or a silo, of this test run's build, started as a user would, with its output collected line by line.
+/// </summary>
 public sealed class CliProcess
 {
     private readonly Process _process;
     private readonly List<string> _stdout = [];
     private readonly StringBuilder _stderr = new();
 
-    private CliProcess(string[] args)
+    private CliProcess(string dll, string[] args, Dictionary<string, string>? env = null)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        psi.ArgumentList.Add(Path.Combine(Processes.Root, "src/Client/bin", Processes.Configuration, "net10.0/backprop.dll"));
+        psi.ArgumentList.Add(dll);
         foreach (var a in args) psi.ArgumentList.Add(a);
+        foreach (var (k, v) in env ?? []) psi.Environment[k] = v;
         _process = new Process { StartInfo = psi };
         _process.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (_stdout) { _stdout.Add(e.Data); Monitor.PulseAll(_stdout); } };
         _process.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (_stderr) _stderr.AppendLine(e.Data); };
@@ -23,7 +26,12 @@ public sealed class CliProcess
         _process.BeginErrorReadLine();
     }
 
-    public static CliProcess Start(params string[] args) => new(args);
+    public static CliProcess Start(params string[] args) =>
+        new(Path.Combine(Processes.Root, "src/Client/bin", Processes.Configuration, "net10.0/backprop.dll"), args);
+
+    /// <summary>A silo host, with extra environment variables; stop it with <see cref="Interrupt"/> and <see cref="Finish"/>.</summary>
+    public static CliProcess StartSilo(Dictionary<string, string> env, params string[] args) =>
+        new(Path.Combine(Processes.Root, "src/Silo/bin", Processes.Configuration, "net10.0/Backprop.Silo.dll"), args, env);
 
     /// <summary>Blocks until the CLI prints a line that matches (woken by each new line, not by a timer).</summary>
     public string WaitForLine(Func<string, bool> match, TimeSpan limit)

@@ -56,6 +56,26 @@ public sealed class EmbeddedRunTests : IDisposable
     }
 
     [Fact]
+    public void A_cluster_step_allocates_no_vectors_once_warm()
+    {
+        // Four workers with a chunk each, the server reducing their sums: every vector of a step (parameters,
+        // chunk sums, the tree's partial sums, the optimizer's update) lives in buffers reused from step to step.
+        // What is left is Orleans' messages and the few records a step sends, far under one parameter vector.
+        string metrics = Path.Combine(_work, "alloc.jsonl");
+        var run = Cli("train", "--epochs", "3", "--workers", "4", "--seed", "5", "--checkpoint-every", "1000",
+            "--data-dir", DataDir, "--metrics-out", metrics);
+        Assert.True(run.Code == 0, run.Output);
+        long vectorBytes = Presets.PyTorchMlp.Model.ParameterCount * sizeof(float);
+        foreach (var line in File.ReadAllLines(metrics).Skip(1).Select(l => JsonDocument.Parse(l).RootElement))
+        {
+            var profile = line.GetProperty("profile");
+            Assert.Equal(10, profile.GetProperty("steps").GetInt32());
+            Assert.Equal(0, profile.GetProperty("wireBytesPerStep").GetDouble());
+            Assert.InRange(profile.GetProperty("allocatedBytesPerStep").GetDouble(), 1, vectorBytes / 8.0);
+        }
+    }
+
+    [Fact]
     public void A_huge_learning_rate_ends_as_diverged_with_exit_3()
     {
         var run = Cli("train", "--epochs", "1", "--lr", "1e30", "--run-id", "boom", "--data-dir", DataDir);

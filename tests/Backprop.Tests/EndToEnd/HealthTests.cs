@@ -4,7 +4,10 @@ using Backprop.Core.Data;
 
 namespace Backprop.Tests.EndToEnd;
 
-/// <summary>A real silo process answers /healthz and /readyz: ready once it has joined and loaded its data, never with damaged data.</summary>
+/// <summary>
+/// A real silo process answers /healthz and /readyz: ready once it has joined and loaded its data, never with damaged
+/// data; live, and saying it is joining, before it has joined.
+/// </summary>
 [Collection("cluster")]
 public sealed class HealthTests : IDisposable
 {
@@ -36,6 +39,20 @@ public sealed class HealthTests : IDisposable
     }
 
     [Fact]
+    public async Task A_silo_that_has_not_joined_yet_is_live_and_not_ready_because_it_is_joining()
+    {
+        string dataDir = Path.Combine(_work, "joining");
+        IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(dataDir, "mnist"), SyntheticDigits.Create(200, 50, seed: 2));
+        // Localhost clustering around a primary that is not there (port 1): the silo keeps trying to join.
+        int http = StartSilo(dataDir, "worker", "--primary", "127.0.0.1:1");
+
+        var joining = await PollReady(http, r => r.Body.Contains("joining"));
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, joining.Code);
+        Assert.Equal("not ready: joining", joining.Body.Trim());
+        Assert.Equal(HttpStatusCode.OK, (await Get(http, "/healthz")).Code);
+    }
+
+    [Fact]
     public async Task A_silo_whose_data_set_is_damaged_is_live_but_not_ready_and_says_why()
     {
         string dataDir = Path.Combine(_work, "bad");
@@ -47,18 +64,19 @@ public sealed class HealthTests : IDisposable
         var final = await PollReady(http, r => r.Body.Contains("failed to load"));
         Assert.Equal(HttpStatusCode.ServiceUnavailable, final.Code);
         Assert.Contains(DatasetCatalog.TrainImages, final.Body);
+        Assert.StartsWith("not ready: data set mnist failed to load", final.Body);
         Assert.Equal(HttpStatusCode.OK, (await Get(http, "/healthz")).Code);
     }
 
     /// <summary>Starts a silo of <paramref name="role"/> on free ports; returns its HTTP port once /healthz answers.</summary>
-    private int StartSilo(string dataDir, string role)
+    private int StartSilo(string dataDir, string role, params string[] extra)
     {
         var taken = new HashSet<int>();
         int silo = Processes.FreePorts(1, taken), gateway = Processes.FreePorts(1, taken), http = Processes.FreePorts(1, taken);
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
         foreach (var a in new[] { Path.Combine(Processes.Root, "src/Silo/bin", Processes.Configuration, "net10.0/Backprop.Silo.dll"),
             "--silo-port", silo.ToString(), "--gateway-port", gateway.ToString(), "--http-port", http.ToString(), "--role", role,
-            "--data-dir", dataDir, "--cluster-id", "health-" + Guid.NewGuid().ToString("N")[..8] })
+            "--data-dir", dataDir, "--cluster-id", "health-" + Guid.NewGuid().ToString("N")[..8] }.Concat(extra))
             psi.ArgumentList.Add(a);
         var process = Process.Start(psi)!;
         process.OutputDataReceived += (_, _) => { };

@@ -50,6 +50,14 @@ public sealed class LocalClusterTests : IDisposable
         double accuracy = lines[1].GetProperty("testAccuracy").GetDouble();
         Assert.InRange(accuracy, 0.0, 1.0);
 
+        // Two of the three workers get a block of two chunks each (the tree's aligned blocks), one per silo: the
+        // parameters go out to the other process and one pre-reduced sum comes back, in pooled buffers.
+        var profile = lines[1].GetProperty("profile");
+        long vectorBytes = Presets.PyTorchMlp.Model.ParameterCount * sizeof(float);
+        Assert.Equal(2.0 * vectorBytes, profile.GetProperty("wireBytesPerStep").GetDouble());
+        double allocated = profile.GetProperty("allocatedBytesPerStep").GetDouble();
+        Assert.InRange(allocated, 1, vectorBytes / 4.0);
+
         var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 4, Workers = 3, Epochs = 2 }, data.Train);
         local.TrainEpoch(0);
         local.TrainEpoch(1);

@@ -37,7 +37,7 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         // No --workers: one per worker silo.
         string metrics = Path.Combine(Work, "metrics.jsonl");
         var train = CliProcess.Start("train", "--epochs", $"{Epochs}", "--seed", "5", "--checkpoint-every", "50",
-            "--redis", redis, "--cluster-id", _cluster, "--run-id", "elastic", "--metrics-out", metrics);
+            "--redis", redis, "--redis-password-file", Path.Combine(State, "redis.password"), "--cluster-id", _cluster, "--run-id", "elastic", "--metrics-out", metrics);
         train.WaitForLine(l => l.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(120));
         var status = Status(redis);
         Assert.Equal(Silo(0), status.GetProperty("coordinatorSilo").GetString());
@@ -80,7 +80,7 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
 
     private JsonElement Status(string redis)
     {
-        var status = Cli("status", "elastic", "--json", "--redis", redis, "--cluster-id", _cluster);
+        var status = Cli("status", "elastic", "--json", "--redis", redis, "--redis-password-file", Path.Combine(State, "redis.password"), "--cluster-id", _cluster);
         Assert.True(status.Code == 0, status.Output);
         return JsonDocument.Parse(status.Output.Split('\n').Single(l => l.StartsWith('{'))).RootElement;
     }

@@ -1,3 +1,8 @@
+using System.Net;
+using System.Net.Security;
+using System.Net.Sockets;
+using System.Security.Authentication;
+using System.Security.Cryptography.X509Certificates;
 using System.Text.Json;
 using Backprop.Core;
 using Backprop.Core.Data;
@@ -9,7 +14,9 @@ namespace Backprop.Tests.EndToEnd;
 /// <summary>
 /// TLS with mutual authentication between real processes: two silos started by `cluster.sh start --tls` (development
 /// certificates from make-dev-certs.sh), a CLI let in with the client certificate, and CLIs refused without one or
-/// with one from another CA. Also the one-line start errors of silo and CLI for missing files and mismatched keys.
+/// with one from another CA; a cluster on distinct addresses that checks a peer name instead of addresses; extended key
+/// usages (a client certificate refused on the silo port, a gateway certificate without serverAuth refused by the CLI).
+/// Also the one-line start errors of silo and CLI for missing files, mismatched keys and unfit certificates.
 /// </summary>
 [Collection("cluster")]
 public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
@@ -91,6 +98,156 @@ public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
     }
 
     [Fact]
+    public async Task With_a_peer_name_silos_on_addresses_their_certificates_do_not_name_train_and_a_client_certificate_is_refused_on_the_silo_port()
+    {
+        var data = SyntheticDigits.Create(trainCount: 320, testCount: 100, seed: 5);
+        IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), data);
+        // Certificates that name 127.0.0.1 and backprop-silo only: the silos bind 127.0.0.2 and 127.0.0.3, as pods
+        // get addresses no certificate can know. cluster.sh keeps certificates already in its state folder.
+        string certs = Path.Combine(State, "certs");
+        var made = Run("bash", [Path.Combine(Root, "deploy/local/make-dev-certs.sh"), certs], new() { ["BACKPROP_CERT_HOSTS"] = "1" });
+        Assert.True(made.Code == 0, made.Output);
+        var taken = new HashSet<int>();
+        int siloPort = FreePorts(1, taken), gatewayPort = FreePorts(1, taken);
+        string cluster = "e2e-" + Guid.NewGuid().ToString("N")[..8];
+
+        var started = Script(State, "start", "--silos", "2", "--distinct-addresses", "--tls-peer-name", "backprop-silo",
+            "--silo-port", siloPort.ToString(), "--gateway-port", gatewayPort.ToString(), "--cluster-id", cluster, "--data-dir", DataDir);
+        Assert.True(started.Code == 0, started.Output);
+        // silo-1 (127.0.0.3) joined silo-0 (127.0.0.2) over TLS, checking the name: no certificate names those addresses.
+        Assert.Contains("silos must carry the name backprop-silo", File.ReadAllText(Path.Combine(State, "silo-1.log")));
+        var clusterEnv = File.ReadAllLines(Path.Combine(State, "cluster.env"))
+            .Where(l => l.StartsWith("BACKPROP_TLS_", StringComparison.Ordinal))
+            .Select(l => l.Split('=', 2)).ToDictionary(p => p[0], p => p[1]);
+        Assert.Equal("backprop-silo", clusterEnv["BACKPROP_TLS_PEER_NAME"]);
+
+        string gateways = $"127.0.0.2:{gatewayPort},127.0.0.3:{gatewayPort}";
+        string metrics = Path.Combine(Work, "metrics.jsonl");
+        var train = CliWithEnv(clusterEnv, "train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "2", "--seed", "6",
+            "--gateway", gateways, "--cluster-id", cluster, "--run-id", "peer-name-run", "--metrics-out", metrics);
+        Assert.True(train.Code == 0, train.Output);
+        var line = JsonDocument.Parse(File.ReadAllLines(metrics).Single()).RootElement;
+        var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 6, Workers = 2, Epochs = 1 }, data.Train);
+        local.TrainEpoch(0);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), line.GetProperty("parameterSha256").GetString());
+
+        // A CLI that expects another name, or (no peer name) the address it dials, refuses the gateway's certificate.
+        string[] client = ["status", "peer-name-run", "--gateway", $"127.0.0.2:{gatewayPort}", "--cluster-id", cluster,
+            "--tls-cert", Path.Combine(certs, "client.pem"), "--tls-key", Path.Combine(certs, "client.key"), "--tls-ca", Path.Combine(certs, "ca.pem")];
+        var refusals = new Dictionary<string, (string[] Args, string Why)>
+        {
+            ["another name"] = ([.. client, "--tls-peer-name", "other-name"], "'CN=backprop silo' does not carry the name other-name in its subject alternative names"),
+            ["the address"] = (client, "'CN=backprop silo' does not name the address it was reached at"),
+        };
+        foreach (var (what, (args, why)) in refusals)
+        {
+            var refused = Cli(args);
+            Assert.True(refused.Code == 1, $"{what}: {refused.Output}");
+            var error = Assert.Single(refused.Error.Trim().Split('\n'));
+            Assert.StartsWith($"error: cannot reach a cluster '{cluster}' at gateway 127.0.0.2:{gatewayPort}: this client refused the gateway's certificate (TLS: {why}", error);
+            Assert.Equal("", refused.Output.Replace(refused.Error, "").Trim());
+        }
+
+        // The client certificate is of the cluster's CA and let in on the gateway port (the run above), but it is no
+        // silo's: presented on the silo port, it is refused.
+        using var clientCertificate = LoadPem(Path.Combine(certs, "client.pem"), Path.Combine(certs, "client.key"));
+        Assert.False(await TlsAccepted(new IPEndPoint(IPAddress.Parse("127.0.0.2"), siloPort), clientCertificate));
+        await LogContains(Path.Combine(State, "silo-0.log"),
+            "TLS: refused a peer: 'CN=backprop client' lacks the extended key usage serverAuth (connected to the silo port, where only silos may;");
+    }
+
+    [Fact]
+    public async Task The_cli_refuses_a_gateway_whose_certificate_lacks_server_authentication()
+    {
+        string certs = Path.Combine(Work, "certs");
+        Assert.Equal(0, Run("bash", [Path.Combine(Root, "deploy/local/make-dev-certs.sh"), certs]).Code);
+        // A TLS server on loopback that presents a certificate of the cluster's CA made for clients only.
+        using var gatewayCertificate = LoadPem(Path.Combine(certs, "client.pem"), Path.Combine(certs, "client.key"));
+        var listener = new TcpListener(IPAddress.Loopback, 0);
+        listener.Start();
+        using var stop = new CancellationTokenSource();
+        var serving = Task.Run(async () =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                TcpClient connection;
+                try { connection = await listener.AcceptTcpClientAsync(stop.Token); }
+                catch (OperationCanceledException) { return; }
+                using (connection)
+                await using (var ssl = new SslStream(connection.GetStream()))
+                {
+                    try { await ssl.AuthenticateAsServerAsync(new SslServerAuthenticationOptions { ServerCertificate = gatewayCertificate }, stop.Token); }
+                    catch (Exception e) when (e is IOException or AuthenticationException or OperationCanceledException) { /* the CLI hung up */ }
+                }
+            }
+        });
+        try
+        {
+            int port = ((IPEndPoint)listener.LocalEndpoint).Port;
+            var refused = Cli("status", "some-run", "--gateway", $"127.0.0.1:{port}", "--tls-cert", Path.Combine(certs, "client.pem"),
+                "--tls-key", Path.Combine(certs, "client.key"), "--tls-ca", Path.Combine(certs, "ca.pem"));
+            Assert.True(refused.Code == 1, refused.Output);
+            var error = Assert.Single(refused.Error.Trim().Split('\n'));
+            Assert.Contains("this client refused the gateway's certificate (TLS: 'CN=backprop client' lacks the extended key usage serverAuth (the gateway this client dialled;", error);
+        }
+        finally
+        {
+            stop.Cancel();
+            listener.Stop();
+            await serving;
+        }
+    }
+
+    /// <summary>A PEM certificate with its key, usable by SslStream.</summary>
+    private static X509Certificate2 LoadPem(string cert, string key)
+    {
+        using var pem = X509Certificate2.CreateFromPemFile(cert, key);
+        return X509CertificateLoader.LoadPkcs12(pem.Export(X509ContentType.Pkcs12), null);
+    }
+
+    /// <summary>
+    /// Whether a silo port keeps a TLS connection that presents <paramref name="certificate"/> open: a refusal
+    /// fails the handshake (TLS 1.2) or closes the connection right after it (TLS 1.3, where the server judges the
+    /// client's certificate after the client has finished). An accepted connection waits for Orleans' preamble,
+    /// so nothing is read from it before the safety-net limit.
+    /// </summary>
+    private static async Task<bool> TlsAccepted(IPEndPoint endpoint, X509Certificate2 certificate)
+    {
+        using var tcp = new TcpClient();
+        await tcp.ConnectAsync(endpoint);
+        await using var ssl = new SslStream(tcp.GetStream(), false, (_, _, _, _) => true);
+        using var limit = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        try
+        {
+            await ssl.AuthenticateAsClientAsync(new SslClientAuthenticationOptions
+            {
+                TargetHost = "backprop-silo",
+                ClientCertificates = [certificate],
+            }, limit.Token);
+            return await ssl.ReadAsync(new byte[1], limit.Token) > 0;
+        }
+        catch (Exception e) when (e is IOException or AuthenticationException)
+        {
+            return false;
+        }
+        catch (OperationCanceledException)
+        {
+            return true;
+        }
+    }
+
+    /// <summary>Waits until <paramref name="log"/> holds <paramref name="text"/> (the silo's console is buffered); fails after a minute.</summary>
+    private static async Task LogContains(string log, string text)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!File.ReadAllText(log).Contains(text, StringComparison.Ordinal))
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"{log} does not say: {text}");
+            await Task.Delay(100);   // polls the file; the wait bounds the polling rate
+        }
+    }
+
+    [Fact]
     public void Missing_files_and_a_key_of_another_certificate_are_one_line_errors_of_silo_and_cli()
     {
         string certs = Path.Combine(Work, "certs");
@@ -123,5 +280,19 @@ public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
         var foreign = SiloHost("--tls-cert", silo, "--tls-key", Path.Combine(certs, "silo.key"), "--tls-ca", Path.Combine(other, "ca.pem"));
         Assert.Equal(2, foreign.Code);
         Assert.StartsWith($"error: --tls-cert: {silo} is not accepted by the CA in {Path.Combine(other, "ca.pem")}", Assert.Single(foreign.Output.Trim().Split('\n')));
+
+        // A silo's certificate must be fit for both ends of a silo connection, and carry the peer name its peers check.
+        string client = Path.Combine(certs, "client.pem");
+        var clientAsSilo = SiloHost("--tls-cert", client, "--tls-key", Path.Combine(certs, "client.key"), "--tls-ca", ca);
+        Assert.Equal(2, clientAsSilo.Code);
+        Assert.Equal($"error: --tls-cert: {client}: 'CN=backprop client' lacks the extended key usage serverAuth (a silo's certificate needs serverAuth and clientAuth)",
+            Assert.Single(clientAsSilo.Output.Trim().Split('\n')));
+        var otherName = SiloHost("--tls-cert", silo, "--tls-key", Path.Combine(certs, "silo.key"), "--tls-ca", ca, "--tls-peer-name", "other-name");
+        Assert.Equal(2, otherName.Code);
+        Assert.StartsWith($"error: --tls-cert: {silo} does not carry --tls-peer-name other-name in its subject alternative names",
+            Assert.Single(otherName.Output.Trim().Split('\n')));
+        var notAName = Cli("status", "some-run", "--gateway", "127.0.0.1:1", "--tls-ca", ca, "--tls-peer-name", "not a name");
+        Assert.Equal(2, notAName.Code);
+        Assert.Equal("error: --tls-peer-name: 'not a name' is not a DNS name", Assert.Single(notAName.Output.Trim().Split('\n')));
     }
 }

@@ -6,7 +6,8 @@ namespace Backprop.Tests.Infrastructure;
 
 /// <summary>
 /// A real redis-server on a free loopback port, in a temporary directory, for as long as this object lives.
-/// Ready when it answers PING; stopped (and its directory removed) on dispose.
+/// Ready when it answers PING; stopped (and its directory removed) on dispose. With a password, it requires AUTH
+/// (requirepass) of every client.
 /// </summary>
 public sealed class RedisServer : IDisposable
 {
@@ -16,11 +17,15 @@ public sealed class RedisServer : IDisposable
     public int Port { get; } = LocalClustering.FreePort();
     public string Address => $"127.0.0.1:{Port}";
 
-    public RedisServer()
+    private readonly string? _password;
+
+    public RedisServer(string? password = null)
     {
+        _password = password;
         var psi = new ProcessStartInfo("redis-server") { RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = _dir };
         foreach (var a in new[] { "--bind", "127.0.0.1", "--port", Port.ToString(), "--dir", _dir, "--save", "", "--appendonly", "no" })
             psi.ArgumentList.Add(a);
+        if (password is not null) { psi.ArgumentList.Add("--requirepass"); psi.ArgumentList.Add(password); }
         _process = Process.Start(psi) ?? throw new InvalidOperationException("redis-server did not start");
         _process.OutputDataReceived += (_, _) => { };
         _process.ErrorDataReceived += (_, _) => { };
@@ -36,7 +41,7 @@ public sealed class RedisServer : IDisposable
         }
     }
 
-    /// <summary>Sends PING in Redis' inline protocol; true when the answer is +PONG.</summary>
+    /// <summary>Sends PING (after AUTH, with a password) in Redis' inline protocol; true when the answer is +PONG.</summary>
     private bool Pong()
     {
         try
@@ -44,11 +49,12 @@ public sealed class RedisServer : IDisposable
             using var client = new TcpClient();
             client.Connect("127.0.0.1", Port);
             using var stream = client.GetStream();
-            stream.Write("PING\r\n"u8);
-            var buffer = new byte[7];
+            string expected = (_password is null ? "" : "+OK\r\n") + "+PONG\r\n";
+            stream.Write(System.Text.Encoding.ASCII.GetBytes((_password is null ? "" : $"AUTH {_password}\r\n") + "PING\r\n"));
+            var buffer = new byte[expected.Length];
             int read = 0;
             while (read < buffer.Length && stream.Read(buffer, read, buffer.Length - read) is > 0 and var n) read += n;
-            return System.Text.Encoding.ASCII.GetString(buffer, 0, read) == "+PONG\r\n";
+            return System.Text.Encoding.ASCII.GetString(buffer, 0, read) == expected;
         }
         catch (SocketException)
         {
