@@ -45,6 +45,8 @@ public interface IWorkerGrain : IGrainWithStringKey
 {
     /// <summary>The gradient sum of an aligned block of a step's chunks, reduced in the tree's order.</summary>
     Task<BlockSum> ComputeBlock(BlockWork work);
+    /// <summary>This worker's block (the first) and, through the workers named, the others of its silo; the sums in the same order.</summary>
+    Task<BlockSum[]> ComputeBlocks(BlockGroupWork work);
     Task<Evaluation> Evaluate(EvalWork work);
 }
 

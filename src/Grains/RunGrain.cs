@@ -421,8 +421,16 @@ public sealed class RunGrain(
         int count = blocks.Count;
         if (_calls.Length != count)
             (_calls, _blocks, _blockSums, _roundTrips, _replied) = (new Task<BlockSum>[count], new BlockSum[count], new FloatPayload[count], new long[count], new long[count]);
+        // Worker b lives on silo b mod n (SpreadPlacement). Where another process holds several of this step's
+        // blocks, they go there in one message, so the parameters cross to each silo once.
+        int silos = _spreadOver.Length;
         for (int b = 0; b < count; b++)
-            _calls[b] = ComputeBlock(workers, b, new BlockWork(spec, epoch, step, blocks.First(b), blocks.End(b), parameters, record.State.DatasetSha256!), cancel);
+        {
+            var work = new BlockWork(spec, epoch, step, blocks.First(b), blocks.End(b), parameters, record.State.DatasetSha256!);
+            int together = silos == 0 ? 1 : (count - b % silos + silos - 1) / silos;
+            if (together == 1 || _spreadOver[b % silos] == SiloEndpoint) _calls[b] = ComputeBlock(workers, b, b, work, cancel);
+            else if (b < silos) _calls[b] = ComputeGroup(workers, b, silos, blocks, work, cancel);
+        }
         for (int b = 0; b < count; b++)
         {
             var reply = await _calls[b];
@@ -430,17 +438,67 @@ public sealed class RunGrain(
                 throw new InvalidOperationException($"step {step}: block {b} came back for chunk {reply.FirstChunk}, not {blocks.First(b)}");
             _blocks[b] = reply;
         }
+        Array.Clear(_calls);
         return _blocks;
     }
 
-    private async Task<BlockSum> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, CancellationToken cancel)
+    /// <summary>Block b on worker <paramref name="first"/>, then on the next workers while it fails.</summary>
+    private async Task<BlockSum> ComputeBlock(IWorkerGrain[] workers, int b, int first, BlockWork work, CancellationToken cancel)
     {
         long start = Stopwatch.GetTimestamp();
-        var reply = await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, work.EndChunk), work, static (worker, work) => worker.ComputeBlock(work), cancel);
+        var reply = await WithRetry(workers, first, new WorkLabel(work.Step, work.FirstChunk, work.EndChunk), work, static (worker, work) => worker.ComputeBlock(work), cancel);
         long end = Stopwatch.GetTimestamp();
         (_roundTrips[b], _replied[b]) = (end - start, end);
         _workerSilos.Add(reply.Silo);
         return reply;
+    }
+
+    /// <summary>
+    /// Blocks g, g + n, g + 2n, … (those of silo g) in one call to worker g, which hands the others to their workers
+    /// inside its silo. Returns block g's sum; the others' tasks (in <see cref="_calls"/>) complete from the same
+    /// reply. When the call fails, each block is redone alone from the next worker on, as a single block would be.
+    /// </summary>
+    private Task<BlockSum> ComputeGroup(IWorkerGrain[] workers, int g, int silos, ChunkBlocks blocks, BlockWork lead, CancellationToken cancel)
+    {
+        int size = (blocks.Count - g + silos - 1) / silos;
+        var works = new BlockWork[size];
+        var grains = new IWorkerGrain[size];
+        for (int i = 0; i < size; i++)
+        {
+            int b = g + i * silos;
+            works[i] = i == 0 ? lead : lead with { FirstChunk = blocks.First(b), EndChunk = blocks.End(b) };
+            grains[i] = workers[b];
+        }
+        var group = Group(workers, g, silos, works, grains, cancel);
+        for (int i = 1; i < size; i++) _calls[g + i * silos] = Member(group, i);
+        return Member(group, 0);
+
+        static async Task<BlockSum> Member(Task<BlockSum[]> group, int i) => (await group)[i];
+    }
+
+    private async Task<BlockSum[]> Group(IWorkerGrain[] workers, int g, int silos, BlockWork[] works, IWorkerGrain[] grains, CancellationToken cancel)
+    {
+        long start = Stopwatch.GetTimestamp();
+        try
+        {
+            var replies = await grains[0].ComputeBlocks(new BlockGroupWork(works, grains));
+            long end = Stopwatch.GetTimestamp();
+            if (replies is null || replies.Length != works.Length) throw new InvalidOperationException($"worker {g} returned {replies?.Length ?? 0} of {works.Length} blocks");
+            for (int i = 0; i < replies.Length; i++)
+            {
+                (_roundTrips[g + i * silos], _replied[g + i * silos]) = (end - start, end);
+                _workerSilos.Add(replies[i].Silo);
+            }
+            return replies;
+        }
+        catch (Exception e) when (IsTransient(e) && !cancel.IsCancellationRequested)
+        {
+            logger.LogWarning("Run {Run}: step {Step} blocks of worker {Worker}'s silo failed ({Error}); redoing them one by one", RunId, works[0].Step, g, e.Message);
+            await AddEventNow("worker-failed", $"step {works[0].Step}: the {works.Length} blocks sent to worker {g}'s silo failed: {e.Message}");
+            var redo = new Task<BlockSum>[works.Length];
+            for (int i = 0; i < works.Length; i++) redo[i] = ComputeBlock(workers, g + i * silos, g + i * silos + 1, works[i], cancel);
+            return await Task.WhenAll(redo);
+        }
     }
 
     /// <summary>What a retried call computes, formatted only for the event log.</summary>

@@ -39,8 +39,8 @@ internal sealed class StepProfiler(string coordinatorSilo)
             if (b.ComputeSeconds >= slowest) (slowest, transfer) = (b.ComputeSeconds, Math.Max(0, roundTrip - b.ComputeSeconds));
             fastest = Math.Min(fastest, b.ComputeSeconds);
             (first, last) = (Math.Min(first, replied[i]), Math.Max(last, replied[i]));
-            // Parameters out and the block's sum back, when the worker is in another process.
-            if (b.Silo != coordinatorSilo) wire += 2.0 * vectorBytes;
+            // The block's sum back from another process, and the parameters once per other process.
+            if (b.Silo != coordinatorSilo) wire += (FirstOfSilo(blocks, i) ? 2.0 : 1.0) * vectorBytes;
             Snapshot(b.Silo, b.AllocatedBytes);
         }
         if (serverSilo is not null && serverSilo != coordinatorSilo)
@@ -65,6 +65,13 @@ internal sealed class StepProfiler(string coordinatorSilo)
         double n = _steps;
         return new StepProfile(_steps, Seconds(_trainTicks), _slowest / n, _fastest / n, _transfer / n, _reduce / n, _serverCall / n,
             _barrier / n, _wireBytes / n, _allocationSteps > 0 ? _allocated / _allocationSteps : 0);
+    }
+
+    private static bool FirstOfSilo(ReadOnlySpan<BlockSum> blocks, int i)
+    {
+        for (int j = 0; j < i; j++)
+            if (blocks[j].Silo == blocks[i].Silo) return false;
+        return true;
     }
 
     /// <summary>The highest counter a process reported during this step (its grains report at different times).</summary>

@@ -53,6 +53,31 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             seconds, GC.GetTotalAllocatedBytes(precise: false));
     }
 
+    public async Task<BlockSum[]> ComputeBlocks(BlockGroupWork work)
+    {
+        var blocks = work.Blocks;
+        if (blocks is null || work.Workers is null || blocks.Length < 1 || blocks.Length > RunSpec.MaxWorkers || work.Workers.Length != blocks.Length)
+            throw new ArgumentException($"a group of {blocks?.Length ?? 0} blocks for {work.Workers?.Length ?? 0} workers");
+        var first = blocks[0] ?? throw new ArgumentException("a group without its first block");
+        foreach (var block in blocks)
+            if (block is null || block.Parameters != first.Parameters || block.Spec != first.Spec || block.Step != first.Step || block.Epoch != first.Epoch)
+                throw new ArgumentException("the blocks of a group must be of one step and one parameter version");
+        // The parameters are read by the other workers of this silo too: this call owns the pooled array until all are done.
+        var lease = first.Parameters.Parameters.Own();
+        try
+        {
+            var calls = new Task<BlockSum>[blocks.Length];
+            for (int i = 1; i < blocks.Length; i++) calls[i] = work.Workers[i].ComputeBlock(blocks[i]);
+            calls[0] = ComputeBlock(first);
+            // Every call ends, failed or not, before the parameters' array can go back to the pool.
+            return await Task.WhenAll(calls);
+        }
+        finally
+        {
+            lease.Return();
+        }
+    }
+
     /// <summary>Whether [first, end) is a node of the reduction tree over <paramref name="chunks"/> chunks (see <see cref="ChunkBlocks"/>).</summary>
     private static bool IsTreeNode(int first, int end, int chunks)
     {

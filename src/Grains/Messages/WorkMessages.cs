@@ -23,6 +23,16 @@ public sealed record BlockWork(
     [property: Id(6)] string DatasetSha256);
 
 /// <summary>
+/// Several blocks of one step for workers that share a silo, sent to the first of them: the parameters cross
+/// the network once for the silo (the message holds them once, however many blocks refer to them) and the
+/// first worker hands the other blocks to <see cref="Workers"/> inside its silo, by reference.
+/// </summary>
+[GenerateSerializer, Immutable]
+public sealed record BlockGroupWork(
+    [property: Id(0)] BlockWork[] Blocks,
+    [property: Id(1)] IWorkerGrain[] Workers);
+
+/// <summary>
 /// One block's gradient sum and cost sum, with what the coordinator's step profile needs: the worker's compute
 /// time and its process' allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>) when it finished.
 /// </summary>

@@ -37,7 +37,7 @@ public sealed class LocalClusterTests : IDisposable
         Assert.Contains("silo-1 up", started.Output);
 
         string metrics = Path.Combine(_work, "metrics.jsonl"), model = Path.Combine(_work, "model.bpm");
-        var train = Cli("train", "--preset", "pytorch-mlp", "--epochs", "2", "--workers", "3", "--seed", "4",
+        var train = Cli("train", "--preset", "pytorch-mlp", "--epochs", "2", "--workers", "4", "--seed", "4",
             "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster, "--run-id", "e2e-run",
             "--metrics-out", metrics, "--model-out", model);
         Assert.True(train.Code == 0, train.Output);
@@ -50,15 +50,15 @@ public sealed class LocalClusterTests : IDisposable
         double accuracy = lines[1].GetProperty("testAccuracy").GetDouble();
         Assert.InRange(accuracy, 0.0, 1.0);
 
-        // Two of the three workers get a block of two chunks each (the tree's aligned blocks), one per silo: the
-        // parameters go out to the other process and one pre-reduced sum comes back, in pooled buffers.
+        // Four workers with a chunk each, two per silo: the other process gets its two blocks in one message (the
+        // parameters cross once) and sends back one sum per worker, all in pooled buffers.
         var profile = lines[1].GetProperty("profile");
         long vectorBytes = Presets.PyTorchMlp.Model.ParameterCount * sizeof(float);
-        Assert.Equal(2.0 * vectorBytes, profile.GetProperty("wireBytesPerStep").GetDouble());
+        Assert.Equal(3.0 * vectorBytes, profile.GetProperty("wireBytesPerStep").GetDouble());
         double allocated = profile.GetProperty("allocatedBytesPerStep").GetDouble();
         Assert.InRange(allocated, 1, vectorBytes / 4.0);
 
-        var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 4, Workers = 3, Epochs = 2 }, data.Train);
+        var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 4, Workers = 4, Epochs = 2 }, data.Train);
         local.TrainEpoch(0);
         local.TrainEpoch(1);
         Assert.Equal(ParameterHash.Sha256(local.Parameters), lines[1].GetProperty("parameterSha256").GetString());
