@@ -9,7 +9,7 @@ using StackExchange.Redis;
 namespace Backprop.Grains.Hosting;
 
 /// <summary>
-/// Redis clustering: membership, grain storage and reminders in one Redis. No silo is special (unlike
+/// Redis clustering: membership, grain storage, reminders and the directory of runs' grains (<see cref="RunDirectory"/>) in one Redis. No silo is special (unlike
 /// localhost clustering's primary), so any silo may die, and runs survive a restart of the whole cluster.
 /// </summary>
 public static class RedisCluster
@@ -43,6 +43,8 @@ public static class RedisCluster
             o.GrainStorageSerializer = new OrleansGrainStorageSerializer(services.GetRequiredService<Serializer>());
         }));
         silo.UseRedisReminderService(o => o.ConfigurationOptions = Options(endpoint, password));
+        // Coordinators, parameter servers and the registry: registered in Redis, so that no other silo's leaving deactivates them.
+        silo.AddRedisRunDirectory(endpoint, password);
         membership.ApplyTo(silo);
         return silo;
     }

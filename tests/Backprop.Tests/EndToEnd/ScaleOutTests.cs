@@ -12,7 +12,8 @@ namespace Backprop.Tests.EndToEnd;
 /// The manifests' topology as processes: Redis, one server silo and two worker silos, each on its own loopback
 /// address with the same ports (cluster.sh --distinct-addresses), configured by environment variables only.
 /// A worker silo joins mid-run and gets work; another leaves with SIGTERM; the parameters are still the bits of
-/// one uninterrupted process.
+/// one uninterrupted process, and the run's coordinator and parameter server stay active throughout (their
+/// registrations are in Redis, not in a worker silo's share of Orleans' default directory).
 /// </summary>
 [Collection("cluster")]
 public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("e2e-scale-")
@@ -34,9 +35,11 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         Assert.True(started.Code == 0, started.Output);
         string Silo(int i) => $"127.0.0.{i + 2}:{siloPort}";
 
-        // No --workers: one per worker silo.
+        // 4 workers, one per chunk of a step (batch 64, chunk 16): each computes a block of one chunk, so every worker silo
+        // computes, whether there are 2 or 3 (with one worker per worker silo, 3 workers share 4 chunks as 2 aligned
+        // blocks of 2, and the third silo would only evaluate).
         string metrics = Path.Combine(Work, "metrics.jsonl");
-        var train = CliProcess.Start("train", "--epochs", $"{Epochs}", "--seed", "5", "--checkpoint-every", "50",
+        var train = CliProcess.Start("train", "--epochs", $"{Epochs}", "--workers", "4", "--seed", "5", "--checkpoint-every", "50",
             "--redis", redis, "--redis-password-file", Path.Combine(State, "redis.password"), "--cluster-id", _cluster, "--run-id", "elastic", "--metrics-out", metrics);
         train.WaitForLine(l => l.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(120));
         var status = Status(redis);
@@ -69,12 +72,19 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         string expected = ParameterHash.Sha256(local.Parameters);
         Assert.Equal(expected, lines[^1].GetProperty("parameterSha256").GetString());
 
-        var events = Status(redis).GetProperty("events").EnumerateArray()
-            .Select(e => $"{e.GetProperty("time").GetString()} {e.GetProperty("kind").GetString()}: {e.GetProperty("message").GetString()}");
+        var eventList = Status(redis).GetProperty("events").EnumerateArray().ToArray();
+        var events = eventList.Select(e => $"{e.GetProperty("time").GetString()} {e.GetProperty("kind").GetString()}: {e.GetProperty("message").GetString()}");
+        // The coordinator and the parameter server are registered in Redis (RunDirectory), not in a directory partition a
+        // worker silo holds: neither a silo joining nor one leaving deactivates them, so the run never attaches again.
+        Assert.DoesNotContain(eventList, e => e.GetProperty("kind").GetString() is "resumed" or "server-lost");
+        string[] directory = DirectoryKeys(redisPort);
+        Assert.Contains($"{_cluster}/directory/run/elastic", directory);
+        Assert.Contains($"{_cluster}/directory/parameterserver/elastic", directory);
         output.WriteLine(File.ReadLines(Path.Combine(State, "silo-3.log")).First(l => l.Contains("silo-3 up")));
         output.WriteLine($"silo-3 (worker) up -> its endpoint in workerSilos: {joinedAfter.TotalSeconds:F2} s (status polled by CLI processes), at step {stepAtJoin}");
         output.WriteLine(termed.Output.Trim());
         output.WriteLine(string.Join('\n', events));
+        output.WriteLine("Redis directory: " + string.Join(", ", directory));
         output.WriteLine($"parameterSha256 after {Epochs} epochs: {lines[^1].GetProperty("parameterSha256").GetString()} (LocalTrainer: {expected})");
     }
 
@@ -83,6 +93,19 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         var status = Cli("status", "elastic", "--json", "--redis", redis, "--redis-password-file", Path.Combine(State, "redis.password"), "--cluster-id", _cluster);
         Assert.True(status.Code == 0, status.Output);
         return JsonDocument.Parse(status.Output.Split('\n').Single(l => l.StartsWith('{'))).RootElement;
+    }
+
+    /// <summary>The grain directory's keys in the cluster's Redis (redis-cli, the password from the environment, never an argument).</summary>
+    private string[] DirectoryKeys(int redisPort)
+    {
+        var psi = new ProcessStartInfo("redis-cli") { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { "-p", $"{redisPort}", "--scan", "--pattern", $"{_cluster}/directory/*" }) psi.ArgumentList.Add(a);
+        psi.Environment["REDISCLI_AUTH"] = File.ReadAllText(Path.Combine(State, "redis.password")).Trim();
+        using var cli = Process.Start(psi)!;
+        string keys = cli.StandardOutput.ReadToEnd();
+        cli.WaitForExit();
+        Assert.True(cli.ExitCode == 0, cli.StandardError.ReadToEnd());
+        return keys.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Order(StringComparer.Ordinal).ToArray();
     }
 
     private static string[] WorkerSilos(JsonElement status) =>
