@@ -13,7 +13,7 @@ public delegate void GradientBlock(int start, ReadOnlySpan<float> values);
 /// Batched forward and backward passes over one chunk of samples, in float, on spans over the flat
 /// parameter vector. Buffers are allocated (pinned) once for <c>maxBatch</c>; a step allocates nothing.
 ///
-/// The model has L layers; layer l maps in_l = layers[l] units to out_l = layers[l+1] = in_(l+1), with
+/// The model has L = layers.Length − 1 weight layers; layer l maps in_l = layers[l] units to out_l = layers[l+1] = in_(l+1), with
 /// W_l out_l × in_l and b_l out_l, views into the flat vector (<see cref="ParameterLayout"/>).
 /// Activations and deltas are kept feature-major — one row per unit, one column per sample, rows padded
 /// to mp = n rounded up to 16 — so every product is a <see cref="Gemm"/> over contiguous rows:
