@@ -13,7 +13,10 @@ public sealed class RowParallel : IDisposable
     private readonly int[] _sleeping;
     private readonly int[] _bounds;
     private Action<int, int>? _job;
-    private Action<int, int, int>? _threadJob;
+    // A Run<TState> job: its state, its delegate, and the thunk that calls one with the other without knowing TState.
+    private object? _state;
+    private Delegate? _stateJob;
+    private Action<RowParallel, int, int, int>? _callStateJob;
     private int _generation;
     private int _pending;
     private volatile bool _disposed;
@@ -43,30 +46,40 @@ public sealed class RowParallel : IDisposable
             rows(0, m);
             return;
         }
-        (_job, _threadJob) = (rows, null);
+        (_job, _stateJob) = (rows, null);
         Dispatch();
         rows(_bounds[0], _bounds[1]);
         Join();
     }
 
     /// <summary>
-    /// As <see cref="Run(int, Action{int, int}, int)"/>, also passing the index of the calling thread
-    /// (0 is the caller; below the partition's part count): for work that keeps per-thread copies.
+    /// As <see cref="Run(int, Action{int, int}, int)"/>, calling rows(state, thread, from, to) with the index of the
+    /// calling thread (0 is the caller; below the partition's part count), for work that keeps per-thread
+    /// buffers, and <paramref name="state"/>, the operation's inputs passed explicitly. A static lambda or a
+    /// delegate cached by the caller allocates nothing; <paramref name="state"/> is held until the call returns.
     /// </summary>
-    public void Run(int m, Action<int, int, int> rows, int align = 4)
+    public void Run<TState>(int m, TState state, Action<TState, int, int, int> rows, int align = 4) where TState : class
     {
         if (!Split(m, align))
         {
-            rows(0, 0, m);
+            rows(state, 0, 0, m);
             return;
         }
-        (_job, _threadJob) = (null, rows);
+        (_job, _state, _stateJob, _callStateJob) = (null, state, rows, StateJob<TState>.Call);
         Dispatch();
-        rows(0, _bounds[0], _bounds[1]);
+        rows(state, 0, _bounds[0], _bounds[1]);
         Join();
+        _state = null;
     }
 
-    /// <summary>How many parts <see cref="Run(int, Action{int, int, int}, int)"/> splits m rows into: 1 when too few to pay for a hand-off.</summary>
+    /// <summary>One thunk per state type, made once: a worker calls the job through it.</summary>
+    private static class StateJob<TState> where TState : class
+    {
+        public static readonly Action<RowParallel, int, int, int> Call = static (parallel, thread, from, to) =>
+            ((Action<TState, int, int, int>)parallel._stateJob!)((TState)parallel._state!, thread, from, to);
+    }
+
+    /// <summary>How many parts <see cref="Run{TState}(int, TState, Action{TState, int, int, int}, int)"/> splits m rows into: 1 when too few to pay for a hand-off.</summary>
     public int PartsFor(int m, int align = 4) => Threads == 1 || m < 2 * align * Threads ? 1 : Threads;
 
     /// <summary>Part <paramref name="part"/> of <paramref name="parts"/> of [0, m), as Run splits it.</summary>
@@ -116,7 +129,7 @@ public sealed class RowParallel : IDisposable
             }
             seen = Volatile.Read(ref _generation);
             if (_disposed) return;
-            if (_threadJob is { } threadJob) threadJob(w, _bounds[w], _bounds[w + 1]);
+            if (_stateJob is not null) _callStateJob!(this, w, _bounds[w], _bounds[w + 1]);
             else _job!(_bounds[w], _bounds[w + 1]);
             Interlocked.Decrement(ref _pending);
         }
