@@ -316,16 +316,17 @@ public sealed class RunGrain(
         if (resumed)
             await AddEventNow("resumed", $"continued from step {current.Step} (epoch {epoch + 1}, step {first} of {steps}; last checkpoint at step {position.CheckpointStep}) on {SiloEndpoint}, coordinator incarnation {incarnation}");
 
-        // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
-        if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
-            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, await Workers(spec, incarnation), clock, 0, incarnation, cancel, null);
-
-        var profile = _profile = new StepProfiler(SiloEndpoint);
-        long vectorBytes = (long)spec.Model.ParameterCount * sizeof(float);
-        // A version received from a server in another process is pooled: this loop owns it while its workers read it.
+        // A version received from a server in another process is pooled: this loop owns it while its workers read it
+        // (evaluation included: a worker of this silo gets it by reference, and its Release must not give it back).
         var lease = current.Parameters.Own();
         try
         {
+            // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
+            if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
+                await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, await Workers(spec, incarnation), clock, 0, incarnation, cancel, null);
+
+            var profile = _profile = new StepProfiler(SiloEndpoint);
+            long vectorBytes = (long)spec.Model.ParameterCount * sizeof(float);
             for (int e = epoch; e < spec.Epochs; e++)
             {
                 if (plan.Epoch != e) plan.MoveTo(e);

@@ -62,6 +62,18 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         foreach (var block in blocks)
             if (block is null || block.Parameters != first.Parameters || block.Spec != first.Spec || block.Step != first.Step || block.Epoch != first.Epoch)
                 throw new ArgumentException("the blocks of a group must be of one step and one parameter version");
+        // The first block is this worker's (computed here, not called); the others go to distinct other workers. A
+        // member that is this worker would call itself and wait on its own turn until the response timeout.
+        var self = this.GetGrainId();
+        if (work.Workers[0] is not { } lead || lead.GetGrainId() != self)
+            throw new ArgumentException("the first worker of a group must be the worker it is sent to");
+        for (int i = 1; i < work.Workers.Length; i++)
+        {
+            var member = work.Workers[i]?.GetGrainId();
+            bool repeated = member is null || member == self;
+            for (int j = 1; j < i && !repeated; j++) repeated = work.Workers[j].GetGrainId() == member;
+            if (repeated) throw new ArgumentException($"worker {i} of the group is missing, repeated or the group's first worker");
+        }
         // The parameters are read by the other workers of this silo too: this call owns the pooled array until all are done.
         var lease = first.Parameters.Parameters.Own();
         try

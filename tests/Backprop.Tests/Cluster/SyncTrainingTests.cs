@@ -162,6 +162,31 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task A_group_whose_workers_are_not_distinct_others_is_refused_before_any_call()
+    {
+        var spec = Spec(2);
+        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("bad-group");
+        var version = (await server.Attach(spec, incarnation: 1)).Version;
+        var lead = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-group/0");
+        var other = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-group/1");
+        var block = new BlockWork(spec, 0, 0, 0, 1, version, fixture.DatasetSha256);
+        BlockWork[] two = [block, block with { FirstChunk = 1, EndChunk = 2 }];
+        // A member that is the lead itself would be a call to its own busy activation: it would hang until the
+        // response timeout instead of failing; a null member was a NullReferenceException (retried as transient).
+        foreach (var workers in new[] { new[] { lead, lead }, [lead, null!], [other, lead] })
+        {
+            var refused = await Assert.ThrowsAsync<ArgumentException>(() => lead.ComputeBlocks(new BlockGroupWork(two, workers)));
+            Assert.Contains("group", refused.Message);
+        }
+        BlockWork[] three = [.. two, block with { FirstChunk = 2, EndChunk = 3 }];
+        var repeated = await Assert.ThrowsAsync<ArgumentException>(() => lead.ComputeBlocks(new BlockGroupWork(three, [lead, other, other])));
+        Assert.Contains("repeated", repeated.Message);
+        // A well-formed group still computes.
+        var sums = await lead.ComputeBlocks(new BlockGroupWork(two, [lead, other]));
+        Assert.Equal([0, 1], sums.Select(s => s.FirstChunk).ToArray());
+    }
+
+    [Fact]
     public async Task A_huge_learning_rate_stops_the_run_as_diverged_with_the_step()
     {
         var spec = Spec(2) with { Optimizer = Spec(2).Optimizer with { LearningRate = 1e30f } };
