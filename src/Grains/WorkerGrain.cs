@@ -20,8 +20,8 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private RunSpec? _validSpec;
     private string? _siloName;
     private (RunSpec Spec, string Sha256, Backprop.Core.Data.TrainTest Data)? _data;
-    /// <summary>The last sum handed out, which lives in this worker's buffer, and its step.</summary>
-    private (FloatPayload Sum, int Epoch, int Step)? _lent;
+    /// <summary>The last sum handed out from each of the worker's two sets of buffers, and its step.</summary>
+    private (FloatPayload Sum, int Epoch, int Step)? _lentMain, _lentSpare;
 
     public async Task<BlockSum> ComputeBlock(BlockWork work)
     {
@@ -37,18 +37,21 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var parameters = work.Parameters?.Parameters;
         CheckParameters(parameters, gradient.ParameterCount);
 
-        // A second block of the same step (a retry of another worker's): the first one's sum may still wait at the
-        // coordinator, so it gets its own copy before the buffer is reused. A new step comes only after the server used it.
-        if (_lent is { } lent && lent.Epoch == work.Epoch && lent.Step == work.Step) lent.Sum.Detach();
+        // A sum lives in this worker's buffers: passed by reference inside the silo, serialized after this call
+        // returns for a remote coordinator, and rewritten by the next step's call (which comes only after the
+        // server used it). A second block of the same step (a retry of another worker's) may arrive before that:
+        // it goes to the spare buffers, and a third detaches the first one's sum (a copy) before reusing them.
+        bool sameStep = _lentMain is { } main && main.Epoch == work.Epoch && main.Step == work.Step;
+        bool spare = sameStep && !(_lentSpare is { } lent && lent.Epoch == work.Epoch && lent.Step == work.Step);
+        if (sameStep && !spare) _lentMain!.Value.Sum.Detach();
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
         // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
-        double loss = gradient.SumBlock(train, plan, work.Step, work.FirstChunk, work.EndChunk, parameters!.Span, nextStepChunk: work.FirstChunk);
+        double loss = gradient.SumBlock(train, plan, work.Step, work.FirstChunk, work.EndChunk, parameters!.Span, nextStepChunk: work.FirstChunk, spare);
         double seconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
         parameters.Release();
-        // The sum stays in this worker's buffer: passed by reference inside the silo, serialized before the reply
-        // leaves it. The buffer is rewritten by the next step's call, which comes after the server has used this one.
         var sum = new FloatPayload(gradient.Result);
-        _lent = (sum, work.Epoch, work.Step);
+        if (spare) _lentSpare = (sum, work.Epoch, work.Step);
+        else _lentMain = (sum, work.Epoch, work.Step);
         return new BlockSum(work.FirstChunk, sum, loss, _siloName ??= silo.SiloAddress.Endpoint.ToString(),
             seconds, GC.GetTotalAllocatedBytes(precise: false));
     }
