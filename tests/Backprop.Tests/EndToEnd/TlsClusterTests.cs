@@ -38,22 +38,13 @@ public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
         Assert.Contains("TLS: certificate 'CN=backprop silo'", File.ReadAllText(Path.Combine(State, "silo-1.log")));
 
         // cluster.env names what the CLI needs, as the environment variables the CLI reads.
-        var tlsEnv = File.ReadAllLines(Path.Combine(State, "cluster.env"))
-            .Where(l => l.StartsWith("BACKPROP_TLS_", StringComparison.Ordinal))
-            .Select(l => l.Split('=', 2)).ToDictionary(p => p[0], p => p[1]);
+        var tlsEnv = ClusterTlsEnv();
         Assert.Equal(["BACKPROP_TLS_CA", "BACKPROP_TLS_CERT", "BACKPROP_TLS_KEY"], tlsEnv.Keys.Order());
         string certs = Path.Combine(State, "certs");
         Assert.Equal(Path.Combine(certs, "client.pem"), tlsEnv["BACKPROP_TLS_CERT"]);
 
         string gateways = $"127.0.0.1:{gatewayPort},127.0.0.1:{gatewayPort + 1}";
-        string metrics = Path.Combine(Work, "metrics.jsonl");
-        var train = CliWithEnv(tlsEnv, "train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "2", "--seed", "6",
-            "--gateway", gateways, "--cluster-id", cluster, "--run-id", "tls-run", "--metrics-out", metrics);
-        Assert.True(train.Code == 0, train.Output);
-        var line = JsonDocument.Parse(File.ReadAllLines(metrics).Single()).RootElement;
-        var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 6, Workers = 2, Epochs = 1 }, data.Train);
-        local.TrainEpoch(0);
-        Assert.Equal(ParameterHash.Sha256(local.Parameters), line.GetProperty("parameterSha256").GetString());
+        TrainsLikeLocalTrainer(tlsEnv, gateways, cluster, "tls-run", data);
 
         // The same files as flags; the workers were spread over both silos, so silo-to-silo calls went over TLS too.
         string[] clientFlags = ["--tls-cert", Path.Combine(certs, "client.pem"), "--tls-key", Path.Combine(certs, "client.key"), "--tls-ca", Path.Combine(certs, "ca.pem")];
@@ -116,20 +107,11 @@ public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
         Assert.True(started.Code == 0, started.Output);
         // silo-1 (127.0.0.3) joined silo-0 (127.0.0.2) over TLS, checking the name: no certificate names those addresses.
         Assert.Contains("silos must carry the name backprop-silo", File.ReadAllText(Path.Combine(State, "silo-1.log")));
-        var clusterEnv = File.ReadAllLines(Path.Combine(State, "cluster.env"))
-            .Where(l => l.StartsWith("BACKPROP_TLS_", StringComparison.Ordinal))
-            .Select(l => l.Split('=', 2)).ToDictionary(p => p[0], p => p[1]);
+        var clusterEnv = ClusterTlsEnv();
         Assert.Equal("backprop-silo", clusterEnv["BACKPROP_TLS_PEER_NAME"]);
 
         string gateways = $"127.0.0.2:{gatewayPort},127.0.0.3:{gatewayPort}";
-        string metrics = Path.Combine(Work, "metrics.jsonl");
-        var train = CliWithEnv(clusterEnv, "train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "2", "--seed", "6",
-            "--gateway", gateways, "--cluster-id", cluster, "--run-id", "peer-name-run", "--metrics-out", metrics);
-        Assert.True(train.Code == 0, train.Output);
-        var line = JsonDocument.Parse(File.ReadAllLines(metrics).Single()).RootElement;
-        var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 6, Workers = 2, Epochs = 1 }, data.Train);
-        local.TrainEpoch(0);
-        Assert.Equal(ParameterHash.Sha256(local.Parameters), line.GetProperty("parameterSha256").GetString());
+        TrainsLikeLocalTrainer(clusterEnv, gateways, cluster, "peer-name-run", data);
 
         // A CLI that expects another name, or (no peer name) the address it dials, refuses the gateway's certificate.
         string[] client = ["status", "peer-name-run", "--gateway", $"127.0.0.2:{gatewayPort}", "--cluster-id", cluster,
@@ -199,6 +181,24 @@ public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
     }
 
     /// <summary>A PEM certificate with its key, usable by SslStream.</summary>
+    /// <summary>The TLS settings cluster.sh wrote for the CLI, as the environment variables the CLI reads.</summary>
+    private Dictionary<string, string> ClusterTlsEnv() => File.ReadAllLines(Path.Combine(State, "cluster.env"))
+        .Where(l => l.StartsWith("BACKPROP_TLS_", StringComparison.Ordinal))
+        .Select(l => l.Split('=', 2)).ToDictionary(p => p[0], p => p[1]);
+
+    /// <summary>One epoch over TLS with 2 workers; the parameters must be those of a single process.</summary>
+    private void TrainsLikeLocalTrainer(Dictionary<string, string> env, string gateways, string cluster, string runId, TrainTest data)
+    {
+        string metrics = Path.Combine(Work, $"{runId}.jsonl");
+        var train = CliWithEnv(env, "train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "2", "--seed", "6",
+            "--gateway", gateways, "--cluster-id", cluster, "--run-id", runId, "--metrics-out", metrics);
+        Assert.True(train.Code == 0, train.Output);
+        var line = JsonDocument.Parse(File.ReadAllLines(metrics).Single()).RootElement;
+        using var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 6, Workers = 2, Epochs = 1 }, data.Train);
+        local.TrainEpoch(0);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), line.GetProperty("parameterSha256").GetString());
+    }
+
     private static X509Certificate2 LoadPem(string cert, string key)
     {
         using var pem = X509Certificate2.CreateFromPemFile(cert, key);
