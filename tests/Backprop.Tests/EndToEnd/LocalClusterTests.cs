@@ -25,7 +25,9 @@ public sealed class LocalClusterTests : IDisposable
     [Fact]
     public void Cli_trains_on_two_silo_processes_and_matches_a_single_process_bit_for_bit()
     {
-        var data = SyntheticDigits.Create(trainCount: 640, testCount: 200, seed: 9);
+        // 30 steps an epoch: the profile's allocation count is a mean over them, and a process' background work
+        // (membership, the CLI's status calls) lands in it too.
+        var data = SyntheticDigits.Create(trainCount: 1920, testCount: 200, seed: 9);
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), data);
         var taken = new HashSet<int>();
         int siloPort = Processes.FreePorts(2, taken), gatewayPort = Processes.FreePorts(2, taken);
@@ -55,8 +57,10 @@ public sealed class LocalClusterTests : IDisposable
         var profile = lines[1].GetProperty("profile");
         long vectorBytes = Presets.PyTorchMlp.Model.ParameterCount * sizeof(float);
         Assert.Equal(3.0 * vectorBytes, profile.GetProperty("wireBytesPerStep").GetDouble());
+        // A step that allocated the vectors it receives would allocate at least two (parameters in one process,
+        // a sum in the other); Orleans' own messages are tens of KB.
         double allocated = profile.GetProperty("allocatedBytesPerStep").GetDouble();
-        Assert.InRange(allocated, 1, vectorBytes / 4.0);
+        Assert.InRange(allocated, 1, vectorBytes);
 
         var local = new LocalTrainer(Presets.PyTorchMlp with { Seed = 4, Workers = 4, Epochs = 2 }, data.Train);
         local.TrainEpoch(0);
