@@ -432,10 +432,11 @@ public sealed class RunGrain(
         int silos = _spreadOver.Length;
         for (int b = 0; b < count; b++)
         {
-            var work = new BlockWork(spec, epoch, step, blocks.First(b), blocks.End(b), parameters, record.State.DatasetSha256!);
             int together = silos == 0 ? 1 : (count - b % silos + silos - 1) / silos;
-            if (together == 1 || _spreadOver[b % silos] == SiloEndpoint) _calls[b] = ComputeBlock(workers, b, b, work, cancel);
-            else if (b < silos) _calls[b] = ComputeGroup(workers, b, silos, blocks, work, cancel);
+            bool direct = together == 1 || _spreadOver[b % silos] == SiloEndpoint;
+            if (!direct && b >= silos) continue;   // a member of the group its silo's first block sent
+            var work = new BlockWork(spec, epoch, step, blocks.First(b), blocks.End(b), parameters, record.State.DatasetSha256!);
+            _calls[b] = direct ? ComputeBlock(workers, b, b, work, cancel) : ComputeGroup(workers, b, silos, blocks, work, cancel);
         }
         for (int b = 0; b < count; b++)
         {

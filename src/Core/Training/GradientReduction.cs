@@ -13,7 +13,7 @@ namespace Backprop.Core.Training;
 /// holding such a block (<see cref="ChunkBlocks"/>) reduces it alone and sends one sum, and the server combines
 /// the blocks' sums with the tree above them (<see cref="SumNodes"/>). Every cut gives the same bits.
 ///
-/// Leaves arrive in order, whole or block by block from the backprop threads (disjoint ranges, in parallel).
+/// Leaves arrive in order, block by block from the backprop threads (disjoint ranges, in parallel).
 /// A finished left subtree waits in a buffer of its level; leaf x merges with the waiting subtrees at the
 /// levels where its index has a 1 bit (all of them for the last leaf, the trailing ones otherwise). The root
 /// goes to a callback block by block, or stays in a buffer (<see cref="Result"/>). Allocates nothing per sum.
@@ -85,32 +85,6 @@ public sealed class PairwiseSum
         else if (_root is null) _result = _leaf == 0 ? _owned[0] : _owned[_target];
         if (!_last) ClearMerged();
         _leaf++;
-    }
-
-    /// <summary>
-    /// Gives the next leaf whole. A leaf that only waits is kept by reference, not copied: <paramref name="values"/>
-    /// must stay unchanged until the sum is done.
-    /// </summary>
-    public void Add(ReadOnlyMemory<float> values)
-    {
-        if (values.Length != Length) throw new ArgumentException($"a leaf of {values.Length} entries, not {Length}", nameof(values));
-        if (_leaf >= _leaves) throw new InvalidOperationException($"all {_leaves} leaves were given");
-        PlanLeaf();
-        bool merges = _last ? _leaf != 0 : (_leaf & 1) == 1;
-        if (!merges && !_last)
-        {
-            _waiting[0] = values;
-            _leaf++;
-            return;
-        }
-        if (!merges && _root is null)
-        {
-            _result = values;
-            _leaf++;
-            return;
-        }
-        LeafBlock(0, values.Span);
-        Next();
     }
 
     /// <summary>

@@ -46,7 +46,7 @@ public class GradientReductionTests
 
         var sum = new PairwiseSum(length, 20);
         sum.Begin(count);
-        foreach (var leaf in leaves) sum.Add(leaf);
+        foreach (var leaf in leaves) DeliverWhole(sum, leaf);
         Assert.Equal(expected, ParameterHash.Sha256(sum.Result.ToArray()));
 
         // As the backprop threads deliver them: blocks of uneven sizes, in no particular order.
@@ -60,6 +60,14 @@ public class GradientReductionTests
         foreach (var leaf in leaves) Deliver(sum, leaf);
         Assert.True(sum.Done);
         Assert.Equal(expected, ParameterHash.Sha256(root));
+    }
+
+    private static void DeliverWhole(PairwiseSum sum, float[] leaf)
+    {
+        var target = sum.NextLeaf();
+        if (target.Buffer is { } buffer) leaf.CopyTo(buffer, 0);
+        else target.Blocks!(0, leaf);
+        sum.Next();
     }
 
     private static void Deliver(PairwiseSum sum, float[] leaf)
@@ -128,7 +136,7 @@ public class GradientReductionTests
         for (int i = 0; i < 10; i++)
         {
             sum.Begin(8);
-            foreach (var leaf in leaves) sum.Add(leaf);
+            foreach (var leaf in leaves) DeliverWhole(sum, leaf);
         }
         Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
     }

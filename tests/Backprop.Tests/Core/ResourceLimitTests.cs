@@ -213,9 +213,9 @@ public class ResourceLimitTests
         Assert.Throws<ArgumentException>(() => Evaluation.Empty(8192));
         Assert.Throws<ArgumentException>(() => new ModelSpec([784, 8192], Activation.Relu, Loss.CrossEntropy).Validate());
         var sum = new PairwiseSum(4, 2);
-        sum.Begin(2);
-        Assert.Throws<ArgumentException>(() => sum.Add(new float[3]));
         Assert.ThrowsAny<ArgumentException>(() => sum.Begin(3));
+        Assert.ThrowsAny<ArgumentException>(() => new PairwiseSum(0, 2));
+        Assert.False(PairwiseSum.IsNode(0, 5, 4));
         Assert.Throws<ArgumentException>(() => ResourceLimits.CheckMessageBytes(ResourceLimits.MaxMessageBytes + 1, "a payload"));
         ResourceLimits.CheckMessageBytes(ResourceLimits.MaxMessageBytes, "a payload");
     }
