@@ -32,7 +32,7 @@ public static class PhaseBench
             Time($"{threads}t forward + backward, hot caches", () => bp.GradientSum(p, 64, labels, g));
             Time($"{threads}t load (same samples) + forward + backward", () => { bp.LoadInputs(train, first); bp.GradientSum(p, 64, labels, g); });
         }
-        Time("optimizer step (momentum), 1 thread", () => Optimizer.Step(spec.Optimizer, p, g, 64, v));
+        Time("optimizer step (momentum), 1 thread", () => Optimizer.For(spec.Optimizer).Step(0, p, g, 64, v));
 
         var order = EpochPlan.Permutation(train.Count, 1, 0);
         foreach (int threads in new[] { 1, 2 })

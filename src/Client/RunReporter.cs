@@ -143,7 +143,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         stepsPerEpoch = status.StepsPerEpoch,
         epochs = status.Epochs.Select(e => Metrics(status.RunId, e)).ToArray(),
         coordinatorSilo = status.CoordinatorSilo,
-        parameterServerSilo = status.ParameterServerSilo,
+        shardSilos = status.ShardSilos,
         workerSilos = status.WorkerSilos,
         error = status.Error,
         events = status.Events.Select(e => new { time = e.Time, kind = e.Kind, message = e.Message }).ToArray(),
@@ -155,7 +155,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         if (status.Spec is { } spec) output.WriteLine($"  {Describe(spec)}");
         if (status.State == RunState.Running)
             output.WriteLine($"  epoch {status.Epoch + 1}, step {status.StepInEpoch}/{status.StepsPerEpoch}");
-        output.WriteLine($"  coordinator on {status.CoordinatorSilo}, parameter server on {status.ParameterServerSilo ?? "(not attached)"}");
+        output.WriteLine($"  coordinator on {status.CoordinatorSilo}, parameter server shards on {(status.ShardSilos.Length > 0 ? string.Join(", ", status.ShardSilos) : "(not attached)")}");
         if (status.WorkerSilos.Length > 0) output.WriteLine($"  workers on {status.WorkerSilos.Length} silo(s): {string.Join(", ", status.WorkerSilos)}");
         if (status.Error is not null) output.WriteLine($"  error: {status.Error}");
         if (status.Events.Length > 0)

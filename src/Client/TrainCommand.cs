@@ -42,12 +42,17 @@ public static class TrainCommand
         Description = $"Steps between checkpoints of the parameters (and at every epoch end); a lost parameter server redoes at most this many steps [default: {RunSpec.DefaultCheckpointEvery}]",
     };
 
+    private static readonly Option<int?> ServerShards = new("--server-shards")
+    {
+        Description = "Parameter-server shards S: the parameter vector cut into S slices, each a grain spread over the silos beside the workers; results do not depend on it [default: 1]",
+    };
+
     public static Command Create()
     {
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery,
+            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
@@ -85,6 +90,7 @@ public static class TrainCommand
         if (parse.GetValue(Seed) is { } s) spec = spec with { Seed = s };
         if (parse.GetValue(TrainLimit) is { } t) spec = spec with { TrainLimit = t };
         if (parse.GetValue(CheckpointEvery) is { } k) spec = spec with { CheckpointEvery = k };
+        if (parse.GetValue(ServerShards) is { } shards) spec = spec with { ServerShards = shards };
         spec = spec with { Dataset = parse.GetValue(Dataset)! };
         spec.Validate();
         return spec;

@@ -21,32 +21,41 @@ public interface IRunGrain : IGrainWithStringKey
     Task<TrainedModel> GetModel();
 }
 
-/// <summary>The parameters, optimizer state and step counter of a run (key: run id). The only writer of parameters.</summary>
-public interface IParameterServerGrain : IGrainWithStringKey
+/// <summary>
+/// Slice j of a run's parameters and optimizer state (key: "{runId}/{j}", j &lt; the spec's ServerShards): the only
+/// writer of that slice. Workers push their blocks' gradient sums to it and get the next version's slice back; it
+/// applies a step once every block of it has arrived, reducing them with the fixed pairwise tree.
+/// </summary>
+public interface IParameterShardGrain : IGrainWithStringKey
 {
     /// <summary>
-    /// A coordinator of incarnation <paramref name="incarnation"/> takes over the run: later steps from older
-    /// incarnations are refused. Loads the last checkpoint, or initializes the parameters from the spec.
+    /// A coordinator of incarnation <paramref name="incarnation"/> takes over the run (stored before it counts):
+    /// pushes of older incarnations are refused from then on. Returns the versions this shard can move to.
     /// </summary>
-    Task<ServerPosition> Attach(RunSpec spec, int incarnation);
-    Task<ParameterVersion> GetParameters();
+    Task<ShardPosition> Attach(RunSpec spec, int incarnation);
+    /// <summary>Moves the shard to version <paramref name="step"/>: one it holds in memory, a stored checkpoint, or 0 (initial).</summary>
+    Task MoveTo(int incarnation, long step);
     /// <summary>
-    /// Applies step <see cref="StepUpdate.Step"/> once: reduces the blocks' sums with the pairwise tree,
-    /// divides by the sample count, steps the optimizer. A step that was already applied returns the current
-    /// version and changes nothing. A non-finite gradient is refused as divergence.
+    /// Adds one block of step <see cref="GradientPush.Step"/>; the block that completes the step applies it. Returns
+    /// once the step is applied (with the next version's slice) or after a short wait (without). A block of a step
+    /// already applied returns the next version and changes nothing. A non-finite gradient or loss refuses the step as divergence.
     /// </summary>
-    Task<StepOutcome> ApplyStep(StepUpdate update);
-    /// <summary>Writes parameters, optimizer state, step and the epoch's loss sum to grain storage.</summary>
-    Task Checkpoint(int incarnation);
+    [AlwaysInterleave]
+    Task<PushReply> Push(GradientPush push);
+    /// <summary>This shard's slice of version <paramref name="step"/>, the current one or the one before it.</summary>
+    [AlwaysInterleave]
+    Task<ParameterVersion> Pull(long step);
+    /// <summary>The slice of the last version: the current one when attached, else the latest stored checkpoint.</summary>
+    Task<ParameterVersion> GetParameters();
+    /// <summary>Stores the current version, which must be <paramref name="step"/>, as a checkpoint (the older of two slots).</summary>
+    Task Checkpoint(int incarnation, long step);
 }
 
 /// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{incarnation}.{generation}/{index}"). Stateless beyond caches.</summary>
 public interface IWorkerGrain : IGrainWithStringKey
 {
-    /// <summary>The gradient sum of an aligned block of a step's chunks, reduced in the tree's order.</summary>
-    Task<BlockSum> ComputeBlock(BlockWork work);
-    /// <summary>This worker's block (the first) and, through the workers named, the others of its silo; the sums in the same order.</summary>
-    Task<BlockSum[]> ComputeBlocks(BlockGroupWork work);
+    /// <summary>The gradient sum of an aligned block of a step's chunks, reduced in the tree's order and pushed to the run's shards.</summary>
+    Task<BlockDone> ComputeBlock(BlockWork work);
     Task<Evaluation> Evaluate(EvalWork work);
 }
 

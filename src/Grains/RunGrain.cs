@@ -56,21 +56,19 @@ public sealed class RunGrain(
     private int _stepInEpoch;
     private int _stepsPerEpoch;
     private long _step;
-    private string? _serverSilo;
+    private string[] _shardSilos = [];
     private readonly SortedSet<string> _workerSilos = new(StringComparer.Ordinal);
     private IWorkerGrain[] _workers = [];
     private string[] _spreadOver = [];
     private int _generation;
     private int _workersIncarnation;
     // One step's calls and replies, reused from step to step.
-    private Task<BlockSum>[] _calls = [];
-    private BlockSum[] _blocks = [];
-    private FloatPayload[] _blockSums = [];
+    private Task<BlockDone>[] _calls = [];
+    private BlockDone[] _blocks = [];
     private long[] _roundTrips = [], _replied = [];
     // The cut of a full step and of a short last one, for the current worker count.
     private (ChunkBlocks Cut, int[] Starts) _cut, _shortCut;
     private int _cutWorkers;
-    private int[] _stepStarts = [];
     private StepProfiler? _profile;
 
     private string RunId => this.GetPrimaryKeyString();
@@ -171,7 +169,7 @@ public sealed class RunGrain(
     public async Task<TrainedModel> GetModel()
     {
         var spec = record.State.Spec ?? throw new ArgumentException($"no run '{RunId}'");
-        var current = await GrainFactory.GetGrain<IParameterServerGrain>(RunId).GetParameters();
+        var current = await new ParameterShards(GrainFactory, RunId, spec).Gather(step: null);
         return new TrainedModel(spec, current.Parameters, current.Step);
     }
 
@@ -180,7 +178,7 @@ public sealed class RunGrain(
         var r = record.State;
         var epochs = r.Epochs.Skip(Math.Max(0, knownEpochs)).ToArray();
         return new RunStatus(RunId, r.State, r.Spec, _epoch, _stepInEpoch, _stepsPerEpoch, epochs, r.Error,
-            _workerSilos.ToArray(), SiloEndpoint, _serverSilo, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
+            _workerSilos.ToArray(), SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
     }
 
     private void StartLoop(bool resumed)
@@ -234,8 +232,8 @@ public sealed class RunGrain(
         logger.LogInformation("Run {Run} {State}", RunId, final);
         try
         {
-            if (final == RunState.Cancelled)   // keep the progress, so that `resume` continues from here
-                await GrainFactory.GetGrain<IParameterServerGrain>(RunId).Checkpoint(record.State.Incarnation);
+            if (final == RunState.Cancelled && _step > 0)   // keep the progress, so that `resume` continues from here
+                await new ParameterShards(GrainFactory, RunId, spec).Checkpoint(record.State.Incarnation, _step);
         }
         catch (Exception e)
         {
@@ -280,9 +278,9 @@ public sealed class RunGrain(
                 await TrainFromServer(spec, incarnation, resumed, failing, cancel);
                 return;
             }
-            catch (Exception e) when (IsTransient(e) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RetryBudget)
+            catch (Exception e) when ((IsTransient(e) || e is ShardMovedException) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RetryBudget)
             {
-                await AddEventNow("server-lost", $"parameter server call failed ({e.Message}); attaching again");
+                await AddEventNow("server-lost", $"parameter server shard call failed ({e.Message}); attaching again");
                 await Task.Delay(TimeSpan.FromMilliseconds(200), cancel);
                 resumed = true;
             }
@@ -302,73 +300,62 @@ public sealed class RunGrain(
             throw new DataMismatchException($"silo {SiloEndpoint}: its data set '{spec.Dataset}' differs from the run's; check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
         int trainCount = spec.TrainCount(data.Train.Count);
-        var server = GrainFactory.GetGrain<IParameterServerGrain>(RunId);
-        var position = await server.Attach(spec, incarnation);
+        var shards = new ParameterShards(GrainFactory, RunId, spec);
+        var position = await shards.Attach(incarnation);
         var resumeClock = Stopwatch.StartNew();
-        _serverSilo = position.Silo;
-        var current = position.Version;
+        _shardSilos = shards.Silos;
+        long version = position.Step;
         var plan = new EpochPlan(trainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, 0);
         int steps = plan.Steps;
-        int epoch = (int)Math.Min(spec.Epochs, current.Step / steps), first = (int)(current.Step - (long)epoch * steps);
+        int epoch = (int)Math.Min(spec.Epochs, version / steps), first = (int)(version - (long)epoch * steps);
         double lossSum = first > 0 ? position.EpochLossSum : 0;
-        _step = current.Step;
+        _step = version;
         var clock = Stopwatch.StartNew();
         if (resumed)
-            await AddEventNow("resumed", $"continued from step {current.Step} (epoch {epoch + 1}, step {first} of {steps}; last checkpoint at step {position.CheckpointStep}) on {SiloEndpoint}, coordinator incarnation {incarnation}");
+            await AddEventNow("resumed", $"continued from step {version} (epoch {epoch + 1}, step {first} of {steps}; last checkpoint at step {position.CheckpointStep}) on {SiloEndpoint}, coordinator incarnation {incarnation}");
 
-        // A version received from a server in another process is pooled: this loop owns it while its workers read it
-        // (evaluation included: a worker of this silo gets it by reference, and its Release must not give it back).
-        var lease = current.Parameters.Own();
-        try
+        // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
+        if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
+            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, version, shards, await Workers(spec, incarnation), clock, 0, incarnation, cancel, null);
+
+        var profile = _profile = new StepProfiler(SiloEndpoint);
+        for (int e = epoch; e < spec.Epochs; e++)
         {
-            // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
-            if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
-                await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, current, server, await Workers(spec, incarnation), clock, 0, incarnation, cancel, null);
-
-            var profile = _profile = new StepProfiler(SiloEndpoint);
-            long vectorBytes = (long)spec.Model.ParameterCount * sizeof(float);
-            for (int e = epoch; e < spec.Epochs; e++)
+            if (plan.Epoch != e) plan.MoveTo(e);
+            (_epoch, _stepInEpoch, _stepsPerEpoch) = (e, first, steps);
+            profile.Reset();
+            for (int s = first; s < steps; s++)
             {
-                if (plan.Epoch != e) plan.MoveTo(e);
-                (_epoch, _stepInEpoch, _stepsPerEpoch) = (e, first, steps);
-                profile.Reset();
-                for (int s = first; s < steps; s++)
+                cancel.ThrowIfCancellationRequested();
+                _stepInEpoch = s;
+                long stepStart = Stopwatch.GetTimestamp();
+                var blocks = await ComputeStep(await Workers(spec, incarnation), spec, incarnation, e, s, plan.ChunkCount(s), version, lossSum, cancel);
+                double stepLoss = 0;
+                string? divergence = null;
+                foreach (var block in blocks) (stepLoss, divergence) = (stepLoss + block.LossSum, divergence ?? block.Divergence);
+                if (divergence is not null)
                 {
-                    cancel.ThrowIfCancellationRequested();
-                    _stepInEpoch = s;
-                    long stepStart = Stopwatch.GetTimestamp();
-                    var blocks = await ComputeStep(await Workers(spec, incarnation), spec, e, s, plan.ChunkCount(s), current, cancel);
-                    double stepLoss = 0;
-                    for (int b = 0; b < blocks.Length; b++) (stepLoss, _blockSums[b]) = (stepLoss + blocks[b].LossSum, blocks[b].GradientSum);
-                    if (!double.IsFinite(stepLoss)) throw new RunDivergedException(current.Step + 1, e + 1, $"training loss is {stepLoss}");
-                    lossSum += stepLoss;
-                    long serverStart = Stopwatch.GetTimestamp();
-                    var outcome = await server.ApplyStep(new StepUpdate(incarnation, current.Step, _blockSums, _stepStarts, plan.StepSize(s), lossSum));
-                    long end = Stopwatch.GetTimestamp();
-                    Array.Clear(_blockSums);
-                    if (outcome.Divergence is { } why) throw new RunDivergedException(current.Step + 1, e + 1, why);
-                    profile.Add(blocks, _roundTrips, _replied, outcome, end - serverStart, _serverSilo, end - stepStart, vectorBytes);
-                    lease.Return();
-                    current = outcome.Version;
-                    lease = current.Parameters.Own();
-                    _step = current.Step;
-                    failing.Reset();
-                    if (resumed)
-                    {
-                        await AddEventNow("recovered", $"first step after the resume applied (step {current.Step}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
-                        resumed = false;
-                    }
+                    // Shards whose slice was finite applied the step: all go back to the last good version.
+                    await shards.MoveTo(incarnation, version);
+                    throw new RunDivergedException(version + 1, e + 1, divergence);
                 }
-                double trainSeconds = clock.Elapsed.TotalSeconds;
-                _stepInEpoch = steps;
-                await FinishEpoch(spec, e, lossSum, trainCount, current, server, await Workers(spec, incarnation), clock, trainSeconds, incarnation, cancel, profile.Result());
-                (first, lossSum) = (0, 0);
-                clock.Restart();
+                lossSum += stepLoss;
+                version++;
+                profile.Add(blocks, _roundTrips, _replied, Stopwatch.GetTimestamp() - stepStart);
+                _step = version;
+                failing.Reset();
+                if (version % spec.CheckpointEvery == 0) await shards.Checkpoint(incarnation, version);
+                if (resumed)
+                {
+                    await AddEventNow("recovered", $"first step after the resume applied (step {version}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
+                    resumed = false;
+                }
             }
-        }
-        finally
-        {
-            lease.Return();
+            double trainSeconds = clock.Elapsed.TotalSeconds;
+            _stepInEpoch = steps;
+            await FinishEpoch(spec, e, lossSum, trainCount, version, shards, await Workers(spec, incarnation), clock, trainSeconds, incarnation, cancel, profile.Result());
+            (first, lossSum) = (0, 0);
+            clock.Restart();
         }
     }
 
@@ -398,15 +385,17 @@ public sealed class RunGrain(
         return _workers;
     }
 
-    /// <summary>Evaluates, checkpoints the server at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
-    private async Task FinishEpoch(RunSpec spec, int epoch, double lossSum, int trainCount, ParameterVersion current,
-        IParameterServerGrain server, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation, CancellationToken cancel, StepProfile? profile)
+    /// <summary>Evaluates, checkpoints the shards at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
+    private async Task FinishEpoch(RunSpec spec, int epoch, double lossSum, int trainCount, long version,
+        ParameterShards shards, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation, CancellationToken cancel, StepProfile? profile)
     {
         var test = (await datasets.Get(spec.Dataset)).Test;
-        var eval = await Evaluate(workers, spec, test.Count, current.Parameters, cancel);
-        await server.Checkpoint(incarnation);
+        var eval = await Evaluate(workers, spec, incarnation, test.Count, version, cancel);
+        await shards.Checkpoint(incarnation, version);
+        // The whole vector comes to the coordinator once an epoch, for its hash.
+        var parameters = await shards.Gather(version);
         var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
-            trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(current.Parameters.Span), current.Step, eval.Confusion, profile);
+            trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(parameters.Parameters.Span), version, eval.Confusion, profile);
         if (record.State.Epochs.Count == epoch)
         {
             await Update(r => r.Epochs.Add(result));
@@ -416,32 +405,23 @@ public sealed class RunGrain(
     }
 
     /// <summary>
-    /// The blocks' sums of one step, in block order: block b on worker b, redone by the next worker while it fails.
+    /// The blocks of one step, in block order: block b on worker b, redone by the next worker while it fails. Each
+    /// worker pushes its sum to the shards itself; once every block is back, every shard has applied the step.
     /// Each call's round trip and reply time go to <see cref="_roundTrips"/> and <see cref="_replied"/> for the profile.
     /// </summary>
-    private async Task<BlockSum[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int epoch, int step, int chunkCount,
-        ParameterVersion parameters, CancellationToken cancel)
+    private async Task<BlockDone[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int incarnation, int epoch, int step, int chunkCount,
+        long version, double lossBefore, CancellationToken cancel)
     {
         var (blocks, starts) = BlocksFor(chunkCount, workers.Length);
-        _stepStarts = starts;
         int count = blocks.Count;
         if (_calls.Length != count)
-            (_calls, _blocks, _blockSums, _roundTrips, _replied) = (new Task<BlockSum>[count], new BlockSum[count], new FloatPayload[count], new long[count], new long[count]);
-        // Worker b lives on silo b mod n (SpreadPlacement). Where another process holds several of this step's
-        // blocks, they go there in one message, so the parameters cross to each silo once.
-        int silos = _spreadOver.Length;
+            (_calls, _blocks, _roundTrips, _replied) = (new Task<BlockDone>[count], new BlockDone[count], new long[count], new long[count]);
         for (int b = 0; b < count; b++)
-        {
-            int together = silos == 0 ? 1 : (count - b % silos + silos - 1) / silos;
-            bool direct = together == 1 || _spreadOver[b % silos] == SiloEndpoint;
-            if (!direct && b >= silos) continue;   // a member of the group its silo's first block sent
-            var work = new BlockWork(spec, epoch, step, blocks.First(b), blocks.End(b), parameters, record.State.DatasetSha256!);
-            _calls[b] = direct ? ComputeBlock(workers, b, b, work, cancel) : ComputeGroup(workers, b, silos, blocks, work, cancel);
-        }
+            _calls[b] = ComputeBlock(workers, b, new BlockWork(spec, incarnation, epoch, step, version, b, starts, lossBefore, record.State.DatasetSha256!), cancel);
         for (int b = 0; b < count; b++)
         {
             var reply = await _calls[b];
-            if (reply.FirstChunk != blocks.First(b) || reply.GradientSum is null)
+            if (reply.FirstChunk != blocks.First(b))
                 throw new InvalidOperationException($"step {step}: block {b} came back for chunk {reply.FirstChunk}, not {blocks.First(b)}");
             _blocks[b] = reply;
         }
@@ -449,7 +429,7 @@ public sealed class RunGrain(
         return _blocks;
     }
 
-    /// <summary>The cut of a step of <paramref name="chunks"/> chunks over the workers, with its starts as the server gets them; made once per worker count.</summary>
+    /// <summary>The cut of a step of <paramref name="chunks"/> chunks over the workers, with its starts as the shards get them; made once per worker count.</summary>
     private (ChunkBlocks Cut, int[] Starts) BlocksFor(int chunks, int workers)
     {
         if (_cutWorkers != workers) (_cut, _shortCut, _cutWorkers) = (default, default, workers);
@@ -462,69 +442,21 @@ public sealed class RunGrain(
         return made;
     }
 
-    /// <summary>Block b on worker <paramref name="first"/>, then on the next workers while it fails.</summary>
-    private async Task<BlockSum> ComputeBlock(IWorkerGrain[] workers, int b, int first, BlockWork work, CancellationToken cancel)
+    /// <summary>Block <see cref="BlockWork.Block"/> on worker b, then on the next workers while it fails.</summary>
+    private async Task<BlockDone> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, CancellationToken cancel)
     {
         long start = Stopwatch.GetTimestamp();
-        var reply = await WithRetry(workers, first, new WorkLabel(work.Step, work.FirstChunk, work.EndChunk), work, static (worker, work) => worker.ComputeBlock(work), cancel);
+        var reply = await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, static (worker, work) => worker.ComputeBlock(work), cancel);
         long end = Stopwatch.GetTimestamp();
         (_roundTrips[b], _replied[b]) = (end - start, end);
         _workerSilos.Add(reply.Silo);
         return reply;
     }
 
-    /// <summary>
-    /// Blocks g, g + n, g + 2n, … (those of silo g) in one call to worker g, which hands the others to their workers
-    /// inside its silo. Returns block g's sum; the others' tasks (in <see cref="_calls"/>) complete from the same
-    /// reply. When the call fails, each block is redone alone from the next worker on, as a single block would be.
-    /// </summary>
-    private Task<BlockSum> ComputeGroup(IWorkerGrain[] workers, int g, int silos, ChunkBlocks blocks, BlockWork lead, CancellationToken cancel)
-    {
-        int size = (blocks.Count - g + silos - 1) / silos;
-        var works = new BlockWork[size];
-        var grains = new IWorkerGrain[size];
-        for (int i = 0; i < size; i++)
-        {
-            int b = g + i * silos;
-            works[i] = i == 0 ? lead : lead with { FirstChunk = blocks.First(b), EndChunk = blocks.End(b) };
-            grains[i] = workers[b];
-        }
-        var group = Group(workers, g, silos, works, grains, cancel);
-        for (int i = 1; i < size; i++) _calls[g + i * silos] = Member(group, i);
-        return Member(group, 0);
-
-        static async Task<BlockSum> Member(Task<BlockSum[]> group, int i) => (await group)[i];
-    }
-
-    private async Task<BlockSum[]> Group(IWorkerGrain[] workers, int g, int silos, BlockWork[] works, IWorkerGrain[] grains, CancellationToken cancel)
-    {
-        long start = Stopwatch.GetTimestamp();
-        try
-        {
-            var replies = await grains[0].ComputeBlocks(new BlockGroupWork(works, grains));
-            long end = Stopwatch.GetTimestamp();
-            if (replies is null || replies.Length != works.Length) throw new InvalidOperationException($"worker {g} returned {replies?.Length ?? 0} of {works.Length} blocks");
-            for (int i = 0; i < replies.Length; i++)
-            {
-                (_roundTrips[g + i * silos], _replied[g + i * silos]) = (end - start, end);
-                _workerSilos.Add(replies[i].Silo);
-            }
-            return replies;
-        }
-        catch (Exception e) when (IsTransient(e) && !cancel.IsCancellationRequested)
-        {
-            logger.LogWarning("Run {Run}: step {Step} blocks of worker {Worker}'s silo failed ({Error}); redoing them one by one", RunId, works[0].Step, g, e.Message);
-            await AddEventNow("worker-failed", $"step {works[0].Step}: the {works.Length} blocks sent to worker {g}'s silo failed: {e.Message}");
-            var redo = new Task<BlockSum>[works.Length];
-            for (int i = 0; i < works.Length; i++) redo[i] = ComputeBlock(workers, g + i * silos, g + i * silos + 1, works[i], cancel);
-            return await Task.WhenAll(redo);
-        }
-    }
-
     /// <summary>What a retried call computes, formatted only for the event log.</summary>
     private readonly record struct WorkLabel(int Step, int First, int End)
     {
-        public override string ToString() => Step < 0 ? $"evaluation of test samples [{First}, {End})" : $"step {Step} chunks [{First}, {End})";
+        public override string ToString() => Step < 0 ? $"evaluation of test samples [{First}, {End})" : $"step {Step} block from chunk {First}";
     }
 
     /// <summary>Test samples per evaluation call; fixed, so that the loss sum is added in the same blocks whatever the worker count.</summary>
@@ -535,13 +467,13 @@ public sealed class RunGrain(
     /// results added in block order: counts add up exactly, and the loss (a double sum) does not depend on how
     /// many workers there are. A failed block is redone by another worker.
     /// </summary>
-    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int testCount, FloatPayload parameters, CancellationToken cancel)
+    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int incarnation, int testCount, long version, CancellationToken cancel)
     {
         int blocks = (testCount + EvalBlock - 1) / EvalBlock;
         var calls = Enumerable.Range(0, blocks).Select(b =>
         {
             int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
-            var work = new EvalWork(spec, start, end, parameters, record.State.DatasetSha256!);
+            var work = new EvalWork(spec, incarnation, version, start, end, record.State.DatasetSha256!);
             return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), work, static (worker, work) => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);
@@ -574,7 +506,7 @@ public sealed class RunGrain(
     }
 
     private static bool IsTransient(Exception e) =>
-        e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException);
+        e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException or ShardMovedException);
 
     private async Task Register(RunState state, RunSpec spec, int epochsDone, bool required = false)
     {

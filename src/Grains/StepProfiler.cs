@@ -24,37 +24,33 @@ internal sealed class StepProfiler(string coordinatorSilo)
     }
 
     /// <summary>
-    /// One step: the workers' replies with each one's round trip and reply time (timestamps), the server's outcome
-    /// and its call's round trip, the step's wall time, and the bytes of one parameter vector.
+    /// One step: the workers' replies with each one's round trip and reply time (timestamps), and the step's wall time.
+    /// The workers pushed and pulled the vectors themselves and counted the bytes that crossed to other processes.
     /// </summary>
-    public void Add(ReadOnlySpan<BlockSum> blocks, ReadOnlySpan<long> roundTrips, ReadOnlySpan<long> replied,
-        StepOutcome outcome, long serverCallTicks, string? serverSilo, long stepTicks, long vectorBytes)
+    public void Add(ReadOnlySpan<BlockDone> blocks, ReadOnlySpan<long> roundTrips, ReadOnlySpan<long> replied, long stepTicks)
     {
-        double slowest = 0, fastest = double.MaxValue, transfer = 0, wire = 0;
+        double slowest = 0, fastest = double.MaxValue, transfer = 0, reduce = 0, push = 0, wire = 0;
         long first = long.MaxValue, last = long.MinValue;
         for (int i = 0; i < blocks.Length; i++)
         {
             var b = blocks[i];
             double roundTrip = Seconds(roundTrips[i]);
-            if (b.ComputeSeconds >= slowest) (slowest, transfer) = (b.ComputeSeconds, Math.Max(0, roundTrip - b.ComputeSeconds));
+            if (b.ComputeSeconds >= slowest)
+                (slowest, transfer, push) = (b.ComputeSeconds, Math.Max(0, roundTrip - b.ComputeSeconds - b.PushSeconds) + b.PullSeconds, b.PushSeconds);
             fastest = Math.Min(fastest, b.ComputeSeconds);
+            reduce = Math.Max(reduce, b.ReduceAndStepSeconds);
             (first, last) = (Math.Min(first, replied[i]), Math.Max(last, replied[i]));
-            // The block's sum back from another process, and the parameters once per other process.
-            if (b.Silo != coordinatorSilo) wire += (FirstOfSilo(blocks, i) ? 2.0 : 1.0) * vectorBytes;
+            wire += b.WireBytes;
             Snapshot(b.Silo, b.AllocatedBytes);
-        }
-        if (serverSilo is not null && serverSilo != coordinatorSilo)
-        {
-            wire += (blocks.Length + 1.0) * vectorBytes;   // the sums to the server, the new version back
-            Snapshot(serverSilo, outcome.AllocatedBytes);
         }
         Snapshot(coordinatorSilo, GC.GetTotalAllocatedBytes(precise: false));
 
         _steps++;
         _trainTicks += stepTicks;
         (_slowest, _fastest, _transfer, _wireBytes) = (_slowest + slowest, _fastest + (blocks.Length > 0 ? fastest : 0), _transfer + transfer, _wireBytes + wire);
-        _reduce += outcome.ReduceAndStepSeconds;
-        _serverCall += Math.Max(0, Seconds(serverCallTicks) - outcome.ReduceAndStepSeconds);
+        _reduce += reduce;
+        // The slowest worker's pushes: from sending its sum to the next version back, minus the shards' own pass.
+        _serverCall += Math.Max(0, push - reduce);
         _barrier += blocks.Length > 0 ? Seconds(last - first) : 0;
         CountAllocations();
     }
@@ -65,13 +61,6 @@ internal sealed class StepProfiler(string coordinatorSilo)
         double n = _steps;
         return new StepProfile(_steps, Seconds(_trainTicks), _slowest / n, _fastest / n, _transfer / n, _reduce / n, _serverCall / n,
             _barrier / n, _wireBytes / n, _allocationSteps > 0 ? _allocated / _allocationSteps : 0);
-    }
-
-    private static bool FirstOfSilo(ReadOnlySpan<BlockSum> blocks, int i)
-    {
-        for (int j = 0; j < i; j++)
-            if (blocks[j].Silo == blocks[i].Silo) return false;
-        return true;
     }
 
     /// <summary>The highest counter a process reported during this step (its grains report at different times).</summary>

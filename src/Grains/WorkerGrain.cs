@@ -7,9 +7,12 @@ using Backprop.Grains.Placement;
 namespace Backprop.Grains;
 
 /// <summary>
-/// Runs backprop on the chunks it is handed. Holds only caches (the silo's dataset, this epoch's plan,
-/// buffers), so losing it loses nothing: the coordinator re-sends the work elsewhere. Every message is
-/// checked against the spec before anything is allocated for it.
+/// Runs backprop on the chunks it is handed and pushes the block's gradient sum to the run's parameter-server
+/// shards, which answer with the next version's slices: so the worker holds the parameters of the step it will
+/// compute next, and pulls them from the shards only when it does not (its first step, a redo, a step whose
+/// pushes returned before the step was applied). Holds only caches (the silo's dataset, this epoch's plan,
+/// buffers, the parameters of one version), so losing it loses nothing: the coordinator re-sends the work
+/// elsewhere. Every message is checked against the spec before anything is allocated for it.
 /// </summary>
 [SpreadPlacement]
 public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, ILocalSiloDetails silo) : Grain, IWorkerGrain
@@ -20,90 +23,144 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private RunSpec? _validSpec;
     private string? _siloName;
     private (RunSpec Spec, string Sha256, Backprop.Core.Data.TrainTest Data)? _data;
-    /// <summary>The last sum handed out from each of the worker's two sets of buffers, and its step.</summary>
-    private (FloatPayload Sum, int Epoch, int Step)? _lentMain, _lentSpare;
+    /// <summary>The full parameter vector of version <see cref="_version"/> of coordinator incarnation <see cref="_versionOf"/>; −1: none.</summary>
+    private float[] _parameters = [];
+    private long _version = -1;
+    private int _versionOf;
+    private IParameterShardGrain[] _shards = [];
+    private string?[] _shardSilos = [];
+    private Task<PushReply>[] _pushes = [];
+    private Task<ParameterVersion>[] _pulls = [];
 
-    public async Task<BlockSum> ComputeBlock(BlockWork work)
+    private string SiloName => _siloName ??= silo.SiloAddress.Endpoint.ToString();
+
+    public async Task<BlockDone> ComputeBlock(BlockWork work)
     {
+        if (work is null) throw new ArgumentException("no work");
         var spec = CheckSpec(work.Spec);
         var train = (await DataFor(spec, work.DatasetSha256)).Train;
         if (work.Epoch < 0 || work.Epoch >= spec.Epochs) throw new ArgumentException($"epoch {work.Epoch} is outside 0..{spec.Epochs - 1}");
         var plan = PlanFor(spec, work.Epoch, spec.TrainCount(train.Count));
         if (work.Step < 0 || work.Step >= plan.Steps) throw new ArgumentException($"step {work.Step} is outside 0..{plan.Steps - 1}");
+        if (work.Version < 0) throw new ArgumentException($"version {work.Version} is negative");
         int chunkCount = plan.ChunkCount(work.Step);
-        if (!PairwiseSum.IsNode(work.FirstChunk, work.EndChunk, chunkCount))
-            throw new ArgumentException($"chunks [{work.FirstChunk}, {work.EndChunk}) are not an aligned block of step {work.Step}'s {chunkCount} chunks (not a node of the reduction tree)");
+        var starts = work.BlockStarts;
+        if (starts is null || work.Block < 0 || work.Block >= starts.Length || starts.Length > chunkCount)
+            throw new ArgumentException($"block {work.Block} of a cut into {starts?.Length ?? 0} blocks (step {work.Step} has {chunkCount} chunks)");
+        int first = starts[work.Block], end = work.Block + 1 < starts.Length ? starts[work.Block + 1] : chunkCount;
+        if (!PairwiseSum.IsNode(first, end, chunkCount))
+            throw new ArgumentException($"chunks [{first}, {end}) are not an aligned block of step {work.Step}'s {chunkCount} chunks (not a node of the reduction tree)");
         var gradient = GradientFor(spec);
-        var parameters = work.Parameters?.Parameters;
-        CheckParameters(parameters, gradient.ParameterCount);
 
-        // A sum lives in this worker's buffers: passed by reference inside the silo, serialized after this call
-        // returns for a remote coordinator, and rewritten by the next step's call (which comes only after the
-        // server used it). A second block of the same step (a retry of another worker's) may arrive before that:
-        // it goes to the spare buffers, and a third detaches the first one's sum (a copy) before reusing them.
-        bool sameStep = _lentMain is { } main && main.Epoch == work.Epoch && main.Step == work.Step;
-        bool spare = sameStep && !(_lentSpare is { } lent && lent.Epoch == work.Epoch && lent.Step == work.Step);
-        if (sameStep && !spare) _lentMain!.Value.Sum.Detach();
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        var (pulled, wire) = await EnsureParameters(spec, work.Incarnation, work.Version);
+        long computing = System.Diagnostics.Stopwatch.GetTimestamp();
         // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
-        double loss = gradient.SumBlock(train, plan, work.Step, work.FirstChunk, work.EndChunk, parameters!.Span, nextStepChunk: work.FirstChunk, spare);
-        double seconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
-        parameters.Release();
-        var sum = new FloatPayload(gradient.Result);
-        if (spare) _lentSpare = (sum, work.Epoch, work.Step);
-        else _lentMain = (sum, work.Epoch, work.Step);
-        return new BlockSum(work.FirstChunk, sum, loss, _siloName ??= silo.SiloAddress.Endpoint.ToString(),
-            seconds, GC.GetTotalAllocatedBytes(precise: false));
-    }
+        double loss = gradient.SumBlock(train, plan, work.Step, first, end, _parameters, nextStepChunk: first);
+        long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
 
-    public async Task<BlockSum[]> ComputeBlocks(BlockGroupWork work)
-    {
-        var blocks = work.Blocks;
-        if (blocks is null || work.Workers is null || blocks.Length < 1 || blocks.Length > RunSpec.MaxWorkers || work.Workers.Length != blocks.Length)
-            throw new ArgumentException($"a group of {blocks?.Length ?? 0} blocks for {work.Workers?.Length ?? 0} workers");
-        var first = blocks[0] ?? throw new ArgumentException("a group without its first block");
-        foreach (var block in blocks)
-            if (block is null || block.Parameters != first.Parameters || block.Spec != first.Spec || block.Step != first.Step || block.Epoch != first.Epoch)
-                throw new ArgumentException("the blocks of a group must be of one step and one parameter version");
-        // The first block is this worker's (computed here, not called); the others go to distinct other workers. A
-        // member that is this worker would call itself and wait on its own turn until the response timeout.
-        var self = this.GetGrainId();
-        if (work.Workers[0] is not { } lead || lead.GetGrainId() != self)
-            throw new ArgumentException("the first worker of a group must be the worker it is sent to");
-        for (int i = 1; i < work.Workers.Length; i++)
-        {
-            var member = work.Workers[i]?.GetGrainId();
-            bool repeated = member is null || member == self;
-            for (int j = 1; j < i && !repeated; j++) repeated = work.Workers[j].GetGrainId() == member;
-            if (repeated) throw new ArgumentException($"worker {i} of the group is missing, repeated or the group's first worker");
-        }
-        // The parameters are read by the other workers of this silo too: this call owns the pooled array until all are done.
-        var lease = first.Parameters.Parameters.Own();
+        // Each shard copies its slice of the sum before it answers, so the buffer is free again once all have.
+        var sum = gradient.Result;
+        var layout = spec.Shards;
+        for (int j = 0; j < _shards.Length; j++)
+            _pushes[j] = _shards[j].Push(new GradientPush(work.Incarnation, work.Version, work.Block, starts, plan.StepSize(work.Step),
+                work.EpochLossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j)))));
+        double reduce = 0;
+        string? divergence = null;
+        bool applied = true;
         try
         {
-            var calls = new Task<BlockSum>[blocks.Length];
-            for (int i = 1; i < blocks.Length; i++) calls[i] = work.Workers[i].ComputeBlock(blocks[i]);
-            calls[0] = ComputeBlock(first);
-            // Every call ends, failed or not, before the parameters' array can go back to the pool.
-            return await Task.WhenAll(calls);
+            for (int j = 0; j < _pushes.Length; j++)
+            {
+                var reply = await _pushes[j];
+                _shardSilos[j] = reply.Silo;
+                if (reply.Silo != SiloName) wire += 4L * layout.Length(j);
+                reduce = Math.Max(reduce, reply.ReduceAndStepSeconds);
+                divergence ??= reply.Divergence;
+                applied &= reply.Next?.Step == work.Version + 1;
+            }
+            // Only a complete next version replaces the one held: with a slice missing, the old one stays good for a redo.
+            if (applied && divergence is null)
+            {
+                _version = -1;
+                for (int j = 0; j < _pushes.Length; j++)
+                {
+                    var next = _pushes[j].Result.Next!.Parameters;
+                    if (next.Length != layout.Length(j)) throw new InvalidDataException($"shard {j} sent {next.Length} parameters for its {layout.Length(j)}");
+                    next.Span.CopyTo(_parameters.AsSpan(layout.Start(j)));
+                    if (_shardSilos[j] != SiloName) wire += 4L * next.Length;
+                }
+                _version = work.Version + 1;
+            }
         }
         finally
         {
-            lease.Return();
+            foreach (var push in _pushes) if (push.IsCompletedSuccessfully) push.Result.Next?.Parameters.Release();
+            Array.Clear(_pushes);
         }
+        long done = System.Diagnostics.Stopwatch.GetTimestamp();
+        return new BlockDone(first, loss, SiloName, Seconds(pushing - computing), Seconds(computing - start), Seconds(done - pushing),
+            reduce, pulled, GC.GetTotalAllocatedBytes(precise: false), wire, divergence);
     }
+
+    /// <summary>Makes <see cref="_parameters"/> version <paramref name="version"/>: held already, or pulled from every shard.</summary>
+    private async ValueTask<(bool Pulled, long WireBytes)> EnsureParameters(RunSpec spec, int incarnation, long version)
+    {
+        var layout = spec.Shards;
+        if (_shards.Length != layout.Shards || _parameters.Length != layout.Parameters)
+        {
+            string run = RunId();
+            _shards = Enumerable.Range(0, layout.Shards).Select(j => GrainFactory.GetGrain<IParameterShardGrain>($"{run}/{j}")).ToArray();
+            (_shardSilos, _pushes, _pulls) = (new string?[layout.Shards], new Task<PushReply>[layout.Shards], new Task<ParameterVersion>[layout.Shards]);
+            (_parameters, _version) = (new float[layout.Parameters], -1);
+        }
+        if (_version == version && _versionOf == incarnation) return (false, 0);
+        _version = -1;
+        long wire = 0;
+        for (int j = 0; j < _shards.Length; j++) _pulls[j] = _shards[j].Pull(version);
+        try
+        {
+            for (int j = 0; j < _pulls.Length; j++)
+            {
+                var slice = await _pulls[j];
+                if (slice.Step != version || slice.Parameters is null || slice.Parameters.Length != layout.Length(j))
+                    throw new InvalidDataException($"shard {j} sent version {slice.Step} with {slice.Parameters?.Length ?? 0} parameters for version {version}'s {layout.Length(j)}");
+                slice.Parameters.Span.CopyTo(_parameters.AsSpan(layout.Start(j)));
+                if (_shardSilos[j] != SiloName) wire += 4L * slice.Parameters.Length;
+            }
+        }
+        finally
+        {
+            foreach (var pull in _pulls) if (pull.IsCompletedSuccessfully) pull.Result.Parameters?.Release();
+            Array.Clear(_pulls);
+        }
+        (_version, _versionOf) = (version, incarnation);
+        return (true, wire);
+    }
+
+    /// <summary>The run of this worker's key, "{runId}/{incarnation}.{generation}/{index}".</summary>
+    private string RunId()
+    {
+        string key = this.GetPrimaryKeyString();
+        int last = key.LastIndexOf('/');
+        int generation = last > 0 ? key.LastIndexOf('/', last - 1) : -1;
+        if (generation <= 0) throw new ArgumentException($"worker key '{key}' is not {{run}}/{{incarnation}}.{{generation}}/{{index}}");
+        return key[..generation];
+    }
+
+    private static double Seconds(long ticks) => ticks / (double)System.Diagnostics.Stopwatch.Frequency;
 
     public async Task<Evaluation> Evaluate(EvalWork work)
     {
+        if (work is null) throw new ArgumentException("no work");
         var spec = CheckSpec(work.Spec);
         var test = (await DataFor(spec, work.DatasetSha256)).Test;
         if (work.Start < 0 || work.Start >= work.End || work.End > test.Count)
             throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {test.Count} test samples");
+        if (work.Version < 0) throw new ArgumentException($"version {work.Version} is negative");
         var runner = GradientFor(spec).Runner;
-        CheckParameters(work.Parameters, runner.ParameterCount);
-        var result = runner.Evaluate(test, work.Parameters!.Span, work.Start, work.End);
-        work.Parameters.Release();
-        return result;
+        await EnsureParameters(spec, work.Incarnation, work.Version);
+        return runner.Evaluate(test, _parameters, work.Start, work.End);
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -136,12 +193,6 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         spec.ValidateAgainst(data.Train);
         _data = (spec, expectedSha256, data);
         return data;
-    }
-
-    private static void CheckParameters(FloatPayload? parameters, int expected)
-    {
-        if (parameters is null || parameters.Length != expected)
-            throw new ArgumentException($"{parameters?.Length ?? 0} parameters sent for a model of {expected}");
     }
 
     private StepGradient GradientFor(RunSpec spec)

@@ -54,6 +54,9 @@ public sealed record ModelSpec(int[] Layers, Activation Activation, Loss Loss)
         foreach (var n in Layers)
             if (n < 1 || n > ResourceLimits.MaxLayerWidth)
                 throw new ArgumentException($"layers: size {n} is out of range 1..{ResourceLimits.MaxLayerWidth}");
+        // An undefined value would throw deep in a backprop thread instead of here.
+        if (!Enum.IsDefined(Activation)) throw new ArgumentException($"activation: {(int)Activation} is not a known activation");
+        if (!Enum.IsDefined(Loss)) throw new ArgumentException($"loss: {(int)Loss} is not a known loss");
         if (Loss == Loss.CrossEntropy && OutputSize < 2)
             throw new ArgumentException("layers: softmax + cross-entropy needs at least 2 outputs");
         // Every evaluation carries a confusion matrix of outputs × outputs counts in one message.

@@ -11,26 +11,31 @@ namespace Backprop.Core.Training;
 /// </summary>
 public sealed class LocalTrainer : IDisposable
 {
-    private readonly RunSpec _spec;
     private readonly Dataset _train;
     private readonly StepGradient _gradient;
-    private readonly float[] _velocity;
+    private readonly Optimizer _optimizer;
+    private readonly float[] _optimizerState;
     private readonly GradientBlock _update;
     private readonly EpochPlan _plan;
     private int _stepSamples;
+    private long _step;
 
     public LocalTrainer(RunSpec spec, Dataset train, int threads = 1)
     {
         spec.Validate(threads);
-        _spec = spec;
         _train = train.Take(spec.TrainCount(train.Count));
         _gradient = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads);
         Parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
-        _velocity = new float[Parameters.Length];
+        _optimizer = Optimizer.For(spec.Optimizer);
+        _optimizerState = new float[checked(_optimizer.StateVectors * Parameters.Length)];
         _plan = new EpochPlan(_train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
         // The step is element-wise: each backprop thread updates the entries whose gradient sum it just finished.
-        _update = (start, gradient) => Optimizer.Step(_spec.Optimizer, Parameters.AsSpan(start, gradient.Length),
-            gradient, _stepSamples, _velocity.AsSpan(start, gradient.Length));
+        _update = (start, gradient) =>
+        {
+            var parameters = Parameters.AsSpan(start, gradient.Length);
+            var state = new StateTile(_optimizerState, Parameters.Length, start, gradient.Length);
+            _optimizer.Step(_step, parameters, gradient, _stepSamples, state, parameters, state);
+        };
     }
 
     public float[] Parameters { get; }
@@ -44,7 +49,7 @@ public sealed class LocalTrainer : IDisposable
         int samples = 0;
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
-            _stepSamples = plan.StepSize(step);
+            (_stepSamples, _step) = (plan.StepSize(step), (long)epoch * plan.Steps + step);
             loss += _gradient.SumStep(_train, plan, step, Parameters, _update);
             samples += _stepSamples;
         }

@@ -5,8 +5,9 @@ using Backprop.Core.Numerics;
 namespace Backprop.Core.Training;
 
 /// <summary>
-/// Everything that determines a run's trained parameters (with the data). Worker count is here too but
-/// never changes the result: the step reduces fixed-size chunks in chunk order.
+/// Everything that determines a run's trained parameters (with the data). Worker and server-shard counts are
+/// here too but never change the result: the step reduces fixed-size chunks in chunk order, and the optimizer
+/// is element-wise.
 /// </summary>
 public sealed record RunSpec(
     ModelSpec Model,
@@ -19,7 +20,8 @@ public sealed record RunSpec(
     long Seed,
     string Dataset,
     int TrainLimit,
-    int CheckpointEvery = RunSpec.DefaultCheckpointEvery)
+    int CheckpointEvery = RunSpec.DefaultCheckpointEvery,
+    int ServerShards = 1)
 {
     public const int MaxWorkers = 256;
     /// <summary>Steps between checkpoints of the parameter server (every epoch end is one too); see README for the cost.</summary>
@@ -42,7 +44,9 @@ public sealed record RunSpec(
         if (TrainLimit < 0) throw new ArgumentException($"train-limit: {TrainLimit} is negative");
         if (CheckpointEvery < 1 || CheckpointEvery > 1_000_000) throw new ArgumentException($"checkpoint-every: {CheckpointEvery} is outside 1..1000000");
         DatasetCatalog.Get(Dataset);
-        // The parameter server receives all of a step's chunk sums in one call.
+        if (!Enum.IsDefined(Init)) throw new ArgumentException($"init: {(int)Init} is not a known scheme");
+        Shards.Validate();
+        // A step's chunk sums, all of them, could come from one process in one message.
         long chunks = (BatchSize + (long)ChunkSize - 1) / ChunkSize;
         ResourceLimits.CheckMessageBytes(checked(chunks * Model.ParameterCount * sizeof(float)),
             $"batch-size {BatchSize} / chunk-size {ChunkSize} = {chunks} chunk gradient sums of {Model.ParameterCount} parameters");
@@ -71,6 +75,8 @@ public sealed record RunSpec(
         if (Model.OutputSize != train.Classes)
             throw new ArgumentException($"layers: output size {Model.OutputSize} does not match the {train.Classes} classes of {Dataset}");
     }
+
+    public ShardLayout Shards => new((int)Model.ParameterCount, ServerShards);
 
     /// <summary>Chunks of a full step (the last step of an epoch may have fewer).</summary>
     public int ChunksPerStep => (int)((BatchSize + (long)ChunkSize - 1) / ChunkSize);

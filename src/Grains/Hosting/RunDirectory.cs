@@ -30,7 +30,7 @@ public static class RunDirectory
     /// <summary>The grains kept in the Redis directory (by their class' full name, as the grain manifest holds it).</summary>
     public static readonly IReadOnlySet<string> Grains = new HashSet<string>(StringComparer.Ordinal)
     {
-        typeof(RunGrain).FullName!, typeof(ParameterServerGrain).FullName!, typeof(RunRegistryGrain).FullName!,
+        typeof(RunGrain).FullName!, typeof(ParameterShardGrain).FullName!, typeof(RunRegistryGrain).FullName!,
     };
 
     public static ISiloBuilder AddRedisRunDirectory(this ISiloBuilder silo, IPEndPoint redis, RedisPassword? password)

@@ -4,8 +4,9 @@ using Orleans.Metadata;
 namespace Backprop.Grains.Hosting;
 
 /// <summary>
-/// What a silo hosts. <see cref="Server"/>: run coordinators, parameter servers and the run registry;
-/// <see cref="Worker"/>: worker grains; <see cref="All"/>: both (a single silo, the CLI's embedded silo, test clusters).
+/// What a silo hosts. <see cref="Server"/>: run coordinators and the run registry; <see cref="Worker"/>: worker
+/// grains; <see cref="All"/>: both (a single silo, the CLI's embedded silo, test clusters). Parameter-server shards
+/// go to every silo, spread by shard number, beside the workers.
 /// </summary>
 public enum SiloRole { All, Server, Worker }
 
@@ -32,7 +33,6 @@ public static class SiloRoles
         if (role == SiloRole.Worker)
         {
             o.Classes.Remove(typeof(RunGrain));
-            o.Classes.Remove(typeof(ParameterServerGrain));
             o.Classes.Remove(typeof(RunRegistryGrain));
         }
     });

@@ -19,8 +19,8 @@ public sealed record EpochResult(
 
 /// <summary>
 /// Where an epoch's training steps spent their time (evaluation excluded), as means per step, measured by the
-/// coordinator: the workers report their compute time, the server its reduce-and-step time, and every process
-/// its allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>), so that the sum covers coordinator,
+/// coordinator: the workers report their compute and push times, the shards' reduce-and-step time, the bytes they
+/// exchanged with shards in other processes, and their process' allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>), so that the sum covers coordinator,
 /// server and workers once per process.
 /// </summary>
 [GenerateSerializer, Immutable]
@@ -32,11 +32,12 @@ public sealed record StepProfile(
     // Backprop and pre-reduction inside the slowest worker's call, per step.
     [property: Id(2)] double SlowestComputeSeconds,
     [property: Id(3)] double FastestComputeSeconds,
-    // The slowest worker's round trip minus its compute: messages, serialization and scheduling.
+    // The slowest worker's call minus its compute and pushes (the coordinator's message, serialization and
+    // scheduling), plus its pull of the parameters where it had to.
     [property: Id(4)] double TransferSeconds,
-    // Reduction of the workers' gradients and the optimizer step, inside the server.
+    // Reduction of the blocks' sums and the optimizer step inside a shard (the slowest shard).
     [property: Id(5)] double ReduceAndStepSeconds,
-    // The server call's round trip minus its reduce-and-step time.
+    // The slowest worker's pushes to the shards, from sending its sum to the next version back, minus the reduce-and-step.
     [property: Id(6)] double ServerCallSeconds,
     // From the first worker's reply to the last one's: the fastest worker's wait at the barrier.
     [property: Id(7)] double BarrierWaitSeconds,
@@ -65,7 +66,7 @@ public sealed record RunStatus(
     [property: Id(7)] string? Error,
     [property: Id(8)] string[] WorkerSilos,
     [property: Id(9)] string CoordinatorSilo,
-    [property: Id(10)] string? ParameterServerSilo,
+    [property: Id(10)] string[] ShardSilos,
     [property: Id(11)] long Step,
     [property: Id(12)] RunEvent[] Events,
     [property: Id(13)] int EpochsDone)

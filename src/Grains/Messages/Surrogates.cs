@@ -24,6 +24,7 @@ public struct RunSpecSurrogate
     [Id(12)] public string Dataset;
     [Id(13)] public int TrainLimit;
     [Id(14)] public int CheckpointEvery;
+    [Id(15)] public int ServerShards;
 }
 
 [RegisterConverter]
@@ -31,14 +32,14 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
 {
     public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
         new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRate, s.Momentum),
-        s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery);
+        s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards);
 
     public RunSpecSurrogate ConvertToSurrogate(in RunSpec v) => new()
     {
         Layers = v.Model.Layers, Activation = v.Model.Activation, Loss = v.Model.Loss, Init = v.Init,
         Optimizer = v.Optimizer.Kind, LearningRate = v.Optimizer.LearningRate, Momentum = v.Optimizer.Momentum,
         BatchSize = v.BatchSize, ChunkSize = v.ChunkSize, Epochs = v.Epochs, Workers = v.Workers, Seed = v.Seed,
-        Dataset = v.Dataset, TrainLimit = v.TrainLimit, CheckpointEvery = v.CheckpointEvery,
+        Dataset = v.Dataset, TrainLimit = v.TrainLimit, CheckpointEvery = v.CheckpointEvery, ServerShards = v.ServerShards,
     };
 }
 

@@ -2,88 +2,102 @@ using Backprop.Core.Training;
 
 namespace Backprop.Grains.Messages;
 
-/// <summary>Parameters of one version (the number of optimizer steps applied so far).</summary>
+/// <summary>Parameters of one version (the number of optimizer steps applied so far): the whole vector, or one shard's slice of it.</summary>
 [GenerateSerializer, Immutable]
 public sealed record ParameterVersion([property: Id(0)] long Step, [property: Id(1)] FloatPayload Parameters);
 
 /// <summary>
-/// Compute the gradient sum of chunks [<see cref="FirstChunk"/>, <see cref="EndChunk"/>) of one step: an aligned
-/// block of the reduction tree (<see cref="Backprop.Core.Training.ChunkBlocks"/>), reduced by the worker. The
-/// worker rebuilds the epoch plan from the spec, so only chunk numbers travel, never sample indices or data.
-/// <see cref="DatasetSha256"/> is the run's data set: a worker whose copy differs refuses the work.
+/// Compute block <see cref="Block"/> of a step, chunks [<see cref="FirstChunk"/>, <see cref="EndChunk"/>): an aligned
+/// block of the reduction tree (<see cref="ChunkBlocks"/>; <see cref="BlockStarts"/> is the whole cut), on the
+/// parameters of version <see cref="Version"/>, and push its gradient sum to the run's parameter-server shards,
+/// which apply the step once every block has arrived. The worker rebuilds the epoch plan from the spec, so only
+/// chunk numbers travel, never sample indices or data, and it gets the parameters from the shards (the version
+/// its last push brought back, or pulled), so the coordinator never carries a vector.
+/// <see cref="EpochLossBefore"/> is the epoch's training loss sum before this step, which the shards keep with
+/// their checkpoints. <see cref="DatasetSha256"/> is the run's data set: a worker whose copy differs refuses the work.
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record BlockWork(
     [property: Id(0)] RunSpec Spec,
-    [property: Id(1)] int Epoch,
-    [property: Id(2)] int Step,
-    [property: Id(3)] int FirstChunk,
-    [property: Id(4)] int EndChunk,
-    [property: Id(5)] ParameterVersion Parameters,
-    [property: Id(6)] string DatasetSha256);
+    [property: Id(1)] int Incarnation,
+    [property: Id(2)] int Epoch,
+    [property: Id(3)] int Step,
+    [property: Id(4)] long Version,
+    [property: Id(5)] int Block,
+    [property: Id(6)] int[] BlockStarts,
+    [property: Id(7)] double EpochLossBefore,
+    [property: Id(8)] string DatasetSha256)
+{
+    public int FirstChunk => BlockStarts[Block];
+}
 
 /// <summary>
-/// Several blocks of one step for workers that share a silo, sent to the first of them: the parameters cross
-/// the network once for the silo (the message holds them once, however many blocks refer to them) and the
-/// first worker hands the other blocks to <see cref="Workers"/> inside its silo, by reference.
+/// A block delivered to every shard: its cost sum, and for the step profile the worker's compute time, the time
+/// it spent getting parameters and pushing, the slowest shard's reduce-and-step time, whether it had to pull the
+/// parameters, its process' allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>), and the payload bytes it
+/// exchanged with shards in other processes.
+/// <see cref="Divergence"/>: a shard refused the step (a non-finite gradient or loss).
 /// </summary>
 [GenerateSerializer, Immutable]
-public sealed record BlockGroupWork(
-    [property: Id(0)] BlockWork[] Blocks,
-    [property: Id(1)] IWorkerGrain[] Workers);
-
-/// <summary>
-/// One block's gradient sum and cost sum, with what the coordinator's step profile needs: the worker's compute
-/// time and its process' allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>) when it finished.
-/// </summary>
-[GenerateSerializer, Immutable]
-public sealed record BlockSum(
+public sealed record BlockDone(
     [property: Id(0)] int FirstChunk,
-    [property: Id(1)] FloatPayload GradientSum,
-    [property: Id(2)] double LossSum,
-    [property: Id(3)] string Silo,
-    [property: Id(4)] double ComputeSeconds,
-    [property: Id(5)] long AllocatedBytes);
+    [property: Id(1)] double LossSum,
+    [property: Id(2)] string Silo,
+    [property: Id(3)] double ComputeSeconds,
+    [property: Id(4)] double PullSeconds,
+    [property: Id(5)] double PushSeconds,
+    [property: Id(6)] double ReduceAndStepSeconds,
+    [property: Id(7)] bool Pulled,
+    [property: Id(8)] long AllocatedBytes,
+    [property: Id(9)] long WireBytes,
+    [property: Id(10)] string? Divergence);
 
-/// <summary>Evaluate test samples [Start, End) under the given parameters.</summary>
+/// <summary>Evaluate test samples [Start, End) under the parameters of version <see cref="Version"/> (from the shards).</summary>
 [GenerateSerializer, Immutable]
 public sealed record EvalWork(
     [property: Id(0)] RunSpec Spec,
-    [property: Id(1)] int Start,
-    [property: Id(2)] int End,
-    [property: Id(3)] FloatPayload Parameters,
-    [property: Id(4)] string DatasetSha256);
+    [property: Id(1)] int Incarnation,
+    [property: Id(2)] long Version,
+    [property: Id(3)] int Start,
+    [property: Id(4)] int End,
+    [property: Id(5)] string DatasetSha256);
 
 /// <summary>
-/// One optimizer step, sent by the coordinator of incarnation <see cref="Incarnation"/>: the gradient sums of
-/// step <see cref="Step"/>'s blocks in chunk order with the first chunk of each (nodes of the reduction tree
-/// that cover the step), the step's sample count, and the epoch's training loss sum up to and including this
-/// step (kept with checkpoints so that a resumed epoch reports the same loss).
+/// One block's gradient sum, the shard's slice of it, for step <see cref="Step"/> (the version it was computed on),
+/// from a worker of coordinator incarnation <see cref="Incarnation"/>. Every block of a step carries the same cut
+/// (<see cref="BlockStarts"/>), sample count and <see cref="EpochLossBefore"/>.
 /// </summary>
 [GenerateSerializer, Immutable]
-public sealed record StepUpdate(
+public sealed record GradientPush(
     [property: Id(0)] int Incarnation,
     [property: Id(1)] long Step,
-    [property: Id(2)] FloatPayload[] BlockSums,
+    [property: Id(2)] int Block,
     [property: Id(3)] int[] BlockStarts,
     [property: Id(4)] int Samples,
-    [property: Id(5)] double EpochLossSum);
+    [property: Id(5)] double EpochLossBefore,
+    [property: Id(6)] double BlockLoss,
+    [property: Id(7)] FloatPayload Gradient);
 
 /// <summary>
-/// The server's answer to a step: the new version, or why the step was refused as diverged; with the time its
-/// reduction and optimizer took and its process' allocation counter, for the step profile.
+/// A shard's answer to a push: its slice of the next version once the step is applied (null when the other blocks
+/// did not arrive within the wait: the worker pulls it when it needs it), or why the step was refused as diverged;
+/// with the time the reduce-and-step took and the shard's process' allocation counter, for the step profile.
 /// </summary>
 [GenerateSerializer, Immutable]
-public sealed record StepOutcome(
-    [property: Id(0)] ParameterVersion Version,
+public sealed record PushReply(
+    [property: Id(0)] ParameterVersion? Next,
     [property: Id(1)] string? Divergence,
-    [property: Id(2)] double ReduceAndStepSeconds = 0,
-    [property: Id(3)] long AllocatedBytes = 0);
+    [property: Id(2)] double ReduceAndStepSeconds,
+    [property: Id(3)] long AllocatedBytes,
+    [property: Id(4)] string Silo);
 
-/// <summary>Where a run's parameters stand when a coordinator attaches to its server.</summary>
+/// <summary>
+/// Where a shard stands when a coordinator attaches: the versions it can move to (in memory, or stored
+/// checkpoints) with the epoch's loss sum at each, and its silo.
+/// </summary>
 [GenerateSerializer, Immutable]
-public sealed record ServerPosition(
-    [property: Id(0)] ParameterVersion Version,
-    [property: Id(1)] double EpochLossSum,
+public sealed record ShardPosition(
+    [property: Id(0)] long[] Steps,
+    [property: Id(1)] double[] EpochLossSums,
     [property: Id(2)] long CheckpointStep,
     [property: Id(3)] string Silo);

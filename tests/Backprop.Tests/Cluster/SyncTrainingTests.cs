@@ -1,3 +1,4 @@
+using Backprop.Core.Numerics;
 using Backprop.Core;
 using Backprop.Core.Training;
 using Backprop.Grains;
@@ -86,11 +87,10 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var start = await Assert.ThrowsAsync<ArgumentException>(() => fixture.Cluster.Client.GetGrain<IRunGrain>("overflow").Start(overflow));
         Assert.Contains("over the limit", start.Message);
         // Sent straight to the grains that allocate, bypassing Start: refused before allocating.
-        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("overflow-direct");
-        await Assert.ThrowsAsync<ArgumentException>(() => server.Attach(overflow, 1));
-        var version = new ParameterVersion(0, new FloatPayload(new float[10]));
-        var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("overflow-direct/0");
-        await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(overflow, 0, 0, 0, 1, version, fixture.DatasetSha256)));
+        var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>("overflow-direct/0");
+        await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(overflow, 1));
+        var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("overflow-direct/1.0/0");
+        await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(overflow, 1, 0, 0, 0, 0, [0], 0, fixture.DatasetSha256)));
 
         var after = await RunToEnd("after-overflow", Spec(2) with { Epochs = 1 });
         Assert.Single(after.Epochs);
@@ -106,84 +106,104 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Equal(RunState.Cancelled, status.State);
     }
 
-    [Fact]
-    public async Task A_duplicate_step_returns_the_same_version_and_changes_nothing()
+    [Theory]
+    [InlineData(1)]
+    [InlineData(2)]
+    [InlineData(3)]
+    [InlineData(7)]
+    public async Task Any_shard_and_worker_count_gives_the_bits_of_a_single_process(int shards)
     {
-        var spec = Spec(2);
-        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("duplicate-step");
-        var start = await server.Attach(spec, incarnation: 1);
-        Assert.Equal(0, start.Version.Step);
-        var gradient = new FloatPayload(Enumerable.Repeat(0.5f, start.Version.Parameters.Length).ToArray());
-        var update = new StepUpdate(1, 0, [gradient, gradient], [0, 1], 32, 1.5);
-
-        var first = await server.ApplyStep(update);
-        var again = await server.ApplyStep(update);
-
-        Assert.Null(first.Divergence);
-        Assert.Equal(1, first.Version.Step);
-        Assert.Equal(1, again.Version.Step);
-        Assert.Equal(ParameterHash.Sha256(first.Version.Parameters.Span), ParameterHash.Sha256(again.Version.Parameters.Span));
-        Assert.Equal(ParameterHash.Sha256(first.Version.Parameters.Span), ParameterHash.Sha256((await server.GetParameters()).Parameters.Span));
-        Assert.NotEqual(ParameterHash.Sha256(start.Version.Parameters.Span), ParameterHash.Sha256(first.Version.Parameters.Span));
-
-        // A newer coordinator fences the older one off.
-        await server.Attach(spec, incarnation: 2);
-        await Assert.ThrowsAsync<StaleCoordinatorException>(() => server.ApplyStep(update with { Step = 1 }));
-    }
-
-    [Fact]
-    public async Task Steps_with_bad_sizes_are_refused_before_anything_changes()
-    {
-        var spec = Spec(2);
-        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("bad-steps");
-        var start = await server.Attach(spec, incarnation: 1);
-        var ok = new FloatPayload(new float[start.Version.Parameters.Length]);
-        var e1 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok], [0], 0, 0)));
-        Assert.Contains("sample count 0", e1.Message);
-        var e2 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [new FloatPayload(new float[3])], [0], 10, 0)));
-        Assert.Contains("length 3", e2.Message);
-        var e3 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok, ok, ok, ok, ok], [0, 1, 2, 3, 4], 10, 0)));
-        Assert.Contains("1..4 block sums", e3.Message);
-        // Blocks that are not nodes of the tree over the step's chunks, or do not start at chunk 0.
-        var e4 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok, ok], [0, 3], 64, 0)));
-        Assert.Contains("not nodes of the reduction tree", e4.Message);
-        var e5 = await Assert.ThrowsAsync<ArgumentException>(() => server.ApplyStep(new StepUpdate(1, 0, [ok], [2], 64, 0)));
-        Assert.Contains("not nodes of the reduction tree", e5.Message);
-        Assert.Equal(0, (await server.GetParameters()).Step);
-
-        var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/0");
-        var version = start.Version;
-        Assert.Contains("differs from the run's", (await Assert.ThrowsAnyAsync<Exception>(() => worker.ComputeBlock(new BlockWork(spec, 0, 0, 0, 1, version, "not-the-data")))).Message);
-        Assert.Contains("chunks [7, 8)", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(spec, 0, 0, 7, 8, version, fixture.DatasetSha256)))).Message);
-        // Not a node of the reduction tree: its sum would not be one the server can combine in the fixed order.
-        Assert.Contains("not an aligned block", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(spec, 0, 0, 1, 3, version, fixture.DatasetSha256)))).Message);
-        Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(spec, 0, 999, 0, 1, version, fixture.DatasetSha256)))).Message);
-        Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 5, 5_000_000, version.Parameters, fixture.DatasetSha256)))).Message);
-    }
-
-    [Fact]
-    public async Task A_group_whose_workers_are_not_distinct_others_is_refused_before_any_call()
-    {
-        var spec = Spec(2);
-        var server = fixture.Cluster.Client.GetGrain<IParameterServerGrain>("bad-group");
-        var version = (await server.Attach(spec, incarnation: 1)).Version;
-        var lead = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-group/0");
-        var other = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-group/1");
-        var block = new BlockWork(spec, 0, 0, 0, 1, version, fixture.DatasetSha256);
-        BlockWork[] two = [block, block with { FirstChunk = 1, EndChunk = 2 }];
-        // A member that is the lead itself would be a call to its own busy activation: it would hang until the
-        // response timeout instead of failing; a null member was a NullReferenceException (retried as transient).
-        foreach (var workers in new[] { new[] { lead, lead }, [lead, null!], [other, lead] })
+        var spec = Spec(1) with { Epochs = 1, Seed = 11, ServerShards = shards };
+        using var local = new LocalTrainer(spec, fixture.Data.Train);
+        local.TrainEpoch(0);
+        string expected = ParameterHash.Sha256(local.Parameters);
+        foreach (int workers in new[] { 1, 3, 4 })
         {
-            var refused = await Assert.ThrowsAsync<ArgumentException>(() => lead.ComputeBlocks(new BlockGroupWork(two, workers)));
-            Assert.Contains("group", refused.Message);
+            var status = await RunToEnd($"shards-{shards}-workers-{workers}", spec with { Workers = workers });
+            Assert.Equal(expected, status.Epochs[^1].ParameterSha256);
+            Assert.Equal(shards, status.ShardSilos.Length);
+            // Spread by shard number over the three silos.
+            Assert.Equal(Math.Min(shards, ClusterFixture.Silos), status.ShardSilos.Distinct().Count());
         }
-        BlockWork[] three = [.. two, block with { FirstChunk = 2, EndChunk = 3 }];
-        var repeated = await Assert.ThrowsAsync<ArgumentException>(() => lead.ComputeBlocks(new BlockGroupWork(three, [lead, other, other])));
-        Assert.Contains("repeated", repeated.Message);
-        // A well-formed group still computes.
-        var sums = await lead.ComputeBlocks(new BlockGroupWork(two, [lead, other]));
-        Assert.Equal([0, 1], sums.Select(s => s.FirstChunk).ToArray());
+    }
+
+    /// <summary>A shard attached for incarnation 1 and moved to version 0, with the spec's initial slice.</summary>
+    private async Task<(IParameterShardGrain Shard, RunSpec Spec, float[] Initial)> Shard(string runId, int shards = 1)
+    {
+        var spec = Spec(2) with { ServerShards = shards };
+        var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/0");
+        var position = await shard.Attach(spec, incarnation: 1);
+        Assert.Equal([0L], position.Steps);
+        await shard.MoveTo(1, 0);
+        var layout = spec.Shards;
+        var initial = Backprop.Core.Model.Initializer.Create(spec.Model, spec.Init, spec.Seed)[layout.Start(0)..layout.End(0)];
+        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
+        return (shard, spec, initial);
+    }
+
+    private static GradientPush Push(int block, int[] cut, FloatPayload gradient, int incarnation = 1, long step = 0, int samples = 32) =>
+        new(incarnation, step, block, cut, samples, EpochLossBefore: 0, BlockLoss: 1.5, gradient);
+
+    [Fact]
+    public async Task A_step_is_applied_once_when_its_last_block_arrives_and_a_duplicate_changes_nothing()
+    {
+        var (shard, spec, initial) = await Shard("duplicate-step", shards: 2);
+        var gradient = new FloatPayload(Enumerable.Repeat(0.5f, initial.Length).ToArray());
+        var first = shard.Push(Push(0, [0, 1], gradient));
+        var second = await shard.Push(Push(1, [0, 1], gradient));
+        var replies = new[] { await first, second };
+
+        // The optimizer on the slice by hand: the two blocks' sum (1.0 everywhere) over 32 samples.
+        float[] expected = (float[])initial.Clone(), state = new float[initial.Length];
+        Optimizer.For(spec.Optimizer).Step(0, expected, Enumerable.Repeat(1f, initial.Length).ToArray(), 32, state);
+        foreach (var reply in replies)
+        {
+            Assert.Null(reply.Divergence);
+            Assert.Equal(1, reply.Next!.Step);
+            Assert.Equal(expected, reply.Next.Parameters.Span.ToArray());
+        }
+        var again = await shard.Push(Push(0, [0, 1], gradient));
+        Assert.Equal(1, again.Next!.Step);
+        Assert.Equal(expected, (await shard.Pull(1)).Parameters.Span.ToArray());
+        // The version before stays for a redone block; older ones are gone.
+        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
+        await shard.MoveTo(1, 0);
+        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(1));
+
+        // A newer coordinator fences the older one off; the shard must be attached before a newer one's blocks count.
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], gradient, incarnation: 2)));
+        await shard.Attach(spec, incarnation: 2);
+        await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Push(Push(0, [0], gradient)));
+        await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Attach(spec, incarnation: 1));
+        await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec with { Seed = 99 }, incarnation: 3));
+    }
+
+    [Fact]
+    public async Task Blocks_with_bad_sizes_are_refused_before_anything_changes()
+    {
+        var (shard, spec, initial) = await Shard("bad-steps");
+        var ok = new FloatPayload(new float[initial.Length]);
+        Assert.Contains("sample count 0", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(0, [0], ok, samples: 0)))).Message);
+        Assert.Contains("length 3", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(0, [0], new FloatPayload(new float[3]))))).Message);
+        Assert.Contains("cut into 5 blocks", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(0, [0, 1, 2, 3, 4], ok, samples: 64)))).Message);
+        // Blocks that are not nodes of the tree over the step's chunks, or do not start at chunk 0.
+        Assert.Contains("not nodes of the reduction tree", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(0, [0, 3], ok, samples: 64)))).Message);
+        Assert.Contains("not nodes of the reduction tree", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(0, [2], ok, samples: 64)))).Message);
+        Assert.Contains("block 2 of a step cut into 2", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(2, [0, 1], ok)))).Message);
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], ok, step: 5)));
+        Assert.Contains("holds no version 7", (await Assert.ThrowsAsync<ArgumentException>(() => shard.MoveTo(1, 7))).Message);
+        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
+
+        var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/1.0/0");
+        BlockWork Work(int block, int[] cut, int step = 0, string? sha = null) => new(spec, 1, 0, step, 0, block, cut, 0, sha ?? fixture.DatasetSha256);
+        Assert.Contains("differs from the run's", (await Assert.ThrowsAnyAsync<Exception>(() => worker.ComputeBlock(Work(0, [0], sha: "not-the-data")))).Message);
+        Assert.Contains("block 7 of a cut into 8", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(7, [0, 1, 2, 3, 4, 5, 6, 7])))).Message);
+        // Not a node of the reduction tree: its sum would not be one the shards can combine in the fixed order.
+        Assert.Contains("not an aligned block", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(1, [0, 1, 3])))).Message);
+        Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(0, [0], step: 999)))).Message);
+        Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 1, 0, 5, 5_000_000, fixture.DatasetSha256)))).Message);
+        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
     }
 
     [Fact]

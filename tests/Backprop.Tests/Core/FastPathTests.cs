@@ -102,7 +102,7 @@ public class FastPathTests
         for (int step = 0; step < 3; step++)
         {
             runner.GradientSum(Data.Train, p, plan.Chunk(step, 0), gradient);
-            Optimizer.Step(spec.Optimizer, p, gradient, plan.StepSize(step), velocity);
+            Optimizer.For(spec.Optimizer).Step(0, p, gradient, plan.StepSize(step), velocity);
         }
         Assert.Equal(ParameterHash.Sha256(p), ParameterHash.Sha256(trainer.Parameters));
     }

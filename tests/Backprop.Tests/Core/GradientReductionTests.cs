@@ -160,7 +160,7 @@ public class GradientReductionTests
                 runner.GradientSum(Data.Train, p, plan.Chunk(step, c), g);
                 return g;
             }).ToList();
-            Optimizer.Step(spec.Optimizer, p, LevelByLevel(sums), plan.StepSize(step), velocity);
+            Optimizer.For(spec.Optimizer).Step(0, p, LevelByLevel(sums), plan.StepSize(step), velocity);
         }
         Assert.Equal(ParameterHash.Sha256(p), ParameterHash.Sha256(trainer.Parameters));
     }

@@ -101,9 +101,9 @@ public class GradientTests
     {
         var settings = new OptimizerSettings(OptimizerKind.Momentum, 0.1f, 0.9f);
         float[] p = [1f, -2f], v = [0f, 0f];
-        Optimizer.Step(settings, p, new float[] { 4f, 8f }, 2, v);   // g = [2, 4]; v = g; p -= 0.1 v
+        Optimizer.For(settings).Step(0, p, new float[] { 4f, 8f }, 2, v);   // g = [2, 4]; v = g; p -= 0.1 v
         Assert.Equal([0.8f, -2.4f], p);
-        Optimizer.Step(settings, p, new float[] { 2f, 0f }, 2, v);   // g = [1, 0]; v = 0.9 v + g = [2.8, 3.6]
+        Optimizer.For(settings).Step(0, p, new float[] { 2f, 0f }, 2, v);   // g = [1, 0]; v = 0.9 v + g = [2.8, 3.6]
         Assert.Equal(2.8f, v[0], 1e-6f);
         Assert.Equal(3.6f, v[1], 1e-6f);
         Assert.Equal(0.8f - 0.28f, p[0], 1e-6f);
@@ -127,7 +127,7 @@ public class GradientTests
             float step = kind == OptimizerKind.Sgd ? g[i] / 3f : expectedV[i] = 0.9f * expectedV[i] + g[i] / 3f;
             expectedP[i] = expectedP[i] - 0.03f * step;
         }
-        Optimizer.Step(settings, p, g, 3, v);
+        Optimizer.For(settings).Step(0, p, g, 3, v);
         Assert.Equal(expectedP.Select(BitConverter.SingleToInt32Bits), p.Select(BitConverter.SingleToInt32Bits));
         Assert.Equal(expectedV.Select(BitConverter.SingleToInt32Bits), v.Select(BitConverter.SingleToInt32Bits));
     }

@@ -44,7 +44,8 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         train.WaitForLine(l => l.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(120));
         var status = Status(redis);
         Assert.Equal(Silo(0), status.GetProperty("coordinatorSilo").GetString());
-        Assert.Equal(Silo(0), status.GetProperty("parameterServerSilo").GetString());
+        // One shard, on the first silo in address order: the server silo.
+        Assert.Equal([Silo(0)], status.GetProperty("shardSilos").EnumerateArray().Select(s => s.GetString()));
         Assert.Equal([Silo(1), Silo(2)], WorkerSilos(status));
 
         var added = Script(State, "add", "worker");
@@ -79,7 +80,7 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         Assert.DoesNotContain(eventList, e => e.GetProperty("kind").GetString() is "resumed" or "server-lost");
         string[] directory = DirectoryKeys(redisPort);
         Assert.Contains($"{_cluster}/directory/run/elastic", directory);
-        Assert.Contains($"{_cluster}/directory/parameterserver/elastic", directory);
+        Assert.Contains($"{_cluster}/directory/parametershard/elastic/0", directory);
         output.WriteLine(File.ReadLines(Path.Combine(State, "silo-3.log")).First(l => l.Contains("silo-3 up")));
         output.WriteLine($"silo-3 (worker) up -> its endpoint in workerSilos: {joinedAfter.TotalSeconds:F2} s (status polled by CLI processes), at step {stepAtJoin}");
         output.WriteLine(termed.Output.Trim());

@@ -1,0 +1,376 @@
+using System.Diagnostics;
+using System.Numerics.Tensors;
+using Backprop.Core.Model;
+using Backprop.Core.Numerics;
+using Backprop.Core.Training;
+using Backprop.Grains.Hosting;
+using Backprop.Grains.Messages;
+using Backprop.Grains.Placement;
+
+namespace Backprop.Grains;
+
+/// <summary>Which coordinator owns a shard's run: stored before a new incarnation counts, so that the fence outlives the activation.</summary>
+[GenerateSerializer]
+public sealed class ShardFence
+{
+    [Id(0)] public RunSpec? Spec { get; set; }
+    [Id(1)] public int Incarnation { get; set; }
+}
+
+/// <summary>One stored version of a shard's slice: parameters, the optimizer's state (its vectors one after another), the epoch's loss sum.</summary>
+[GenerateSerializer]
+public sealed class ShardCheckpoint
+{
+    [Id(0)] public long Step { get; set; }
+    [Id(1)] public FloatPayload? Parameters { get; set; }
+    [Id(2)] public FloatPayload? OptimizerState { get; set; }
+    [Id(3)] public double EpochLossSum { get; set; }
+}
+
+/// <summary>
+/// Slice j of a run's parameters and optimizer state (<see cref="ShardLayout"/>), and the only thing that changes it.
+/// Workers push their blocks' gradient sums (this slice of them); the block that completes a step applies it in
+/// one pass a tile at a time (the blocks combined with the tree above them, the finite check, the optimizer into
+/// spare buffers that are swapped in only when the whole slice was finite), and every waiting push returns the new
+/// version's slice. A shard keeps the version before the current one (the spare buffers), so a redone block can
+/// still be computed on it, and a diverged step or a coordinator that settles on an earlier version can go back.
+///
+/// Checkpoints go to the older of two stored slots, when the coordinator asks (every CheckpointEvery steps and at
+/// epoch ends), for all shards alike; a coordinator attaching picks the latest version every shard can move to.
+/// Since a version's bits depend only on the step number, a version stored by any incarnation is the same bits.
+/// Spread over the silos by shard number, beside the workers, so that S shards split a step's traffic S ways.
+/// </summary>
+[SpreadPlacement]
+public sealed class ParameterShardGrain(
+    [PersistentState("fence", SiloSetup.StorageName)] IPersistentState<ShardFence> fence,
+    [PersistentState("checkpoint-a", SiloSetup.StorageName)] IPersistentState<ShardCheckpoint> slotA,
+    [PersistentState("checkpoint-b", SiloSetup.StorageName)] IPersistentState<ShardCheckpoint> slotB,
+    ILocalSiloDetails silo) : Grain, IParameterShardGrain
+{
+    /// <summary>Entries reduced, checked and stepped together, while they are in L1.</summary>
+    private const int Tile = 4096;
+    /// <summary>How long a push waits for the rest of its step; well under the response timeout, so a redo queued behind a waiting worker is not held up long.</summary>
+    private static readonly TimeSpan PushWait = TimeSpan.FromSeconds(2);
+
+    private RunSpec? _spec;
+    private Optimizer? _optimizer;
+    private int _incarnation, _start, _length;
+    /// <summary>The current version; −1 until a coordinator moved the shard to one.</summary>
+    private long _step = -1;
+    private double _epochLossSum, _previousLossSum;
+    private float[] _parameters = [], _state = [];
+    // The version before the current one while _hasPrevious; the next step is written here, then swapped in.
+    private float[] _previous = [], _previousState = [];
+    private bool _hasPrevious;
+
+    // The step being gathered: each block's slice (copied on arrival, so the sender's buffer is free at once) and loss.
+    private float[][] _blocks = [];
+    private bool[] _arrived = [];
+    private double[] _blockLoss = [];
+    private int[]? _cut;
+    private int _samples, _arrivedCount;
+    private double _lossBefore;
+    private TaskCompletionSource<PushReply> _applied = NewWaiter();
+
+    private ReadOnlyMemory<float>[] _leaves = [];
+    private readonly float[] _tile = new float[Tile];
+    private float[] _scratch = [];
+    private string? _siloName;
+
+    private int Shard => SpreadPlacementDirector.IndexOf(this.GetPrimaryKeyString());
+    private string SiloName => _siloName ??= silo.SiloAddress.Endpoint.ToString();
+
+    public async Task<ShardPosition> Attach(RunSpec spec, int incarnation)
+    {
+        if (spec is null) throw new ArgumentException("no run spec");
+        spec.Validate();
+        if (incarnation < 1) throw new ArgumentException($"incarnation {incarnation} is not positive");
+        if (Shard >= spec.ServerShards) throw new ArgumentException($"shard {Shard} of a run with {spec.ServerShards} shards");
+        if (fence.State.Spec is { } stored && stored != spec) throw new ArgumentException($"shard {this.GetPrimaryKeyString()} holds a different run");
+        if (incarnation < fence.State.Incarnation)
+            throw new StaleCoordinatorException($"coordinator incarnation {incarnation} is superseded by {fence.State.Incarnation}");
+        if (incarnation > fence.State.Incarnation || fence.State.Spec is null)
+        {
+            var before = fence.State;
+            fence.State = new ShardFence { Spec = spec, Incarnation = incarnation };
+            try
+            {
+                await fence.WriteAuthoritative((stored, mine) => stored.Incarnation > mine.Incarnation);
+            }
+            catch
+            {
+                fence.State = before;
+                throw;
+            }
+        }
+        // The fence counts from here, once stored; pushes of the older coordinator still waiting are told to stop.
+        _incarnation = incarnation;
+        if (_spec is null) Load(spec);
+        EndGather(new StaleCoordinatorException($"coordinator incarnation {incarnation} took over shard {Shard}"));
+        return Position();
+    }
+
+    public Task MoveTo(int incarnation, long step)
+    {
+        CheckOwner(incarnation);
+        if (step < 0) throw new ArgumentException($"version {step} is negative");
+        if (step == _step) return Task.CompletedTask;
+        if (_hasPrevious && step == _step - 1)
+        {
+            (_parameters, _previous) = (_previous, _parameters);
+            (_state, _previousState) = (_previousState, _state);
+            (_epochLossSum, _hasPrevious) = (_previousLossSum, false);
+        }
+        else if (Stored(step) is { } checkpoint)
+        {
+            if (checkpoint.Parameters?.Length != _length || checkpoint.OptimizerState?.Length != _state.Length)
+                throw new InvalidDataException($"shard {Shard}: the checkpoint of step {step} does not fit the run's slice");
+            checkpoint.Parameters.Span.CopyTo(_parameters);
+            checkpoint.OptimizerState.Span.CopyTo(_state);
+            (_epochLossSum, _hasPrevious) = (checkpoint.EpochLossSum, false);
+        }
+        else if (step == 0)
+        {
+            Initializer.Create(_spec!.Model, _spec.Init, _spec.Seed).AsSpan(_start, _length).CopyTo(_parameters);
+            Array.Clear(_state);
+            (_epochLossSum, _hasPrevious) = (0, false);
+        }
+        else
+        {
+            throw new ArgumentException($"shard {Shard} holds no version {step} (it is at {_step})");
+        }
+        _step = step;
+        EndGather(new ShardMovedException($"shard {Shard} moved to version {step}"));
+        return Task.CompletedTask;
+    }
+
+    public async Task<PushReply> Push(GradientPush push)
+    {
+        var spec = _spec;
+        if (spec is null || _step < 0) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
+        if (push is null) throw new ArgumentException("no push");
+        if (push.Incarnation < _incarnation)
+            throw new StaleCoordinatorException($"a block from coordinator incarnation {push.Incarnation} arrived; incarnation {_incarnation} owns the run");
+        if (push.Incarnation > _incarnation) throw new ShardMovedException($"shard {Shard} is not attached to coordinator incarnation {push.Incarnation} yet");
+        if (push.Step == _step - 1) { push.Gradient?.Release(); return Reply(Current(), null, 0); }   // a redone block of an applied step
+        if (push.Step != _step) throw new ShardMovedException($"shard {Shard} is at version {_step}; a block of step {push.Step} arrived");
+        int count = CheckPush(spec, push);
+
+        if (_cut is null)
+        {
+            (_cut, _samples, _lossBefore) = (push.BlockStarts, push.Samples, push.EpochLossBefore);
+            if (_blocks.Length < count) Array.Resize(ref _blocks, count);
+            if (_arrived.Length < count) (_arrived, _blockLoss) = (new bool[count], new double[count]);
+        }
+        else if (!_cut.AsSpan().SequenceEqual(push.BlockStarts) || _samples != push.Samples || !_lossBefore.Equals(push.EpochLossBefore))
+        {
+            throw new ArgumentException($"a block of step {push.Step} with another cut, sample count or loss than the blocks before it");
+        }
+        if (!_arrived[push.Block])
+        {
+            push.Gradient.Span.CopyTo(_blocks[push.Block] ??= new float[_length]);
+            (_arrived[push.Block], _blockLoss[push.Block]) = (true, push.BlockLoss);
+            _arrivedCount++;
+        }
+        push.Gradient.Release();
+
+        var waiter = _applied;
+        if (_arrivedCount == count) Apply(spec);
+        try
+        {
+            return await waiter.Task.WaitAsync(PushWait);
+        }
+        catch (TimeoutException)
+        {
+            return Reply(null, null, 0);   // the step waits for other blocks; the worker pulls the version when it needs it
+        }
+    }
+
+    public Task<ParameterVersion> Pull(long step)
+    {
+        if (_spec is null || _step < 0) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
+        if (step == _step) return Task.FromResult(Current());
+        if (_hasPrevious && step == _step - 1) return Task.FromResult(new ParameterVersion(step, new FloatPayload(_previous)));
+        throw new ShardMovedException($"shard {Shard} is at version {_step}; version {step} was asked for");
+    }
+
+    public Task<ParameterVersion> GetParameters()
+    {
+        if (_spec is not null && _step >= 0) return Task.FromResult(new ParameterVersion(_step, new FloatPayload((float[])_parameters.Clone())));
+        var latest = Latest() ?? throw new InvalidOperationException($"shard {this.GetPrimaryKeyString()} has no parameters");
+        return Task.FromResult(new ParameterVersion(latest.Step, latest.Parameters!));
+    }
+
+    public async Task Checkpoint(int incarnation, long step)
+    {
+        CheckOwner(incarnation);
+        if (step != _step) throw new ShardMovedException($"shard {Shard} is at version {_step}; a checkpoint of {step} was asked for");
+        if (Stored(step) is not null) return;
+        // Parameters that overflowed are never stored: the last good checkpoint stays for the diverged run.
+        if (!float.IsFinite(TensorPrimitives.Sum<float>(_parameters))) return;
+        var slot = !slotA.RecordExists ? slotA : !slotB.RecordExists ? slotB : slotA.State.Step <= slotB.State.Step ? slotA : slotB;
+        var before = slot.State;
+        // Copies: pushes interleave with the write, and the next steps rewrite these buffers.
+        slot.State = new ShardCheckpoint
+        {
+            Step = step,
+            Parameters = new FloatPayload((float[])_parameters.Clone()),
+            OptimizerState = new FloatPayload((float[])_state.Clone()),
+            EpochLossSum = _epochLossSum,
+        };
+        try
+        {
+            await slot.WriteAuthoritative();
+        }
+        catch
+        {
+            slot.State = before;
+            throw;
+        }
+    }
+
+    /// <summary>The checks of a push that need the spec; returns the step's block count.</summary>
+    private int CheckPush(RunSpec spec, GradientPush push)
+    {
+        if (push.Gradient is null || push.Gradient.Length != _length)
+            throw new ArgumentException($"a gradient slice of length {push.Gradient?.Length ?? 0} for shard {Shard}'s {_length} parameters");
+        if (push.Samples < 1 || push.Samples > spec.BatchSize)
+            throw new ArgumentException($"a step's sample count {push.Samples} is outside 1..{spec.BatchSize}");
+        int chunks = (push.Samples + spec.ChunkSize - 1) / spec.ChunkSize;
+        var starts = push.BlockStarts;
+        if (starts is null || starts.Length < 1 || starts.Length > chunks)
+            throw new ArgumentException($"a step of {chunks} chunks cut into {starts?.Length ?? 0} blocks");
+        if (_cut is null || !ReferenceEquals(_cut, starts))
+            for (int i = 0; i < starts.Length; i++)
+                if ((i == 0 && starts[0] != 0) || !PairwiseSum.IsNode(starts[i], i + 1 < starts.Length ? starts[i + 1] : chunks, chunks))
+                    throw new ArgumentException($"the blocks starting at chunks [{string.Join(",", starts)}] are not nodes of the reduction tree covering the step's {chunks} chunks");
+        if (push.Block < 0 || push.Block >= starts.Length) throw new ArgumentException($"block {push.Block} of a step cut into {starts.Length}");
+        return starts.Length;
+    }
+
+    /// <summary>Every block is here: reduce, check, step; then answer every waiting push.</summary>
+    private void Apply(RunSpec spec)
+    {
+        long start = Stopwatch.GetTimestamp();
+        int count = _cut!.Length, chunks = (_samples + spec.ChunkSize - 1) / spec.ChunkSize;
+        double stepLoss = 0;
+        for (int b = 0; b < count; b++) stepLoss += _blockLoss[b];   // block order: the coordinator adds them the same way
+        string? divergence = !double.IsFinite(stepLoss) ? $"training loss is {stepLoss}"
+            : !StepFused(spec, count, chunks) ? "the gradient has non-finite values" : null;
+        if (divergence is null)
+        {
+            (_parameters, _previous) = (_previous, _parameters);
+            (_state, _previousState) = (_previousState, _state);
+            (_previousLossSum, _epochLossSum, _hasPrevious) = (_epochLossSum, _lossBefore + stepLoss, true);
+            _step++;
+        }
+        double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
+        var waiter = _applied;
+        EndGather(null);
+        waiter.TrySetResult(Reply(divergence is null ? Current() : null, divergence, seconds));
+    }
+
+    /// <summary>
+    /// The blocks' slices combined with the tree above them a tile at a time, the total checked, and the optimizer's
+    /// step written to the spare buffers. False, with the current version untouched, when the gradient has a
+    /// non-finite value (an overflow to infinity in a tile's sum counts too).
+    /// </summary>
+    private bool StepFused(RunSpec spec, int count, int chunks)
+    {
+        if (_leaves.Length != count) _leaves = new ReadOnlyMemory<float>[count];
+        for (int i = 0; i < count; i++) _leaves[i] = _blocks[i];
+        try
+        {
+            for (int start = 0; start < _length; start += Tile)
+            {
+                int n = Math.Min(Tile, _length - start);
+                ReadOnlySpan<float> gradient = count == 1 ? _blocks[0].AsSpan(start, n) : _tile.AsSpan(0, n);
+                if (count > 1) PairwiseSum.SumNodes(_leaves, _cut, chunks, start, _tile.AsSpan(0, n), _scratch);
+                if (!float.IsFinite(TensorPrimitives.Sum(gradient))) return false;
+                _optimizer!.Step(_step, _parameters.AsSpan(start, n), gradient, _samples, new StateTile(_state, _length, start, n),
+                    _previous.AsSpan(start, n), new StateTile(_previousState, _length, start, n));
+            }
+            return true;
+        }
+        finally
+        {
+            Array.Clear(_leaves);
+        }
+    }
+
+    /// <summary>Forgets the step being gathered; pushes still waiting for it get <paramref name="error"/> (none: the caller answers them).</summary>
+    private void EndGather(Exception? error)
+    {
+        var waiter = _applied;
+        _applied = NewWaiter();
+        (_cut, _arrivedCount) = (null, 0);
+        Array.Clear(_arrived);
+        if (error is not null) waiter.TrySetException(error);
+    }
+
+    private void CheckOwner(int incarnation)
+    {
+        if (_spec is null) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
+        if (incarnation < _incarnation) throw new StaleCoordinatorException($"coordinator incarnation {incarnation} is superseded by {_incarnation}");
+        if (incarnation > _incarnation) throw new ShardMovedException($"shard {Shard} is not attached to coordinator incarnation {incarnation} yet");
+    }
+
+    private ShardPosition Position()
+    {
+        var steps = new List<(long Step, double Loss)> { (0, 0) };
+        if (_step >= 0) steps.Add((_step, _epochLossSum));
+        if (_hasPrevious) steps.Add((_step - 1, _previousLossSum));
+        foreach (var slot in new[] { slotA, slotB })
+            if (slot.RecordExists && slot.State.Parameters is not null) steps.Add((slot.State.Step, slot.State.EpochLossSum));
+        var distinct = steps.DistinctBy(s => s.Step).OrderBy(s => s.Step).ToArray();
+        return new ShardPosition(distinct.Select(s => s.Step).ToArray(), distinct.Select(s => s.Loss).ToArray(),
+            Latest()?.Step ?? 0, SiloName);
+    }
+
+    private ShardCheckpoint? Stored(long step) =>
+        slotA.RecordExists && slotA.State.Step == step && slotA.State.Parameters is not null ? slotA.State
+        : slotB.RecordExists && slotB.State.Step == step && slotB.State.Parameters is not null ? slotB.State : null;
+
+    private ShardCheckpoint? Latest()
+    {
+        var a = slotA.RecordExists && slotA.State.Parameters is not null ? slotA.State : null;
+        var b = slotB.RecordExists && slotB.State.Parameters is not null ? slotB.State : null;
+        return a is null ? b : b is null || a.Step >= b.Step ? a : b;
+    }
+
+    private void Load(RunSpec spec)
+    {
+        var layout = spec.Shards;
+        (_spec, _optimizer) = (spec, Optimizer.For(spec.Optimizer));
+        (_start, _length) = (layout.Start(Shard), layout.Length(Shard));
+        int stateLength = checked(_optimizer.StateVectors * _length);
+        (_parameters, _previous) = (new float[_length], new float[_length]);
+        (_state, _previousState) = (new float[stateLength], new float[stateLength]);
+        _scratch = new float[PairwiseSum.ScratchFor(Tile, spec.ChunksPerStep)];
+        (_step, _hasPrevious) = (-1, false);
+    }
+
+    private ParameterVersion Current() => new(_step, new FloatPayload(_parameters));
+
+    private PushReply Reply(ParameterVersion? next, string? divergence, double seconds) =>
+        new(next, divergence, seconds, GC.GetTotalAllocatedBytes(precise: false), SiloName);
+
+    private static TaskCompletionSource<PushReply> NewWaiter() => new(TaskCreationOptions.RunContinuationsAsynchronously);
+}
+
+/// <summary>A newer coordinator owns the run: the caller must stop (never retried).</summary>
+[GenerateSerializer]
+public sealed class StaleCoordinatorException : Exception
+{
+    public StaleCoordinatorException(string message) : base(message) { }
+}
+
+/// <summary>
+/// A shard is not at the version a call needs (it lost its activation, or was moved): the coordinator attaches
+/// to every shard again and goes on from the latest version they can all move to.
+/// </summary>
+[GenerateSerializer]
+public sealed class ShardMovedException : Exception
+{
+    public ShardMovedException(string message) : base(message) { }
+}
