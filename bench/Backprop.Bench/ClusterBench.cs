@@ -22,6 +22,7 @@ public static class ClusterBench
     public const string Usage = """
         usage: Backprop.Bench cluster [--json] [--epochs N] [--batch 64,256] [--model 784,128,64,10] [--workers N]
                                       [--train-limit N] [--modes core,embedded,processes] [--data-dir DIR]
+                                      [--server-shards S]
 
         Trains the pytorch-mlp preset (ReLU, cross-entropy, SGD momentum 0.9, lr 0.01, seed 1) with the given batch
         sizes (chunk size = batch/4, the CLI's default) and model, in three modes:
@@ -39,6 +40,7 @@ public static class ClusterBench
           --train-limit N   train on the first N images only (default 0 = all 60,000; for slow models)
           --modes LIST      which modes to run (default core,embedded,processes)
           --data-dir DIR    data directory holding mnist/ (default: the CLI's, ~/.cache/backprop-distributed)
+          --server-shards S parameter-server shards of the cluster modes (default 1; every row says its count, 0 for core)
 
         Needs MNIST (`dotnet run --project src/Client -- data fetch mnist`) and the Release build of src/Client and
         src/Silo, which `dotnet run -c Release --project bench/Backprop.Bench` builds with the bench.
@@ -109,7 +111,7 @@ public static class ClusterBench
         }
     }
 
-    private sealed record Options(bool Json, int Epochs, int[] Batches, int[] Layers, int Workers, int TrainLimit, string[] Modes, string DataDir)
+    private sealed record Options(bool Json, int Epochs, int[] Batches, int[] Layers, int Workers, int TrainLimit, string[] Modes, string DataDir, int ServerShards)
     {
         public static Options Parse(string[] args)
         {
@@ -123,7 +125,7 @@ public static class ClusterBench
                 int.Parse(text) is var v and > 0 ? v : throw new ArgumentException($"{name}: {text} is not a positive integer");
             int[] List(string name, string text) => [.. text.Split(',').Select(t => Positive(name, t.Trim()))];
 
-            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir" };
+            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir", "--server-shards" };
             for (int i = 0; i < args.Length; i++)
             {
                 if (!known.Contains(args[i])) throw new ArgumentException($"unknown argument '{args[i]}'");
@@ -141,7 +143,8 @@ public static class ClusterBench
                 Positive("--workers", Arg("--workers") ?? "2"),
                 trainLimit,
                 [.. AllModes.Where(modes.Contains)],
-                Arg("--data-dir") ?? DatasetCatalog.DefaultDataDir());
+                Arg("--data-dir") ?? DatasetCatalog.DefaultDataDir(),
+                Positive("--server-shards", Arg("--server-shards") ?? "1"));
         }
     }
 
@@ -177,6 +180,7 @@ public static class ClusterBench
             Epochs = options.Epochs + 1,
             Workers = options.Workers,
             TrainLimit = options.TrainLimit,
+            ServerShards = options.ServerShards,
         };
 
         public async Task RunAll()
@@ -255,7 +259,7 @@ public static class ClusterBench
             [
                 paths.Cli, "train", "--preset", "pytorch-mlp", "--layers", string.Join(',', spec.Model.Layers),
                 "--batch-size", $"{spec.BatchSize}", "--chunk-size", $"{spec.ChunkSize}", "--epochs", $"{spec.Epochs}",
-                "--workers", $"{spec.Workers}", "--train-limit", $"{spec.TrainLimit}", "--data-dir", paths.DataDir,
+                "--workers", $"{spec.Workers}", "--server-shards", $"{spec.ServerShards}", "--train-limit", $"{spec.TrainLimit}", "--data-dir", paths.DataDir,
                 "--metrics-out", metrics, "--run-id", $"bench-{mode}-b{spec.BatchSize}-{Environment.ProcessId}", .. where,
             ];
             // Generous: the big model on processes takes tens of seconds an epoch; a hung run must still end.
@@ -295,7 +299,7 @@ public static class ClusterBench
         }
 
         private Row NewRow(string mode, RunSpec spec, int silos, int workers, int trainCount) => new(
-            mode, silos, workers, Threads: options.Workers, spec.BatchSize, spec.ChunkSize, string.Join('-', spec.Model.Layers), spec.Model.ParameterCount,
+            mode, silos, workers, Threads: options.Workers, ServerShards: mode == "core" ? 0 : spec.ServerShards, spec.BatchSize, spec.ChunkSize, string.Join('-', spec.Model.Layers), spec.Model.ParameterCount,
             spec.TrainLimit, SamplesPerEpoch: spec.TrainCount(trainCount), Epochs: options.Epochs,
             WarmUp: mode == "core" ? "until the JIT is quiet (2-10 epochs)" : "first epoch of the run excluded",
             VectorWidth: Vector<float>.Count * 32, Vector512Accelerated: System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated)
@@ -335,7 +339,7 @@ public static class ClusterBench
 
     /// <summary>One row of the output; see bench/README.md for what each field means.</summary>
     private sealed record Row(
-        string Mode, int Silos, int Workers, int Threads, int BatchSize, int ChunkSize, string Model, long Parameters,
+        string Mode, int Silos, int Workers, int Threads, int ServerShards, int BatchSize, int ChunkSize, string Model, long Parameters,
         int TrainLimit, int SamplesPerEpoch, int Epochs, string WarmUp, int VectorWidth, bool Vector512Accelerated)
     {
         public string SecondsSource { get; init; } = "";

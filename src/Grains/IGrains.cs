@@ -33,8 +33,11 @@ public interface IParameterShardGrain : IGrainWithStringKey
     /// pushes of older incarnations are refused from then on. Returns the versions this shard can move to.
     /// </summary>
     Task<ShardPosition> Attach(RunSpec spec, int incarnation);
-    /// <summary>Moves the shard to version <paramref name="step"/>: one it holds in memory, a stored checkpoint, or 0 (initial).</summary>
-    Task MoveTo(int incarnation, long step);
+    /// <summary>
+    /// Moves the shard to version <paramref name="step"/> (one it holds in memory, a stored checkpoint, or 0: initial)
+    /// for the coordinator's attach <paramref name="session"/>: pushes and pulls of other sessions are refused from then on.
+    /// </summary>
+    Task MoveTo(int incarnation, long session, long step);
     /// <summary>
     /// Adds one block of step <see cref="GradientPush.Step"/>; the block that completes the step applies it. Returns
     /// once the step is applied (with the next version's slice) or after a short wait (without). A block of a step
@@ -44,7 +47,7 @@ public interface IParameterShardGrain : IGrainWithStringKey
     Task<PushReply> Push(GradientPush push);
     /// <summary>This shard's slice of version <paramref name="step"/>, the current one or the one before it.</summary>
     [AlwaysInterleave]
-    Task<ParameterVersion> Pull(long step);
+    Task<ParameterVersion> Pull(long session, long step);
     /// <summary>The slice of the last version: the current one when attached, else the latest stored checkpoint.</summary>
     Task<ParameterVersion> GetParameters();
     /// <summary>Stores the current version, which must be <paramref name="step"/>, as a checkpoint (the older of two slots).</summary>

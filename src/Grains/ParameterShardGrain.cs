@@ -55,6 +55,7 @@ public sealed class ParameterShardGrain(
     private RunSpec? _spec;
     private Optimizer? _optimizer;
     private int _incarnation, _start, _length;
+    private long _session;
     /// <summary>The current version; −1 until a coordinator moved the shard to one.</summary>
     private long _step = -1;
     private double _epochLossSum, _previousLossSum;
@@ -110,29 +111,35 @@ public sealed class ParameterShardGrain(
         return Position();
     }
 
-    public Task MoveTo(int incarnation, long step)
+    public Task MoveTo(int incarnation, long session, long step)
     {
         CheckOwner(incarnation);
         if (step < 0) throw new ArgumentException($"version {step} is negative");
-        if (step == _step) return Task.CompletedTask;
+        _session = session;
+        if (step == _step)
+        {
+            EndGather(new ShardMovedException($"shard {Shard} was attached again"));
+            return Task.CompletedTask;
+        }
         if (_hasPrevious && step == _step - 1)
         {
             (_parameters, _previous) = (_previous, _parameters);
             (_state, _previousState) = (_previousState, _state);
             (_epochLossSum, _hasPrevious) = (_previousLossSum, false);
         }
+        // Loaded into fresh arrays: replies of the session before may still be read from the old ones.
         else if (Stored(step) is { } checkpoint)
         {
             if (checkpoint.Parameters?.Length != _length || checkpoint.OptimizerState?.Length != _state.Length)
                 throw new InvalidDataException($"shard {Shard}: the checkpoint of step {step} does not fit the run's slice");
-            checkpoint.Parameters.Span.CopyTo(_parameters);
-            checkpoint.OptimizerState.Span.CopyTo(_state);
+            (_parameters, _state) = (checkpoint.Parameters.Span.ToArray(), checkpoint.OptimizerState.Span.ToArray());
+            (_previous, _previousState) = (new float[_length], new float[_state.Length]);
             (_epochLossSum, _hasPrevious) = (checkpoint.EpochLossSum, false);
         }
         else if (step == 0)
         {
-            Initializer.Create(_spec!.Model, _spec.Init, _spec.Seed).AsSpan(_start, _length).CopyTo(_parameters);
-            Array.Clear(_state);
+            _parameters = Initializer.Create(_spec!.Model, _spec.Init, _spec.Seed).AsSpan(_start, _length).ToArray();
+            (_state, _previous, _previousState) = (new float[_state.Length], new float[_length], new float[_state.Length]);
             (_epochLossSum, _hasPrevious) = (0, false);
         }
         else
@@ -152,6 +159,7 @@ public sealed class ParameterShardGrain(
         if (push.Incarnation < _incarnation)
             throw new StaleCoordinatorException($"a block from coordinator incarnation {push.Incarnation} arrived; incarnation {_incarnation} owns the run");
         if (push.Incarnation > _incarnation) throw new ShardMovedException($"shard {Shard} is not attached to coordinator incarnation {push.Incarnation} yet");
+        if (push.Session != _session) throw new ShardMovedException($"shard {Shard} was attached again since this block's step was sent");
         if (push.Step == _step - 1) { push.Gradient?.Release(); return Reply(Current(), null, 0); }   // a redone block of an applied step
         if (push.Step != _step) throw new ShardMovedException($"shard {Shard} is at version {_step}; a block of step {push.Step} arrived");
         int count = CheckPush(spec, push);
@@ -164,7 +172,8 @@ public sealed class ParameterShardGrain(
         }
         else if (!_cut.AsSpan().SequenceEqual(push.BlockStarts) || _samples != push.Samples || !_lossBefore.Equals(push.EpochLossBefore))
         {
-            throw new ArgumentException($"a block of step {push.Step} with another cut, sample count or loss than the blocks before it");
+            // Blocks of one step agree within a session; anything else is left over from a step given up on: attach again.
+            throw new ShardMovedException($"a block of step {push.Step} with another cut, sample count or loss than the blocks before it");
         }
         if (!_arrived[push.Block])
         {
@@ -186,11 +195,13 @@ public sealed class ParameterShardGrain(
         }
     }
 
-    public Task<ParameterVersion> Pull(long step)
+    public Task<ParameterVersion> Pull(long session, long step)
     {
         if (_spec is null || _step < 0) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
+        if (session != _session) throw new ShardMovedException($"shard {Shard} was attached again since version {step} was asked for");
         if (step == _step) return Task.FromResult(Current());
-        if (_hasPrevious && step == _step - 1) return Task.FromResult(new ParameterVersion(step, new FloatPayload(_previous)));
+        // A copy: the next step is written into these buffers (only redone blocks ask for the version before).
+        if (_hasPrevious && step == _step - 1) return Task.FromResult(new ParameterVersion(step, new FloatPayload((float[])_previous.Clone())));
         throw new ShardMovedException($"shard {Shard} is at version {_step}; version {step} was asked for");
     }
 
@@ -198,7 +209,8 @@ public sealed class ParameterShardGrain(
     {
         if (_spec is not null && _step >= 0) return Task.FromResult(new ParameterVersion(_step, new FloatPayload((float[])_parameters.Clone())));
         var latest = Latest() ?? throw new InvalidOperationException($"shard {this.GetPrimaryKeyString()} has no parameters");
-        return Task.FromResult(new ParameterVersion(latest.Step, latest.Parameters!));
+        // A copy: the stored payload's array is pooled, and a reader in this silo releases what it gets.
+        return Task.FromResult(new ParameterVersion(latest.Step, new FloatPayload(latest.Parameters!.Span.ToArray())));
     }
 
     public async Task Checkpoint(int incarnation, long step)
@@ -263,6 +275,10 @@ public sealed class ParameterShardGrain(
             (_state, _previousState) = (_previousState, _state);
             (_previousLossSum, _epochLossSum, _hasPrevious) = (_epochLossSum, _lossBefore + stepLoss, true);
             _step++;
+        }
+        else
+        {
+            _hasPrevious = false;   // the refused step wrote part of its tiles over the version before
         }
         double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
         var waiter = _applied;

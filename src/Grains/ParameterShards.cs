@@ -36,18 +36,22 @@ internal sealed class ParameterShards
         long step = common.DefaultIfEmpty(0).Max();
         int at = Array.IndexOf(positions[0].Steps, step);
         double loss = at >= 0 ? positions[0].EpochLossSums[at] : 0;
+        Session = Random.Shared.NextInt64(1, long.MaxValue);
         await MoveTo(incarnation, step);
         return (step, loss, positions.Min(p => p.CheckpointStep));
     }
 
-    public Task MoveTo(int incarnation, long step) => Task.WhenAll(_shards.Select(s => s.MoveTo(incarnation, step)));
+    /// <summary>This attach: blocks and pulls of an earlier one (calls given up on, left running) are refused by the shards.</summary>
+    public long Session { get; private set; }
+
+    public Task MoveTo(int incarnation, long step) => Task.WhenAll(_shards.Select(s => s.MoveTo(incarnation, Session, step)));
 
     public Task Checkpoint(int incarnation, long step) => Task.WhenAll(_shards.Select(s => s.Checkpoint(incarnation, step)));
 
     /// <summary>The whole vector of version <paramref name="step"/> (null: each shard's last), its slices in shard order; all must be of one version.</summary>
     public async Task<ParameterVersion> Gather(long? step)
     {
-        var slices = await Task.WhenAll(_shards.Select(s => step is { } v ? s.Pull(v) : s.GetParameters()));
+        var slices = await Task.WhenAll(_shards.Select(s => step is { } v ? s.Pull(Session, v) : s.GetParameters()));
         var layout = _spec.Shards;
         var parameters = new float[layout.Parameters];
         for (int j = 0; j < slices.Length; j++)

@@ -302,6 +302,8 @@ public sealed class RunGrain(
         int trainCount = spec.TrainCount(data.Train.Count);
         var shards = new ParameterShards(GrainFactory, RunId, spec);
         var position = await shards.Attach(incarnation);
+        // Cancelled when a step fails: its other calls stop retrying, and end, before the shards are attached again.
+        using var stepCalls = CancellationTokenSource.CreateLinkedTokenSource(cancel);
         var resumeClock = Stopwatch.StartNew();
         _shardSilos = shards.Silos;
         long version = position.Step;
@@ -329,16 +331,21 @@ public sealed class RunGrain(
                 cancel.ThrowIfCancellationRequested();
                 _stepInEpoch = s;
                 long stepStart = Stopwatch.GetTimestamp();
-                var blocks = await ComputeStep(await Workers(spec, incarnation), spec, incarnation, e, s, plan.ChunkCount(s), version, lossSum, cancel);
+                var blocks = await ComputeStep(await Workers(spec, incarnation), spec, incarnation, shards.Session, e, s, plan.ChunkCount(s), version, lossSum, stepCalls);
                 double stepLoss = 0;
                 string? divergence = null;
-                foreach (var block in blocks) (stepLoss, divergence) = (stepLoss + block.LossSum, divergence ?? block.Divergence);
+                bool applied = false;
+                foreach (var block in blocks)
+                    (stepLoss, divergence, applied) = (stepLoss + block.LossSum, divergence ?? block.Divergence, applied || block.Applied);
                 if (divergence is not null)
                 {
                     // Shards whose slice was finite applied the step: all go back to the last good version.
                     await shards.MoveTo(incarnation, version);
                     throw new RunDivergedException(version + 1, e + 1, divergence);
                 }
+                // Every block is with every shard, but no worker saw the next version (a divergence reply lost with
+                // its worker, then a redo that waited in vain): the shards' versions are not known to agree.
+                if (!applied) throw new ShardMovedException($"step {version} was not confirmed by any worker");
                 lossSum += stepLoss;
                 version++;
                 profile.Add(blocks, _roundTrips, _replied, Stopwatch.GetTimestamp() - stepStart);
@@ -390,7 +397,7 @@ public sealed class RunGrain(
         ParameterShards shards, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation, CancellationToken cancel, StepProfile? profile)
     {
         var test = (await datasets.Get(spec.Dataset)).Test;
-        var eval = await Evaluate(workers, spec, incarnation, test.Count, version, cancel);
+        var eval = await Evaluate(workers, spec, incarnation, shards.Session, test.Count, version, cancel);
         await shards.Checkpoint(incarnation, version);
         // The whole vector comes to the coordinator once an epoch, for its hash.
         var parameters = await shards.Gather(version);
@@ -409,23 +416,38 @@ public sealed class RunGrain(
     /// worker pushes its sum to the shards itself; once every block is back, every shard has applied the step.
     /// Each call's round trip and reply time go to <see cref="_roundTrips"/> and <see cref="_replied"/> for the profile.
     /// </summary>
-    private async Task<BlockDone[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int incarnation, int epoch, int step, int chunkCount,
-        long version, double lossBefore, CancellationToken cancel)
+    private async Task<BlockDone[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int incarnation, long session, int epoch, int step, int chunkCount,
+        long version, double lossBefore, CancellationTokenSource calls)
     {
+        var cancel = calls.Token;
         var (blocks, starts) = BlocksFor(chunkCount, workers.Length);
         int count = blocks.Count;
         if (_calls.Length != count)
             (_calls, _blocks, _roundTrips, _replied) = (new Task<BlockDone>[count], new BlockDone[count], new long[count], new long[count]);
         for (int b = 0; b < count; b++)
-            _calls[b] = ComputeBlock(workers, b, new BlockWork(spec, incarnation, epoch, step, version, b, starts, lossBefore, record.State.DatasetSha256!), cancel);
-        for (int b = 0; b < count; b++)
+            _calls[b] = ComputeBlock(workers, b, new BlockWork(spec, incarnation, epoch, step, version, b, starts, lossBefore, record.State.DatasetSha256!, session), cancel);
+        try
         {
-            var reply = await _calls[b];
-            if (reply.FirstChunk != blocks.First(b))
-                throw new InvalidOperationException($"step {step}: block {b} came back for chunk {reply.FirstChunk}, not {blocks.First(b)}");
-            _blocks[b] = reply;
+            for (int b = 0; b < count; b++)
+            {
+                var reply = await _calls[b];
+                if (reply.FirstChunk != blocks.First(b))
+                    throw new InvalidOperationException($"step {step}: block {b} came back for chunk {reply.FirstChunk}, not {blocks.First(b)}");
+                _blocks[b] = reply;
+            }
         }
-        Array.Clear(_calls);
+        catch (Exception)
+        {
+            // The others stop retrying; none of them is left running when the caller attaches again.
+            calls.Cancel();
+            foreach (var call in _calls)
+                try { await call; } catch (Exception) { /* the first failure is the one that counts */ }
+            throw;
+        }
+        finally
+        {
+            Array.Clear(_calls);
+        }
         return _blocks;
     }
 
@@ -467,13 +489,13 @@ public sealed class RunGrain(
     /// results added in block order: counts add up exactly, and the loss (a double sum) does not depend on how
     /// many workers there are. A failed block is redone by another worker.
     /// </summary>
-    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int incarnation, int testCount, long version, CancellationToken cancel)
+    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int incarnation, long session, int testCount, long version, CancellationToken cancel)
     {
         int blocks = (testCount + EvalBlock - 1) / EvalBlock;
         var calls = Enumerable.Range(0, blocks).Select(b =>
         {
             int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
-            var work = new EvalWork(spec, incarnation, version, start, end, record.State.DatasetSha256!);
+            var work = new EvalWork(spec, incarnation, version, start, end, record.State.DatasetSha256!, session);
             return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), work, static (worker, work) => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);

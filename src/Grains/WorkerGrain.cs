@@ -23,10 +23,9 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private RunSpec? _validSpec;
     private string? _siloName;
     private (RunSpec Spec, string Sha256, Backprop.Core.Data.TrainTest Data)? _data;
-    /// <summary>The full parameter vector of version <see cref="_version"/> of coordinator incarnation <see cref="_versionOf"/>; −1: none.</summary>
+    /// <summary>The full parameter vector of version <see cref="_version"/> of the coordinator's attach <see cref="_session"/>; −1: none.</summary>
     private float[] _parameters = [];
-    private long _version = -1;
-    private int _versionOf;
+    private long _version = -1, _session;
     private IParameterShardGrain[] _shards = [];
     private string?[] _shardSilos = [];
     private Task<PushReply>[] _pushes = [];
@@ -53,7 +52,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var gradient = GradientFor(spec);
 
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        var (pulled, wire) = await EnsureParameters(spec, work.Incarnation, work.Version);
+        var (pulled, wire) = await EnsureParameters(spec, work.Session, work.Version);
         long computing = System.Diagnostics.Stopwatch.GetTimestamp();
         // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
         double loss = gradient.SumBlock(train, plan, work.Step, first, end, _parameters, nextStepChunk: first);
@@ -64,12 +63,14 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var layout = spec.Shards;
         for (int j = 0; j < _shards.Length; j++)
             _pushes[j] = _shards[j].Push(new GradientPush(work.Incarnation, work.Version, work.Block, starts, plan.StepSize(work.Step),
-                work.EpochLossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j)))));
+                work.EpochLossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j))), work.Session));
         double reduce = 0;
         string? divergence = null;
         bool applied = true;
         try
         {
+            // Every push ends before this call does, failed or not: a push still being serialized reads the sum's buffer.
+            await WhenAllEnded(_pushes);
             for (int j = 0; j < _pushes.Length; j++)
             {
                 var reply = await _pushes[j];
@@ -100,11 +101,23 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         }
         long done = System.Diagnostics.Stopwatch.GetTimestamp();
         return new BlockDone(first, loss, SiloName, Seconds(pushing - computing), Seconds(computing - start), Seconds(done - pushing),
-            reduce, pulled, GC.GetTotalAllocatedBytes(precise: false), wire, divergence);
+            reduce, pulled, GC.GetTotalAllocatedBytes(precise: false), wire, divergence, applied && divergence is null);
+    }
+
+    private static async Task WhenAllEnded(Task[] tasks)
+    {
+        try
+        {
+            await Task.WhenAll(tasks);
+        }
+        catch
+        {
+            // Each task's own error is read where its result is.
+        }
     }
 
     /// <summary>Makes <see cref="_parameters"/> version <paramref name="version"/>: held already, or pulled from every shard.</summary>
-    private async ValueTask<(bool Pulled, long WireBytes)> EnsureParameters(RunSpec spec, int incarnation, long version)
+    private async ValueTask<(bool Pulled, long WireBytes)> EnsureParameters(RunSpec spec, long session, long version)
     {
         var layout = spec.Shards;
         if (_shards.Length != layout.Shards || _parameters.Length != layout.Parameters)
@@ -114,12 +127,13 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             (_shardSilos, _pushes, _pulls) = (new string?[layout.Shards], new Task<PushReply>[layout.Shards], new Task<ParameterVersion>[layout.Shards]);
             (_parameters, _version) = (new float[layout.Parameters], -1);
         }
-        if (_version == version && _versionOf == incarnation) return (false, 0);
+        if (_version == version && _session == session) return (false, 0);
         _version = -1;
         long wire = 0;
-        for (int j = 0; j < _shards.Length; j++) _pulls[j] = _shards[j].Pull(version);
+        for (int j = 0; j < _shards.Length; j++) _pulls[j] = _shards[j].Pull(session, version);
         try
         {
+            await WhenAllEnded(_pulls);
             for (int j = 0; j < _pulls.Length; j++)
             {
                 var slice = await _pulls[j];
@@ -134,7 +148,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             foreach (var pull in _pulls) if (pull.IsCompletedSuccessfully) pull.Result.Parameters?.Release();
             Array.Clear(_pulls);
         }
-        (_version, _versionOf) = (version, incarnation);
+        (_version, _session) = (version, session);
         return (true, wire);
     }
 
@@ -159,7 +173,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {test.Count} test samples");
         if (work.Version < 0) throw new ArgumentException($"version {work.Version} is negative");
         var runner = GradientFor(spec).Runner;
-        await EnsureParameters(spec, work.Incarnation, work.Version);
+        await EnsureParameters(spec, work.Session, work.Version);
         return runner.Evaluate(test, _parameters, work.Start, work.End);
     }
 

@@ -13,7 +13,8 @@ public sealed record ParameterVersion([property: Id(0)] long Step, [property: Id
 /// which apply the step once every block has arrived. The worker rebuilds the epoch plan from the spec, so only
 /// chunk numbers travel, never sample indices or data, and it gets the parameters from the shards (the version
 /// its last push brought back, or pulled), so the coordinator never carries a vector.
-/// <see cref="EpochLossBefore"/> is the epoch's training loss sum before this step, which the shards keep with
+/// <see cref="Session"/> is the coordinator's attach to the shards (a version number means the same bits only within
+/// one). <see cref="EpochLossBefore"/> is the epoch's training loss sum before this step, which the shards keep with
 /// their checkpoints. <see cref="DatasetSha256"/> is the run's data set: a worker whose copy differs refuses the work.
 /// </summary>
 [GenerateSerializer, Immutable]
@@ -26,7 +27,8 @@ public sealed record BlockWork(
     [property: Id(5)] int Block,
     [property: Id(6)] int[] BlockStarts,
     [property: Id(7)] double EpochLossBefore,
-    [property: Id(8)] string DatasetSha256)
+    [property: Id(8)] string DatasetSha256,
+    [property: Id(9)] long Session)
 {
     public int FirstChunk => BlockStarts[Block];
 }
@@ -36,7 +38,8 @@ public sealed record BlockWork(
 /// it spent getting parameters and pushing, the slowest shard's reduce-and-step time, whether it had to pull the
 /// parameters, its process' allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>), and the payload bytes it
 /// exchanged with shards in other processes.
-/// <see cref="Divergence"/>: a shard refused the step (a non-finite gradient or loss).
+/// <see cref="Divergence"/>: a shard refused the step (a non-finite gradient or loss). <see cref="Applied"/>: every shard
+/// answered with the next version, so the step is applied everywhere.
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record BlockDone(
@@ -50,7 +53,8 @@ public sealed record BlockDone(
     [property: Id(7)] bool Pulled,
     [property: Id(8)] long AllocatedBytes,
     [property: Id(9)] long WireBytes,
-    [property: Id(10)] string? Divergence);
+    [property: Id(10)] string? Divergence,
+    [property: Id(11)] bool Applied);
 
 /// <summary>Evaluate test samples [Start, End) under the parameters of version <see cref="Version"/> (from the shards).</summary>
 [GenerateSerializer, Immutable]
@@ -60,7 +64,8 @@ public sealed record EvalWork(
     [property: Id(2)] long Version,
     [property: Id(3)] int Start,
     [property: Id(4)] int End,
-    [property: Id(5)] string DatasetSha256);
+    [property: Id(5)] string DatasetSha256,
+    [property: Id(6)] long Session);
 
 /// <summary>
 /// One block's gradient sum, the shard's slice of it, for step <see cref="Step"/> (the version it was computed on),
@@ -76,7 +81,8 @@ public sealed record GradientPush(
     [property: Id(4)] int Samples,
     [property: Id(5)] double EpochLossBefore,
     [property: Id(6)] double BlockLoss,
-    [property: Id(7)] FloatPayload Gradient);
+    [property: Id(7)] FloatPayload Gradient,
+    [property: Id(8)] long Session);
 
 /// <summary>
 /// A shard's answer to a push: its slice of the next version once the step is applied (null when the other blocks

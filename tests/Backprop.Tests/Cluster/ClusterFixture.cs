@@ -49,6 +49,22 @@ public sealed class ClusterFixture : IAsyncLifetime, IAsyncDisposable
         });
         Cluster = builder.Build();
         await Cluster.DeployAsync();
+        // The client learns the silos' grain classes from their manifests a moment after it connects: a role cluster,
+        // whose registry lives on one silo, was once asked for it before (ArgumentException: no implementation).
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (true)
+        {
+            try
+            {
+                Cluster.Client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
+                Cluster.Client.GetGrain<IWorkerGrain>("probe/1.0/0");
+                return;
+            }
+            catch (ArgumentException) when (clock.Elapsed < TimeSpan.FromSeconds(30))
+            {
+                await Task.Delay(20);
+            }
+        }
     }
 
     /// <summary>Starts a run whose coordinator (and so its parameter server) is placed on <paramref name="silo"/>.</summary>

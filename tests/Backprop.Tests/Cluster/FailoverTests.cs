@@ -55,8 +55,9 @@ public sealed class FailoverTests
     public async Task Killing_a_worker_silo_loses_nothing_and_changes_no_bit()
     {
         await using var fixture = await Start(new ClusterFixture());
-        // 40 epochs of 19 steps: long enough that the kill lands mid-run.
-        var spec = Presets.PyTorchMlp with { Epochs = 40, Workers = 4, Seed = 6 };
+        // 40 epochs of 19 steps: long enough that the kill lands mid-run. Three shards, one per silo: the victim holds
+        // one, so some shards may have a dying worker's block and others not, and the lost shard comes back from its checkpoint.
+        var spec = Presets.PyTorchMlp with { Epochs = 40, Workers = 4, Seed = 6, ServerShards = 3, CheckpointEvery = 7 };
         var run = fixture.Cluster.Client.GetGrain<IRunGrain>("failover");
         await fixture.StartOn(fixture.Cluster.Silos[0], "failover", spec);
         var status = await WaitUntil(run, s => s.EpochsDone >= 2, TimeSpan.FromSeconds(120));
@@ -64,6 +65,7 @@ public sealed class FailoverTests
 
         // Four workers on three silos: every silo holds one.
         string dead = fixture.Cluster.Silos[1].SiloAddress.Endpoint.ToString();
+        Assert.Contains(dead, status.ShardSilos);
         await fixture.Cluster.KillSiloAsync(fixture.Cluster.Silos[1]);
 
         var clock = Stopwatch.StartNew();
@@ -74,6 +76,9 @@ public sealed class FailoverTests
         Assert.Equal(Expected(spec, fixture), status.Epochs[^1].ParameterSha256);
         // Either a call in flight failed and was redone elsewhere, or the next step already spread new workers over the survivors.
         Assert.Contains(status.Events, e => e.Kind == "redone" || e.Kind == "workers" && !e.Message.Contains(dead));
+        // Its shard was lost with it: the coordinator attached to the shards again and recomputed from a common version.
+        Assert.Contains(status.Events, e => e.Kind == "server-lost");
+        Assert.DoesNotContain(dead, status.ShardSilos);
     }
 
     [Fact]

@@ -90,7 +90,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>("overflow-direct/0");
         await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(overflow, 1));
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("overflow-direct/1.0/0");
-        await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(overflow, 1, 0, 0, 0, 0, [0], 0, fixture.DatasetSha256)));
+        await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(overflow, 1, 0, 0, 0, 0, [0], 0, fixture.DatasetSha256, Session)));
 
         var after = await RunToEnd("after-overflow", Spec(2) with { Epochs = 1 });
         Assert.Single(after.Epochs);
@@ -134,15 +134,18 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/0");
         var position = await shard.Attach(spec, incarnation: 1);
         Assert.Equal([0L], position.Steps);
-        await shard.MoveTo(1, 0);
+        await shard.MoveTo(1, Session, 0);
         var layout = spec.Shards;
         var initial = Backprop.Core.Model.Initializer.Create(spec.Model, spec.Init, spec.Seed)[layout.Start(0)..layout.End(0)];
-        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
+        Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
         return (shard, spec, initial);
     }
 
-    private static GradientPush Push(int block, int[] cut, FloatPayload gradient, int incarnation = 1, long step = 0, int samples = 32) =>
-        new(incarnation, step, block, cut, samples, EpochLossBefore: 0, BlockLoss: 1.5, gradient);
+    /// <summary>The attach session of the shards these tests drive by hand.</summary>
+    private const long Session = 7;
+
+    private static GradientPush Push(int block, int[] cut, FloatPayload gradient, int incarnation = 1, long step = 0, int samples = 32, long session = Session) =>
+        new(incarnation, step, block, cut, samples, EpochLossBefore: 0, BlockLoss: 1.5, gradient, session);
 
     [Fact]
     public async Task A_step_is_applied_once_when_its_last_block_arrives_and_a_duplicate_changes_nothing()
@@ -150,8 +153,12 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var (shard, spec, initial) = await Shard("duplicate-step", shards: 2);
         var gradient = new FloatPayload(Enumerable.Repeat(0.5f, initial.Length).ToArray());
         var first = shard.Push(Push(0, [0, 1], gradient));
+        // Block 0 again while the step gathers (a redo): kept once. A block of another cut, or of an earlier attach, is refused.
+        var firstAgain = shard.Push(Push(0, [0, 1], gradient));
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], gradient, samples: 16)));
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(1, [0, 1], gradient, session: Session + 1)));
         var second = await shard.Push(Push(1, [0, 1], gradient));
-        var replies = new[] { await first, second };
+        var replies = new[] { await first, await firstAgain, second };
 
         // The optimizer on the slice by hand: the two blocks' sum (1.0 everywhere) over 32 samples.
         float[] expected = (float[])initial.Clone(), state = new float[initial.Length];
@@ -164,12 +171,25 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         }
         var again = await shard.Push(Push(0, [0, 1], gradient));
         Assert.Equal(1, again.Next!.Step);
-        Assert.Equal(expected, (await shard.Pull(1)).Parameters.Span.ToArray());
-        // The version before stays for a redone block; older ones are gone.
-        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
-        await shard.MoveTo(1, 0);
-        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
-        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(1));
+        Assert.Equal(expected, (await shard.Pull(Session, 1)).Parameters.Span.ToArray());
+
+        // A second step reads the momentum the first one left: the state buffers were swapped with the parameters.
+        var third = shard.Push(Push(0, [0, 1], gradient, step: 1));
+        var fourth = await shard.Push(Push(1, [0, 1], gradient, step: 1));
+        float[] twice = (float[])expected.Clone();
+        Optimizer.For(spec.Optimizer).Step(1, twice, Enumerable.Repeat(1f, initial.Length).ToArray(), 32, state);
+        Assert.Equal(twice, (await third).Next!.Parameters.Span.ToArray());
+        Assert.Equal(twice, fourth.Next!.Parameters.Span.ToArray());
+        // The version before stays for a redone block (and a rollback); older ones are gone.
+        Assert.Equal(expected, (await shard.Pull(Session, 1)).Parameters.Span.ToArray());
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(Session, 0));
+        await shard.MoveTo(1, Session, 1);
+        Assert.Equal(expected, (await shard.Pull(Session, 1)).Parameters.Span.ToArray());
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(Session, 2));
+        // Version 0 is the spec's initial slice, whatever the shard holds.
+        await shard.MoveTo(1, Session, 0);
+        Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
+        await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(Session + 1, 0));
 
         // A newer coordinator fences the older one off; the shard must be attached before a newer one's blocks count.
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], gradient, incarnation: 2)));
@@ -192,18 +212,18 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Contains("not nodes of the reduction tree", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(0, [2], ok, samples: 64)))).Message);
         Assert.Contains("block 2 of a step cut into 2", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(2, [0, 1], ok)))).Message);
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], ok, step: 5)));
-        Assert.Contains("holds no version 7", (await Assert.ThrowsAsync<ArgumentException>(() => shard.MoveTo(1, 7))).Message);
-        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
+        Assert.Contains("holds no version 7", (await Assert.ThrowsAsync<ArgumentException>(() => shard.MoveTo(1, Session, 7))).Message);
+        Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
 
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/1.0/0");
-        BlockWork Work(int block, int[] cut, int step = 0, string? sha = null) => new(spec, 1, 0, step, 0, block, cut, 0, sha ?? fixture.DatasetSha256);
+        BlockWork Work(int block, int[] cut, int step = 0, string? sha = null) => new(spec, 1, 0, step, 0, block, cut, 0, sha ?? fixture.DatasetSha256, Session);
         Assert.Contains("differs from the run's", (await Assert.ThrowsAnyAsync<Exception>(() => worker.ComputeBlock(Work(0, [0], sha: "not-the-data")))).Message);
         Assert.Contains("block 7 of a cut into 8", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(7, [0, 1, 2, 3, 4, 5, 6, 7])))).Message);
         // Not a node of the reduction tree: its sum would not be one the shards can combine in the fixed order.
         Assert.Contains("not an aligned block", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(1, [0, 1, 3])))).Message);
         Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(0, [0], step: 999)))).Message);
-        Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 1, 0, 5, 5_000_000, fixture.DatasetSha256)))).Message);
-        Assert.Equal(initial, (await shard.Pull(0)).Parameters.Span.ToArray());
+        Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 1, 0, 5, 5_000_000, fixture.DatasetSha256, Session)))).Message);
+        Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
     }
 
     [Fact]
