@@ -175,16 +175,17 @@ public sealed class ParameterShardGrain(
             // Blocks of one step agree within a session; anything else is left over from a step given up on: attach again.
             throw new ShardMovedException($"a block of step {push.Step} with another cut, sample count or loss than the blocks before it");
         }
+        var waiter = _applied;
         if (!_arrived[push.Block])
         {
-            push.Gradient.Span.CopyTo(_blocks[push.Block] ??= new float[_length]);
             (_arrived[push.Block], _blockLoss[push.Block]) = (true, push.BlockLoss);
-            _arrivedCount++;
+            // The block that completes the step is read where it is, during this call (its sender waits for the
+            // reply); the others are copied, so that their senders' buffers are free when their pushes return.
+            if (++_arrivedCount == count) Apply(spec, push.Block, push.Gradient.Memory);
+            else push.Gradient.Span.CopyTo(_blocks[push.Block] ??= new float[_length]);
         }
         push.Gradient.Release();
 
-        var waiter = _applied;
-        if (_arrivedCount == count) Apply(spec);
         try
         {
             return await waiter.Task.WaitAsync(PushWait);
@@ -261,14 +262,14 @@ public sealed class ParameterShardGrain(
     }
 
     /// <summary>Every block is here: reduce, check, step; then answer every waiting push.</summary>
-    private void Apply(RunSpec spec)
+    private void Apply(RunSpec spec, int lastBlock, ReadOnlyMemory<float> last)
     {
         long start = Stopwatch.GetTimestamp();
         int count = _cut!.Length, chunks = (_samples + spec.ChunkSize - 1) / spec.ChunkSize;
         double stepLoss = 0;
         for (int b = 0; b < count; b++) stepLoss += _blockLoss[b];   // block order: the coordinator adds them the same way
         string? divergence = !double.IsFinite(stepLoss) ? $"training loss is {stepLoss}"
-            : !StepFused(spec, count, chunks) ? "the gradient has non-finite values" : null;
+            : !StepFused(spec, count, chunks, lastBlock, last) ? "the gradient has non-finite values" : null;
         if (divergence is null)
         {
             (_parameters, _previous) = (_previous, _parameters);
@@ -291,16 +292,16 @@ public sealed class ParameterShardGrain(
     /// step written to the spare buffers. False, with the current version untouched, when the gradient has a
     /// non-finite value (an overflow to infinity in a tile's sum counts too).
     /// </summary>
-    private bool StepFused(RunSpec spec, int count, int chunks)
+    private bool StepFused(RunSpec spec, int count, int chunks, int lastBlock, ReadOnlyMemory<float> last)
     {
         if (_leaves.Length != count) _leaves = new ReadOnlyMemory<float>[count];
-        for (int i = 0; i < count; i++) _leaves[i] = _blocks[i];
+        for (int i = 0; i < count; i++) _leaves[i] = i == lastBlock ? last : _blocks[i];
         try
         {
             for (int start = 0; start < _length; start += Tile)
             {
                 int n = Math.Min(Tile, _length - start);
-                ReadOnlySpan<float> gradient = count == 1 ? _blocks[0].AsSpan(start, n) : _tile.AsSpan(0, n);
+                ReadOnlySpan<float> gradient = count == 1 ? _leaves[0].Span.Slice(start, n) : _tile.AsSpan(0, n);
                 if (count > 1) PairwiseSum.SumNodes(_leaves, _cut, chunks, start, _tile.AsSpan(0, n), _scratch);
                 if (!float.IsFinite(TensorPrimitives.Sum(gradient))) return false;
                 _optimizer!.Step(_step, _parameters.AsSpan(start, n), gradient, _samples, new StateTile(_state, _length, start, n),
