@@ -22,7 +22,7 @@ public static class ClusterBench
     public const string Usage = """
         usage: Backprop.Bench cluster [--json] [--epochs N] [--batch 64,256] [--model 784,128,64,10] [--workers N]
                                       [--train-limit N] [--modes core,embedded,processes] [--data-dir DIR]
-                                      [--server-shards S]
+                                      [--server-shards S] [--rounds R]
 
         Trains the pytorch-mlp preset (ReLU, cross-entropy, SGD momentum 0.9, lr 0.01, seed 1) with the given batch
         sizes (chunk size = batch/4, the CLI's default) and model, in three modes:
@@ -33,14 +33,18 @@ public static class ClusterBench
         The cluster modes train N+1 epochs; the first is warm-up and excluded. One row per mode and batch size
         (JSON lines with --json); progress goes to stderr.
 
-          --epochs N        timed epochs (default 3)
+          --epochs N        timed epochs of each run (default 3)
+          --rounds R        runs of every mode, interleaved (core, embedded, processes, core, ...; default 2): a row has
+                            the R x N timed epochs of its mode, their median and best, and ratio (median/median) and
+                            ratioBest (best/best) against core
           --batch LIST      global batch sizes (default 64,256)
           --model LIST      layer sizes (default 784,128,64,10; 784,1024,1024,10 is the big-model row)
           --workers N       workers = silos = core threads (default 2)
           --train-limit N   train on the first N images only (default 0 = all 60,000; for slow models)
           --modes LIST      which modes to run (default core,embedded,processes)
           --data-dir DIR    data directory holding mnist/ (default: the CLI's, ~/.cache/backprop-distributed)
-          --server-shards S parameter-server shards of the cluster modes (default 1; every row says its count, 0 for core)
+          --server-shards S parameter-server shards of the cluster modes (default: the worker count, one per silo as
+                            the CLI does on a cluster; every row says its count, 0 for core)
 
         Needs MNIST (`dotnet run --project src/Client -- data fetch mnist`) and the Release build of src/Client and
         src/Silo, which `dotnet run -c Release --project bench/Backprop.Bench` builds with the bench.
@@ -111,7 +115,7 @@ public static class ClusterBench
         }
     }
 
-    private sealed record Options(bool Json, int Epochs, int[] Batches, int[] Layers, int Workers, int TrainLimit, string[] Modes, string DataDir, int ServerShards)
+    private sealed record Options(bool Json, int Epochs, int[] Batches, int[] Layers, int Workers, int TrainLimit, string[] Modes, string DataDir, int ServerShards, int Rounds)
     {
         public static Options Parse(string[] args)
         {
@@ -125,7 +129,7 @@ public static class ClusterBench
                 int.Parse(text) is var v and > 0 ? v : throw new ArgumentException($"{name}: {text} is not a positive integer");
             int[] List(string name, string text) => [.. text.Split(',').Select(t => Positive(name, t.Trim()))];
 
-            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir", "--server-shards" };
+            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir", "--server-shards", "--rounds" };
             for (int i = 0; i < args.Length; i++)
             {
                 if (!known.Contains(args[i])) throw new ArgumentException($"unknown argument '{args[i]}'");
@@ -144,7 +148,8 @@ public static class ClusterBench
                 trainLimit,
                 [.. AllModes.Where(modes.Contains)],
                 Arg("--data-dir") ?? DatasetCatalog.DefaultDataDir(),
-                Positive("--server-shards", Arg("--server-shards") ?? "1"));
+                Positive("--server-shards", Arg("--server-shards") ?? Arg("--workers") ?? "2"),
+                Positive("--rounds", Arg("--rounds") ?? "2"));
         }
     }
 
@@ -170,7 +175,6 @@ public static class ClusterBench
 
     private sealed class Bench(Options options, Paths paths, CancellationToken cancel)
     {
-        private readonly Dictionary<int, double> _coreMedian = [];
 
         private RunSpec SpecFor(int batch) => Presets.PyTorchMlp with
         {
@@ -190,22 +194,64 @@ public static class ClusterBench
             if (!options.Json)
                 Console.Error.WriteLine($"{Environment.ProcessorCount} cores, {RuntimeInformation.OSArchitecture}, Vector<float> {Vector<float>.Count * 32} bits, Vector512 accelerated: {System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated}; {Paths.Configuration} build");
 
+            Dataset? train = null;
             if (options.Modes.Contains("core"))
             {
                 Progress("core: loading MNIST");
-                var data = DatasetCatalog.Load(Path.Combine(paths.DataDir, "mnist"), "mnist");
-                foreach (int batch in options.Batches) Emit(MeasureCore(SpecFor(batch), data.Train));
+                train = DatasetCatalog.Load(Path.Combine(paths.DataDir, "mnist"), "mnist").Train;
             }
-            if (options.Modes.Contains("embedded"))
+            // One cluster for every round and batch size: starting silos (each loads MNIST) takes longer than a small run.
+            await using var cluster = options.Modes.Contains("processes")
+                ? await LocalCluster.Start(paths.ClusterScript, paths.State, paths.Silo, paths.DataDir, options.Workers, cancel)
+                : null;
+            // Modes interleaved round by round (core, embedded, processes, core, ...), so that the machine's drift hits all alike.
+            var rows = new List<Row>();
+            for (int round = 1; round <= options.Rounds; round++)
                 foreach (int batch in options.Batches)
-                    Emit(await MeasureCli("embedded", SpecFor(batch), silos: 1, ["--threads-per-worker", "1"]));
-            if (options.Modes.Contains("processes"))
+                {
+                    if (train is not null) rows.Add(MeasureCore(SpecFor(batch), train));
+                    if (options.Modes.Contains("embedded"))
+                        rows.Add(await MeasureCli("embedded", SpecFor(batch), silos: 1, ["--threads-per-worker", "1"], round));
+                    if (cluster is not null)
+                        rows.Add(await MeasureCli("processes", SpecFor(batch), silos: options.Workers, ["--gateway", cluster.Gateways, "--cluster-id", cluster.ClusterId], round));
+                }
+            var merged = rows.GroupBy(r => (r.Mode, r.BatchSize)).Select(g => Merge([.. g])).ToList();
+            foreach (var row in merged)
             {
-                // One cluster for every batch size: starting silos (each loads MNIST) takes longer than a small run.
-                await using var cluster = await LocalCluster.Start(paths.ClusterScript, paths.State, paths.Silo, paths.DataDir, options.Workers, cancel);
-                foreach (int batch in options.Batches)
-                    Emit(await MeasureCli("processes", SpecFor(batch), silos: options.Workers, ["--gateway", cluster.Gateways, "--cluster-id", cluster.ClusterId]));
+                var core = merged.FirstOrDefault(r => r.Mode == "core" && r.BatchSize == row.BatchSize);
+                Emit(core is null ? row : row with
+                {
+                    CoreSecondsPerEpochMedian = core.SecondsPerEpochMedian,
+                    CoreSecondsPerEpochBest = core.SecondsPerEpochBest,
+                    Ratio = Math.Round(row.SecondsPerEpochMedian / core.SecondsPerEpochMedian, 3),
+                    RatioBest = Math.Round(row.SecondsPerEpochBest / core.SecondsPerEpochBest, 3),
+                });
             }
+        }
+
+        /// <summary>One row of a mode and batch size from its rounds: every timed epoch's seconds, their median and best; the rest as medians over the rounds.</summary>
+        private static Row Merge(Row[] rounds)
+        {
+            var seconds = rounds.SelectMany(r => r.SecondsPerEpoch).ToArray();
+            double? MedianOf(Func<Row, double?> field) => rounds.Select(field).OfType<double>().ToArray() is { Length: > 0 } v ? Math.Round(Median(v), 1) : null;
+            var breakdowns = rounds.Select(r => r.StepMicroseconds).OfType<StepBreakdown>().ToArray();
+            double B(Func<StepBreakdown, double> field) => Math.Round(Median(breakdowns.Select(field)), 1);
+            return rounds[0] with
+            {
+                Epochs = seconds.Length,
+                Rounds = rounds.Length,
+                SecondsPerEpoch = seconds,
+                SecondsPerEpochMedian = Math.Round(Median(seconds), 4),
+                SecondsPerEpochBest = seconds.Min(),
+                EpochSecondsMedian = rounds[0].EpochSecondsMedian is null ? null : Math.Round(Median(rounds.Select(r => r.EpochSecondsMedian!.Value)), 4),
+                MicrosecondsPerStep = Math.Round(Median(seconds) / rounds[0].SecondsPerEpochMedian * rounds[0].MicrosecondsPerStep, 1),
+                WireBytesPerStep = MedianOf(r => r.WireBytesPerStep),
+                AllocatedBytesPerStep = MedianOf(r => r.AllocatedBytesPerStep),
+                StepMicroseconds = breakdowns.Length == 0 ? null : new StepBreakdown(B(b => b.SlowestCompute), B(b => b.FastestCompute), B(b => b.Transfer),
+                    B(b => b.ReduceAndStep), B(b => b.ServerCall), B(b => b.BarrierWait)),
+                TestAccuracyLast = rounds[^1].TestAccuracyLast,
+                LoadAverage = [rounds[0].LoadAverage?[0] ?? double.NaN, rounds[^1].LoadAverage?[^1] ?? double.NaN],
+            };
         }
 
         private Row MeasureCore(RunSpec spec, Dataset train)
@@ -235,7 +281,6 @@ public static class ClusterBench
                 allocated += GC.GetAllocatedBytesForCurrentThread() - before;
             }
             double median = Median(seconds);
-            _coreMedian[spec.BatchSize] = median;
             return NewRow("core", spec, silos: 0, workers: 1, train.Count) with
             {
                 SecondsSource = "stopwatch around LocalTrainer.TrainEpoch (training only)",
@@ -250,17 +295,17 @@ public static class ClusterBench
         }
 
         /// <summary>Runs `backprop train` for the spec (N+1 epochs) and reads the epochs from its metrics file.</summary>
-        private async Task<Row> MeasureCli(string mode, RunSpec spec, int silos, string[] where)
+        private async Task<Row> MeasureCli(string mode, RunSpec spec, int silos, string[] where, int round)
         {
             double? loadBefore = LoadAverage();
             Progress($"{mode}, batch {spec.BatchSize}: `backprop train`, {spec.Epochs} epochs ({options.Epochs} timed) with {spec.Workers} workers");
-            string metrics = Path.Combine(paths.Work, $"{mode}-b{spec.BatchSize}.jsonl");
+            string metrics = Path.Combine(paths.Work, $"{mode}-b{spec.BatchSize}-r{round}.jsonl");
             string[] args =
             [
                 paths.Cli, "train", "--preset", "pytorch-mlp", "--layers", string.Join(',', spec.Model.Layers),
                 "--batch-size", $"{spec.BatchSize}", "--chunk-size", $"{spec.ChunkSize}", "--epochs", $"{spec.Epochs}",
                 "--workers", $"{spec.Workers}", "--server-shards", $"{spec.ServerShards}", "--train-limit", $"{spec.TrainLimit}", "--data-dir", paths.DataDir,
-                "--metrics-out", metrics, "--run-id", $"bench-{mode}-b{spec.BatchSize}-{Environment.ProcessId}", .. where,
+                "--metrics-out", metrics, "--run-id", $"bench-{mode}-b{spec.BatchSize}-r{round}-{Environment.ProcessId}", .. where,
             ];
             // Generous: the big model on processes takes tens of seconds an epoch; a hung run must still end.
             var result = await Child.Run("dotnet", args, [], TimeSpan.FromMinutes(5 + 10 * spec.Epochs), cancel);
@@ -276,7 +321,6 @@ public static class ClusterBench
             double StepMedianUs(string field) => Math.Round(ProfileMedian(field) * 1e6, 1);
             var seconds = timed.Select(e => profiled ? P(e["profile"], "trainSeconds") : (double)e["seconds"]!).ToList();
             double median = Median(seconds);
-            double? core = _coreMedian.TryGetValue(spec.BatchSize, out var c) ? c : null;
             int steps = StepsPerEpoch(spec, MnistTrainCount);   // the metrics' "steps" counts from the start of the run
             return NewRow(mode, spec, silos, spec.Workers, MnistTrainCount) with
             {
@@ -284,8 +328,6 @@ public static class ClusterBench
                 SecondsPerEpochMedian = Math.Round(median, 4),
                 SecondsPerEpoch = [.. seconds.Select(s => Math.Round(s, 4))],
                 EpochSecondsMedian = Math.Round(Median(timed.Select(e => (double)e["seconds"]!)), 4),
-                CoreSecondsPerEpochMedian = core is { } cs ? Math.Round(cs, 4) : null,
-                Ratio = core is { } cm ? Math.Round(median / cm, 3) : null,
                 MicrosecondsPerStep = Math.Round(median / steps * 1e6, 1),
                 WireBytesPerStep = profiled ? Math.Round(ProfileMedian("wireBytesPerStep"), 1) : null,
                 AllocatedBytesPerStep = profiled ? Math.Round(ProfileMedian("allocatedBytesPerStep"), 1) : null,
@@ -304,8 +346,8 @@ public static class ClusterBench
             WarmUp: mode == "core" ? "until the JIT is quiet (2-10 epochs)" : "first epoch of the run excluded",
             VectorWidth: Vector<float>.Count * 32, Vector512Accelerated: System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated)
         {
-            CoreSecondsPerEpochMedian = _coreMedian.TryGetValue(spec.BatchSize, out var c) ? Math.Round(c, 4) : null,
             Ratio = mode == "core" ? 1.0 : null,
+            RatioBest = mode == "core" ? 1.0 : null,
         };
 
         private void Emit(Row row)
@@ -317,8 +359,8 @@ public static class ClusterBench
             }
             string where = row.Mode == "core" ? $"LocalTrainer on {row.Threads} threads" : $"{row.Workers} workers x 1 thread on {row.Silos} silo(s)";
             Console.WriteLine($"{row.Mode,-9} {row.Model} batch {row.BatchSize} chunk {row.ChunkSize}, {where}: "
-                + $"{row.SecondsPerEpochMedian:F3} s/epoch (median of {row.Epochs}; {row.SecondsSource})"
-                + (row.Ratio is { } r ? $", {r:F2}x core" : "")
+                + $"{row.SecondsPerEpochMedian:F3} s/epoch (median of {row.Epochs} over {row.Rounds} round(s), best {row.SecondsPerEpochBest:F3}; {row.SecondsSource})"
+                + (row.Ratio is { } r ? $", {r:F2}x core (best/best {row.RatioBest:F2}x)" : "")
                 + (row.WireBytesPerStep is { } w ? $", wire {w / 1e6:F2} MB/step" : "")
                 + (row.AllocatedBytesPerStep is { } a ? $", allocated {a:F0} B/step" : "")
                 + (row.StepMicroseconds is { } s ? $"; per step (us): compute {s.SlowestCompute:F0} slowest / {s.FastestCompute:F0} fastest, transfer {s.Transfer:F0}, reduce+step {s.ReduceAndStep:F0}, server call {s.ServerCall:F0}, barrier {s.BarrierWait:F0}" : ""));
@@ -346,8 +388,12 @@ public static class ClusterBench
         public double SecondsPerEpochMedian { get; init; }
         public double[] SecondsPerEpoch { get; init; } = [];
         public double? EpochSecondsMedian { get; init; }
+        public double SecondsPerEpochBest { get; init; }
+        public int Rounds { get; init; } = 1;
         public double? CoreSecondsPerEpochMedian { get; init; }
+        public double? CoreSecondsPerEpochBest { get; init; }
         public double? Ratio { get; init; }
+        public double? RatioBest { get; init; }
         public double MicrosecondsPerStep { get; init; }
         public double? WireBytesPerStep { get; init; }
         public double? AllocatedBytesPerStep { get; init; }

@@ -44,7 +44,7 @@ public static class TrainCommand
 
     private static readonly Option<int?> ServerShards = new("--server-shards")
     {
-        Description = "Parameter-server shards S: the parameter vector cut into S slices, each a grain spread over the silos beside the workers; results do not depend on it [default: 1]",
+        Description = "Parameter-server shards S: the parameter vector cut into S slices, each a grain spread over the silos beside the workers; results do not depend on it [default: one per worker silo on a cluster; embedded: min(cores, workers)]",
     };
 
     public static Command Create()
@@ -126,12 +126,15 @@ public static class TrainCommand
                 var data = await cluster.Services.GetRequiredService<DatasetCache>().Get(spec.Dataset);
                 spec.ValidateAgainst(data.Train);
             }
-            else if (parse.GetValue(Workers) is null)
+            else if (parse.GetValue(Workers) is null || parse.GetValue(ServerShards) is null)
             {
-                // One worker per worker silo: the cluster's size, not the preset's, decides how the work is cut.
+                // One worker and one shard per worker silo: the cluster's size, not the preset's, decides how the work is cut.
                 var silos = await cluster.Client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).WorkerSilos();
-                spec = spec with { Workers = Math.Clamp(silos.Length, 1, RunSpec.MaxWorkers) };
+                if (parse.GetValue(Workers) is null) spec = spec with { Workers = Math.Clamp(silos.Length, 1, RunSpec.MaxWorkers) };
+                if (parse.GetValue(ServerShards) is null) spec = spec with { ServerShards = DefaultShards(spec, silos.Length) };
             }
+            if (cluster.IsEmbedded && parse.GetValue(ServerShards) is null)
+                spec = spec with { ServerShards = DefaultShards(spec, Math.Min(Environment.ProcessorCount, spec.Workers)) };
             var run = cluster.Client.GetGrain<IRunGrain>(runId);
             Console.WriteLine($"run {runId} on {cluster.Description}");
             Console.WriteLine($"  {RunReporter.Describe(spec)}");
@@ -159,6 +162,19 @@ public static class TrainCommand
             }
             if (status.State == RunState.Completed && parse.GetValue(ModelOut) is { } path) await RunCommands.SaveModel(run, status, path);
             return RunCommands.ExitCodeOf(status);
+        }
+    }
+
+    /// <summary>The default shard count, as many as asked where the model has room for them (a slice is at least 16 floats).</summary>
+    private static int DefaultShards(RunSpec spec, int wanted)
+    {
+        int shards = Math.Clamp(wanted, 1, Backprop.Core.Training.ShardLayout.MaxShards);
+        while (shards > 1 && !IsValid(spec with { ServerShards = shards })) shards--;
+        return shards;
+
+        static bool IsValid(RunSpec spec)
+        {
+            try { spec.Shards.Validate(); return true; } catch (ArgumentException) { return false; }
         }
     }
 

@@ -48,6 +48,11 @@ public sealed class RunGrain(
     private const int MaxEvents = 200;
 
     private readonly SemaphoreSlim _writes = new(1, 1);
+    /// <summary>
+    /// A newer coordinator owns the run: this activation never runs a loop or writes the record again, and goes
+    /// away after the current call (the next one activates the grain afresh, from the stored record).
+    /// </summary>
+    private bool _fenced;
     private Task? _loop;
     private CancellationTokenSource _cancel = new();
     private CancellationTokenSource _stop = new();
@@ -88,7 +93,7 @@ public sealed class RunGrain(
     /// </summary>
     private void KeepGoing()
     {
-        if (record.State.State == RunState.Running && settings.KeepRunsGoing && !LoopActive) StartLoop(resumed: true);
+        if (record.State.State == RunState.Running && settings.KeepRunsGoing && !LoopActive && !_fenced) StartLoop(resumed: true);
     }
 
     public override async Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -218,6 +223,7 @@ public sealed class RunGrain(
         {
             logger.LogWarning("Run {Run}: {Reason}; this coordinator stops", RunId, e.Message);
             EndLoop();
+            Fence();
             return;
         }
         catch (RunDivergedException e)
@@ -316,6 +322,11 @@ public sealed class RunGrain(
         if (resumed)
             await AddEventNow("resumed", $"continued from step {version} (epoch {epoch + 1}, step {first} of {steps}; last checkpoint at step {position.CheckpointStep}) on {SiloEndpoint}, coordinator incarnation {incarnation}");
 
+        // Every epoch before this one must have its result: only the last one can be evaluated again (the parameters
+        // are those it ended with); a run never completes with fewer epochs than it trained.
+        int missing = epoch - (first == 0 && epoch > 0 ? 1 : 0) - record.State.Epochs.Count;
+        if (missing > 0)
+            throw new MissingEpochsException($"run {RunId} is at epoch {epoch + 1} step {first} but only {record.State.Epochs.Count} epoch results are stored: {missing} cannot be evaluated again");
         // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
         if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
             await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, version, shards, await Workers(spec, incarnation), clock, 0, incarnation, cancel, null);
@@ -403,6 +414,8 @@ public sealed class RunGrain(
         var parameters = await shards.Gather(version);
         var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
             trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(parameters.Parameters.Span), version, eval.Confusion, profile);
+        if (record.State.Epochs.Count < epoch)
+            throw new MissingEpochsException($"run {RunId}: epoch {epoch + 1} ended but only {record.State.Epochs.Count} epoch results are stored before it");
         if (record.State.Epochs.Count == epoch)
         {
             await Update(r => r.Epochs.Add(result));
@@ -528,7 +541,8 @@ public sealed class RunGrain(
     }
 
     private static bool IsTransient(Exception e) =>
-        e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException or ShardMovedException);
+        e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException or ShardMovedException
+            or MissingEpochsException);
 
     private async Task Register(RunState state, RunSpec spec, int epochsDone, bool required = false)
     {
@@ -574,11 +588,19 @@ public sealed class RunGrain(
         var before = record.State;
         try
         {
+            // After a conflict the state holds the stored ETag: a write from here would overwrite the newer owner's record.
+            if (_fenced) throw new StaleCoordinatorException($"run {RunId}: this coordinator was fenced off by a newer one");
             var next = before.Copy();
             change(next);
             record.State = next;
             // Fenced: a record written by a newer coordinator is not overwritten (nor an equal one, when claiming).
             await record.WriteAuthoritative((stored, mine) => claim ? stored.Incarnation >= mine.Incarnation : stored.Incarnation > mine.Incarnation);
+        }
+        catch (StaleCoordinatorException)
+        {
+            record.State = before;
+            Fence();
+            throw;
         }
         catch
         {
@@ -590,7 +612,16 @@ public sealed class RunGrain(
             _writes.Release();
         }
     }
+
+    private void Fence()
+    {
+        _fenced = true;
+        DeactivateOnIdle();
+    }
 }
+
+/// <summary>The record lacks results of epochs that are already trained: the run fails loudly rather than complete with fewer.</summary>
+public sealed class MissingEpochsException(string message) : Exception(message);
 
 /// <summary>A non-finite loss or gradient: the run stops as diverged, its last good checkpoint kept.</summary>
 public sealed class RunDivergedException(long step, int epoch, string reason)

@@ -1,3 +1,4 @@
+using Microsoft.Extensions.DependencyInjection;
 using Backprop.Core.Numerics;
 using Backprop.Core;
 using Backprop.Core.Training;
@@ -224,6 +225,90 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(0, [0], step: 999)))).Message);
         Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 1, 0, 5, 5_000_000, fixture.DatasetSha256, Session)))).Message);
         Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
+    }
+
+    /// <summary>The run record as grain storage holds it (the test cluster's silos share one file store).</summary>
+    private async Task<(Orleans.Storage.IGrainStorage Storage, GrainId Id, GrainState<RunRecord> State)> StoredRecord(string runId)
+    {
+        var storage = fixture.Cluster.Silos[0].ServiceProvider.GetRequiredKeyedService<Orleans.Storage.IGrainStorage>(SiloSetup.StorageName);
+        var id = fixture.Cluster.Client.GetGrain<IRunGrain>(runId).GetGrainId();
+        var state = new GrainState<RunRecord>();
+        await storage.ReadStateAsync("run", id, state);
+        return (storage, id, state);
+    }
+
+    /// <summary>Changes the stored run record behind its coordinator's back (as a newer coordinator elsewhere would).</summary>
+    private async Task<RunRecord> ChangeStoredRecord(string runId, Action<RunRecord> change)
+    {
+        while (true)
+        {
+            var (storage, id, state) = await StoredRecord(runId);
+            change(state.State!);
+            try
+            {
+                await storage.WriteStateAsync("run", id, state);
+                return state.State!;
+            }
+            catch (Orleans.Storage.InconsistentStateException)
+            {
+                // The coordinator wrote in between: read again.
+            }
+        }
+    }
+
+    private static async Task<RunStatus> PollUntil(IRunGrain run, Func<RunStatus, bool> reached)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var status = await run.GetStatus();
+        while (!reached(status) && clock.Elapsed < TimeSpan.FromSeconds(120))
+        {
+            await Task.Delay(5);
+            status = await run.GetStatus();
+        }
+        Assert.True(reached(status), $"run is {status.State}, epoch {status.Epoch + 1} step {status.StepInEpoch}: {status.Error}");
+        return status;
+    }
+
+    [Fact]
+    public async Task A_fenced_coordinator_never_runs_again_nor_writes_the_run_record()
+    {
+        var spec = Spec(2) with { Epochs = 8, Seed = 21 };
+        var run = fixture.Cluster.Client.GetGrain<IRunGrain>("fenced");
+        await run.Start(spec);
+        await PollUntil(run, s => s.EpochsDone >= 1);
+        // A newer coordinator (elsewhere) took the run over: the running one meets the record at its next write.
+        int newer = (await ChangeStoredRecord("fenced", r => r.Incarnation += 10)).Incarnation;
+
+        // Polled with status calls, which restart a run stored as running whose loop has stopped. The fenced activation
+        // must not be the one that does it: its state carries the stored ETag after the conflict, and a loop of its own
+        // would claim an incarnation below the newer one and overwrite that coordinator's record.
+        var status = await PollUntil(run, s => s.IsFinished);
+        Assert.True(status.State == RunState.Completed, $"{status.State}: {status.Error}");
+        var stored = (await StoredRecord("fenced")).State.State!;
+        Assert.True(stored.Incarnation > newer, $"stored incarnation {stored.Incarnation}, the newer coordinator's was {newer}");
+        Assert.Equal([1, 2, 3, 4, 5, 6, 7, 8], stored.Epochs.Select(e => e.Epoch));
+        using var local = new LocalTrainer(spec, fixture.Data.Train);
+        for (int e = 0; e < spec.Epochs; e++) local.TrainEpoch(e);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), stored.Epochs[^1].ParameterSha256);
+    }
+
+    [Fact]
+    public async Task A_run_whose_epoch_results_are_missing_fails_loudly_instead_of_completing_with_fewer()
+    {
+        var spec = Spec(2) with { Epochs = 200, Seed = 22 };
+        var run = fixture.Cluster.Client.GetGrain<IRunGrain>("missing-epochs");
+        await run.Start(spec);
+        await PollUntil(run, s => s.EpochsDone >= 1 && s.StepInEpoch > 0);
+        await run.Cancel();
+        await PollUntil(run, s => s.IsFinished);
+        // The record loses its epochs (a damaged or foreign store) while no activation holds it.
+        await ChangeStoredRecord("missing-epochs", r => r.Epochs.Clear());
+        await fixture.Cluster.Client.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
+
+        await run.Resume();
+        var status = await PollUntil(run, s => s.IsFinished);
+        Assert.Equal(RunState.Failed, status.State);
+        Assert.Contains("epoch results are stored", status.Error);
     }
 
     [Fact]

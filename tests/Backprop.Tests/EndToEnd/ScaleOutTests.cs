@@ -39,7 +39,9 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         // computes, whether there are 2 or 3 (with one worker per worker silo, 3 workers share 4 chunks as 2 aligned
         // blocks of 2, and the third silo would only evaluate).
         string metrics = Path.Combine(Work, "metrics.jsonl");
-        var train = CliProcess.Start("train", "--epochs", $"{Epochs}", "--workers", "4", "--seed", "5", "--checkpoint-every", "50",
+        // One shard, kept on the server silo: this test is about worker silos coming and going without a resume (a silo
+        // holding a shard going away costs a re-attach: ProcessFailoverTests and FailoverTests cover that).
+        var train = CliProcess.Start("train", "--epochs", $"{Epochs}", "--workers", "4", "--server-shards", "1", "--seed", "5", "--checkpoint-every", "50",
             "--redis", redis, "--redis-password-file", Path.Combine(State, "redis.password"), "--cluster-id", _cluster, "--run-id", "elastic", "--metrics-out", metrics);
         train.WaitForLine(l => l.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(120));
         var status = Status(redis);
