@@ -22,7 +22,7 @@ public static class ClusterBench
     public const string Usage = """
         usage: Backprop.Bench cluster [--json] [--epochs N] [--batch 64,256] [--model 784,128,64,10] [--workers N]
                                       [--train-limit N] [--modes core,embedded,processes] [--data-dir DIR]
-                                      [--server-shards S] [--rounds R]
+                                      [--server-shards LIST] [--rounds R] [--hosts N [--link RATE]]
 
         Trains the pytorch-mlp preset (ReLU, cross-entropy, SGD momentum 0.9, lr 0.01, seed 1) with the given batch
         sizes (chunk size = batch/4, the CLI's default) and model, in three modes:
@@ -43,14 +43,18 @@ public static class ClusterBench
           --train-limit N   train on the first N images only (default 0 = all 60,000; for slow models)
           --modes LIST      which modes to run (default core,embedded,processes)
           --data-dir DIR    data directory holding mnist/ (default: the CLI's, ~/.cache/backprop-distributed)
-          --server-shards S parameter-server shards of the cluster modes (default: the worker count, one per silo as
-                            the CLI does on a cluster; every row says its count, 0 for core)
+          --server-shards LIST  parameter-server shard counts of the cluster modes, each run in turn (default: the worker
+                            count, one per silo as the CLI does on a cluster; every row says its count, 0 for core)
+          --hosts N         mode hosts (root only): N silos, each in a network namespace of its own on a bridge, every
+                            link capped with tc tbf at --link each way; the CLI runs on host 0 with N workers. --hosts
+                            alone runs modes core,hosts. Rows carry hosts, link and busiestLinkBytesPerStep.
+          --link RATE       link rate of mode hosts, a tc rate (default 1gbit)
 
         Needs MNIST (`dotnet run --project src/Client -- data fetch mnist`) and the Release build of src/Client and
         src/Silo, which `dotnet run -c Release --project bench/Backprop.Bench` builds with the bench.
         """;
 
-    private static readonly string[] AllModes = ["core", "embedded", "processes"];
+    private static readonly string[] AllModes = ["core", "embedded", "processes", "hosts"];
     private const int MnistTrainCount = 60_000;
 
     public static async Task<int> Run(string[] args)
@@ -115,7 +119,8 @@ public static class ClusterBench
         }
     }
 
-    private sealed record Options(bool Json, int Epochs, int[] Batches, int[] Layers, int Workers, int TrainLimit, string[] Modes, string DataDir, int ServerShards, int Rounds)
+    private sealed record Options(bool Json, int Epochs, int[] Batches, int[] Layers, int Workers, int TrainLimit, string[] Modes, string DataDir,
+        int[] ServerShards, int Rounds, int Hosts, string Link)
     {
         public static Options Parse(string[] args)
         {
@@ -129,14 +134,19 @@ public static class ClusterBench
                 int.Parse(text) is var v and > 0 ? v : throw new ArgumentException($"{name}: {text} is not a positive integer");
             int[] List(string name, string text) => [.. text.Split(',').Select(t => Positive(name, t.Trim()))];
 
-            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir", "--server-shards", "--rounds" };
+            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir", "--server-shards", "--rounds", "--hosts", "--link" };
             for (int i = 0; i < args.Length; i++)
             {
                 if (!known.Contains(args[i])) throw new ArgumentException($"unknown argument '{args[i]}'");
                 if (args[i] != "--json") i++;
             }
-            var modes = (Arg("--modes") ?? string.Join(',', AllModes)).Split(',');
-            if (modes.FirstOrDefault(m => !AllModes.Contains(m)) is { } bad) throw new ArgumentException($"--modes: unknown '{bad}' (core, embedded, processes)");
+            int hosts = Arg("--hosts") is { } h ? Positive("--hosts", h) : 0;
+            // --hosts alone: core against the emulated hosts.
+            var modes = (Arg("--modes") ?? (hosts > 0 ? "core,hosts" : "core,embedded,processes")).Split(',');
+            if (modes.FirstOrDefault(m => !AllModes.Contains(m)) is { } bad) throw new ArgumentException($"--modes: unknown '{bad}' (core, embedded, processes, hosts)");
+            if (modes.Contains("hosts") && hosts < 2) throw new ArgumentException("--modes hosts needs --hosts N (2 or more)");
+            string link = Arg("--link") ?? "1gbit";
+            if (!System.Text.RegularExpressions.Regex.IsMatch(link, "^[1-9][0-9]*(k|m|g)?bit$")) throw new ArgumentException($"--link: '{link}' is not a tc rate such as 1gbit or 100mbit");
             int trainLimit = Arg("--train-limit") is { } t ? int.Parse(t) : 0;
             if (trainLimit < 0) throw new ArgumentException("--train-limit: must be 0 (all) or positive");
             return new Options(
@@ -148,8 +158,10 @@ public static class ClusterBench
                 trainLimit,
                 [.. AllModes.Where(modes.Contains)],
                 Arg("--data-dir") ?? DatasetCatalog.DefaultDataDir(),
-                Positive("--server-shards", Arg("--server-shards") ?? Arg("--workers") ?? "2"),
-                Positive("--rounds", Arg("--rounds") ?? "2"));
+                List("--server-shards", Arg("--server-shards") ?? Arg("--workers") ?? "2"),
+                Positive("--rounds", Arg("--rounds") ?? "2"),
+                hosts,
+                link);
         }
     }
 
@@ -176,7 +188,7 @@ public static class ClusterBench
     private sealed class Bench(Options options, Paths paths, CancellationToken cancel)
     {
 
-        private RunSpec SpecFor(int batch) => Presets.PyTorchMlp with
+        private RunSpec SpecFor(int batch, int shards = 1) => Presets.PyTorchMlp with
         {
             Model = Presets.PyTorchMlp.Model with { Layers = options.Layers },
             BatchSize = batch,
@@ -184,7 +196,7 @@ public static class ClusterBench
             Epochs = options.Epochs + 1,
             Workers = options.Workers,
             TrainLimit = options.TrainLimit,
-            ServerShards = options.ServerShards,
+            ServerShards = shards,
         };
 
         public async Task RunAll()
@@ -204,18 +216,34 @@ public static class ClusterBench
             await using var cluster = options.Modes.Contains("processes")
                 ? await LocalCluster.Start(paths.ClusterScript, paths.State, paths.Silo, paths.DataDir, options.Workers, cancel)
                 : null;
+            await using var hosts = options.Modes.Contains("hosts")
+                ? await EmulatedHosts.Start(options.Hosts, options.Link, paths.Silo, paths.DataDir, paths.Work, cancel)
+                : null;
             // Modes interleaved round by round (core, embedded, processes, core, ...), so that the machine's drift hits all alike.
             var rows = new List<Row>();
             for (int round = 1; round <= options.Rounds; round++)
                 foreach (int batch in options.Batches)
                 {
                     if (train is not null) rows.Add(MeasureCore(SpecFor(batch), train));
-                    if (options.Modes.Contains("embedded"))
-                        rows.Add(await MeasureCli("embedded", SpecFor(batch), silos: 1, ["--threads-per-worker", "1"], round));
-                    if (cluster is not null)
-                        rows.Add(await MeasureCli("processes", SpecFor(batch), silos: options.Workers, ["--gateway", cluster.Gateways, "--cluster-id", cluster.ClusterId], round));
+                    foreach (int shards in options.ServerShards)
+                    {
+                        if (options.Modes.Contains("embedded"))
+                            rows.Add(await MeasureCli("embedded", SpecFor(batch, shards), silos: 1, ["--threads-per-worker", "1"], round));
+                        if (cluster is not null)
+                            rows.Add(await MeasureCli("processes", SpecFor(batch, shards), silos: options.Workers, ["--gateway", cluster.Gateways, "--cluster-id", cluster.ClusterId], round));
+                        if (hosts is not null)
+                        {
+                            var spec = SpecFor(batch, shards) with { Workers = options.Hosts };
+                            rows.Add(await MeasureCli("hosts", spec, silos: options.Hosts, ["--gateway", hosts.Gateway, "--cluster-id", hosts.ClusterId], round, hosts) with
+                            {
+                                Hosts = options.Hosts,
+                                Link = options.Link,
+                                BusiestLinkBytesPerStep = BusiestLinkBytes(spec.Shards, options.Hosts),
+                            });
+                        }
+                    }
                 }
-            var merged = rows.GroupBy(r => (r.Mode, r.BatchSize)).Select(g => Merge([.. g])).ToList();
+            var merged = rows.GroupBy(r => (r.Mode, r.BatchSize, r.ServerShards)).Select(g => Merge([.. g])).ToList();
             foreach (var row in merged)
             {
                 var core = merged.FirstOrDefault(r => r.Mode == "core" && r.BatchSize == row.BatchSize);
@@ -295,20 +323,21 @@ public static class ClusterBench
         }
 
         /// <summary>Runs `backprop train` for the spec (N+1 epochs) and reads the epochs from its metrics file.</summary>
-        private async Task<Row> MeasureCli(string mode, RunSpec spec, int silos, string[] where, int round)
+        private async Task<Row> MeasureCli(string mode, RunSpec spec, int silos, string[] where, int round, EmulatedHosts? hosts = null)
         {
             double? loadBefore = LoadAverage();
             Progress($"{mode}, batch {spec.BatchSize}: `backprop train`, {spec.Epochs} epochs ({options.Epochs} timed) with {spec.Workers} workers");
-            string metrics = Path.Combine(paths.Work, $"{mode}-b{spec.BatchSize}-r{round}.jsonl");
+            string metrics = Path.Combine(paths.Work, $"{mode}-b{spec.BatchSize}-s{spec.ServerShards}-r{round}.jsonl");
             string[] args =
             [
                 paths.Cli, "train", "--preset", "pytorch-mlp", "--layers", string.Join(',', spec.Model.Layers),
                 "--batch-size", $"{spec.BatchSize}", "--chunk-size", $"{spec.ChunkSize}", "--epochs", $"{spec.Epochs}",
                 "--workers", $"{spec.Workers}", "--server-shards", $"{spec.ServerShards}", "--train-limit", $"{spec.TrainLimit}", "--data-dir", paths.DataDir,
-                "--metrics-out", metrics, "--run-id", $"bench-{mode}-b{spec.BatchSize}-r{round}-{Environment.ProcessId}", .. where,
+                "--metrics-out", metrics, "--run-id", $"bench-{mode}-b{spec.BatchSize}-s{spec.ServerShards}-r{round}-{Environment.ProcessId}", .. where,
             ];
             // Generous: the big model on processes takes tens of seconds an epoch; a hung run must still end.
-            var result = await Child.Run("dotnet", args, [], TimeSpan.FromMinutes(5 + 10 * spec.Epochs), cancel);
+            var (program, arguments) = hosts?.OnHost0(args) ?? ("dotnet", args);
+            var result = await Child.Run(program, arguments, [], TimeSpan.FromMinutes(5 + 10 * spec.Epochs), cancel);
             if (result.Code != 0) throw new BenchException($"{mode} run failed (exit {result.Code}): {Tail(result.Output + result.Error)}");
 
             var epochs = File.ReadAllLines(metrics).Where(l => l.Length > 0).Select(l => JsonNode.Parse(l)!).ToList();
@@ -400,6 +429,9 @@ public static class ClusterBench
         public string? AllocatedBytesSource { get; init; }
         public StepBreakdown? StepMicroseconds { get; init; }
         public double? TestAccuracyLast { get; init; }
+        public int? Hosts { get; init; }
+        public string? Link { get; init; }
+        public double? BusiestLinkBytesPerStep { get; init; }
         public double[]? LoadAverage { get; init; }
     }
 
@@ -422,6 +454,24 @@ public static class ClusterBench
         {
             return null;
         }
+    }
+
+    /// <summary>
+    /// Bytes the busiest host sends a step (it receives as many) with one worker per host and shard j on host j mod N:
+    /// its worker's pushes to the shards elsewhere, and its shards' next versions to the N − 1 other workers. One
+    /// shard: (N − 1)·V from its host; N shards: 2·V·(N − 1)/N from every host.
+    /// </summary>
+    private static double BusiestLinkBytes(ShardLayout layout, int hosts)
+    {
+        long busiest = 0;
+        for (int h = 0; h < hosts; h++)
+        {
+            long sent = 0;
+            for (int j = 0; j < layout.Shards; j++)
+                sent += j % hosts == h ? (long)layout.Length(j) * (hosts - 1) : layout.Length(j);
+            busiest = Math.Max(busiest, sent);
+        }
+        return busiest * sizeof(float);
     }
 
     private static int StepsPerEpoch(RunSpec spec, int available) => (spec.TrainCount(available) + spec.BatchSize - 1) / spec.BatchSize;
