@@ -100,6 +100,7 @@ public static class TrainCommand
     {
         var spec = BuildSpec(parse);
         string runId = parse.GetValue(RunId) ?? $"run-{DateTime.UtcNow:yyyyMMdd-HHmmss}-{Random.Shared.Next(0x10000):x4}";
+        Backprop.Core.RunIds.Validate(runId);
         string dataDir = parse.GetValue(DataDir)!;
         var address = Address.Parse(parse, fallbackGateway: null);
 

@@ -86,6 +86,8 @@ public sealed class ParameterShardGrain(
         if (spec is null) throw new ArgumentException("no run spec");
         spec.Validate();
         if (incarnation < 1) throw new ArgumentException($"incarnation {incarnation} is not positive");
+        string key = this.GetPrimaryKeyString();
+        Backprop.Core.RunIds.Validate(key[..Math.Max(0, key.LastIndexOf('/'))]);
         if (Shard >= spec.ServerShards) throw new ArgumentException($"shard {Shard} of a run with {spec.ServerShards} shards");
         if (fence.State.Spec is { } stored && stored != spec) throw new ArgumentException($"shard {this.GetPrimaryKeyString()} holds a different run");
         if (incarnation < fence.State.Incarnation)
@@ -98,16 +100,26 @@ public sealed class ParameterShardGrain(
             {
                 await fence.WriteAuthoritative((stored, mine) => stored.Incarnation > mine.Incarnation);
             }
+            catch (StaleCoordinatorException)
+            {
+                // The newer fence was read with its ETag: keep it (putting ours back would let a later write overwrite it).
+                _incarnation = Math.Max(_incarnation, fence.State.Incarnation);
+                throw;
+            }
             catch
             {
                 fence.State = before;
                 throw;
             }
         }
-        // The fence counts from here, once stored; pushes of the older coordinator still waiting are told to stop.
+        // The fence counts from here, once stored; pushes of the older coordinator still waiting are told to stop,
+        // those of this one (attaching again) to attach with it.
+        Exception ended = incarnation > _incarnation
+            ? new StaleCoordinatorException($"coordinator incarnation {incarnation} took over shard {Shard}")
+            : new ShardMovedException($"shard {Shard} was attached again");
         _incarnation = incarnation;
         if (_spec is null) Load(spec);
-        EndGather(new StaleCoordinatorException($"coordinator incarnation {incarnation} took over shard {Shard}"));
+        EndGather(ended);
         return Position();
     }
 

@@ -107,6 +107,8 @@ public sealed class RunGrain(
     public async Task<RunStatus> Start(RunSpec spec)
     {
         if (spec is null) throw new ArgumentException("no run spec");
+        RunIds.Validate(RunId);
+        ThrowIfFenced();
         if (record.State.Spec is { } existing)
         {
             if (existing != spec) throw new ArgumentException($"run id '{RunId}' is already used by another run");
@@ -147,6 +149,7 @@ public sealed class RunGrain(
 
     public async Task<RunStatus> Cancel()
     {
+        ThrowIfFenced();
         if (LoopActive)
         {
             _cancel.Cancel();
@@ -163,6 +166,7 @@ public sealed class RunGrain(
     public async Task<RunStatus> Resume()
     {
         var spec = record.State.Spec ?? throw new ArgumentException($"no run '{RunId}'");
+        ThrowIfFenced();
         if (LoopActive) return Status(0);
         if (record.State.State is RunState.Completed or RunState.Diverged) return Status(0);   // nothing to continue
         await Register(RunState.Running, spec, record.State.Epochs.Count, required: true);
@@ -230,10 +234,22 @@ public sealed class RunGrain(
         {
             (final, error) = (RunState.Diverged, e.Message);
         }
+        catch (Exception e) when (cancel.IsCancellationRequested)
+        {
+            // Cancelled while a step failed: the failure is what the cancelled retries left, not the run's end.
+            logger.LogInformation("Run {Run}: cancelled while a call failed ({Error})", RunId, e.Message);
+            final = RunState.Cancelled;
+        }
         catch (Exception e)
         {
             logger.LogError(e, "Run {Run} failed", RunId);
             (final, error) = (RunState.Failed, e.Message);
+        }
+        if (_fenced)
+        {
+            // Fenced while ending (a write on the way out met the newer owner): nothing more is this activation's to store.
+            EndLoop();
+            return;
         }
         logger.LogInformation("Run {Run} {State}", RunId, final);
         try
@@ -438,24 +454,30 @@ public sealed class RunGrain(
         if (_calls.Length != count)
             (_calls, _blocks, _roundTrips, _replied) = (new Task<BlockDone>[count], new BlockDone[count], new long[count], new long[count]);
         for (int b = 0; b < count; b++)
+        {
             _calls[b] = ComputeBlock(workers, b, new BlockWork(spec, incarnation, epoch, step, version, b, starts, lossBefore, record.State.DatasetSha256!, session), cancel);
+            // The first failure, whichever block's, stops the others' retries at once.
+            _ = _calls[b].ContinueWith(static (_, source) => ((CancellationTokenSource)source!).Cancel(), calls, CancellationToken.None,
+                TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        }
         try
         {
+            try
+            {
+                await Task.WhenAll(_calls);
+            }
+            catch (Exception)
+            {
+                // Every call has ended (none is left running when the caller attaches again); the most telling failure counts.
+                throw _calls.Where(c => c.IsFaulted).Select(c => c.Exception!.InnerException!).OrderBy(Severity).First();
+            }
             for (int b = 0; b < count; b++)
             {
-                var reply = await _calls[b];
+                var reply = _calls[b].Result;
                 if (reply.FirstChunk != blocks.First(b))
                     throw new InvalidOperationException($"step {step}: block {b} came back for chunk {reply.FirstChunk}, not {blocks.First(b)}");
                 _blocks[b] = reply;
             }
-        }
-        catch (Exception)
-        {
-            // The others stop retrying; none of them is left running when the caller attaches again.
-            calls.Cancel();
-            foreach (var call in _calls)
-                try { await call; } catch (Exception) { /* the first failure is the one that counts */ }
-            throw;
         }
         finally
         {
@@ -463,6 +485,17 @@ public sealed class RunGrain(
         }
         return _blocks;
     }
+
+    /// <summary>Which of a step's failures decides what the loop does: a newer owner, divergence, bad input, a moved shard, then the rest.</summary>
+    private static int Severity(Exception e) => e switch
+    {
+        StaleCoordinatorException => 0,
+        RunDivergedException => 1,
+        ArgumentException or MissingEpochsException => 2,
+        ShardMovedException => 3,
+        OperationCanceledException => 5,
+        _ => 4,
+    };
 
     /// <summary>The cut of a step of <paramref name="chunks"/> chunks over the workers, with its starts as the shards get them; made once per worker count.</summary>
     private (ChunkBlocks Cut, int[] Starts) BlocksFor(int chunks, int workers)
@@ -611,6 +644,12 @@ public sealed class RunGrain(
         {
             _writes.Release();
         }
+    }
+
+    /// <summary>This activation's record is older than the stored one: the caller asks again and reaches a fresh activation.</summary>
+    private void ThrowIfFenced()
+    {
+        if (_fenced) throw new StaleCoordinatorException($"run {RunId}: this activation was replaced by a newer coordinator; ask again");
     }
 
     private void Fence()

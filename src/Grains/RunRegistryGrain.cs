@@ -20,7 +20,8 @@ public sealed class RunRegistryGrain(
 
     public async Task Update(RunSummary summary)
     {
-        if (summary is null || string.IsNullOrEmpty(summary.RunId)) throw new ArgumentException("a run summary needs a run id");
+        if (summary is null) throw new ArgumentException("no run summary");
+        Backprop.Core.RunIds.Validate(summary.RunId);
         for (int attempt = 1; ; attempt++)
         {
             var runs = new Dictionary<string, RunSummary>(list.State.Runs) { [summary.RunId] = summary };

@@ -4,6 +4,8 @@ namespace Backprop.Core.Numerics;
 /// Splits rows (of a product, or elements of a vector) over a fixed set of threads. Threads are kept
 /// (spinning briefly, then sleeping) because a training step runs several products of a few
 /// microseconds each. Rows, never the reduction, are split, so results do not depend on the thread count.
+/// An exception in any part, on any thread, ends up with the caller once every part has ended: a kept thread
+/// never dies of it (an exception escaping a thread would end the process, a silo with it).
 /// </summary>
 public sealed class RowParallel : IDisposable
 {
@@ -20,6 +22,7 @@ public sealed class RowParallel : IDisposable
     private int _generation;
     private int _pending;
     private volatile bool _disposed;
+    private Exception? _failure;
 
     public RowParallel(int threads)
     {
@@ -48,8 +51,16 @@ public sealed class RowParallel : IDisposable
         }
         (_job, _stateJob) = (rows, null);
         Dispatch();
-        rows(_bounds[0], _bounds[1]);
+        try
+        {
+            rows(_bounds[0], _bounds[1]);
+        }
+        catch (Exception e)
+        {
+            Interlocked.CompareExchange(ref _failure, e, null);
+        }
         Join();
+        ThrowIfFailed();
     }
 
     /// <summary>
@@ -67,9 +78,24 @@ public sealed class RowParallel : IDisposable
         }
         (_job, _state, _stateJob, _callStateJob) = (null, state, rows, StateJob<TState>.Call);
         Dispatch();
-        rows(state, 0, _bounds[0], _bounds[1]);
+        try
+        {
+            rows(state, 0, _bounds[0], _bounds[1]);
+        }
+        catch (Exception e)
+        {
+            Interlocked.CompareExchange(ref _failure, e, null);
+        }
         Join();
         _state = null;
+        ThrowIfFailed();
+    }
+
+    /// <summary>The first exception of the parts just joined, thrown on the caller's thread with its own stack.</summary>
+    private void ThrowIfFailed()
+    {
+        if (Interlocked.Exchange(ref _failure, null) is { } failure)
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(failure).Throw();
     }
 
     /// <summary>One thunk per state type, made once: a worker calls the job through it.</summary>
@@ -129,8 +155,15 @@ public sealed class RowParallel : IDisposable
             }
             seen = Volatile.Read(ref _generation);
             if (_disposed) return;
-            if (_stateJob is not null) _callStateJob!(this, w, _bounds[w], _bounds[w + 1]);
-            else _job!(_bounds[w], _bounds[w + 1]);
+            try
+            {
+                if (_stateJob is not null) _callStateJob!(this, w, _bounds[w], _bounds[w + 1]);
+                else _job!(_bounds[w], _bounds[w + 1]);
+            }
+            catch (Exception e)
+            {
+                Interlocked.CompareExchange(ref _failure, e, null);
+            }
             Interlocked.Decrement(ref _pending);
         }
     }
