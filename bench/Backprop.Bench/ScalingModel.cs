@@ -25,6 +25,9 @@ public static class ScalingModel
           Fits the step model to `cluster --json` rows (embedded and processes with 2 workers, per model and batch),
           checks it against every processes row (1, 2, 3 silos), and predicts 1..64 worker machines on 10, 25 and
           100 Gb/s links. Prints markdown.
+               Backprop.Bench scaling --sharded --rows FILE [--rows FILE ...] [--plot FILE.png]
+          The sharded design's model (ShardedScalingModel): checked against `cluster --hosts` rows, weak scaling predicted
+          for 784-1024-1024-10 and 784-4096-4096-10 at 64 and 256 samples per worker; --plot writes the 25 Gb/s curves.
         """;
 
     private sealed record Row(string Mode, int Workers, int Batch, string Model, long Parameters, double StepUs,
@@ -40,6 +43,7 @@ public static class ScalingModel
             Console.Error.WriteLine(Usage);
             return files.Count == 0 && !args.Contains("--help") ? 2 : 0;
         }
+        if (args.Contains("--sharded")) return ShardedScalingModel.Run(files, args.SkipWhile(a => a != "--plot").Skip(1).FirstOrDefault());
         int batch = int.Parse(args.SkipWhile(a => a != "--batch").Skip(1).FirstOrDefault() ?? "256");
         var rows = files.SelectMany(File.ReadLines).Where(l => l.TrimStart().StartsWith('{')).Select(Parse).OfType<Row>().ToList();
 

@@ -1,0 +1,139 @@
+using System.Text.Json;
+
+namespace Backprop.Bench;
+
+/// <summary>
+/// `bench scaling --sharded --rows FILE ...`: the step model of the sharded design (one worker and one shard per
+/// machine, workers push to and pull from every shard), checked against `cluster --hosts` rows and predicting weak
+/// scaling (per-worker batch fixed) on 1..64 machines. Per step on N machines, V parameter bytes, S = N shards:
+///   compute  a · b                              a: compute per sample of one machine (core rows), b: per-worker batch
+///   pass     (N + 4) · (V/N) / R                R: a shard's fused reduce + optimizer pass, bytes per second
+///   wire     2 · V·(N−1)/N · 8 / BW             the pushes, then the next versions: each phase moves V·(N−1)/N
+///                                               through every host's link in each direction (full duplex)
+///   cpu      2 · V·(N−1)/N / T                  T: what one process moves through Orleans per second (pushes + replies)
+///   calls    o · N                              o: one push's fixed cost (a worker makes N a step)
+/// With one shard (S = 1) the shard's host carries (N−1)·V in each phase: wire 2·(N−1)·V·8/BW, cpu 2·(N−1)·V/T.
+/// </summary>
+public static class ShardedScalingModel
+{
+    private sealed record Row(string Mode, int Hosts, int Shards, int Batch, string Model, long Parameters, double StepUs, double ComputeUs,
+        double ReduceUs, double SamplesPerEpoch, double SecondsPerEpoch, string? Link, double WireBytes, double ServerCallUs);
+
+    public static int Run(IReadOnlyList<string> files, string? plotPath)
+    {
+        var rows = files.SelectMany(File.ReadLines).Where(l => l.TrimStart().StartsWith('{')).Select(Parse).OfType<Row>().ToList();
+        var hostRows = rows.Where(r => r.Mode == "hosts").ToList();
+        var core = rows.FirstOrDefault(r => r.Mode == "core" && r.Model == hostRows.FirstOrDefault()?.Model);
+        var processes = rows.FirstOrDefault(r => r.Mode == "processes" && r.WireBytes > 0);
+        var embedded = rows.FirstOrDefault(r => r.Mode == "embedded" && r.Shards > 0);
+        if (hostRows.Count == 0 || core is null || processes is null || embedded is null)
+        {
+            Console.Error.WriteLine("scaling --sharded needs hosts rows with their core row (cluster --hosts ...) and a cluster row each of modes embedded and processes");
+            return 2;
+        }
+        double perSampleUs = core.SecondsPerEpoch * 1e6 / core.SamplesPerEpoch;
+        // Through Orleans between processes: the pushes' wire bytes over their time beyond the shards' pass.
+        double orleansBytesPerUs = processes.WireBytes / Math.Max(1, processes.ServerCallUs);
+        double passBytesPerUs = (embedded.Shards == 0 ? 1 : (embedded.Hosts + 4.0) * embedded.Parameters * 4 / embedded.Shards) / Math.Max(1, embedded.ReduceUs);
+        double pushUs = embedded.ServerCallUs / Math.Max(1, embedded.Shards);
+        Console.WriteLine($"Fitted: compute {perSampleUs:F1} µs/sample a machine ({core.Model}, core row); shard pass {passBytesPerUs / 1e3:F1} GB/s; " +
+            $"Orleans between processes {orleansBytesPerUs / 1e3:F2} GB/s; {pushUs:F0} µs a push (embedded row)");
+        Console.WriteLine();
+
+        Console.WriteLine("| hosts | link | S | measured ms/step | model ms/step | model/measured |");
+        Console.WriteLine("|---|---|---|---|---|---|");
+        foreach (var h in hostRows.OrderBy(r => r.Link).ThenBy(r => r.Hosts).ThenBy(r => r.Shards))
+        {
+            // All emulated hosts share this machine's cores: compute and the shards' pass are the row's own.
+            double bw = LinkBitsPerSecond(h.Link!);
+            double model = h.ComputeUs + h.ReduceUs + Wire(h.Parameters * 4L, h.Hosts, h.Shards, bw) + Cpu(h.Parameters * 4L, h.Hosts, h.Shards, orleansBytesPerUs)
+                + pushUs * h.Shards;
+            Console.WriteLine($"| {h.Hosts} | {h.Link} | {h.Shards} | {h.StepUs / 1e3:F1} | {model / 1e3:F1} | {model / h.StepUs:F2} |");
+        }
+        Console.WriteLine();
+
+        var predictions = new List<(string Label, int[] N, double[] Efficiency)>();
+        foreach (var (model, parameters) in new[] { ("784-1024-1024-10", 1_863_690L), ("784-4096-4096-10", 20_037_642L) })
+        {
+            // Compute scales with the work per sample: multiply-adds of the model against those of the core row's model.
+            double perSample = perSampleUs * Flops(model) / Flops(core.Model);
+            foreach (int b in new[] { 64, 256 })
+            {
+                Console.WriteLine($"Weak scaling, {model}, {b} samples per worker a step (S = N):");
+                Console.WriteLine();
+                Console.WriteLine("| machines | 10 Gb/s ms/step | eff. | 25 Gb/s ms/step | eff. | 100 Gb/s ms/step | eff. |");
+                Console.WriteLine("|---|---|---|---|---|---|---|");
+                int[] ns = [1, 2, 4, 8, 16, 32, 64];
+                var eff25 = new double[ns.Length];
+                for (int k = 0; k < ns.Length; k++)
+                {
+                    int n = ns[k];
+                    var cells = new[] { 10e9, 25e9, 100e9 }.Select(bw =>
+                    {
+                        double one = Step(perSample * b, parameters * 4, 1, bw, passBytesPerUs, orleansBytesPerUs, pushUs);
+                        double many = Step(perSample * b, parameters * 4, n, bw, passBytesPerUs, orleansBytesPerUs, pushUs);
+                        if (bw == 25e9) eff25[k] = one / many;
+                        return $"{many / 1e3:F1} | {one / many:P0}";
+                    });
+                    Console.WriteLine($"| {n} | {string.Join(" | ", cells)} |");
+                }
+                Console.WriteLine();
+                predictions.Add(($"{model}, {b}/worker", ns, eff25));
+            }
+        }
+        if (plotPath is not null)
+        {
+            var plot = new ScottPlot.Plot();
+            foreach (var (label, ns, eff) in predictions)
+            {
+                var line = plot.Add.Scatter(ns.Select(n => Math.Log2(n)).ToArray(), eff.Select(e => e * 100).ToArray());
+                line.LegendText = label;
+            }
+            plot.Axes.Bottom.Label.Text = "machines (log2)";
+            plot.Axes.Left.Label.Text = "weak-scaling efficiency at 25 Gb/s (%)";
+            plot.Title("Sharded parameter server, modelled (S = N)");
+            plot.Axes.SetLimitsY(0, 105);
+            plot.ShowLegend();
+            plot.SavePng(plotPath, 800, 500);
+            Console.WriteLine($"plot: {plotPath}");
+        }
+        return 0;
+    }
+
+    private static double Step(double computeUs, long vectorBytes, int n, double bw, double passBytesPerUs, double orleansBytesPerUs, double pushUs) =>
+        computeUs + (n + 4.0) * vectorBytes / n / passBytesPerUs + Wire(vectorBytes, n, n, bw) + Cpu(vectorBytes, n, n, orleansBytesPerUs) + pushUs * n;
+
+    /// <summary>Bytes the busiest host carries in one phase (pushes in, or next versions out): its shards' slices from or to the N − 1 others.</summary>
+    private static double PhaseBytes(long vectorBytes, int n, int shards) => n == 1 ? 0 : vectorBytes * (double)Math.Ceiling(shards / (double)n) / shards * (n - 1);
+
+    private static double Wire(long vectorBytes, int n, int shards, double bitsPerSecond) => 2 * PhaseBytes(vectorBytes, n, shards) * 8 / bitsPerSecond * 1e6;
+
+    private static double Cpu(long vectorBytes, int n, int shards, double bytesPerUs) => 2 * PhaseBytes(vectorBytes, n, shards) / bytesPerUs;
+
+    private static double Flops(string model)
+    {
+        var layers = model.Split('-').Select(double.Parse).ToArray();
+        double sum = 0;
+        for (int l = 0; l + 1 < layers.Length; l++) sum += layers[l] * layers[l + 1];
+        return sum;
+    }
+
+    private static double LinkBitsPerSecond(string link)
+    {
+        double unit = link.EndsWith("gbit") ? 1e9 : link.EndsWith("mbit") ? 1e6 : link.EndsWith("kbit") ? 1e3 : 1;
+        return double.Parse(new string(link.TakeWhile(char.IsDigit).ToArray())) * unit;
+    }
+
+    private static Row? Parse(string line)
+    {
+        var r = JsonDocument.Parse(line).RootElement;
+        var step = r.TryGetProperty("stepMicroseconds", out var s) && s.ValueKind == JsonValueKind.Object ? s : (JsonElement?)null;
+        double Field(string name) => step is { } st ? st.GetProperty(name).GetDouble() : 0;
+        return new Row(r.GetProperty("mode").GetString()!, r.TryGetProperty("hosts", out var h) && h.ValueKind == JsonValueKind.Number ? h.GetInt32() : r.GetProperty("workers").GetInt32(),
+            r.TryGetProperty("serverShards", out var sh) ? sh.GetInt32() : 1, r.GetProperty("batchSize").GetInt32(), r.GetProperty("model").GetString()!,
+            r.GetProperty("parameters").GetInt64(), r.GetProperty("microsecondsPerStep").GetDouble(), Field("slowestCompute"), Field("reduceAndStep"),
+            r.GetProperty("samplesPerEpoch").GetDouble(), r.GetProperty("secondsPerEpochMedian").GetDouble(),
+            r.TryGetProperty("link", out var l) && l.ValueKind == JsonValueKind.String ? l.GetString() : null,
+            r.TryGetProperty("wireBytesPerStep", out var w) && w.ValueKind == JsonValueKind.Number ? w.GetDouble() : 0, Field("serverCall"));
+    }
+}
