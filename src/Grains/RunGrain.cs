@@ -14,7 +14,7 @@ public sealed class RunRecord
     [Id(1)] public RunState State { get; set; }
     [Id(2)] public List<EpochResult> Epochs { get; set; } = [];
     [Id(3)] public string? Error { get; set; }
-    /// <summary>How many coordinators have driven this run; the parameter server refuses steps from older ones.</summary>
+    /// <summary>How many coordinators have driven this run; the parameter-server shards refuse blocks from older ones.</summary>
     [Id(4)] public int Incarnation { get; set; }
     [Id(5)] public List<RunEvent> Events { get; set; } = [];
     [Id(6)] public string? DatasetSha256 { get; set; }
@@ -28,11 +28,12 @@ public sealed class RunRecord
 /// <summary>
 /// The coordinator of one run. Its training loop is background work on this activation (not a grain
 /// call), so status and cancel calls are answered while it runs. Each sync step: cut the step's chunks into
-/// aligned blocks of the reduction tree (<see cref="ChunkBlocks"/>, block b to worker b), send each worker its
-/// block's numbers with the current parameters, collect one pre-reduced sum per worker, and hand them to the
-/// parameter server in block order. When this grain's silo dies, the next activation (started by a
-/// silo's <see cref="RunWatchdog"/> or any call) continues from the server's last checkpoint: the data order
-/// is a function of (seed, epoch) and every step of the parameters and step number, so the bits are the same.
+/// aligned blocks of the reduction tree (<see cref="ChunkBlocks"/>, block b to worker b) and send each worker its
+/// block's numbers and the version to compute on; the workers push their sums to the parameter-server shards and
+/// get the next version back themselves, so this grain never carries a vector. When this grain's silo dies, the
+/// next activation (started by a silo's <see cref="RunWatchdog"/> or any call) settles the shards on the latest
+/// version they all hold and goes on: the data order is a function of (seed, epoch) and every step of the
+/// parameters and step number, so the bits are the same.
 /// </summary>
 public sealed class RunGrain(
     DatasetCache datasets,
@@ -286,8 +287,8 @@ public sealed class RunGrain(
     }
 
     /// <summary>
-    /// Trains from wherever the parameter server stands. When the server's silo is lost too, its next activation
-    /// is at the last checkpoint: the coordinator attaches again and recomputes from there.
+    /// Trains from wherever the shards stand. When a shard's silo is lost, its next activation is at its last
+    /// checkpoint: the coordinator attaches to all shards again and recomputes from the version they share.
     /// </summary>
     private async Task Train(RunSpec spec, int incarnation, bool resumed, CancellationToken cancel)
     {

@@ -13,22 +13,20 @@ namespace Backprop.Core.Training;
 public sealed class StepGradient : IDisposable
 {
     private readonly ChunkRunner _runner;
-    private readonly PairwiseSum _main;
-    private PairwiseSum? _spare;
-    private PairwiseSum _sum;
+    private readonly PairwiseSum _sum;
 
     /// <param name="maxChunks">The most chunks of one block (at most a step's).</param>
     public StepGradient(Core.Model.ModelSpec model, int chunkSize, int maxChunks, int threads)
     {
         _runner = new ChunkRunner(model, chunkSize, threads);
-        _sum = _main = new PairwiseSum(_runner.ParameterCount, maxChunks);
+        _sum = new PairwiseSum(_runner.ParameterCount, maxChunks);
     }
 
     public ChunkRunner Runner => _runner;
     public int ParameterCount => _runner.ParameterCount;
     public int MaxChunks => _sum.MaxLeaves;
 
-    /// <summary>The block's gradient sum after <see cref="SumBlock"/>; valid until the next call into the same buffers.</summary>
+    /// <summary>The block's gradient sum after <see cref="SumBlock"/>; valid until the next call.</summary>
     public ReadOnlyMemory<float> Result => _sum.Result;
 
     /// <summary>
@@ -36,11 +34,8 @@ public sealed class StepGradient : IDisposable
     /// chunk's gradient sum, in the tree's order, into <see cref="Result"/>; returns the summed cost.
     /// <paramref name="nextStepChunk"/>: the chunk of the next step this caller will compute, to prefetch its samples.
     /// </summary>
-    /// <paramref name="spare"/>: into a second set of buffers (made on first use), leaving the last result of the
-    /// first set untouched (a caller that lent it out and must compute again before it comes back).
-    public double SumBlock(Dataset data, EpochPlan plan, int step, int first, int end, ReadOnlySpan<float> parameters, int nextStepChunk = -1, bool spare = false)
+    public double SumBlock(Dataset data, EpochPlan plan, int step, int first, int end, ReadOnlySpan<float> parameters, int nextStepChunk = -1)
     {
-        _sum = spare ? (_spare ??= new PairwiseSum(_main.Length, _main.MaxLeaves)) : _main;
         _sum.Begin(Check(plan, step, first, end));
         double loss = 0;
         for (int c = first; c < end; c++)
@@ -62,7 +57,6 @@ public sealed class StepGradient : IDisposable
     public double SumStep(Dataset data, EpochPlan plan, int step, Span<float> parameters, GradientBlock update)
     {
         int chunks = plan.ChunkCount(step);
-        _sum = _main;
         _sum.Begin(Check(plan, step, 0, chunks), update);
         double loss = 0;
         for (int c = 0; c < chunks; c++)

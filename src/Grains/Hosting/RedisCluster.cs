@@ -43,7 +43,7 @@ public static class RedisCluster
             o.GrainStorageSerializer = new OrleansGrainStorageSerializer(services.GetRequiredService<Serializer>());
         }));
         silo.UseRedisReminderService(o => o.ConfigurationOptions = Options(endpoint, password));
-        // Coordinators, parameter servers and the registry: registered in Redis, so that no other silo's leaving deactivates them.
+        // Coordinators, parameter-server shards and the registry: registered in Redis, so that no other silo's leaving deactivates them.
         silo.AddRedisRunDirectory(endpoint, password);
         membership.ApplyTo(silo);
         return silo;

@@ -8,10 +8,10 @@ using Orleans.Runtime.GrainDirectory;
 namespace Backprop.Grains.Hosting;
 
 /// <summary>
-/// On Redis clusters, where a run's coordinator, its parameter server and the run registry are registered: in Redis
+/// On Redis clusters, where a run's coordinator, its parameter-server shards and the run registry are registered: in Redis
 /// instead of Orleans' default directory, which is spread over the silos. With the default one, the silo that held a
 /// grain's registration could be any silo, a worker silo too, and when that silo left the cluster the grain was
-/// deactivated (the run resumed from its server's deactivation checkpoint). A registration in Redis belongs to no
+/// deactivated (the run resumed from a checkpoint). A registration in Redis belongs to no
 /// silo: only the grain's own silo leaving ends it.
 /// <para>
 /// Entries live under <c>{ClusterId}/directory/</c> in the cluster's Redis (Orleans' key scheme), so clusters that share a Redis

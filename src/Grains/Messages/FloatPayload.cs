@@ -47,37 +47,10 @@ public sealed class FloatPayload
         Pool.Return(rented);
     }
 
-    /// <summary>
-    /// Makes the caller the owner of a received payload that it passes on to other grains of its silo (by
-    /// reference): their <see cref="Release"/> then does nothing, and the caller returns the array through the
-    /// lease once none of them reads it any more.
-    /// </summary>
-    public PayloadLease Own() => new(Interlocked.Exchange(ref _rented, null));
-
-    /// <summary>
-    /// Points this payload at a copy of its values, so that the sender may reuse the memory it lent: for a
-    /// worker asked for a second block of the same step (a retry) while the first block's sum, in the buffer it
-    /// reuses, still waits at the coordinator. Nobody reads the payload meanwhile (the coordinator reads the
-    /// sums only once every block is back).
-    /// </summary>
-    internal void Detach()
-    {
-        if (_rented is null) _values = _values.ToArray();
-    }
-
     internal static FloatPayload Rent(int length) => length == 0 ? new FloatPayload(Array.Empty<float>()) : new(Pool.Rent(length), length);
 
     /// <summary>The rented array behind a payload being read, to fill.</summary>
     internal Span<float> Filling => _rented is null ? Span<float>.Empty : _rented.AsSpan(0, _values.Length);
-}
-
-/// <summary>The pooled array of a payload that its owner gives back when nothing reads it (default: none).</summary>
-public readonly struct PayloadLease(float[]? rented)
-{
-    public void Return()
-    {
-        if (rented is not null) FloatPayload.Pool.Return(rented);
-    }
 }
 
 [RegisterSerializer]
