@@ -14,8 +14,41 @@ namespace Backprop.Grains.Hosting;
 /// version. For the embedded silo (an interrupted run can be resumed) and for in-process test clusters
 /// whose silos share one directory; a real cluster uses Redis.
 /// </summary>
-public sealed class FileGrainStorage(string directory, IGrainStorageSerializer serializer) : IGrainStorage
+public sealed class FileGrainStorage : IGrainStorage
 {
+    /// <summary>A temporary file this old is left by a writer that died between writing and renaming it (a write takes milliseconds).</summary>
+    public static readonly TimeSpan OrphanAge = TimeSpan.FromMinutes(1);
+
+    private readonly string directory;
+    private readonly IGrainStorageSerializer serializer;
+
+    public FileGrainStorage(string directory, IGrainStorageSerializer serializer)
+    {
+        (this.directory, this.serializer) = (directory, serializer);
+        RemoveOrphans(directory, OrphanAge);
+    }
+
+    /// <summary>Deletes the temporary files of writes that never reached their rename; returns how many.</summary>
+    public static int RemoveOrphans(string directory, TimeSpan olderThan)
+    {
+        if (!Directory.Exists(directory)) return 0;
+        int removed = 0;
+        foreach (var file in Directory.EnumerateFiles(directory, "*.tmp", SearchOption.AllDirectories))
+        {
+            try
+            {
+                if (DateTime.UtcNow - File.GetLastWriteTimeUtc(file) < olderThan) continue;   // maybe a write in progress
+                File.Delete(file);
+                removed++;
+            }
+            catch (IOException)
+            {
+                // gone already, or in use: the next start looks again
+            }
+        }
+        return removed;
+    }
+
     // Shared by every silo of the process: in-process test clusters write the same files from several silos.
     private static readonly ConcurrentDictionary<string, SemaphoreSlim> Locks = new();
 
@@ -49,6 +82,8 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
                 file.Flush(flushToDisk: true);
             }
             File.Move(temp, path, overwrite: true);
+            // The rename is durable only once the directory is: without this a power cut can bring the old file back.
+            SyncDirectory(Path.GetDirectoryName(path)!);
             grainState.ETag = version.ToString(System.Globalization.CultureInfo.InvariantCulture);
             grainState.RecordExists = true;
         });
@@ -103,6 +138,36 @@ public sealed class FileGrainStorage(string directory, IGrainStorageSerializer s
                 await Task.Delay(10);
             }
         }
+    }
+
+    private static void SyncDirectory(string path)
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        int fd = Native.open(path, Native.ReadOnlyDirectory);
+        if (fd < 0) throw new IOException($"{path}: cannot open the directory to sync it (errno {System.Runtime.InteropServices.Marshal.GetLastPInvokeError()})");
+        try
+        {
+            if (Native.fsync(fd) != 0) throw new IOException($"{path}: fsync of the directory failed (errno {System.Runtime.InteropServices.Marshal.GetLastPInvokeError()})");
+        }
+        finally
+        {
+            Native.close(fd);
+        }
+    }
+
+    private static class Native
+    {
+        /// <summary>O_RDONLY | O_DIRECTORY (Linux).</summary>
+        public const int ReadOnlyDirectory = 0x10000;
+
+        [System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
+        public static extern int open([System.Runtime.InteropServices.MarshalAs(System.Runtime.InteropServices.UnmanagedType.LPUTF8Str)] string path, int flags);
+
+        [System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
+        public static extern int fsync(int fd);
+
+        [System.Runtime.InteropServices.DllImport("libc")]
+        public static extern int close(int fd);
     }
 
     /// <summary>The version stored now (0 when there is no file); throws when the caller's ETag is not it.</summary>

@@ -160,13 +160,17 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     {
         var (shard, spec, initial) = await Shard("duplicate-step", shards: 2);
         var gradient = new FloatPayload(Enumerable.Repeat(0.5f, initial.Length).ToArray());
-        var first = shard.Push(Push(0, [0, 1], gradient));
+        // Alone, block 0 cannot finish the step: its push answers without a next version once its wait is over
+        // (awaited, so that the blocks below certainly find it gathered: calls need not arrive in the order sent).
+        var first = await shard.Push(Push(0, [0, 1], gradient));
+        Assert.Null(first.Next);
+        Assert.Null(first.Divergence);
         // Block 0 again while the step gathers (a redo): kept once. A block of another cut, or of an earlier attach, is refused.
         var firstAgain = shard.Push(Push(0, [0, 1], gradient));
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], gradient, samples: 16)));
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(1, [0, 1], gradient, session: Session + 1)));
         var second = await shard.Push(Push(1, [0, 1], gradient));
-        var replies = new[] { await first, await firstAgain, second };
+        var replies = new[] { await firstAgain, second };
 
         // The optimizer on the slice by hand: the two blocks' sum (1.0 everywhere) over 32 samples.
         float[] expected = (float[])initial.Clone(), state = new float[initial.Length];
