@@ -145,6 +145,9 @@ public sealed class RunGrain(
     {
         var wait = maxWait < TimeSpan.Zero ? TimeSpan.Zero : maxWait > MaxWait ? MaxWait : maxWait;
         if (LoopActive) await Task.WhenAny(_finished.Task, Task.Delay(wait));
+        // Stored as running with no loop here (one is about to be restarted, or runs on another activation): nothing
+        // here will finish, but a follower calling again at once would spin.
+        else if (record.State.State == RunState.Running) await Task.Delay(wait);
         return Status(knownEpochs);
     }
 
