@@ -304,6 +304,16 @@ public sealed class RunGrain(
                 await TrainFromServer(spec, incarnation, resumed, failing, cancel);
                 return;
             }
+            catch (Exception e) when ((IsTransient(e) || e is ShardMovedException) && !cancel.IsCancellationRequested && workerSilos.Active().Length == 0)
+            {
+                // Every worker silo is gone (a restart, a rollout): nothing is wrong with the run, it waits for one, however long.
+                await AddEventNow("waiting-for-workers", $"no worker silo is active ({e.Message}); the run waits for one");
+                var waited = Stopwatch.StartNew();
+                await WaitForWorkerSilos(cancel);
+                await AddEventNow("workers-back", $"{workerSilos.Active().Length} worker silo(s) active after {waited.Elapsed.TotalSeconds:F0} s; attaching again");
+                failing.Reset();
+                resumed = true;
+            }
             catch (Exception e) when ((IsTransient(e) || e is ShardMovedException) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RetryBudget)
             {
                 await AddEventNow("server-lost", $"parameter server shard call failed ({e.Message}); attaching again");
@@ -311,6 +321,13 @@ public sealed class RunGrain(
                 resumed = true;
             }
         }
+    }
+
+    /// <summary>Polls this silo's view of the cluster (no call) with back-off up to 5 s until a worker silo is active.</summary>
+    private async Task WaitForWorkerSilos(CancellationToken cancel)
+    {
+        for (int attempt = 0; workerSilos.Active().Length == 0; attempt++)
+            await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(5000, 200 << Math.Min(attempt, 5))), cancel);
     }
 
     private static bool StartClock(Stopwatch clock)
