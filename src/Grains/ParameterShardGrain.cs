@@ -165,12 +165,10 @@ public sealed class ParameterShardGrain(
 
     public async Task<PushReply> Push(GradientPush push)
     {
-        var spec = _spec;
-        if (spec is null || _step < 0) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
         if (push is null) throw new ArgumentException("no push");
-        if (push.Incarnation < _incarnation)
-            throw new StaleCoordinatorException($"a block from coordinator incarnation {push.Incarnation} arrived; incarnation {_incarnation} owns the run");
-        if (push.Incarnation > _incarnation) throw new ShardMovedException($"shard {Shard} is not attached to coordinator incarnation {push.Incarnation} yet");
+        CheckPositioned();
+        CheckOwner(push.Incarnation);
+        var spec = _spec!;
         if (push.Session != _session) throw new ShardMovedException($"shard {Shard} was attached again since this block's step was sent");
         if (push.Step == _step - 1) { push.Gradient?.Release(); return Reply(Current(), null, 0); }   // a redone block of an applied step
         if (push.Step != _step) throw new ShardMovedException($"shard {Shard} is at version {_step}; a block of step {push.Step} arrived");
@@ -210,7 +208,7 @@ public sealed class ParameterShardGrain(
 
     public Task<ParameterVersion> Pull(long session, long step)
     {
-        if (_spec is null || _step < 0) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
+        CheckPositioned();
         if (session != _session) throw new ShardMovedException($"shard {Shard} was attached again since version {step} was asked for");
         if (step == _step) return Task.FromResult(Current());
         // A copy: the next step is written into these buffers (only redone blocks ask for the version before).
@@ -335,6 +333,12 @@ public sealed class ParameterShardGrain(
         (_cut, _arrivedCount) = (null, 0);
         Array.Clear(_arrived);
         if (error is not null) waiter.TrySetException(error);
+    }
+
+    /// <summary>Attached and moved to a version: what pushes and pulls need.</summary>
+    private void CheckPositioned()
+    {
+        if (_step < 0) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
     }
 
     private void CheckOwner(int incarnation)
