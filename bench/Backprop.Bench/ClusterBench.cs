@@ -274,6 +274,7 @@ public static class ClusterBench
                 EpochSecondsMedian = rounds[0].EpochSecondsMedian is null ? null : Math.Round(Median(rounds.Select(r => r.EpochSecondsMedian!.Value)), 4),
                 MicrosecondsPerStep = Math.Round(Median(seconds) / rounds[0].SecondsPerEpochMedian * rounds[0].MicrosecondsPerStep, 1),
                 WireBytesPerStep = MedianOf(r => r.WireBytesPerStep),
+                StepsPerWorkerCall = MedianOf(r => r.StepsPerWorkerCall),
                 AllocatedBytesPerStep = MedianOf(r => r.AllocatedBytesPerStep),
                 StepMicroseconds = breakdowns.Length == 0 ? null : new StepBreakdown(B(b => b.SlowestCompute), B(b => b.FastestCompute), B(b => b.Transfer),
                     B(b => b.ReduceAndStep), B(b => b.ServerCall), B(b => b.BarrierWait)),
@@ -359,6 +360,7 @@ public static class ClusterBench
                 EpochSecondsMedian = Math.Round(Median(timed.Select(e => (double)e["seconds"]!)), 4),
                 MicrosecondsPerStep = Math.Round(median / steps * 1e6, 1),
                 WireBytesPerStep = profiled ? Math.Round(ProfileMedian("wireBytesPerStep"), 1) : null,
+                StepsPerWorkerCall = profiled ? Math.Round(Median(profiles.Select(p => P(p, "steps") / P(p, "workerCalls"))), 1) : null,
                 AllocatedBytesPerStep = profiled ? Math.Round(ProfileMedian("allocatedBytesPerStep"), 1) : null,
                 AllocatedBytesSource = profiled ? "every process of the cluster (profile)" : null,
                 StepMicroseconds = profiled ? new StepBreakdown(
@@ -391,6 +393,7 @@ public static class ClusterBench
                 + $"{row.SecondsPerEpochMedian:F3} s/epoch (median of {row.Epochs} over {row.Rounds} round(s), best {row.SecondsPerEpochBest:F3}; {row.SecondsSource})"
                 + (row.Ratio is { } r ? $", {r:F2}x core (best/best {row.RatioBest:F2}x)" : "")
                 + (row.WireBytesPerStep is { } w ? $", wire {w / 1e6:F2} MB/step" : "")
+                + (row.StepsPerWorkerCall is { } c ? $", {c:F0} steps/worker call" : "")
                 + (row.AllocatedBytesPerStep is { } a ? $", allocated {a:F0} B/step" : "")
                 + (row.StepMicroseconds is { } s ? $"; per step (us): compute {s.SlowestCompute:F0} slowest / {s.FastestCompute:F0} fastest, transfer {s.Transfer:F0}, reduce+step {s.ReduceAndStep:F0}, server call {s.ServerCall:F0}, barrier {s.BarrierWait:F0}" : ""));
         }
@@ -425,6 +428,7 @@ public static class ClusterBench
         public double? RatioBest { get; init; }
         public double MicrosecondsPerStep { get; init; }
         public double? WireBytesPerStep { get; init; }
+        public double? StepsPerWorkerCall { get; init; }
         public double? AllocatedBytesPerStep { get; init; }
         public string? AllocatedBytesSource { get; init; }
         public StepBreakdown? StepMicroseconds { get; init; }

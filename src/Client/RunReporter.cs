@@ -130,6 +130,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
             barrierWaitSeconds = p.BarrierWaitSeconds,
             wireBytesPerStep = p.WireBytesPerStep,
             allocatedBytesPerStep = p.AllocatedBytesPerStep,
+            workerCalls = p.WorkerCalls,
         } : null,
     };
 

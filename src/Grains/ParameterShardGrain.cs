@@ -59,6 +59,8 @@ public sealed class ParameterShardGrain(
     /// <summary>The current version; −1 until a coordinator moved the shard to one.</summary>
     private long _step = -1;
     private double _epochLossSum, _previousLossSum;
+    /// <summary>The loss sum of the step that made the current version, when it was applied in this session (a redone block's push gets it too).</summary>
+    private (long Step, double Loss)? _lastStep;
     private float[] _parameters = [], _state = [];
     // The version before the current one while _hasPrevious; the next step is written here, then swapped in.
     private float[] _previous = [], _previousState = [];
@@ -159,6 +161,7 @@ public sealed class ParameterShardGrain(
             throw new ArgumentException($"shard {Shard} holds no version {step} (it is at {_step})");
         }
         _step = step;
+        _lastStep = null;
         EndGather(new ShardMovedException($"shard {Shard} moved to version {step}"));
         return Task.CompletedTask;
     }
@@ -170,7 +173,12 @@ public sealed class ParameterShardGrain(
         CheckOwner(push.Incarnation);
         var spec = _spec!;
         if (push.Session != _session) throw new ShardMovedException($"shard {Shard} was attached again since this block's step was sent");
-        if (push.Step == _step - 1) { push.Gradient?.Release(); return Reply(Current(), null, 0); }   // a redone block of an applied step
+        if (push.Step == _step - 1)
+        {
+            // A redone block of an applied step: the version it made, once its loss is known in this session.
+            push.Gradient?.Release();
+            return _lastStep?.Step == _step ? Reply(Current(), null, 0) : Reply(null, null, 0);
+        }
         if (push.Step != _step) throw new ShardMovedException($"shard {Shard} is at version {_step}; a block of step {push.Step} arrived");
         int count = CheckPush(spec, push);
 
@@ -286,6 +294,7 @@ public sealed class ParameterShardGrain(
             (_state, _previousState) = (_previousState, _state);
             (_previousLossSum, _epochLossSum, _hasPrevious) = (_epochLossSum, _lossBefore + stepLoss, true);
             _step++;
+            _lastStep = (_step, stepLoss);
         }
         else
         {
@@ -386,7 +395,7 @@ public sealed class ParameterShardGrain(
     private ParameterVersion Current() => new(_step, new FloatPayload(_parameters));
 
     private PushReply Reply(ParameterVersion? next, string? divergence, double seconds) =>
-        new(next, divergence, seconds, GC.GetTotalAllocatedBytes(precise: false), SiloName);
+        new(next, divergence, seconds, GC.GetTotalAllocatedBytes(precise: false), SiloName, next is null ? 0 : _lastStep!.Value.Loss, next is null ? 0 : _epochLossSum);
 
     private static TaskCompletionSource<PushReply> NewWaiter() => new(TaskCreationOptions.RunContinuationsAsynchronously);
 }

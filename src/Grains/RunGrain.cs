@@ -46,6 +46,11 @@ public sealed class RunGrain(
     /// <summary>How long one piece of work is retried on other workers: longer than failure detection takes.</summary>
     private static readonly TimeSpan RetryBudget = TimeSpan.FromSeconds(30);
     private static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(10);
+    /// <summary>How long one call to the workers runs (a window of steps), about.</summary>
+    private static readonly TimeSpan WindowTarget = TimeSpan.FromMilliseconds(200);
+    private const int MaxWindow = 512;
+    /// <summary>How long steps go one at a time after a worker failed, unless the worker set changes first.</summary>
+    private static readonly TimeSpan WorkerFailureRecovery = TimeSpan.FromSeconds(10);
     private const int MaxEvents = 200;
 
     private readonly SemaphoreSlim _writes = new(1, 1);
@@ -70,7 +75,12 @@ public sealed class RunGrain(
     private int _workersIncarnation;
     // One step's calls and replies, reused from step to step.
     private Task<BlockDone>[] _calls = [];
-    private BlockDone[] _blocks = [];
+    private BlockDone?[] _blocks = [];
+    /// <summary>Measured over the last window: sizes the next one.</summary>
+    private double _secondsPerStep;
+    /// <summary>The worker generation in which a worker's call last failed, and when.</summary>
+    private int _failedGeneration = -1;
+    private long _failedAt;
     private long[] _roundTrips = [], _replied = [];
     // The cut of a full step and of a short last one, for the current worker count.
     private (ChunkBlocks Cut, int[] Starts) _cut, _shortCut;
@@ -374,18 +384,25 @@ public sealed class RunGrain(
             if (plan.Epoch != e) plan.MoveTo(e);
             (_epoch, _stepInEpoch, _stepsPerEpoch) = (e, first, steps);
             profile.Reset();
-            for (int s = first; s < steps; s++)
+            for (int s = first; s < steps;)
             {
                 cancel.ThrowIfCancellationRequested();
                 _stepInEpoch = s;
-                long stepStart = Stopwatch.GetTimestamp();
-                var blocks = await ComputeStep(await Workers(spec, incarnation), spec, incarnation, shards.Session, e, s, plan.ChunkCount(s), version, lossSum, stepCalls);
-                double stepLoss = 0;
-                string? divergence = null;
-                bool applied = false;
-                foreach (var block in blocks)
-                    (stepLoss, divergence, applied) = (stepLoss + block.LossSum, divergence ?? block.Divergence, applied || block.Applied);
-                if (divergence is not null)
+                var workers = await Workers(spec, incarnation);
+                // One call per worker runs many steps while the workers stay well: the shards are the step barrier.
+                // After a worker failed, one step per call, a failed block redone on the next worker, until the worker
+                // set changes or the failure is a while ago.
+                bool alone = _failedGeneration == _generation - 1 && Stopwatch.GetElapsedTime(_failedAt) < WorkerFailureRecovery;
+                int count = alone ? 1 : WindowSteps(spec, plan, s, version);
+                long windowStart = Stopwatch.GetTimestamp(), allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
+                var (blocks, failure) = await ComputeSteps(workers, spec, incarnation, shards.Session, e, s, count, plan.ChunkCount(s), version, lossSum, stepCalls, retry: alone);
+                // The shards added each step's block losses in block order; every worker that confirmed a step got the same sums.
+                var confirmed = blocks.Where(b => b is not null).MaxBy(b => b!.Applied);
+                int applied = confirmed?.Applied ?? 0;
+                for (int k = 0; k < applied; k++) lossSum += confirmed!.StepLosses[k];
+                (version, s, _step, _stepInEpoch) = (version + applied, s + applied, version + applied, s + applied);
+                if (applied > 0 && failure is null) profile.Add(blocks!, _roundTrips, _replied, Stopwatch.GetTimestamp() - windowStart, applied, allocatedAtStart);
+                if (blocks.FirstOrDefault(b => b?.Divergence is not null)?.Divergence is { } divergence)
                 {
                     // Shards whose slice was finite applied the step: all go back to the last good version.
                     await shards.MoveTo(incarnation, version);
@@ -393,18 +410,25 @@ public sealed class RunGrain(
                 }
                 // Every block is with every shard, but no worker saw the next version (a divergence reply lost with
                 // its worker, then a redo that waited in vain): the shards' versions are not known to agree.
-                if (!applied) throw new ShardMovedException($"step {version} was not confirmed by any worker");
-                lossSum += stepLoss;
-                version++;
-                profile.Add(blocks, _roundTrips, _replied, Stopwatch.GetTimestamp() - stepStart);
-                _step = version;
-                failing.Reset();
-                if (version % spec.CheckpointEvery == 0) await shards.Checkpoint(incarnation, version);
-                if (resumed)
+                if (applied == 0 && failure is null) throw new ShardMovedException($"step {version} was not confirmed by any worker");
+                if (applied > 0)
                 {
-                    await AddEventNow("recovered", $"first step after the resume applied (step {version}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
-                    resumed = false;
+                    failing.Reset();
+                    if (version % spec.CheckpointEvery == 0) await shards.Checkpoint(incarnation, version);
+                    if (resumed)
+                    {
+                        await AddEventNow("recovered", $"first step after the resume applied (step {version}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
+                        resumed = false;
+                    }
                 }
+                if (failure is not null)
+                {
+                    // A worker's call failed: the others stopped at the step its block was missing from. Go on from there.
+                    (_failedGeneration, _failedAt) = (_generation - 1, Stopwatch.GetTimestamp());
+                    await AddEventNow("worker-failed", $"steps from {version} (epoch {e + 1} step {s}): {failure.Message}; one step a call for a while, a failed block redone on the next worker");
+                    continue;
+                }
+                _secondsPerStep = Stopwatch.GetElapsedTime(windowStart).TotalSeconds / applied;
             }
             double trainSeconds = clock.Elapsed.TotalSeconds;
             _stepInEpoch = steps;
@@ -462,24 +486,42 @@ public sealed class RunGrain(
     }
 
     /// <summary>
-    /// The blocks of one step, in block order: block b on worker b, redone by the next worker while it fails. Each
-    /// worker pushes its sum to the shards itself; once every block is back, every shard has applied the step.
+    /// How many steps the next call to each worker covers: about <see cref="WindowTarget"/> of work at the last measured
+    /// speed (so that progress, cancel and the worker set are looked at that often), ending at the next checkpoint, the
+    /// epoch's end, and before a short last step (whose cut differs).
+    /// </summary>
+    private int WindowSteps(RunSpec spec, EpochPlan plan, int step, long version)
+    {
+        int steps = _secondsPerStep > 0 ? (int)Math.Clamp(WindowTarget.TotalSeconds / _secondsPerStep, 1, MaxWindow) : 1;
+        steps = (int)Math.Min(steps, spec.CheckpointEvery - version % spec.CheckpointEvery);
+        steps = Math.Min(steps, plan.Steps - step);
+        while (steps > 1 && plan.ChunkCount(step + steps - 1) != plan.ChunkCount(step)) steps--;
+        return steps;
+    }
+
+    /// <summary>
+    /// Block b of <paramref name="count"/> steps on worker b, in block order: each worker pushes its sums to the shards
+    /// and goes on to the next step once they answer with the next version. With <paramref name="retry"/> (one step), a
+    /// failed block is redone by the next worker while it fails; without, a failed call ends the window: the calls that
+    /// ended well come back with the failure (null for the failed ones), since the steps they confirmed are applied.
     /// Each call's round trip and reply time go to <see cref="_roundTrips"/> and <see cref="_replied"/> for the profile.
     /// </summary>
-    private async Task<BlockDone[]> ComputeStep(IWorkerGrain[] workers, RunSpec spec, int incarnation, long session, int epoch, int step, int chunkCount,
-        long version, double lossBefore, CancellationTokenSource calls)
+    private async Task<(BlockDone?[] Blocks, Exception? Failure)> ComputeSteps(IWorkerGrain[] workers, RunSpec spec, int incarnation, long session, int epoch, int step,
+        int count, int chunkCount, long version, double lossBefore, CancellationTokenSource calls, bool retry)
     {
         var cancel = calls.Token;
-        var (blocks, starts) = BlocksFor(chunkCount, workers.Length);
-        int count = blocks.Count;
-        if (_calls.Length != count)
-            (_calls, _blocks, _roundTrips, _replied) = (new Task<BlockDone>[count], new BlockDone[count], new long[count], new long[count]);
-        for (int b = 0; b < count; b++)
+        var (cut, starts) = BlocksFor(chunkCount, workers.Length);
+        int blocks = cut.Count;
+        if (_calls.Length != blocks)
+            (_calls, _blocks, _roundTrips, _replied) = (new Task<BlockDone>[blocks], new BlockDone?[blocks], new long[blocks], new long[blocks]);
+        for (int b = 0; b < blocks; b++)
         {
-            _calls[b] = ComputeBlock(workers, b, new BlockWork(spec, incarnation, epoch, step, version, b, starts, lossBefore, record.State.DatasetSha256!, session), cancel);
-            // The first failure, whichever block's, stops the others' retries at once.
-            _ = _calls[b].ContinueWith(static (_, source) => ((CancellationTokenSource)source!).Cancel(), calls, CancellationToken.None,
-                TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            var work = new BlockWork(spec, incarnation, epoch, step, version, b, starts, lossBefore, record.State.DatasetSha256!, session, count);
+            _calls[b] = ComputeBlock(workers, b, work, retry, cancel);
+            // With retries, the first failure, whichever block's, stops the others' retries at once.
+            if (retry)
+                _ = _calls[b].ContinueWith(static (_, source) => ((CancellationTokenSource)source!).Cancel(), calls, CancellationToken.None,
+                    TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         }
         try
         {
@@ -489,23 +531,23 @@ public sealed class RunGrain(
             }
             catch (Exception)
             {
-                // Every call has ended (none is left running when the caller attaches again); the most telling failure counts.
-                throw _calls.Where(c => c.IsFaulted).Select(c => c.Exception!.InnerException!).OrderBy(Severity).First();
+                // Every call has ended (none is left running when the caller goes on); the most telling failure counts.
+                var failure = _calls.Where(c => c.IsFaulted).Select(c => c.Exception!.InnerException!).OrderBy(Severity).First();
+                if (retry || !IsTransient(failure) || cancel.IsCancellationRequested) throw failure;
+                for (int b = 0; b < blocks; b++) _blocks[b] = _calls[b].IsCompletedSuccessfully ? Checked(_calls[b].Result, cut, b, step) : null;
+                return (_blocks, failure);
             }
-            for (int b = 0; b < count; b++)
-            {
-                var reply = _calls[b].Result;
-                if (reply.FirstChunk != blocks.First(b))
-                    throw new InvalidOperationException($"step {step}: block {b} came back for chunk {reply.FirstChunk}, not {blocks.First(b)}");
-                _blocks[b] = reply;
-            }
+            for (int b = 0; b < blocks; b++) _blocks[b] = Checked(_calls[b].Result, cut, b, step);
         }
         finally
         {
             Array.Clear(_calls);
         }
-        return _blocks;
+        return (_blocks, null);
     }
+
+    private static BlockDone Checked(BlockDone reply, ChunkBlocks cut, int block, int step) => reply.FirstChunk == cut.First(block) ? reply
+        : throw new InvalidOperationException($"step {step}: block {block} came back for chunk {reply.FirstChunk}, not {cut.First(block)}");
 
     /// <summary>Which of a step's failures decides what the loop does: a newer owner, divergence, bad input, a moved shard, then the rest.</summary>
     private static int Severity(Exception e) => e switch
@@ -531,11 +573,13 @@ public sealed class RunGrain(
         return made;
     }
 
-    /// <summary>Block <see cref="BlockWork.Block"/> on worker b, then on the next workers while it fails.</summary>
-    private async Task<BlockDone> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, CancellationToken cancel)
+    /// <summary>Block <see cref="BlockWork.Block"/> on worker b; with <paramref name="retry"/>, then on the next workers while it fails.</summary>
+    private async Task<BlockDone> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, bool retry, CancellationToken cancel)
     {
         long start = Stopwatch.GetTimestamp();
-        var reply = await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, static (worker, work) => worker.ComputeBlock(work), cancel);
+        var reply = retry
+            ? await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, static (worker, work) => worker.ComputeBlock(work), cancel)
+            : await workers[b].ComputeBlock(work);
         long end = Stopwatch.GetTimestamp();
         (_roundTrips[b], _replied[b]) = (end - start, end);
         _workerSilos.Add(reply.Silo);

@@ -7,10 +7,10 @@ using Backprop.Grains.Placement;
 namespace Backprop.Grains;
 
 /// <summary>
-/// Runs backprop on the chunks it is handed and pushes the block's gradient sum to the run's parameter-server
-/// shards, which answer with the next version's slices: so the worker holds the parameters of the step it will
-/// compute next, and pulls them from the shards only when it does not (its first step, a redo, a step whose
-/// pushes returned before the step was applied). Holds only caches (the silo's dataset, this epoch's plan,
+/// Runs backprop on the chunks it is handed, step after step, and pushes each step's block gradient sum to the run's
+/// parameter-server shards, which answer with the next version's slices once every block of the step is there: so
+/// the worker holds the parameters of the step it computes next, and pulls them from the shards only when it does
+/// not (its first step, a redo, a step whose pushes returned before the step was applied). Holds only caches (the silo's dataset, this epoch's plan,
 /// buffers, the parameters of one version), so losing it loses nothing: the coordinator re-sends the work
 /// elsewhere. Every message is checked against the spec before anything is allocated for it.
 /// </summary>
@@ -41,8 +41,12 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         if (work.Epoch < 0 || work.Epoch >= spec.Epochs) throw new ArgumentException($"epoch {work.Epoch} is outside 0..{spec.Epochs - 1}");
         var plan = PlanFor(spec, work.Epoch, spec.TrainCount(train.Count));
         if (work.Step < 0 || work.Step >= plan.Steps) throw new ArgumentException($"step {work.Step} is outside 0..{plan.Steps - 1}");
+        if (work.Steps < 1 || work.Steps > plan.Steps - work.Step)
+            throw new ArgumentException($"{work.Steps} steps from step {work.Step} are not within the epoch's {plan.Steps} steps");
         if (work.Version < 0) throw new ArgumentException($"version {work.Version} is negative");
         int chunkCount = plan.ChunkCount(work.Step);
+        if (plan.ChunkCount(work.Step + work.Steps - 1) != chunkCount)
+            throw new ArgumentException($"steps {work.Step} and {work.Step + work.Steps - 1} have different chunk counts: one cut does not fit both");
         var starts = work.BlockStarts;
         if (starts is null || work.Block < 0 || work.Block >= starts.Length || starts.Length > chunkCount)
             throw new ArgumentException($"block {work.Block} of a cut into {starts?.Length ?? 0} blocks (step {work.Step} has {chunkCount} chunks)");
@@ -51,20 +55,49 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             throw new ArgumentException($"chunks [{first}, {end}) are not an aligned block of step {work.Step}'s {chunkCount} chunks (not a node of the reduction tree)");
         var gradient = GradientFor(spec);
 
-        long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        var (pulled, wire) = await EnsureParameters(spec, work.Session, work.Version);
-        long computing = System.Diagnostics.Stopwatch.GetTimestamp();
-        // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
-        double loss = gradient.SumBlock(train, plan, work.Step, first, end, _parameters, nextStepChunk: first);
-        long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
+        long allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
+        var losses = new List<double>(work.Steps);
+        double lossBefore = work.EpochLossBefore, compute = 0, pull = 0, push = 0, reduce = 0;
+        long wire = 0;
+        bool pulledAny = false;
+        string? divergence = null;
+        for (int k = 0; k < work.Steps; k++)
+        {
+            int step = work.Step + k;
+            long version = work.Version + k;
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
+            var (pulled, pulledBytes) = await EnsureParameters(spec, work.Session, version);
+            long computing = System.Diagnostics.Stopwatch.GetTimestamp();
+            // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
+            double loss = gradient.SumBlock(train, plan, step, first, end, _parameters, nextStepChunk: first);
+            long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
+            var pushed = await PushStep(spec, work, step, version, plan.StepSize(step), lossBefore, loss, gradient.Result);
+            long done = System.Diagnostics.Stopwatch.GetTimestamp();
+            (compute, pull, push, reduce) = (compute + Seconds(pushing - computing), pull + Seconds(computing - start), push + Seconds(done - pushing), reduce + pushed.Reduce);
+            (wire, pulledAny) = (wire + pulledBytes + pushed.WireBytes, pulledAny || pulled);
+            divergence = pushed.Divergence;
+            if (pushed.StepLoss is not { } stepLoss) break;
+            losses.Add(stepLoss);
+            lossBefore = pushed.EpochLossSum;
+        }
+        return new BlockDone(first, losses.ToArray(), SiloName, compute, pull, push, reduce, pulledAny, GC.GetTotalAllocatedBytes(precise: false), wire, divergence, allocatedAtStart);
+    }
 
+    /// <summary>
+    /// Pushes one step's block sum to every shard and takes the next version from their replies. The step's loss is
+    /// null when a shard refused the step (divergence) or did not confirm it within its wait: this worker stops there,
+    /// keeping the version it computed on, still good for a redo.
+    /// </summary>
+    private async Task<(double? StepLoss, double EpochLossSum, string? Divergence, double Reduce, long WireBytes)> PushStep(
+        RunSpec spec, BlockWork work, int step, long version, int samples, double lossBefore, double loss, ReadOnlyMemory<float> sum)
+    {
         // Each shard copies its slice of the sum before it answers, so the buffer is free again once all have.
-        var sum = gradient.Result;
         var layout = spec.Shards;
         for (int j = 0; j < _shards.Length; j++)
-            _pushes[j] = _shards[j].Push(new GradientPush(work.Incarnation, work.Version, work.Block, starts, plan.StepSize(work.Step),
-                work.EpochLossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j))), work.Session));
+            _pushes[j] = _shards[j].Push(new GradientPush(work.Incarnation, version, work.Block, work.BlockStarts, samples,
+                lossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j))), work.Session));
         double reduce = 0;
+        long wire = 0;
         string? divergence = null;
         bool applied = true;
         try
@@ -78,30 +111,31 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
                 if (reply.Silo != SiloName) wire += 4L * layout.Length(j);
                 reduce = Math.Max(reduce, reply.ReduceAndStepSeconds);
                 divergence ??= reply.Divergence;
-                applied &= reply.Next?.Step == work.Version + 1;
+                applied &= reply.Next?.Step == version + 1;
             }
+            if (!applied || divergence is not null) return (null, 0, divergence, reduce, wire);
             // Only a complete next version replaces the one held: with a slice missing, the old one stays good for a redo.
-            if (applied && divergence is null)
+            _version = -1;
+            var first = _pushes[0].Result;
+            for (int j = 0; j < _pushes.Length; j++)
             {
-                _version = -1;
-                for (int j = 0; j < _pushes.Length; j++)
-                {
-                    var next = _pushes[j].Result.Next!.Parameters;
-                    if (next.Length != layout.Length(j)) throw new InvalidDataException($"shard {j} sent {next.Length} parameters for its {layout.Length(j)}");
-                    next.Span.CopyTo(_parameters.AsSpan(layout.Start(j)));
-                    if (_shardSilos[j] != SiloName) wire += 4L * next.Length;
-                }
-                _version = work.Version + 1;
+                var reply = _pushes[j].Result;
+                var next = reply.Next!.Parameters;
+                if (next.Length != layout.Length(j)) throw new InvalidDataException($"shard {j} sent {next.Length} parameters for its {layout.Length(j)}");
+                // Every shard added the same block losses in the same order: a difference means they hold different steps.
+                if (!reply.StepLoss.Equals(first.StepLoss) || !reply.EpochLossSum.Equals(first.EpochLossSum))
+                    throw new InvalidDataException($"shards 0 and {j} disagree on step {version}'s loss ({first.StepLoss} and {reply.StepLoss})");
+                next.Span.CopyTo(_parameters.AsSpan(layout.Start(j)));
+                if (_shardSilos[j] != SiloName) wire += 4L * next.Length;
             }
+            _version = version + 1;
+            return (first.StepLoss, first.EpochLossSum, null, reduce, wire);
         }
         finally
         {
-            foreach (var push in _pushes) if (push.IsCompletedSuccessfully) push.Result.Next?.Parameters.Release();
+            foreach (var pending in _pushes) if (pending.IsCompletedSuccessfully) pending.Result.Next?.Parameters.Release();
             Array.Clear(_pushes);
         }
-        long done = System.Diagnostics.Stopwatch.GetTimestamp();
-        return new BlockDone(first, loss, SiloName, Seconds(pushing - computing), Seconds(computing - start), Seconds(done - pushing),
-            reduce, pulled, GC.GetTotalAllocatedBytes(precise: false), wire, divergence, applied && divergence is null);
     }
 
     private static async Task WhenAllEnded(Task[] tasks)

@@ -29,22 +29,26 @@ public sealed record StepProfile(
     [property: Id(0)] int Steps,
     // Training time of the epoch (the steps only, evaluation excluded).
     [property: Id(1)] double TrainSeconds,
-    // Backprop and pre-reduction inside the slowest worker's call, per step.
+    // The times below are per step. Backprop and pre-reduction of the slowest worker.
     [property: Id(2)] double SlowestComputeSeconds,
     [property: Id(3)] double FastestComputeSeconds,
-    // The slowest worker's call minus its compute and pushes (the coordinator's message, serialization and
-    // scheduling), plus its pull of the parameters where it had to.
+    // The slowest worker's calls minus its compute and pushes (the coordinator's message, serialization and
+    // scheduling), plus its pulls of the parameters where it had to.
     [property: Id(4)] double TransferSeconds,
     // Reduction of the blocks' sums and the optimizer step inside a shard (the slowest shard).
     [property: Id(5)] double ReduceAndStepSeconds,
     // The slowest worker's pushes to the shards, from sending its sum to the next version back, minus the reduce-and-step.
     [property: Id(6)] double ServerCallSeconds,
-    // From the first worker's reply to the last one's: the fastest worker's wait at the barrier.
+    // From the first worker's reply to the last one's at the end of each call, spread over its steps (the waits for
+    // siblings within a call are in the pushes).
     [property: Id(7)] double BarrierWaitSeconds,
     // Payload bytes (parameters and gradients) that crossed between processes, per step.
     [property: Id(8)] double WireBytesPerStep,
     // Bytes allocated per step by every process the step ran in, together.
-    [property: Id(9)] double AllocatedBytesPerStep);
+    [property: Id(9)] double AllocatedBytesPerStep,
+    // Calls the coordinator made to each worker for these steps: each call runs a window of steps, the shards being
+    // the barrier between them.
+    [property: Id(10)] int WorkerCalls);
 
 /// <summary>Something that happened to a run: failures, what was redone, resumes.</summary>
 [GenerateSerializer, Immutable]

@@ -7,15 +7,18 @@ namespace Backprop.Grains.Messages;
 public sealed record ParameterVersion([property: Id(0)] long Step, [property: Id(1)] FloatPayload Parameters);
 
 /// <summary>
-/// Compute block <see cref="Block"/> of a step, chunks [<see cref="FirstChunk"/>, <see cref="EndChunk"/>): an aligned
-/// block of the reduction tree (<see cref="ChunkBlocks"/>; <see cref="BlockStarts"/> is the whole cut), on the
-/// parameters of version <see cref="Version"/>, and push its gradient sum to the run's parameter-server shards,
-/// which apply the step once every block has arrived. The worker rebuilds the epoch plan from the spec, so only
-/// chunk numbers travel, never sample indices or data, and it gets the parameters from the shards (the version
-/// its last push brought back, or pulled), so the coordinator never carries a vector.
+/// Compute block <see cref="Block"/> of <see cref="Steps"/> consecutive steps from step <see cref="Step"/> (within one
+/// epoch, every one of them with the cut <see cref="BlockStarts"/>), the chunks from <see cref="FirstChunk"/> to the next block's start
+/// in each: an aligned block of the reduction tree (<see cref="ChunkBlocks"/>), the first on the parameters of version
+/// <see cref="Version"/>, and push each step's gradient sum to the run's parameter-server shards, which apply the step
+/// once every block has arrived and answer with the next version: the shards are the step barrier, so a worker goes
+/// from step to step without the coordinator. The worker rebuilds the epoch plan from the spec, so only chunk numbers
+/// travel, never sample indices or data, and it gets the parameters from the shards (the version its last push
+/// brought back, or pulled), so the coordinator never carries a vector.
 /// <see cref="Session"/> is the coordinator's attach to the shards (a version number means the same bits only within
-/// one). <see cref="EpochLossBefore"/> is the epoch's training loss sum before this step, which the shards keep with
-/// their checkpoints. <see cref="DatasetSha256"/> is the run's data set: a worker whose copy differs refuses the work.
+/// one). <see cref="EpochLossBefore"/> is the epoch's training loss sum before the first step, which the shards keep
+/// with their checkpoints (they answer each step with the sum after it). <see cref="DatasetSha256"/> is the run's data
+/// set: a worker whose copy differs refuses the work.
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record BlockWork(
@@ -28,23 +31,26 @@ public sealed record BlockWork(
     [property: Id(6)] int[] BlockStarts,
     [property: Id(7)] double EpochLossBefore,
     [property: Id(8)] string DatasetSha256,
-    [property: Id(9)] long Session)
+    [property: Id(9)] long Session,
+    [property: Id(10)] int Steps = 1)
 {
     public int FirstChunk => BlockStarts[Block];
 }
 
 /// <summary>
-/// A block delivered to every shard: its cost sum, and for the step profile the worker's compute time, the time
-/// it spent getting parameters and pushing, the slowest shard's reduce-and-step time, whether it had to pull the
-/// parameters, its process' allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>), and the payload bytes it
-/// exchanged with shards in other processes.
-/// <see cref="Divergence"/>: a shard refused the step (a non-finite gradient or loss). <see cref="Applied"/>: every shard
-/// answered with the next version, so the step is applied everywhere.
+/// A block's steps delivered to every shard. <see cref="StepLosses"/>: the training loss sum of each step that every
+/// shard confirmed as applied, in order, as the shards added it up (its blocks' losses in block order); a worker stops
+/// at the first step not confirmed (its siblings did not arrive within the shards' wait) or refused
+/// (<see cref="Divergence"/>: a non-finite gradient or loss). For the step profile, sums over the steps computed: the
+/// worker's compute time, the time it spent getting parameters and pushing, the slowest shard's reduce-and-step time;
+/// whether it had to pull parameters, its process' allocation counter (<see cref="GC.GetTotalAllocatedBytes(bool)"/>) at the end and
+/// at the start of the call,
+/// and the payload bytes it exchanged with shards in other processes.
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record BlockDone(
     [property: Id(0)] int FirstChunk,
-    [property: Id(1)] double LossSum,
+    [property: Id(1)] double[] StepLosses,
     [property: Id(2)] string Silo,
     [property: Id(3)] double ComputeSeconds,
     [property: Id(4)] double PullSeconds,
@@ -54,7 +60,11 @@ public sealed record BlockDone(
     [property: Id(8)] long AllocatedBytes,
     [property: Id(9)] long WireBytes,
     [property: Id(10)] string? Divergence,
-    [property: Id(11)] bool Applied);
+    [property: Id(11)] long AllocatedBytesAtStart)
+{
+    /// <summary>Steps applied by every shard, from the first of the work on.</summary>
+    public int Applied => StepLosses.Length;
+}
 
 /// <summary>Evaluate test samples [Start, End) under the parameters of version <see cref="Version"/> (from the shards).</summary>
 [GenerateSerializer, Immutable]
@@ -86,8 +96,9 @@ public sealed record GradientPush(
 
 /// <summary>
 /// A shard's answer to a push: its slice of the next version once the step is applied (null when the other blocks
-/// did not arrive within the wait: the worker pulls it when it needs it), or why the step was refused as diverged;
-/// with the time the reduce-and-step took and the shard's process' allocation counter, for the step profile.
+/// did not arrive within the wait: the worker pulls it when it needs it) with the step's loss sum and the epoch's
+/// after it, or why the step was refused as diverged; with the time the reduce-and-step took and the shard's
+/// process' allocation counter, for the step profile.
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record PushReply(
@@ -95,7 +106,9 @@ public sealed record PushReply(
     [property: Id(1)] string? Divergence,
     [property: Id(2)] double ReduceAndStepSeconds,
     [property: Id(3)] long AllocatedBytes,
-    [property: Id(4)] string Silo);
+    [property: Id(4)] string Silo,
+    [property: Id(5)] double StepLoss,
+    [property: Id(6)] double EpochLossSum);
 
 /// <summary>
 /// Where a shard stands when a coordinator attaches: the versions it can move to (in memory, or stored

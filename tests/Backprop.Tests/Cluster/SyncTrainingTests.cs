@@ -228,12 +228,15 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
 
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/1.0/0");
-        BlockWork Work(int block, int[] cut, int step = 0, string? sha = null) => new(spec, 1, 0, step, 0, block, cut, 0, sha ?? fixture.DatasetSha256, Session);
+        BlockWork Work(int block, int[] cut, int step = 0, string? sha = null, int steps = 1) => new(spec, 1, 0, step, 0, block, cut, 0, sha ?? fixture.DatasetSha256, Session, steps);
         Assert.Contains("differs from the run's", (await Assert.ThrowsAnyAsync<Exception>(() => worker.ComputeBlock(Work(0, [0], sha: "not-the-data")))).Message);
         Assert.Contains("block 7 of a cut into 8", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(7, [0, 1, 2, 3, 4, 5, 6, 7])))).Message);
         // Not a node of the reduction tree: its sum would not be one the shards can combine in the fixed order.
         Assert.Contains("not an aligned block", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(1, [0, 1, 3])))).Message);
         Assert.Contains("step 999", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(0, [0], step: 999)))).Message);
+        // A window of steps: at least one, and all within the epoch.
+        Assert.Contains("0 steps from step 0", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(0, [0], steps: 0)))).Message);
+        Assert.Contains("are not within the epoch", (await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(Work(0, [0], step: 1, steps: int.MaxValue)))).Message);
         Assert.Contains("evaluation range", (await Assert.ThrowsAsync<ArgumentException>(() => worker.Evaluate(new EvalWork(spec, 1, 0, 5, 5_000_000, fixture.DatasetSha256, Session)))).Message);
         Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
     }
@@ -264,6 +267,23 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
             {
                 // The coordinator wrote in between: read again.
             }
+        }
+    }
+
+    /// <summary>
+    /// Collects activations until the run's answers with <paramref name="epochs"/> epochs done (a fresh one, reading the
+    /// changed record): the loop of a run that reads as finished keeps its activation from collection until it has
+    /// also updated the run list, a moment later.
+    /// </summary>
+    private async Task<RunStatus> FreshActivation(IRunGrain run, int epochs)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (true)
+        {
+            await fixture.Cluster.Client.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
+            var status = await run.GetStatus();
+            if (status.EpochsDone == epochs || clock.Elapsed > TimeSpan.FromSeconds(60)) return status;
+            await Task.Delay(20);
         }
     }
 
@@ -313,8 +333,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         // The record loses two epochs' results (a damaged or foreign store) while no activation holds it; only the last
         // epoch's result could be evaluated again from the parameters the shards hold.
         await ChangeStoredRecord("missing-epochs", r => { r.Epochs.RemoveRange(0, 2); r.State = RunState.Cancelled; });
-        await fixture.Cluster.Client.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
-        Assert.Equal(1, (await run.GetStatus()).EpochsDone);   // a fresh activation, reading the changed record
+        Assert.Equal(1, (await FreshActivation(run, epochs: 1)).EpochsDone);   // reading the changed record
 
         await run.Resume();
         var status = await PollUntil(run, s => s.IsFinished);
@@ -332,8 +351,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Equal(RunState.Completed, done.State);
         // Stopped between the shards' epoch-end checkpoint and the record's update of the last epoch.
         await ChangeStoredRecord("last-epoch-lost", r => { r.Epochs.RemoveAt(1); r.State = RunState.Cancelled; });
-        await fixture.Cluster.Client.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
-        Assert.Equal(1, (await run.GetStatus()).EpochsDone);
+        Assert.Equal(1, (await FreshActivation(run, epochs: 1)).EpochsDone);   // reading the changed record
 
         await run.Resume();
         var status = await PollUntil(run, s => s.IsFinished);

@@ -70,6 +70,9 @@ public sealed class EmbeddedRunTests : IDisposable
         {
             var profile = line.GetProperty("profile");
             Assert.Equal(10, profile.GetProperty("steps").GetInt32());
+            // The workers go from step to step with the shards as the barrier: the coordinator calls them once for many
+            // steps (each call is sized to ~200 ms of steps of ~1 ms here; one step a call would be 10).
+            Assert.InRange(profile.GetProperty("workerCalls").GetInt32(), 1, 9);
             Assert.Equal(0, profile.GetProperty("wireBytesPerStep").GetDouble());
             Assert.InRange(profile.GetProperty("allocatedBytesPerStep").GetDouble(), 1, vectorBytes / 4.0);
         }
