@@ -7,19 +7,21 @@ namespace Backprop.Client;
 /// <summary>
 /// Where a running cluster is: a fixed list of gateways (the client fails over between them), or a Redis whose
 /// membership table lists the live gateways. Exactly one of the two is set. With <see cref="Tls"/>, connections
-/// to the gateways use TLS (the cluster's silos must too).
+/// to the gateways use TLS (the cluster's silos must too). <see cref="ConnectTimeout"/>: how long to keep trying to
+/// reach it (null: one try).
 /// </summary>
-public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string ClusterId, TlsFiles? Tls = null, RedisPassword? RedisPassword = null)
+public sealed record ClusterAddress(IPEndPoint[] Gateways, RedisConnection? Redis, string ClusterId, TlsFiles? Tls = null, TimeSpan? ConnectTimeout = null)
 {
     public const string DefaultGateway = "127.0.0.1:30000";
 
     /// <summary>How a user names this address again, e.g. in "re-attach with ..." hints.</summary>
-    public string Flags => (Redis is not null ? $"--redis {Redis}" : $"--gateway {string.Join(',', Gateways.Select(g => g.ToString()))}")
-        + (RedisPassword is { Source: not RedisPassword.Env } p ? $" --redis-password-file {p.Source}" : "")
+    public string Flags => (Redis is not null ? $"--redis {Redis.Endpoint}" : $"--gateway {string.Join(',', Gateways.Select(g => g.ToString()))}")
+        + (Redis?.Password is { Source: not RedisPassword.Env } p ? $" --redis-password-file {p.Source}" : "")
+        + (Redis?.Tls is { } redisTls ? " " + redisTls.Flags : "")
         + $" --cluster-id {ClusterId}" + (Tls is not null ? " " + Tls.Flags : "");
 
     public string Description => Redis is not null
-        ? $"cluster '{ClusterId}' via Redis {Redis}"
+        ? $"cluster '{ClusterId}' via Redis {Redis.Endpoint}"
         : $"cluster '{ClusterId}' via gateway{(Gateways.Length > 1 ? "s" : "")} {string.Join(", ", Gateways.Select(g => g.ToString()))}";
 
     /// <summary>Parses "host:port[,host:port...]"; throws <see cref="ArgumentException"/> naming the option.</summary>
@@ -29,7 +31,10 @@ public sealed record ClusterAddress(IPEndPoint[] Gateways, string? Redis, string
             : throw new ArgumentException($"--gateway: '{text}' names no host:port");
 }
 
-/// <summary>The options every cluster command shares: --gateway, --redis, --redis-password-file, --cluster-id, --tls-cert, --tls-key, --tls-ca, --tls-peer-name.</summary>
+/// <summary>
+/// The options every cluster command shares: --gateway, --redis, --redis-password-file, --redis-tls, --redis-ca, --cluster-id,
+/// --tls-cert, --tls-key, --tls-ca, --tls-peer-name, --connect-timeout.
+/// </summary>
 public sealed class ClusterAddressOptions(string gatewayDescription)
 {
     public Option<string?> Gateway { get; } = new("--gateway") { Description = gatewayDescription + " (host:port[,host:port...])" };
@@ -42,6 +47,23 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
 
     public Option<string?> RedisPasswordFile { get; } = EnvOption("--redis-password-file", RedisPassword.FileEnv,
         $"With --redis: file whose first line is Redis' password; or the password itself in [env {RedisPassword.Env}]; never printed");
+
+    public Option<bool> RedisTls { get; } = new("--redis-tls")
+    {
+        Description = $"With --redis: TLS to Redis; its certificate must name the --redis host [env {Backprop.Grains.Hosting.RedisTls.Env}]",
+        DefaultValueFactory = _ => Environment.GetEnvironmentVariable(Backprop.Grains.Hosting.RedisTls.Env) is { Length: > 0 } v && bool.Parse(v),
+    };
+
+    public Option<string?> RedisCa { get; } = EnvOption("--redis-ca", Backprop.Grains.Hosting.RedisTls.CaEnv,
+        "With --redis-tls: PEM CA that signed Redis' certificate, the only one trusted (default: the system's CAs)");
+
+    public Option<int?> ConnectTimeout { get; } = new("--connect-timeout")
+    {
+        Description = $"Seconds to keep trying to reach the cluster (Redis, then a gateway), with back-off, saying on stderr what it waits for; e.g. 600 for a Job started with its cluster [default: one try of {ClusterConnection.AttemptLimit.TotalSeconds:F0} s] [env {ConnectTimeoutEnv}]",
+        DefaultValueFactory = _ => Environment.GetEnvironmentVariable(ConnectTimeoutEnv) is { Length: > 0 } v ? int.Parse(v, System.Globalization.CultureInfo.InvariantCulture) : null,
+    };
+
+    public const string ConnectTimeoutEnv = "BACKPROP_CONNECT_TIMEOUT";
 
     public Option<string> ClusterId { get; } = new("--cluster-id")
     {
@@ -74,14 +96,20 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
         gateway = redis is null ? gateway ?? fallbackGateway : null;
         // The embedded silo never uses TLS: the files are read only for a cluster.
         if (redis is null && gateway is null) return null;
+        TimeSpan? connectTimeout = parse.GetValue(ConnectTimeout) is { } seconds
+            ? seconds is >= 1 and <= 86400 ? TimeSpan.FromSeconds(seconds) : throw new ArgumentException($"--connect-timeout: {seconds} is outside 1..86400 seconds")
+            : null;
         // The client's own certificate is optional here (a cluster with TLS refuses a client without one); its
         // chain is not checked against --tls-ca before connecting: the cluster judges it.
         var tls = TlsFiles.Load(parse.GetValue(TlsCert), parse.GetValue(TlsKey), parse.GetValue(TlsCa), parse.GetValue(TlsPeerName), silo: false);
         if (redis is not null)
         {
-            LocalClustering.ParseEndpoint(redis, "--redis");
-            return new ClusterAddress([], redis, clusterId, tls, RedisPassword.Resolve(parse.GetValue(RedisPasswordFile)));
+            var (host, port) = RedisConnection.ParseEndpoint(redis, "--redis");
+            var connection = new RedisConnection(host, port, RedisPassword.Resolve(parse.GetValue(RedisPasswordFile)),
+                Backprop.Grains.Hosting.RedisTls.Load(parse.GetValue(RedisTls), parse.GetValue(RedisCa)));
+            return new ClusterAddress([], connection, clusterId, tls, connectTimeout);
         }
-        return new ClusterAddress(ClusterAddress.ParseGateways(gateway!), null, clusterId, tls);
+        if (parse.GetValue(RedisTls) || parse.GetValue(RedisCa) is not null) throw new ArgumentException("--redis-tls, --redis-ca: need --redis");
+        return new ClusterAddress(ClusterAddress.ParseGateways(gateway!), null, clusterId, tls, connectTimeout);
     }
 }

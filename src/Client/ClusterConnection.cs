@@ -22,7 +22,10 @@ public sealed class ClusterConnection : IAsyncDisposable
         IsEmbedded = isEmbedded;
     }
 
-    private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(15);
+    /// <summary>How long one try to reach a cluster may take: a client can otherwise keep retrying a gateway that never answers.</summary>
+    public static readonly TimeSpan AttemptLimit = TimeSpan.FromSeconds(15);
+
+    private static readonly TimeSpan MaxRetryDelay = TimeSpan.FromSeconds(15);
 
     public IClusterClient Client { get; }
     public IServiceProvider Services => _host.Services;
@@ -46,12 +49,38 @@ public sealed class ClusterConnection : IAsyncDisposable
     /// <summary>Where the embedded silo stores runs, so that an interrupted run can be resumed: beside the data sets.</summary>
     public static string StateDirectory(string dataDir) => Path.Combine(dataDir, "runs");
 
+    /// <summary>
+    /// Connects to the cluster at <paramref name="address"/>: one try, or with <see cref="ClusterAddress.ConnectTimeout"/>
+    /// tries of <see cref="AttemptLimit"/> each with back-off (1 s, doubling, at most 15 s) until it answers or that time is
+    /// up (no try starts later), one line on stderr per failed try saying what it waits for (a Job started with its cluster
+    /// waits for Redis and the first gateway). A refusal that waiting will not change (a certificate, Redis' password)
+    /// ends the tries at once.
+    /// </summary>
     public static async Task<ClusterConnection> Connect(ClusterAddress address, CancellationToken cancel)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var delay = TimeSpan.FromSeconds(1);
+        while (true)
+        {
+            var (connection, failure) = await TryConnect(address, cancel);
+            if (connection is not null) return connection;
+            if (address.ConnectTimeout is not { } timeout) throw new ClusterUnreachableException(failure!.Message);
+            if (!failure!.Retry || clock.Elapsed + delay >= timeout)
+                throw new ClusterUnreachableException($"{failure.Message} (tried for {clock.Elapsed.TotalSeconds:F0} s)");
+            Console.Error.WriteLine($"waiting for {address.Description}: {failure.Reason}; next try in {delay.TotalSeconds:F0} s");
+            await Task.Delay(delay, cancel);
+            delay = delay * 2 < MaxRetryDelay ? delay * 2 : MaxRetryDelay;
+        }
+    }
+
+    /// <summary>Why a try failed: <see cref="Reason"/> alone, <see cref="Message"/> with where and hints; whether to try again.</summary>
+    private sealed record Failure(string Reason, string Message, bool Retry);
+
+    private static async Task<(ClusterConnection?, Failure?)> TryConnect(ClusterAddress address, CancellationToken cancel)
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder);
-        // Bounded: a client can otherwise keep retrying a gateway that never answers.
-        using var limit = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+        using var attempt = CancellationTokenSource.CreateLinkedTokenSource(cancel);
         string? tlsRejection = null;
         builder.UseOrleansClient(client =>
         {
@@ -59,11 +88,11 @@ public sealed class ClusterConnection : IAsyncDisposable
             if (address.Tls is { } tls) client.UseBackpropTls(tls, reason =>
             {
                 tlsRejection = reason;
-                try { limit.Cancel(); } catch (ObjectDisposedException) { /* a reconnect after the start: nothing to stop */ }
+                try { attempt.Cancel(); } catch (ObjectDisposedException) { /* a reconnect after the start: nothing to stop */ }
             });
             if (address.Redis is { } redis)
             {
-                client.UseRedisClustering(o => o.ConfigurationOptions = RedisCluster.Options(LocalClustering.ParseEndpoint(redis, "--redis"), address.RedisPassword));
+                client.UseRedisClustering(o => o.ConfigurationOptions = redis.Options());
                 client.Configure<ClusterOptions>(o => { o.ClusterId = address.ClusterId; o.ServiceId = RedisCluster.ServiceIdOf(address.ClusterId); });
             }
             else
@@ -74,23 +103,27 @@ public sealed class ClusterConnection : IAsyncDisposable
             client.Configure<ClientMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(20));
         });
         var host = builder.Build();
-        limit.CancelAfter(ConnectTimeout);
+        attempt.CancelAfter(AttemptLimit);
         try
         {
-            await host.StartAsync(limit.Token);
+            await host.StartAsync(attempt.Token);
         }
         catch (Exception e) when (!cancel.IsCancellationRequested)
         {
             host.Dispose();
-            string reason = tlsRejection is not null ? "this client refused the gateway's certificate" : e is OperationCanceledException ? $"no answer within {ConnectTimeout.TotalSeconds:F0} s" : Cli.OneLine(e.Message);
-            string where = address.Redis is { } r ? $"through Redis {r}" : $"at gateway {string.Join(", ", address.Gateways.Select(g => g.ToString()))}";
-            // Redis refusing this client (not there, or AUTH) has nothing to do with TLS to the gateways.
-            bool redisRefused = address.Redis is not null && Causes(e).Any(c => c is StackExchange.Redis.RedisConnectionException);
-            string hint = !redisRefused ? TlsHint(address.Tls, tlsRejection)
-                : address.RedisPassword is null ? $" (if Redis requires a password: --redis-password-file or {RedisPassword.Env})" : $" ({address.RedisPassword})";
-            throw new ClusterUnreachableException($"cannot reach a cluster '{address.ClusterId}' {where}: {reason}{hint}");
+            string where = address.Redis is { } r ? $"through Redis {r.Endpoint}" : $"at gateway {string.Join(", ", address.Gateways.Select(g => g.ToString()))}";
+            // Redis refusing this client (not there, AUTH, its certificate) has nothing to do with TLS to the gateways.
+            var redisError = address.Redis is null ? null : Causes(e).OfType<StackExchange.Redis.RedisConnectionException>().FirstOrDefault();
+            string reason = tlsRejection is not null ? "this client refused the gateway's certificate"
+                : redisError is not null ? await address.Redis!.Why(redisError)
+                : e is OperationCanceledException ? $"no gateway answered within {AttemptLimit.TotalSeconds:F0} s" : Cli.OneLine(e.Message);
+            string hint = redisError is null ? TlsHint(address.Tls, tlsRejection)
+                : address.Redis!.Tls?.Rejection is not null ? ""
+                : address.Redis.Password is null ? $" (if Redis requires a password: --redis-password-file or {RedisPassword.Env})" : $" ({address.Redis.Password})";
+            bool final = tlsRejection is not null || redisError is not null && address.Redis!.Refused(redisError);
+            return (null, new Failure(reason, $"cannot reach a cluster '{address.ClusterId}' {where}: {reason}{hint}", Retry: !final));
         }
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false);
+        return (new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false), null);
     }
 
     private static IEnumerable<Exception> Causes(Exception e)

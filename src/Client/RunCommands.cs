@@ -111,7 +111,7 @@ public static class RunCommands
     {
         var run = new Argument<string>("run") { Description = "Run id (printed by train)" };
         var address = new ClusterAddressOptions($"Gateways of the running cluster [default {ClusterAddress.DefaultGateway}]");
-        return (new Command(name, description) { run, address.Gateway, address.Redis, address.RedisPasswordFile, address.ClusterId, address.TlsCert, address.TlsKey, address.TlsCa, address.TlsPeerName }, run, address);
+        return (new Command(name, description) { run, address.Gateway, address.Redis, address.RedisPasswordFile, address.ClusterId, address.TlsCert, address.TlsKey, address.TlsCa, address.TlsPeerName, address.RedisTls, address.RedisCa, address.ConnectTimeout }, run, address);
     }
 
     private static Task<ClusterConnection> Connect(ParseResult parse, ClusterAddressOptions address, CancellationToken cancel) =>

@@ -20,7 +20,7 @@ public static class StoredRunCommands
         var modelOut = new Option<string?>("--model-out") { Description = "Save the trained model to this file when the run completes" };
         var command = new Command("resume", "Continue a stored run (interrupted, cancelled, or stopped with the whole cluster) from its last checkpoint, and follow it")
         {
-            run, address.Gateway, address.Redis, address.RedisPasswordFile, address.ClusterId, address.TlsCert, address.TlsKey, address.TlsCa, address.TlsPeerName, dataDir, threads, metrics, modelOut,
+            run, address.Gateway, address.Redis, address.RedisPasswordFile, address.ClusterId, address.TlsCert, address.TlsKey, address.TlsCa, address.TlsPeerName, address.RedisTls, address.RedisCa, address.ConnectTimeout, dataDir, threads, metrics, modelOut,
         };
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
@@ -58,7 +58,7 @@ public static class StoredRunCommands
     public static Command Runs()
     {
         var (address, dataDir) = Options();
-        var command = new Command("runs", "List stored runs: state, epochs done and last test accuracy") { address.Gateway, address.Redis, address.RedisPasswordFile, address.ClusterId, address.TlsCert, address.TlsKey, address.TlsCa, address.TlsPeerName, dataDir };
+        var command = new Command("runs", "List stored runs: state, epochs done and last test accuracy") { address.Gateway, address.Redis, address.RedisPasswordFile, address.ClusterId, address.TlsCert, address.TlsKey, address.TlsCa, address.TlsPeerName, address.RedisTls, address.RedisCa, address.ConnectTimeout, dataDir };
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
             await using var cluster = await Open(parse, address, dataDir, threads: 1, cancel);

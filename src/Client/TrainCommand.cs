@@ -52,7 +52,7 @@ public static class TrainCommand
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
+            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, Address.RedisTls, Address.RedisCa, Address.ConnectTimeout, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;

@@ -3,6 +3,7 @@ using Backprop.Grains.Hosting;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
@@ -21,14 +22,31 @@ public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloD
     private Task? _data;
     private string? _dataset;
 
-    private enum Phase { Starting, Joining, Running, Leaving }
+    private string? _redis;
+    private volatile bool _started;
+
+    private enum Phase { Starting, WaitingForRedis, Joining, Running, Leaving }
     private volatile Phase _phase = Phase.Starting;
+
+    /// <summary>The silo waits for its Redis to answer before it joins.</summary>
+    public void WaitingForRedis(string redis)
+    {
+        _redis = redis;
+        _phase = Phase.WaitingForRedis;
+    }
 
     /// <summary>The silo is being started: it joins the cluster.</summary>
     public void Joining() => _phase = Phase.Joining;
 
     /// <summary>The silo has started (joined, or failed to and stops).</summary>
-    public void Started() { if (_phase == Phase.Joining) _phase = Phase.Running; }
+    public void Started()
+    {
+        _started = true;
+        if (_phase == Phase.Joining) _phase = Phase.Running;
+    }
+
+    /// <summary>Whether the silo has joined: from then on, stopping means leaving the cluster.</summary>
+    public bool HasStarted => _started;
 
     /// <summary>The silo is stopping: it leaves the cluster (hand-over of its grains, parameter servers checkpoint).</summary>
     public void Leaving() => _phase = Phase.Leaving;
@@ -51,6 +69,7 @@ public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloD
         switch (_phase)
         {
             case Phase.Starting: return (false, _data is { IsCompleted: false } ? $"loading data set {_dataset}" : "starting");
+            case Phase.WaitingForRedis: return (false, $"waiting for Redis {_redis}");
             case Phase.Joining: return (false, "joining");
             case Phase.Leaving: return (false, "leaving");
         }
@@ -77,6 +96,8 @@ public sealed class HealthServer(SiloHealth health, IPAddress bind, int port)
     public async Task StartAsync(CancellationToken cancellationToken)
     {
         var builder = WebApplication.CreateSlimBuilder();
+        // Signals belong to the silo's command, which stops this server last.
+        builder.Services.AddSingleton<IHostLifetime, CommandLifetime>();
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(k => k.Listen(bind, port));
         _app = builder.Build();
@@ -93,4 +114,14 @@ public sealed class HealthServer(SiloHealth health, IPAddress bind, int port)
     {
         if (_app is not null) await _app.StopAsync(cancellationToken);
     }
+}
+
+/// <summary>
+/// A host lifetime that leaves SIGTERM and Ctrl+C to the command, which stops its hosts itself and in order: the silo
+/// (with --shutdown-timeout), then the health server.
+/// </summary>
+internal sealed class CommandLifetime : IHostLifetime
+{
+    public Task WaitForStartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
 }

@@ -1,5 +1,4 @@
 using System.Diagnostics.CodeAnalysis;
-using System.Net;
 using Microsoft.Extensions.DependencyInjection;
 using Orleans.GrainDirectory;
 using Orleans.Metadata;
@@ -33,9 +32,9 @@ public static class RunDirectory
         typeof(RunGrain).FullName!, typeof(ParameterShardGrain).FullName!, typeof(RunRegistryGrain).FullName!,
     };
 
-    public static ISiloBuilder AddRedisRunDirectory(this ISiloBuilder silo, IPEndPoint redis, RedisPassword? password)
+    public static ISiloBuilder AddRedisRunDirectory(this ISiloBuilder silo, RedisConnection redis)
     {
-        silo.AddRedisGrainDirectory(Name, o => o.ConfigurationOptions = RedisCluster.Options(redis, password));
+        silo.AddRedisGrainDirectory(Name, o => o.ConfigurationOptions = redis.Options());
         silo.Services.AddSingleton<IGrainDirectoryResolver, Resolver>();
         return silo;
     }

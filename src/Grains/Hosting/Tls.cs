@@ -90,7 +90,7 @@ public sealed class TlsFiles
         if (peerName is not null && Uri.CheckHostName(peerName) != UriHostNameType.Dns)
             throw new ArgumentException($"--tls-peer-name: '{peerName}' is not a DNS name");
 
-        var authorities = LoadAuthorities(caPath);
+        var authorities = LoadAuthorities(caPath, "--tls-ca");
         var certificate = certPath is null ? null : LoadCertificate(certPath, keyPath);
         if (certificate is not null && silo)
         {
@@ -181,18 +181,19 @@ public sealed class TlsFiles
         public static readonly Peer GatewayOutbound = new("the gateway this client dialled", GatewayPurposes, IsSilo: true, Dialled: true);
     }
 
-    private static X509Certificate2Collection LoadAuthorities(string path)
+    /// <summary>The PEM certificates in <paramref name="path"/>; errors name <paramref name="option"/>.</summary>
+    internal static X509Certificate2Collection LoadAuthorities(string path, string option)
     {
         var collection = new X509Certificate2Collection();
         try
         {
-            collection.ImportFromPem(Read(path, "--tls-ca"));
+            collection.ImportFromPem(Read(path, option));
         }
         catch (CryptographicException e)
         {
-            throw new ArgumentException($"--tls-ca: {path}: not a PEM certificate ({OneLine(e.Message)})");
+            throw new ArgumentException($"{option}: {path}: not a PEM certificate ({OneLine(e.Message)})");
         }
-        if (collection.Count == 0) throw new ArgumentException($"--tls-ca: {path} holds no PEM certificate");
+        if (collection.Count == 0) throw new ArgumentException($"{option}: {path} holds no PEM certificate");
         return collection;
     }
 
