@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need on a fresh machine, then runs the whole suite.
 #   ./test.sh [dotnet test options, e.g. --filter FullyQualifiedName~Core]
-# Needs the .NET 10 SDK. Installs when missing: Debian's redis-server (the Redis cluster tests start a real one),
+# Needs the .NET 10 SDK and root (or sudo) for the network namespace of the --kubernetes test. Installs when missing:
+# Debian's redis-server (the Redis cluster tests start a real one, with TLS too), iproute2,
 # docker-compose (`config` checks the compose file offline), node/npm and deploy/k8s's npm packages (the offline
 # Kubernetes schema check). kubectl >= 1.21 must be on PATH for the kustomize tests (Debian's kubernetes-client
 # is 1.20, whose kustomize lacks components): get it from pkgs.k8s.io where it is missing.
@@ -22,6 +23,9 @@ need() {   # need COMMAND PACKAGE...
 }
 
 need redis-server redis-server
+# The --kubernetes test runs a silo in a network namespace of its own (root): ip and ss.
+need ip iproute2
+need ss iproute2
 need docker-compose docker-compose
 need npm nodejs npm
 # Reinstalled when the lock file changed since the last install.
