@@ -69,6 +69,11 @@ public sealed class ParameterShardGrain(
     // The step being gathered: each block's slice (copied on arrival, so the sender's buffer is free at once) and loss.
     private float[][] _blocks = [];
     private bool[] _arrived = [];
+    // The arrived sums combined so far: nodes of the reduction tree, each held in the buffer of its first block.
+    // _nodeEnd[first] is the block after a node that starts at block `first` (0: no node starts there);
+    // _nodeFirst[last] is the first block of the node that ends with block `last` (−1: none).
+    private int[] _nodeEnd = [], _nodeFirst = [];
+    private int[] _frontStarts = [];
     private double[] _blockLoss = [];
     private int[]? _cut;
     private int _samples, _arrivedCount;
@@ -186,7 +191,11 @@ public sealed class ParameterShardGrain(
         {
             (_cut, _samples, _lossBefore) = (push.BlockStarts, push.Samples, push.EpochLossBefore);
             if (_blocks.Length < count) Array.Resize(ref _blocks, count);
-            if (_arrived.Length < count) (_arrived, _blockLoss) = (new bool[count], new double[count]);
+            if (_arrived.Length < count)
+            {
+                (_arrived, _blockLoss, _nodeEnd, _nodeFirst, _frontStarts) = (new bool[count], new double[count], new int[count], new int[count], new int[count]);
+                Array.Fill(_nodeFirst, -1);
+            }
         }
         else if (!_cut.AsSpan().SequenceEqual(push.BlockStarts) || _samples != push.Samples || !_lossBefore.Equals(push.EpochLossBefore))
         {
@@ -198,9 +207,10 @@ public sealed class ParameterShardGrain(
         {
             (_arrived[push.Block], _blockLoss[push.Block]) = (true, push.BlockLoss);
             // The block that completes the step is read where it is, during this call (its sender waits for the
-            // reply); the others are copied, so that their senders' buffers are free when their pushes return.
+            // reply); the others are combined with their arrived siblings or copied, so that their senders' buffers
+            // are free when their pushes return and the last block finds as little left to add as the tree allows.
             if (++_arrivedCount == count) Apply(spec, push.Block, push.Gradient.Memory);
-            else push.Gradient.Span.CopyTo(_blocks[push.Block] ??= new float[_length]);
+            else Gather(push.Block, push.Gradient.Span, (_samples + spec.ChunkSize - 1) / spec.ChunkSize);
         }
         push.Gradient.Release();
 
@@ -307,6 +317,47 @@ public sealed class ParameterShardGrain(
     }
 
     /// <summary>
+    /// Takes in a block that does not complete the step: while the node it is part of has its sibling here, the two
+    /// become their parent (left + right, the tree's one way to add them, so the bits are those of adding them at the
+    /// end), up the tree as far as the arrived blocks allow.
+    /// </summary>
+    private void Gather(int block, ReadOnlySpan<float> values, int chunks)
+    {
+        var starts = _cut!;
+        int count = starts.Length, first = block, end = block + 1;
+        bool stored = false;
+        while (true)
+        {
+            int lo = starts[first], mid = end < count ? starts[end] : chunks;
+            if (end < count && _nodeEnd[end] > 0 && IsParent(lo, mid, Chunk(_nodeEnd[end]), chunks))
+            {
+                // The right sibling is here: this node becomes the parent, in this node's buffer.
+                var parent = _blocks[first] ??= new float[_length];
+                TensorPrimitives.Add(stored ? parent : values, _blocks[end], parent);
+                int rightEnd = _nodeEnd[end];
+                (_nodeEnd[end], _nodeFirst[rightEnd - 1], end, stored) = (0, -1, rightEnd, true);
+                continue;
+            }
+            if (first > 0 && _nodeFirst[first - 1] is int left and >= 0 && IsParent(starts[left], lo, mid, chunks))
+            {
+                // The left sibling is here: it becomes the parent, in its buffer.
+                TensorPrimitives.Add(_blocks[left], stored ? _blocks[first] : values, _blocks[left]);
+                (_nodeEnd[left], _nodeFirst[first - 1], first, stored) = (0, -1, left, true);
+                continue;
+            }
+            break;
+        }
+        if (!stored) values.CopyTo(_blocks[first] ??= new float[_length]);
+        (_nodeEnd[first], _nodeFirst[end - 1]) = (end, first);
+
+        int Chunk(int b) => b < count ? starts[b] : chunks;
+    }
+
+    /// <summary>Whether chunks [lo, mid) and [mid, hi) are the two children of the node [lo, hi).</summary>
+    private static bool IsParent(int lo, int mid, int hi, int chunks) =>
+        hi - lo >= 2 && PairwiseSum.IsNode(lo, hi, chunks) && mid == lo + PairwiseSum.LeftSize(hi - lo);
+
+    /// <summary>
     /// The blocks' slices combined with the tree above them a tile at a time, the total checked, and the optimizer's
     /// step written to the spare buffers. False, with the current version untouched, when the gradient has a
     /// non-finite value (an overflow to infinity in a tile's sum counts too).
@@ -314,14 +365,22 @@ public sealed class ParameterShardGrain(
     private bool StepFused(RunSpec spec, int count, int chunks, int lastBlock, ReadOnlyMemory<float> last)
     {
         if (_leaves.Length != count) _leaves = new ReadOnlyMemory<float>[count];
-        for (int i = 0; i < count; i++) _leaves[i] = i == lastBlock ? last : _blocks[i];
+        // The nodes gathered so far and the last block, in chunk order: a cut of the tree, coarser than the blocks'.
+        int nodes = 0;
+        for (int i = 0; i < count; nodes++)
+        {
+            _frontStarts[nodes] = _cut![i];
+            (_leaves[nodes], i) = i == lastBlock ? (last, i + 1) : (_blocks[i], _nodeEnd[i]);
+        }
+        count = nodes;
+        var frontStarts = _frontStarts.AsSpan(0, nodes);
         try
         {
             for (int start = 0; start < _length; start += Tile)
             {
                 int n = Math.Min(Tile, _length - start);
                 ReadOnlySpan<float> gradient = count == 1 ? _leaves[0].Span.Slice(start, n) : _tile.AsSpan(0, n);
-                if (count > 1) PairwiseSum.SumNodes(_leaves, _cut, chunks, start, _tile.AsSpan(0, n), _scratch);
+                if (count > 1) PairwiseSum.SumNodes(_leaves.AsSpan(0, count), frontStarts, chunks, start, _tile.AsSpan(0, n), _scratch);
                 if (!float.IsFinite(TensorPrimitives.Sum(gradient))) return false;
                 _optimizer!.Step(_step, _parameters.AsSpan(start, n), gradient, _samples, new StateTile(_state, _length, start, n),
                     _previous.AsSpan(start, n), new StateTile(_previousState, _length, start, n));
@@ -341,6 +400,8 @@ public sealed class ParameterShardGrain(
         _applied = NewWaiter();
         (_cut, _arrivedCount) = (null, 0);
         Array.Clear(_arrived);
+        Array.Clear(_nodeEnd);
+        Array.Fill(_nodeFirst, -1);
         if (error is not null) waiter.TrySetException(error);
     }
 

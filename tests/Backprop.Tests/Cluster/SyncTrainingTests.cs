@@ -136,9 +136,9 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     }
 
     /// <summary>A shard attached for incarnation 1 and moved to version 0, with the spec's initial slice.</summary>
-    private async Task<(IParameterShardGrain Shard, RunSpec Spec, float[] Initial)> Shard(string runId, int shards = 1)
+    private async Task<(IParameterShardGrain Shard, RunSpec Spec, float[] Initial)> Shard(string runId, int shards = 1, RunSpec? baseSpec = null)
     {
-        var spec = Spec(2) with { ServerShards = shards };
+        var spec = (baseSpec ?? Spec(2)) with { ServerShards = shards };
         var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/0");
         var position = await shard.Attach(spec, incarnation: 1);
         Assert.Equal([0L], position.Steps);
@@ -209,6 +209,35 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Push(Push(0, [0], gradient)));
         await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Attach(spec, incarnation: 1));
         await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec with { Seed = 99 }, incarnation: 3));
+    }
+
+    [Fact]
+    public async Task Blocks_combined_with_their_siblings_as_they_arrive_give_the_bits_of_adding_them_at_the_end()
+    {
+        // 8 chunks cut into 5 blocks ([0,2) [2,4) [4,6) [6,7) [7,8)); values of very different magnitudes, so that adding
+        // in another order than the tree's would change bits. Every arrival order must give the tree's sum, stepped.
+        var spec = Spec(5) with { ChunkSize = 8 };
+        int[] cut = [0, 2, 4, 6, 7];
+        var random = new Random(11);
+        int length = checked((int)spec.Model.ParameterCount);
+        var sums = Enumerable.Range(0, cut.Length)
+            .Select(b => Enumerable.Range(0, length).Select(_ => (float)((random.NextDouble() - 0.5) * Math.Pow(10, random.Next(-4, 5)))).ToArray()).ToArray();
+        var gradient = new float[length];
+        PairwiseSum.SumNodes(sums.Select(v => (ReadOnlyMemory<float>)v).ToArray(), cut, 8, 0, gradient, new float[PairwiseSum.ScratchFor(length, 8)]);
+        var expected = Backprop.Core.Model.Initializer.Create(spec.Model, spec.Init, spec.Seed);
+        Optimizer.For(spec.Optimizer).Step(0, expected, gradient, 64, new float[length]);
+
+        // Sent left siblings first, right siblings first, two levels up before the last block (the arrival order is what
+        // the silo sees; any must give the same bits).
+        int[][] orders = [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [1, 0, 3, 4, 2], [2, 4, 3, 0, 1]];
+        for (int o = 0; o < orders.Length; o++)
+        {
+            var (shard, _, _) = await Shard($"siblings-{o}", baseSpec: spec);
+            var pushes = orders[o].Select(b => shard.Push(new GradientPush(1, 0, b, cut, 64, 0, 0.25, new FloatPayload((float[])sums[b].Clone()), Session))).ToArray();
+            var replies = await Task.WhenAll(pushes);
+            Assert.Contains(replies, r => r.Next is not null);
+            Assert.Equal(expected, (await shard.Pull(Session, 1)).Parameters.Span.ToArray());
+        }
     }
 
     [Fact]
