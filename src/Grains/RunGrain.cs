@@ -26,14 +26,16 @@ public sealed class RunRecord
 }
 
 /// <summary>
-/// The coordinator of one run. Its training loop is background work on this activation (not a grain
-/// call), so status and cancel calls are answered while it runs. Each sync step: cut the step's chunks into
-/// aligned blocks of the reduction tree (<see cref="ChunkBlocks"/>, block b to worker b) and send each worker its
-/// block's numbers and the version to compute on; the workers push their sums to the parameter-server shards and
-/// get the next version back themselves, so this grain never carries a vector. When this grain's silo dies, the
-/// next activation (started by a silo's <see cref="RunWatchdog"/> or any call) settles the shards on the latest
-/// version they all hold and goes on: the data order is a function of (seed, epoch) and every step of the
-/// parameters and step number, so the bits are the same.
+/// The coordinator of one run: a thin grain over its record (<see cref="RunJournal"/>), its workers
+/// (<see cref="RunWorkers"/>: windows of steps, evaluations, redos) and its parameter-server shards
+/// (<see cref="ParameterShards"/>). Its training loop is background work on this activation (not a grain call), so
+/// status and cancel calls are answered while it runs. Each window (<see cref="StepWindow"/>): the workers get the
+/// version, the first step and the number of steps; block b of every step goes to worker b, which pushes its sums
+/// to the shards and goes on from step to step with the shards as the barrier, so this grain never carries a vector
+/// and makes one call per worker for many steps. When this grain's silo dies, the next activation (started by a
+/// silo's <see cref="RunWatchdog"/> or any call) settles the shards on the latest version they all hold and goes on:
+/// the data order is a function of (seed, epoch) and every step of the parameters and step number, so the bits
+/// are the same.
 /// </summary>
 public sealed class RunGrain(
     DatasetCache datasets,
@@ -43,22 +45,13 @@ public sealed class RunGrain(
     [PersistentState("run", SiloSetup.StorageName)] IPersistentState<RunRecord> record,
     ILogger<RunGrain> logger) : Grain, IRunGrain
 {
-    /// <summary>How long one piece of work is retried on other workers: longer than failure detection takes.</summary>
-    private static readonly TimeSpan RetryBudget = TimeSpan.FromSeconds(30);
     private static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(10);
     /// <summary>How long one call to the workers runs (a window of steps), about.</summary>
     private static readonly TimeSpan WindowTarget = TimeSpan.FromMilliseconds(200);
     private const int MaxWindow = 512;
-    /// <summary>How long steps go one at a time after a worker failed, unless the worker set changes first.</summary>
-    private static readonly TimeSpan WorkerFailureRecovery = TimeSpan.FromSeconds(10);
-    private const int MaxEvents = 200;
 
-    private readonly SemaphoreSlim _writes = new(1, 1);
-    /// <summary>
-    /// A newer coordinator owns the run: this activation never runs a loop or writes the record again, and goes
-    /// away after the current call (the next one activates the grain afresh, from the stored record).
-    /// </summary>
-    private bool _fenced;
+    private RunJournal? _journal;
+    private RunWorkers? _runWorkers;
     private Task? _loop;
     private CancellationTokenSource _cancel = new();
     private CancellationTokenSource _stop = new();
@@ -68,25 +61,12 @@ public sealed class RunGrain(
     private int _stepsPerEpoch;
     private long _step;
     private string[] _shardSilos = [];
-    private readonly SortedSet<string> _workerSilos = new(StringComparer.Ordinal);
-    private IWorkerGrain[] _workers = [];
-    private string[] _spreadOver = [];
-    private int _generation;
-    private int _workersIncarnation;
-    // One step's calls and replies, reused from step to step.
-    private Task<BlockDone>[] _calls = [];
-    private BlockDone?[] _blocks = [];
     /// <summary>Measured over the last window: sizes the next one.</summary>
     private double _secondsPerStep;
-    /// <summary>The worker generation in which a worker's call last failed, and when.</summary>
-    private int _failedGeneration = -1;
-    private long _failedAt;
-    private long[] _roundTrips = [], _replied = [];
-    // The cut of a full step and of a short last one, for the current worker count.
-    private (ChunkBlocks Cut, int[] Starts) _cut, _shortCut;
-    private int _cutWorkers;
-    private StepProfiler? _profile;
 
+    private RunJournal Journal => _journal ??= new RunJournal(record, RunId, GrainFactory, logger, DeactivateOnIdle);
+    private RunWorkers Workers => _runWorkers ??= new RunWorkers(RunId, GrainFactory, workerSilos, Journal, logger);
+    private RunRecord Record => Journal.Record;
     private string RunId => this.GetPrimaryKeyString();
     private string SiloEndpoint => silo.SiloAddress.Endpoint.ToString();
     private bool LoopActive => _loop is { IsCompleted: false };
@@ -104,7 +84,7 @@ public sealed class RunGrain(
     /// </summary>
     private void KeepGoing()
     {
-        if (record.State.State == RunState.Running && settings.KeepRunsGoing && !LoopActive && !_fenced) StartLoop(resumed: true);
+        if (Record.State == RunState.Running && settings.KeepRunsGoing && !LoopActive && !Journal.Fenced) StartLoop(resumed: true);
     }
 
     public override async Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -119,8 +99,8 @@ public sealed class RunGrain(
     {
         if (spec is null) throw new ArgumentException("no run spec");
         RunIds.Validate(RunId);
-        ThrowIfFenced();
-        if (record.State.Spec is { } existing)
+        Journal.ThrowIfFenced();
+        if (Record.Spec is { } existing)
         {
             if (existing != spec) throw new ArgumentException($"run id '{RunId}' is already used by another run");
             return Status(0);
@@ -131,13 +111,13 @@ public sealed class RunGrain(
         string sha = await datasets.Sha256(spec.Dataset);
 
         // Registered first: a run the registry does not know would not be continued after its silo dies.
-        await Register(RunState.Running, spec, 0, required: true);
-        await Update(r =>
+        await Journal.Register(RunState.Running, spec, 0, required: true);
+        await Journal.Update(r =>
         {
             r.Spec = spec;
             r.State = RunState.Running;
             r.DatasetSha256 = sha;
-            AddEvent(r, "started", $"{spec.Model.Describe()}, batch {spec.BatchSize}, chunk {spec.ChunkSize}, {spec.Workers} workers, {spec.Epochs} epochs, data sha256 {sha[..12]}");
+            RunJournal.AddEvent(r, "started", $"{spec.Model.Describe()}, batch {spec.BatchSize}, chunk {spec.ChunkSize}, {spec.Workers} workers, {spec.Epochs} epochs, data sha256 {sha[..12]}");
         });
         StartLoop(resumed: false);
         logger.LogInformation("Run {Run} started: {Model}, batch {Batch}, chunk {Chunk}, {Workers} workers, {Epochs} epochs",
@@ -157,41 +137,41 @@ public sealed class RunGrain(
         if (LoopActive) await Task.WhenAny(_finished.Task, Task.Delay(wait));
         // Stored as running with no loop here (one is about to be restarted, or runs on another activation): nothing
         // here will finish, but a follower calling again at once would spin.
-        else if (record.State.State == RunState.Running) await Task.Delay(wait);
+        else if (Record.State == RunState.Running) await Task.Delay(wait);
         return Status(knownEpochs);
     }
 
     public async Task<RunStatus> Cancel()
     {
-        ThrowIfFenced();
+        Journal.ThrowIfFenced();
         if (LoopActive)
         {
             _cancel.Cancel();
         }
-        else if (record.State.State == RunState.Running)
+        else if (Record.State == RunState.Running)
         {
             // Stored as running but no loop here (an interrupted embedded run): stop it for good.
-            await Update(r => { r.State = RunState.Cancelled; AddEvent(r, "cancelled", "cancelled while no coordinator was running it"); });
-            await Register(RunState.Cancelled, record.State.Spec!, record.State.Epochs.Count);
+            await Journal.Update(r => { r.State = RunState.Cancelled; RunJournal.AddEvent(r, "cancelled", "cancelled while no coordinator was running it"); });
+            await Journal.Register(RunState.Cancelled, Record.Spec!, Record.Epochs.Count);
         }
         return Status(0);
     }
 
     public async Task<RunStatus> Resume()
     {
-        var spec = record.State.Spec ?? throw new ArgumentException($"no run '{RunId}'");
-        ThrowIfFenced();
+        var spec = Record.Spec ?? throw new ArgumentException($"no run '{RunId}'");
+        Journal.ThrowIfFenced();
         if (LoopActive) return Status(0);
-        if (record.State.State is RunState.Completed or RunState.Diverged) return Status(0);   // nothing to continue
-        await Register(RunState.Running, spec, record.State.Epochs.Count, required: true);
-        await Update(r => { r.State = RunState.Running; r.Error = null; AddEvent(r, "resume", $"resume requested (was {record.State.State.ToString().ToLowerInvariant()})"); });
+        if (Record.State is RunState.Completed or RunState.Diverged) return Status(0);   // nothing to continue
+        await Journal.Register(RunState.Running, spec, Record.Epochs.Count, required: true);
+        await Journal.Update(r => { r.State = RunState.Running; r.Error = null; RunJournal.AddEvent(r, "resume", $"resume requested (was {Record.State.ToString().ToLowerInvariant()})"); });
         StartLoop(resumed: true);
         return Status(0);
     }
 
     public async Task<TrainedModel> GetModel()
     {
-        var spec = record.State.Spec ?? throw new ArgumentException($"no run '{RunId}'");
+        var spec = Record.Spec ?? throw new ArgumentException($"no run '{RunId}'");
         var current = await new ParameterShards(GrainFactory, RunId, spec).Gather(step: null);
         return new TrainedModel(spec, current.Parameters, current.Step);
     }
@@ -201,7 +181,7 @@ public sealed class RunGrain(
         var r = record.State;
         var epochs = r.Epochs.Skip(Math.Max(0, knownEpochs)).ToArray();
         return new RunStatus(RunId, r.State, r.Spec, _epoch, _stepInEpoch, _stepsPerEpoch, epochs, r.Error,
-            _workerSilos.ToArray(), SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
+            Workers.Silos, SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
     }
 
     private void StartLoop(bool resumed)
@@ -215,15 +195,15 @@ public sealed class RunGrain(
     private async Task RunLoop(bool resumed, CancellationToken cancel, CancellationToken stop)
     {
         await Task.Yield();   // out of the caller (activation or a grain call), onto this activation's queue
-        var spec = record.State.Spec!;
+        var spec = Record.Spec!;
         using var either = CancellationTokenSource.CreateLinkedTokenSource(cancel, stop);
         RunState final;
         string? error = null;
         try
         {
             // This loop's incarnation, stored before it acts: a coordinator still running elsewhere is fenced off.
-            await Update(r => r.Incarnation++, claim: true);
-            await Train(spec, record.State.Incarnation, resumed, either.Token);
+            await Journal.Update(r => r.Incarnation++, claim: true);
+            await Train(spec, Record.Incarnation, resumed, either.Token);
             final = RunState.Completed;
         }
         catch (OperationCanceledException) when (cancel.IsCancellationRequested)
@@ -241,7 +221,7 @@ public sealed class RunGrain(
         {
             logger.LogWarning("Run {Run}: {Reason}; this coordinator stops", RunId, e.Message);
             EndLoop();
-            Fence();
+            Journal.Fence();
             return;
         }
         catch (RunDivergedException e)
@@ -259,7 +239,7 @@ public sealed class RunGrain(
             logger.LogError(e, "Run {Run} failed", RunId);
             (final, error) = (RunState.Failed, e.Message);
         }
-        if (_fenced)
+        if (Journal.Fenced)
         {
             // Fenced while ending (a write on the way out met the newer owner): nothing more is this activation's to store.
             EndLoop();
@@ -269,7 +249,7 @@ public sealed class RunGrain(
         try
         {
             if (final == RunState.Cancelled && _step > 0)   // keep the progress, so that `resume` continues from here
-                await new ParameterShards(GrainFactory, RunId, spec).Checkpoint(record.State.Incarnation, _step);
+                await new ParameterShards(GrainFactory, RunId, spec).Checkpoint(Record.Incarnation, _step);
         }
         catch (Exception e)
         {
@@ -277,13 +257,13 @@ public sealed class RunGrain(
         }
         try
         {
-            await Update(r =>
+            await Journal.Update(r =>
             {
                 r.State = final;
                 r.Error = error;
-                AddEvent(r, final.ToString().ToLowerInvariant(), error ?? $"after {r.Epochs.Count} epochs");
+                RunJournal.AddEvent(r, final.ToString().ToLowerInvariant(), error ?? $"after {r.Epochs.Count} epochs");
             });
-            await Register(final, spec, record.State.Epochs.Count);
+            await Journal.Register(final, spec, Record.Epochs.Count);
         }
         catch (Exception e)
         {
@@ -314,19 +294,19 @@ public sealed class RunGrain(
                 await TrainFromServer(spec, incarnation, resumed, failing, cancel);
                 return;
             }
-            catch (Exception e) when ((IsTransient(e) || e is ShardMovedException) && !cancel.IsCancellationRequested && workerSilos.Active().Length == 0)
+            catch (Exception e) when ((RunWorkers.IsTransient(e) || e is ShardMovedException) && !cancel.IsCancellationRequested && workerSilos.Active().Length == 0)
             {
                 // Every worker silo is gone (a restart, a rollout): nothing is wrong with the run, it waits for one, however long.
-                await AddEventNow("waiting-for-workers", $"no worker silo is active ({e.Message}); the run waits for one");
+                await Journal.AddEventNow("waiting-for-workers", $"no worker silo is active ({e.Message}); the run waits for one");
                 var waited = Stopwatch.StartNew();
                 await WaitForWorkerSilos(cancel);
-                await AddEventNow("workers-back", $"{workerSilos.Active().Length} worker silo(s) active after {waited.Elapsed.TotalSeconds:F0} s; attaching again");
+                await Journal.AddEventNow("workers-back", $"{workerSilos.Active().Length} worker silo(s) active after {waited.Elapsed.TotalSeconds:F0} s; attaching again");
                 failing.Reset();
                 resumed = true;
             }
-            catch (Exception e) when ((IsTransient(e) || e is ShardMovedException) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RetryBudget)
+            catch (Exception e) when ((RunWorkers.IsTransient(e) || e is ShardMovedException) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RunWorkers.RetryBudget)
             {
-                await AddEventNow("server-lost", $"parameter server shard call failed ({e.Message}); attaching again");
+                await Journal.AddEventNow("server-lost", $"parameter server shard call failed ({e.Message}); attaching again");
                 await Task.Delay(TimeSpan.FromMilliseconds(200), cancel);
                 resumed = true;
             }
@@ -346,39 +326,49 @@ public sealed class RunGrain(
         return true;
     }
 
+    /// <summary>What a coordinator trains against once attached: the run, its incarnation, the shards and the training set's size.</summary>
+    private sealed record Attachment(RunSpec Spec, int Incarnation, ParameterShards Shards, int TrainCount)
+    {
+        public BlockWork Window(int epoch, int step, int steps, long version, double lossBefore, string datasetSha256) =>
+            new(Spec, Incarnation, epoch, step, version, Block: 0, BlockStarts: [], lossBefore, datasetSha256, Shards.Session, steps);
+    }
+
+    /// <summary>An epoch whose steps are all applied: its loss sum, the version it ended at, and its timings.</summary>
+    private sealed record EpochEnd(int Epoch, double LossSum, long Version, Stopwatch Clock, double TrainSeconds, StepProfile? Profile);
+
     private async Task TrainFromServer(RunSpec spec, int incarnation, bool resumed, Stopwatch failing, CancellationToken cancel)
     {
         // The step and evaluation plans come from this silo's copy of the data: it must be the run's.
-        if (await datasets.Sha256(spec.Dataset) != record.State.DatasetSha256)
+        if (await datasets.Sha256(spec.Dataset) != Record.DatasetSha256)
             throw new DataMismatchException($"silo {SiloEndpoint}: its data set '{spec.Dataset}' differs from the run's; check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
-        int trainCount = spec.TrainCount(data.Train.Count);
         var shards = new ParameterShards(GrainFactory, RunId, spec);
         var position = await shards.Attach(incarnation);
+        var run = new Attachment(spec, incarnation, shards, spec.TrainCount(data.Train.Count));
         // Cancelled when a step fails: its other calls stop retrying, and end, before the shards are attached again.
         using var stepCalls = CancellationTokenSource.CreateLinkedTokenSource(cancel);
         var resumeClock = Stopwatch.StartNew();
         _shardSilos = shards.Silos;
         long version = position.Step;
-        var plan = new EpochPlan(trainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, 0);
+        var plan = new EpochPlan(run.TrainCount, spec.BatchSize, spec.ChunkSize, spec.Seed, 0);
         int steps = plan.Steps;
         int epoch = (int)Math.Min(spec.Epochs, version / steps), first = (int)(version - (long)epoch * steps);
         double lossSum = first > 0 ? position.EpochLossSum : 0;
         _step = version;
         var clock = Stopwatch.StartNew();
         if (resumed)
-            await AddEventNow("resumed", $"continued from step {version} (epoch {epoch + 1}, step {first} of {steps}; last checkpoint at step {position.CheckpointStep}) on {SiloEndpoint}, coordinator incarnation {incarnation}");
+            await Journal.AddEventNow("resumed", $"continued from step {version} (epoch {epoch + 1}, step {first} of {steps}; last checkpoint at step {position.CheckpointStep}) on {SiloEndpoint}, coordinator incarnation {incarnation}");
 
         // Every epoch before this one must have its result: only the last one can be evaluated again (the parameters
         // are those it ended with); a run never completes with fewer epochs than it trained.
-        int missing = epoch - (first == 0 && epoch > 0 ? 1 : 0) - record.State.Epochs.Count;
+        int missing = epoch - (first == 0 && epoch > 0 ? 1 : 0) - Record.Epochs.Count;
         if (missing > 0)
-            throw new MissingEpochsException($"run {RunId} is at epoch {epoch + 1} step {first} but only {record.State.Epochs.Count} epoch results are stored: {missing} cannot be evaluated again");
+            throw new MissingEpochsException($"run {RunId} is at epoch {epoch + 1} step {first} but only {Record.Epochs.Count} epoch results are stored: {missing} cannot be evaluated again");
         // Training of the epoch before ended, but its result was not stored: the parameters are those it ended with.
-        if (first == 0 && epoch > 0 && record.State.Epochs.Count == epoch - 1)
-            await FinishEpoch(spec, epoch - 1, position.EpochLossSum, trainCount, version, shards, await Workers(spec, incarnation), clock, 0, incarnation, cancel, null);
+        if (first == 0 && epoch > 0 && Record.Epochs.Count == epoch - 1)
+            await FinishEpoch(run, new EpochEnd(epoch - 1, position.EpochLossSum, version, clock, 0, null), cancel);
 
-        var profile = _profile = new StepProfiler(SiloEndpoint);
+        var profile = new StepProfiler(SiloEndpoint);
         for (int e = epoch; e < spec.Epochs; e++)
         {
             if (plan.Epoch != e) plan.MoveTo(e);
@@ -388,21 +378,19 @@ public sealed class RunGrain(
             {
                 cancel.ThrowIfCancellationRequested();
                 _stepInEpoch = s;
-                var workers = await Workers(spec, incarnation);
+                var workers = await Workers.For(spec, incarnation);
                 // One call per worker runs many steps while the workers stay well: the shards are the step barrier.
-                // After a worker failed, one step per call, a failed block redone on the next worker, until the worker
-                // set changes or the failure is a while ago.
-                bool alone = _failedGeneration == _generation - 1 && Stopwatch.GetElapsedTime(_failedAt) < WorkerFailureRecovery;
-                int count = alone ? 1 : WindowSteps(spec, plan, s, version);
+                // After a worker failed, one step a call, a failed block redone on the next worker.
+                bool alone = Workers.OneStepAtATime;
+                int count = alone ? 1 : StepWindow.Steps(_secondsPerStep, WindowTarget, MaxWindow, plan, s, version, spec.CheckpointEvery);
                 long windowStart = Stopwatch.GetTimestamp(), allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
-                var (blocks, failure) = await ComputeSteps(workers, spec, incarnation, shards.Session, e, s, count, plan.ChunkCount(s), version, lossSum, stepCalls, retry: alone);
-                // The shards added each step's block losses in block order; every worker that confirmed a step got the same sums.
-                var confirmed = blocks.Where(b => b is not null).MaxBy(b => b!.Applied);
-                int applied = confirmed?.Applied ?? 0;
-                for (int k = 0; k < applied; k++) lossSum += confirmed!.StepLosses[k];
+                var window = await Workers.RunWindow(workers, run.Window(e, s, count, version, lossSum, Record.DatasetSha256!), plan.ChunkCount(s), stepCalls, retry: alone);
+                foreach (double stepLoss in window.StepLosses) lossSum += stepLoss;
+                int applied = window.Applied;
                 (version, s, _step, _stepInEpoch) = (version + applied, s + applied, version + applied, s + applied);
-                if (applied > 0 && failure is null) profile.Add(blocks!, _roundTrips, _replied, Stopwatch.GetTimestamp() - windowStart, applied, allocatedAtStart);
-                if (blocks.FirstOrDefault(b => b?.Divergence is not null)?.Divergence is { } divergence)
+                if (applied > 0 && window.Failure is null)
+                    profile.Add(window.Blocks!, Workers.RoundTrips, Workers.Replied, Stopwatch.GetTimestamp() - windowStart, applied, allocatedAtStart);
+                if (window.Divergence is { } divergence)
                 {
                     // Shards whose slice was finite applied the step: all go back to the last good version.
                     await shards.MoveTo(incarnation, version);
@@ -410,317 +398,47 @@ public sealed class RunGrain(
                 }
                 // Every block is with every shard, but no worker saw the next version (a divergence reply lost with
                 // its worker, then a redo that waited in vain): the shards' versions are not known to agree.
-                if (applied == 0 && failure is null) throw new ShardMovedException($"step {version} was not confirmed by any worker");
+                if (applied == 0 && window.Failure is null) throw new ShardMovedException($"step {version} was not confirmed by any worker");
                 if (applied > 0)
                 {
                     failing.Reset();
                     if (version % spec.CheckpointEvery == 0) await shards.Checkpoint(incarnation, version);
                     if (resumed)
                     {
-                        await AddEventNow("recovered", $"first step after the resume applied (step {version}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
+                        await Journal.AddEventNow("recovered", $"first step after the resume applied (step {version}), {resumeClock.ElapsedMilliseconds} ms after this coordinator attached");
                         resumed = false;
                     }
                 }
-                if (failure is not null)
-                {
-                    // A worker's call failed: the others stopped at the step its block was missing from. Go on from there.
-                    (_failedGeneration, _failedAt) = (_generation - 1, Stopwatch.GetTimestamp());
-                    await AddEventNow("worker-failed", $"steps from {version} (epoch {e + 1} step {s}): {failure.Message}; one step a call for a while, a failed block redone on the next worker");
-                    continue;
-                }
-                _secondsPerStep = Stopwatch.GetElapsedTime(windowStart).TotalSeconds / applied;
+                // A failed worker's siblings stopped at the step its block was missing from: go on from there.
+                if (window.Failure is null) _secondsPerStep = Stopwatch.GetElapsedTime(windowStart).TotalSeconds / applied;
             }
-            double trainSeconds = clock.Elapsed.TotalSeconds;
             _stepInEpoch = steps;
-            await FinishEpoch(spec, e, lossSum, trainCount, version, shards, await Workers(spec, incarnation), clock, trainSeconds, incarnation, cancel, profile.Result());
+            await FinishEpoch(run, new EpochEnd(e, lossSum, version, clock, clock.Elapsed.TotalSeconds, profile.Result()), cancel);
             (first, lossSum) = (0, 0);
             clock.Restart();
         }
     }
 
-    /// <summary>
-    /// The workers for the next step, spread over the worker silos active now. Worker activations never move, so
-    /// when the set of worker silos changes (one joined, left or died) the run takes a new generation of workers,
-    /// keyed "{runId}/{incarnation}.{generation}/{i}", which placement spreads over the current silos; the old ones
-    /// idle until collected. The count is the spec's, or one per worker silo where there are more silos: a silo
-    /// that joins gets work from the next step on. Which worker computes a chunk never changes a bit (chunk sums
-    /// are added in chunk order). Checked before every step: it reads this silo's membership and manifest, no call.
-    /// </summary>
-    private ValueTask<IWorkerGrain[]> Workers(RunSpec spec, int incarnation)
-    {
-        var silos = workerSilos.Active();
-        // A re-attach of the same coordinator keeps its workers; a new incarnation takes its own.
-        if (_workers.Length > 0 && _workersIncarnation == incarnation && (silos.Length == 0 || silos == _spreadOver || silos.SequenceEqual(_spreadOver)))
-            return ValueTask.FromResult(_workers);
-        return new ValueTask<IWorkerGrain[]>(NewWorkers(spec, incarnation, silos));
-    }
-
-    private async Task<IWorkerGrain[]> NewWorkers(RunSpec spec, int incarnation, string[] silos)
-    {
-        (_spreadOver, _workersIncarnation) = (silos, incarnation);
-        int count = Math.Clamp(Math.Max(spec.Workers, silos.Length), 1, RunSpec.MaxWorkers), generation = _generation++;
-        _workers = Enumerable.Range(0, count).Select(i => GrainFactory.GetGrain<IWorkerGrain>($"{RunId}/{incarnation}.{generation}/{i}")).ToArray();
-        await AddEventNow("workers", $"{count} workers over {silos.Length} worker silos ({string.Join(", ", silos)}), generation {generation}");
-        return _workers;
-    }
-
     /// <summary>Evaluates, checkpoints the shards at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
-    private async Task FinishEpoch(RunSpec spec, int epoch, double lossSum, int trainCount, long version,
-        ParameterShards shards, IWorkerGrain[] workers, Stopwatch clock, double trainSeconds, int incarnation, CancellationToken cancel, StepProfile? profile)
+    private async Task FinishEpoch(Attachment run, EpochEnd end, CancellationToken cancel)
     {
+        var (spec, epoch) = (run.Spec, end.Epoch);
         var test = (await datasets.Get(spec.Dataset)).Test;
-        var eval = await Evaluate(workers, spec, incarnation, shards.Session, test.Count, version, cancel);
-        await shards.Checkpoint(incarnation, version);
+        var workers = await Workers.For(spec, run.Incarnation);
+        var eval = await Workers.Evaluate(workers, new EvalWork(spec, run.Incarnation, end.Version, 0, 0, Record.DatasetSha256!, run.Shards.Session), test.Count, cancel);
+        await run.Shards.Checkpoint(run.Incarnation, end.Version);
         // The whole vector comes to the coordinator once an epoch, for its hash.
-        var parameters = await shards.Gather(version);
-        var result = new EpochResult(epoch + 1, lossSum / trainCount, eval.MeanLoss, eval.Accuracy, clock.Elapsed.TotalSeconds,
-            trainSeconds > 0 ? trainCount / trainSeconds : 0, ParameterHash.Sha256(parameters.Parameters.Span), version, eval.Confusion, profile);
-        if (record.State.Epochs.Count < epoch)
-            throw new MissingEpochsException($"run {RunId}: epoch {epoch + 1} ended but only {record.State.Epochs.Count} epoch results are stored before it");
-        if (record.State.Epochs.Count == epoch)
+        var parameters = await run.Shards.Gather(end.Version);
+        var result = new EpochResult(epoch + 1, end.LossSum / run.TrainCount, eval.MeanLoss, eval.Accuracy, end.Clock.Elapsed.TotalSeconds,
+            end.TrainSeconds > 0 ? run.TrainCount / end.TrainSeconds : 0, ParameterHash.Sha256(parameters.Parameters.Span), end.Version, eval.Confusion, end.Profile);
+        if (Record.Epochs.Count < epoch)
+            throw new MissingEpochsException($"run {RunId}: epoch {epoch + 1} ended but only {Record.Epochs.Count} epoch results are stored before it");
+        if (Record.Epochs.Count == epoch)
         {
-            await Update(r => r.Epochs.Add(result));
-            await Register(RunState.Running, spec, epoch + 1);
+            await Journal.Update(r => r.Epochs.Add(result));
+            await Journal.Register(RunState.Running, spec, epoch + 1);
         }
         logger.LogInformation("Run {Run} epoch {Epoch}: test accuracy {Accuracy:P2}, {Seconds:F1}s", RunId, epoch + 1, eval.Accuracy, result.Seconds);
-    }
-
-    /// <summary>
-    /// How many steps the next call to each worker covers: about <see cref="WindowTarget"/> of work at the last measured
-    /// speed (so that progress, cancel and the worker set are looked at that often), ending at the next checkpoint, the
-    /// epoch's end, and before a short last step (whose cut differs).
-    /// </summary>
-    private int WindowSteps(RunSpec spec, EpochPlan plan, int step, long version)
-    {
-        int steps = _secondsPerStep > 0 ? (int)Math.Clamp(WindowTarget.TotalSeconds / _secondsPerStep, 1, MaxWindow) : 1;
-        steps = (int)Math.Min(steps, spec.CheckpointEvery - version % spec.CheckpointEvery);
-        steps = Math.Min(steps, plan.Steps - step);
-        while (steps > 1 && plan.ChunkCount(step + steps - 1) != plan.ChunkCount(step)) steps--;
-        return steps;
-    }
-
-    /// <summary>
-    /// Block b of <paramref name="count"/> steps on worker b, in block order: each worker pushes its sums to the shards
-    /// and goes on to the next step once they answer with the next version. With <paramref name="retry"/> (one step), a
-    /// failed block is redone by the next worker while it fails; without, a failed call ends the window: the calls that
-    /// ended well come back with the failure (null for the failed ones), since the steps they confirmed are applied.
-    /// Each call's round trip and reply time go to <see cref="_roundTrips"/> and <see cref="_replied"/> for the profile.
-    /// </summary>
-    private async Task<(BlockDone?[] Blocks, Exception? Failure)> ComputeSteps(IWorkerGrain[] workers, RunSpec spec, int incarnation, long session, int epoch, int step,
-        int count, int chunkCount, long version, double lossBefore, CancellationTokenSource calls, bool retry)
-    {
-        var cancel = calls.Token;
-        var (cut, starts) = BlocksFor(chunkCount, workers.Length);
-        int blocks = cut.Count;
-        if (_calls.Length != blocks)
-            (_calls, _blocks, _roundTrips, _replied) = (new Task<BlockDone>[blocks], new BlockDone?[blocks], new long[blocks], new long[blocks]);
-        for (int b = 0; b < blocks; b++)
-        {
-            var work = new BlockWork(spec, incarnation, epoch, step, version, b, starts, lossBefore, record.State.DatasetSha256!, session, count);
-            _calls[b] = ComputeBlock(workers, b, work, retry, cancel);
-            // With retries, the first failure, whichever block's, stops the others' retries at once.
-            if (retry)
-                _ = _calls[b].ContinueWith(static (_, source) => ((CancellationTokenSource)source!).Cancel(), calls, CancellationToken.None,
-                    TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
-        }
-        try
-        {
-            try
-            {
-                await Task.WhenAll(_calls);
-            }
-            catch (Exception)
-            {
-                // Every call has ended (none is left running when the caller goes on); the most telling failure counts.
-                var failure = _calls.Where(c => c.IsFaulted).Select(c => c.Exception!.InnerException!).OrderBy(Severity).First();
-                if (retry || !IsTransient(failure) || cancel.IsCancellationRequested) throw failure;
-                for (int b = 0; b < blocks; b++) _blocks[b] = _calls[b].IsCompletedSuccessfully ? Checked(_calls[b].Result, cut, b, step) : null;
-                return (_blocks, failure);
-            }
-            for (int b = 0; b < blocks; b++) _blocks[b] = Checked(_calls[b].Result, cut, b, step);
-        }
-        finally
-        {
-            Array.Clear(_calls);
-        }
-        return (_blocks, null);
-    }
-
-    private static BlockDone Checked(BlockDone reply, ChunkBlocks cut, int block, int step) => reply.FirstChunk == cut.First(block) ? reply
-        : throw new InvalidOperationException($"step {step}: block {block} came back for chunk {reply.FirstChunk}, not {cut.First(block)}");
-
-    /// <summary>Which of a step's failures decides what the loop does: a newer owner, divergence, bad input, a moved shard, then the rest.</summary>
-    private static int Severity(Exception e) => e switch
-    {
-        StaleCoordinatorException => 0,
-        RunDivergedException => 1,
-        ArgumentException or MissingEpochsException => 2,
-        ShardMovedException => 3,
-        OperationCanceledException => 5,
-        _ => 4,
-    };
-
-    /// <summary>The cut of a step of <paramref name="chunks"/> chunks over the workers, with its starts as the shards get them; made once per worker count.</summary>
-    private (ChunkBlocks Cut, int[] Starts) BlocksFor(int chunks, int workers)
-    {
-        if (_cutWorkers != workers) (_cut, _shortCut, _cutWorkers) = (default, default, workers);
-        if (_cut.Cut?.Chunks == chunks) return _cut;
-        if (_shortCut.Cut?.Chunks == chunks) return _shortCut;
-        var cut = ChunkBlocks.For(chunks, workers);
-        var made = (cut, cut.Starts.ToArray());
-        if (_cut.Cut is null || chunks > _cut.Cut.Chunks) (_cut, _shortCut) = (made, _cut);
-        else _shortCut = made;
-        return made;
-    }
-
-    /// <summary>Block <see cref="BlockWork.Block"/> on worker b; with <paramref name="retry"/>, then on the next workers while it fails.</summary>
-    private async Task<BlockDone> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, bool retry, CancellationToken cancel)
-    {
-        long start = Stopwatch.GetTimestamp();
-        var reply = retry
-            ? await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, static (worker, work) => worker.ComputeBlock(work), cancel)
-            : await workers[b].ComputeBlock(work);
-        long end = Stopwatch.GetTimestamp();
-        (_roundTrips[b], _replied[b]) = (end - start, end);
-        _workerSilos.Add(reply.Silo);
-        return reply;
-    }
-
-    /// <summary>What a retried call computes, formatted only for the event log.</summary>
-    private readonly record struct WorkLabel(int Step, int First, int End)
-    {
-        public override string ToString() => Step < 0 ? $"evaluation of test samples [{First}, {End})" : $"step {Step} block from chunk {First}";
-    }
-
-    /// <summary>Test samples per evaluation call; fixed, so that the loss sum is added in the same blocks whatever the worker count.</summary>
-    private const int EvalBlock = 1024;
-
-    /// <summary>
-    /// The test set cut into blocks of <see cref="EvalBlock"/> samples, block b to worker b mod W, the partial
-    /// results added in block order: counts add up exactly, and the loss (a double sum) does not depend on how
-    /// many workers there are. A failed block is redone by another worker.
-    /// </summary>
-    private async Task<Evaluation> Evaluate(IWorkerGrain[] workers, RunSpec spec, int incarnation, long session, int testCount, long version, CancellationToken cancel)
-    {
-        int blocks = (testCount + EvalBlock - 1) / EvalBlock;
-        var calls = Enumerable.Range(0, blocks).Select(b =>
-        {
-            int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
-            var work = new EvalWork(spec, incarnation, version, start, end, record.State.DatasetSha256!, session);
-            return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), work, static (worker, work) => worker.Evaluate(work), cancel);
-        });
-        var partials = await Task.WhenAll(calls);
-        return partials.Aggregate((a, b) => a.Add(b));
-    }
-
-    /// <summary>
-    /// Runs <paramref name="call"/> on worker <paramref name="first"/>, and on the next workers in turn while it fails,
-    /// for up to <see cref="RetryBudget"/>. Bad input (ArgumentException) is never retried.
-    /// </summary>
-    private async Task<T> WithRetry<TWork, T>(IWorkerGrain[] workers, int first, WorkLabel what, TWork work, Func<IWorkerGrain, TWork, Task<T>> call, CancellationToken cancel)
-    {
-        var failing = new Stopwatch();
-        for (int attempt = 0; ; attempt++)
-        {
-            int index = (first + attempt) % workers.Length;
-            try
-            {
-                var result = await call(workers[index], work);
-                if (attempt > 0) await AddEventNow("redone", $"{what} redone on worker {index}, {failing.Elapsed.TotalSeconds:F1} s after the first failure");
-                return result;
-            }
-            catch (Exception e) when (IsTransient(e) && !cancel.IsCancellationRequested && (failing.IsRunning || StartClock(failing)) && failing.Elapsed < RetryBudget)
-            {
-                logger.LogWarning("Run {Run}: {What} failed on worker {Worker} ({Error}); retrying on the next worker", RunId, what, index, e.Message);
-                await AddEventNow("worker-failed", $"{what} failed on worker {index}: {e.Message}");
-                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(1000, 100 * (attempt + 1))), cancel);
-            }
-        }
-    }
-
-    private static bool IsTransient(Exception e) =>
-        e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException or ShardMovedException
-            or MissingEpochsException);
-
-    private async Task Register(RunState state, RunSpec spec, int epochsDone, bool required = false)
-    {
-        try
-        {
-            double? accuracy = record.State.Epochs.Count > 0 ? record.State.Epochs[^1].TestAccuracy : null;
-            await GrainFactory.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key)
-                .Update(new RunSummary(RunId, state, epochsDone, spec.Epochs, accuracy, DateTime.UtcNow));
-        }
-        catch (Exception e) when (!required)
-        {
-            // Later updates are for display; the first (at start or resume) is what the watchdog's sweep relies on.
-            logger.LogWarning("Run {Run}: could not update the run list ({Error})", RunId, e.Message);
-        }
-    }
-
-    /// <summary>Stores an event now; a failed write costs the event, never the run.</summary>
-    private async Task AddEventNow(string kind, string message)
-    {
-        try
-        {
-            await Update(r => AddEvent(r, kind, message));
-        }
-        catch (Exception e) when (e is not StaleCoordinatorException)
-        {
-            logger.LogWarning("Run {Run}: could not store event {Kind} ({Error}): {Message}", RunId, kind, e.Message, message);
-        }
-    }
-
-    private static void AddEvent(RunRecord r, string kind, string message)
-    {
-        r.Events.Add(new RunEvent(DateTime.UtcNow, kind, message));
-        if (r.Events.Count > MaxEvents) r.Events.RemoveRange(1, r.Events.Count - MaxEvents);   // the first ("started") stays
-    }
-
-    /// <summary>
-    /// Changes the record in memory only once the change is stored (a failed write leaves the run as it was).
-    /// <paramref name="claim"/>: this write takes the run over (a new incarnation).
-    /// </summary>
-    private async Task Update(Action<RunRecord> change, bool claim = false)
-    {
-        await _writes.WaitAsync();
-        var before = record.State;
-        try
-        {
-            // After a conflict the state holds the stored ETag: a write from here would overwrite the newer owner's record.
-            if (_fenced) throw new StaleCoordinatorException($"run {RunId}: this coordinator was fenced off by a newer one");
-            var next = before.Copy();
-            change(next);
-            record.State = next;
-            // Fenced: a record written by a newer coordinator is not overwritten (nor an equal one, when claiming).
-            await record.WriteAuthoritative((stored, mine) => claim ? stored.Incarnation >= mine.Incarnation : stored.Incarnation > mine.Incarnation);
-        }
-        catch (StaleCoordinatorException)
-        {
-            record.State = before;
-            Fence();
-            throw;
-        }
-        catch
-        {
-            record.State = before;
-            throw;
-        }
-        finally
-        {
-            _writes.Release();
-        }
-    }
-
-    /// <summary>This activation's record is older than the stored one: the caller asks again and reaches a fresh activation.</summary>
-    private void ThrowIfFenced()
-    {
-        if (_fenced) throw new StaleCoordinatorException($"run {RunId}: this activation was replaced by a newer coordinator; ask again");
-    }
-
-    private void Fence()
-    {
-        _fenced = true;
-        DeactivateOnIdle();
     }
 }
 

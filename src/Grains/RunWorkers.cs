@@ -1,0 +1,229 @@
+using System.Diagnostics;
+using Backprop.Core.Training;
+using Backprop.Grains.Hosting;
+using Backprop.Grains.Messages;
+using Microsoft.Extensions.Logging;
+
+namespace Backprop.Grains;
+
+/// <summary>What one window of steps did: the steps every shard applied, with their loss sums, and why it stopped early.</summary>
+/// <param name="StepLosses">Each applied step's loss sum, as the shards added it (block order).</param>
+/// <param name="Divergence">The step after the applied ones was refused: a non-finite gradient or loss.</param>
+/// <param name="Failure">A worker's call failed (a transient failure; the others' steps count).</param>
+/// <param name="Blocks">Every block's reply (null where its call failed), for the step profile.</param>
+internal sealed record WindowResult(double[] StepLosses, string? Divergence, Exception? Failure, BlockDone?[] Blocks)
+{
+    public int Applied => StepLosses.Length;
+}
+
+/// <summary>
+/// The worker grains of one coordinator and the calls it makes to them: windows of steps (block b of every step to
+/// worker b; the shards are the barrier between steps), evaluations, and redos of a failed block on the next worker.
+/// Worker activations never move, so when the set of worker silos changes (one joined, left or died) the run takes
+/// a new generation of workers, keyed "{runId}/{incarnation}.{generation}/{i}", which placement spreads over the
+/// current silos; the old ones idle until collected. The count is the spec's, or one per worker silo where there
+/// are more silos: a silo that joins gets work from the next window on. Which worker computes a block never changes
+/// a bit (block sums are added in the tree's order).
+/// </summary>
+internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos workerSilos, RunJournal journal, ILogger logger)
+{
+    /// <summary>How long one piece of work is retried on other workers: longer than failure detection takes.</summary>
+    public static readonly TimeSpan RetryBudget = TimeSpan.FromSeconds(30);
+    /// <summary>How long steps go one at a time after a worker failed, unless the worker set changes first.</summary>
+    private static readonly TimeSpan FailureRecovery = TimeSpan.FromSeconds(10);
+    /// <summary>Test samples per evaluation call; fixed, so that the loss sum is added in the same blocks whatever the worker count.</summary>
+    private const int EvalBlock = 1024;
+
+    private IWorkerGrain[] _workers = [];
+    private string[] _spreadOver = [];
+    private int _generation = -1, _workersIncarnation, _failedGeneration = int.MinValue;
+    private long _failedAt;
+    private readonly SortedSet<string> _silos = new(StringComparer.Ordinal);
+    // One window's calls and replies, reused from window to window.
+    private Task<BlockDone>[] _calls = [];
+    private long[] _roundTrips = [], _replied = [];
+    // The cut of a full step and of a short last one, for the current worker count.
+    private (ChunkBlocks Cut, int[] Starts) _cut, _shortCut;
+    private int _cutWorkers;
+
+    /// <summary>The silos whose workers have answered, for the run's status.</summary>
+    public string[] Silos => [.. _silos];
+
+    /// <summary>Each call's round trip and reply time (timestamps) in the last window, for the step profile.</summary>
+    public ReadOnlySpan<long> RoundTrips => _roundTrips;
+    public ReadOnlySpan<long> Replied => _replied;
+
+    /// <summary>After a worker's call failed: one step a call, a failed block redone on the next worker, for a while or until the worker set changes.</summary>
+    public bool OneStepAtATime => _failedGeneration == _generation && Stopwatch.GetElapsedTime(_failedAt) < FailureRecovery;
+
+    /// <summary>
+    /// The workers for the next window, spread over the worker silos active now. Checked before every window: it
+    /// reads this silo's membership and manifest, no call. A re-attach of the same coordinator keeps its workers.
+    /// </summary>
+    public ValueTask<IWorkerGrain[]> For(RunSpec spec, int incarnation)
+    {
+        var silos = workerSilos.Active();
+        if (_workers.Length > 0 && _workersIncarnation == incarnation && (silos.Length == 0 || silos == _spreadOver || silos.SequenceEqual(_spreadOver)))
+            return ValueTask.FromResult(_workers);
+        return new ValueTask<IWorkerGrain[]>(NewGeneration(spec, incarnation, silos));
+    }
+
+    private async Task<IWorkerGrain[]> NewGeneration(RunSpec spec, int incarnation, string[] silos)
+    {
+        (_spreadOver, _workersIncarnation) = (silos, incarnation);
+        int count = Math.Clamp(Math.Max(spec.Workers, silos.Length), 1, RunSpec.MaxWorkers), generation = ++_generation;
+        _workers = Enumerable.Range(0, count).Select(i => grains.GetGrain<IWorkerGrain>($"{runId}/{incarnation}.{generation}/{i}")).ToArray();
+        await journal.AddEventNow("workers", $"{count} workers over {silos.Length} worker silos ({string.Join(", ", silos)}), generation {generation}");
+        return _workers;
+    }
+
+    /// <summary>
+    /// Block b of <see cref="BlockWork.Steps"/> steps on worker b: each worker pushes its sums to the shards and goes
+    /// on to the next step once they answer with the next version. With <paramref name="retry"/> (one step), a failed
+    /// block is redone by the next worker while it fails, and the first failure stops the others' retries
+    /// (<paramref name="calls"/> is cancelled); without, a failed call ends the window and comes back in the result
+    /// with the steps the others confirmed, which are applied. Every call has ended when this returns.
+    /// </summary>
+    public async Task<WindowResult> RunWindow(IWorkerGrain[] workers, BlockWork template, int chunkCount, CancellationTokenSource calls, bool retry)
+    {
+        var cancel = calls.Token;
+        var (cut, starts) = BlocksFor(chunkCount, workers.Length);
+        int blocks = cut.Count;
+        if (_calls.Length != blocks) (_calls, _roundTrips, _replied) = (new Task<BlockDone>[blocks], new long[blocks], new long[blocks]);
+        for (int b = 0; b < blocks; b++)
+        {
+            _calls[b] = ComputeBlock(workers, b, template with { Block = b, BlockStarts = starts }, retry, cancel);
+            if (retry)
+                _ = _calls[b].ContinueWith(static (_, source) => ((CancellationTokenSource)source!).Cancel(), calls, CancellationToken.None,
+                    TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        }
+        var replies = new BlockDone?[blocks];
+        Exception? failure = null;
+        try
+        {
+            await Task.WhenAll(_calls);
+        }
+        catch (Exception)
+        {
+            // The most telling failure counts: a newer owner, divergence, bad input, a moved shard, then the rest.
+            failure = _calls.Where(c => c.IsFaulted).Select(c => c.Exception!.InnerException!).OrderBy(Severity).First();
+            if (retry || !IsTransient(failure) || cancel.IsCancellationRequested) throw failure;
+        }
+        finally
+        {
+            for (int b = 0; b < blocks; b++)
+                replies[b] = _calls[b].IsCompletedSuccessfully ? Checked(_calls[b].Result, cut, b, template.Step) : null;
+            Array.Clear(_calls);
+        }
+        // Every worker that confirmed a step got the same loss sums from the shards.
+        var furthest = replies.Where(r => r is not null).MaxBy(r => r!.Applied);
+        string? divergence = replies.FirstOrDefault(r => r?.Divergence is not null)?.Divergence;
+        if (failure is not null)
+        {
+            (_failedGeneration, _failedAt) = (_generation, Stopwatch.GetTimestamp());
+            long at = template.Version + (furthest?.Applied ?? 0);
+            await journal.AddEventNow("worker-failed", $"steps from {at}: {failure.Message}; one step a call for a while, a failed block redone on the next worker");
+        }
+        return new WindowResult(furthest?.StepLosses ?? [], divergence, failure, replies);
+    }
+
+    /// <summary>
+    /// The test set cut into blocks of <see cref="EvalBlock"/> samples, block b to worker b mod W, the partial
+    /// results added in block order: counts add up exactly, and the loss (a double sum) does not depend on how
+    /// many workers there are. A failed block is redone by another worker.
+    /// </summary>
+    public async Task<Evaluation> Evaluate(IWorkerGrain[] workers, EvalWork template, int testCount, CancellationToken cancel)
+    {
+        int blocks = (testCount + EvalBlock - 1) / EvalBlock;
+        var calls = Enumerable.Range(0, blocks).Select(b =>
+        {
+            int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
+            return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), template with { Start = start, End = end },
+                static (worker, work) => worker.Evaluate(work), cancel);
+        });
+        var partials = await Task.WhenAll(calls);
+        return partials.Aggregate((a, b) => a.Add(b));
+    }
+
+    /// <summary>Which of a window's failures decides what the coordinator does: a newer owner, divergence, bad input, a moved shard, then the rest.</summary>
+    private static int Severity(Exception e) => e switch
+    {
+        StaleCoordinatorException => 0,
+        RunDivergedException => 1,
+        ArgumentException or MissingEpochsException => 2,
+        ShardMovedException => 3,
+        OperationCanceledException => 5,
+        _ => 4,
+    };
+
+    /// <summary>A failure that another worker or a later try may not have: anything but bad input, a newer owner, a moved shard or a cancel.</summary>
+    public static bool IsTransient(Exception e) =>
+        e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException or ShardMovedException
+            or MissingEpochsException);
+
+    private static BlockDone Checked(BlockDone reply, ChunkBlocks cut, int block, int step) => reply.FirstChunk == cut.First(block) ? reply
+        : throw new InvalidOperationException($"step {step}: block {block} came back for chunk {reply.FirstChunk}, not {cut.First(block)}");
+
+    /// <summary>The cut of a step of <paramref name="chunks"/> chunks over the workers, with its starts as the shards get them; made once per worker count.</summary>
+    private (ChunkBlocks Cut, int[] Starts) BlocksFor(int chunks, int workers)
+    {
+        if (_cutWorkers != workers) (_cut, _shortCut, _cutWorkers) = (default, default, workers);
+        if (_cut.Cut?.Chunks == chunks) return _cut;
+        if (_shortCut.Cut?.Chunks == chunks) return _shortCut;
+        var cut = ChunkBlocks.For(chunks, workers);
+        var made = (cut, cut.Starts.ToArray());
+        if (_cut.Cut is null || chunks > _cut.Cut.Chunks) (_cut, _shortCut) = (made, _cut);
+        else _shortCut = made;
+        return made;
+    }
+
+    /// <summary>Block <see cref="BlockWork.Block"/> on worker b; with <paramref name="retry"/>, then on the next workers while it fails.</summary>
+    private async Task<BlockDone> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, bool retry, CancellationToken cancel)
+    {
+        long start = Stopwatch.GetTimestamp();
+        var reply = retry
+            ? await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, static (worker, work) => worker.ComputeBlock(work), cancel)
+            : await workers[b].ComputeBlock(work);
+        long end = Stopwatch.GetTimestamp();
+        (_roundTrips[b], _replied[b]) = (end - start, end);
+        _silos.Add(reply.Silo);
+        return reply;
+    }
+
+    /// <summary>What a retried call computes, formatted only for the event log.</summary>
+    private readonly record struct WorkLabel(int Step, int First, int End)
+    {
+        public override string ToString() => Step < 0 ? $"evaluation of test samples [{First}, {End})" : $"step {Step} block from chunk {First}";
+    }
+
+    /// <summary>
+    /// Runs <paramref name="call"/> on worker <paramref name="first"/>, and on the next workers in turn while it fails,
+    /// for up to <see cref="RetryBudget"/>. Bad input (ArgumentException) is never retried.
+    /// </summary>
+    private async Task<T> WithRetry<TWork, T>(IWorkerGrain[] workers, int first, WorkLabel what, TWork work, Func<IWorkerGrain, TWork, Task<T>> call, CancellationToken cancel)
+    {
+        var failing = new Stopwatch();
+        for (int attempt = 0; ; attempt++)
+        {
+            int index = (first + attempt) % workers.Length;
+            try
+            {
+                var result = await call(workers[index], work);
+                if (attempt > 0) await journal.AddEventNow("redone", $"{what} redone on worker {index}, {failing.Elapsed.TotalSeconds:F1} s after the first failure");
+                return result;
+            }
+            catch (Exception e) when (IsTransient(e) && !cancel.IsCancellationRequested && (failing.IsRunning || Start(failing)) && failing.Elapsed < RetryBudget)
+            {
+                logger.LogWarning("Run {Run}: {What} failed on worker {Worker} ({Error}); retrying on the next worker", runId, what, index, e.Message);
+                await journal.AddEventNow("worker-failed", $"{what} failed on worker {index}: {e.Message}");
+                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(1000, 100 * (attempt + 1))), cancel);
+            }
+        }
+    }
+
+    private static bool Start(Stopwatch clock)
+    {
+        clock.Restart();
+        return true;
+    }
+}
