@@ -57,8 +57,12 @@ public interface IParameterShardGrain : IGrainWithStringKey
 /// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{incarnation}.{generation}/{index}"). Stateless beyond caches.</summary>
 public interface IWorkerGrain : IGrainWithStringKey
 {
-    /// <summary>The gradient sum of an aligned block of a step's chunks, reduced in the tree's order and pushed to the run's shards.</summary>
+    // The coordinator bounds each call by the spec (WorkBounds, at most an hour) and redoes it elsewhere after that;
+    // Orleans' own timeout (30 s by default) must not cut a legal, slow call before.
+    /// <summary>The gradient sums of an aligned block of a window of steps, reduced in the tree's order and pushed to the run's shards.</summary>
+    [ResponseTimeout("01:05:00")]
     Task<BlockDone> ComputeBlock(BlockWork work);
+    [ResponseTimeout("01:05:00")]
     Task<Evaluation> Evaluate(EvalWork work);
 }
 

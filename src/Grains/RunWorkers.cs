@@ -139,7 +139,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         {
             int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
             return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), template with { Start = start, End = end },
-                static (worker, work) => worker.Evaluate(work), cancel);
+                WorkBounds.Evaluation(template.Spec, end - start), static (worker, work) => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);
         return partials.Aggregate((a, b) => a.Add(b));
@@ -181,9 +181,10 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     private async Task<BlockDone> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, bool retry, CancellationToken cancel)
     {
         long start = Stopwatch.GetTimestamp();
+        var bound = WorkBounds.Window(work.Spec, work.BlockStarts.Length > b + 1 ? work.BlockStarts[b + 1] - work.FirstChunk : work.Spec.ChunksPerStep - work.FirstChunk, work.Steps);
         var reply = retry
-            ? await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, static (worker, work) => worker.ComputeBlock(work), cancel)
-            : await workers[b].ComputeBlock(work);
+            ? await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, bound, static (worker, work) => worker.ComputeBlock(work), cancel)
+            : await workers[b].ComputeBlock(work).WaitAsync(bound);
         long end = Stopwatch.GetTimestamp();
         (_roundTrips[b], _replied[b]) = (end - start, end);
         _silos.Add(reply.Silo);
@@ -198,9 +199,10 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
 
     /// <summary>
     /// Runs <paramref name="call"/> on worker <paramref name="first"/>, and on the next workers in turn while it fails,
-    /// for up to <see cref="RetryBudget"/>. Bad input (ArgumentException) is never retried.
+    /// for up to <see cref="RetryBudget"/>; a call that has not answered within <paramref name="bound"/> counts as failed (it
+    /// may still be computing: its late pushes are duplicates the shards ignore). Bad input (ArgumentException) is never retried.
     /// </summary>
-    private async Task<T> WithRetry<TWork, T>(IWorkerGrain[] workers, int first, WorkLabel what, TWork work, Func<IWorkerGrain, TWork, Task<T>> call, CancellationToken cancel)
+    private async Task<T> WithRetry<TWork, T>(IWorkerGrain[] workers, int first, WorkLabel what, TWork work, TimeSpan bound, Func<IWorkerGrain, TWork, Task<T>> call, CancellationToken cancel)
     {
         var failing = new Stopwatch();
         for (int attempt = 0; ; attempt++)
@@ -208,7 +210,8 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
             int index = (first + attempt) % workers.Length;
             try
             {
-                var result = await call(workers[index], work);
+                // Not cancelled with the window: a failed window drains every call before the coordinator goes on.
+                var result = await call(workers[index], work).WaitAsync(bound);
                 if (attempt > 0) await journal.AddEventNow("redone", $"{what} redone on worker {index}, {failing.Elapsed.TotalSeconds:F1} s after the first failure");
                 return result;
             }

@@ -51,6 +51,7 @@ public sealed record RunSpec(
         ResourceLimits.CheckMessageBytes(checked(chunks * Model.ParameterCount * sizeof(float)),
             $"batch-size {BatchSize} / chunk-size {ChunkSize} = {chunks} chunk gradient sums of {Model.ParameterCount} parameters");
         BatchBackprop.BufferBytes(Model, ChunkSize, threads: 1);
+        WorkBounds.Check(this);
     }
 
     /// <summary>
