@@ -15,9 +15,16 @@ var root = new RootCommand("Backprop.Distributed: data-parallel backprop trainin
 };
 
 var verbose = new Option<bool>("--verbose") { Description = "Show the log of Orleans and of the embedded silo on stderr", Recursive = true };
+var noProgress = new Option<bool>("--no-progress")
+{
+    Description = "No progress line on stderr (by default redrawn in place on a terminal, else a plain line every 10 s); the epoch table is unchanged",
+    Recursive = true,
+};
 root.Add(verbose);
+root.Add(noProgress);
 var parsed = root.Parse(args);
 ClusterConnection.Verbose = parsed.GetValue(verbose);
+RunReporter.NoProgress = parsed.GetValue(noProgress);
 if (parsed.Errors.Count > 0)
 {
     Console.Error.WriteLine($"error: {Cli.OneLine(parsed.Errors[0].Message)} (see --help)");

@@ -8,13 +8,21 @@ using Backprop.Grains.Messages;
 namespace Backprop.Client;
 
 /// <summary>
-/// Follows a run: one table row per finished epoch, a progress bar within the epoch when stdout is a
-/// terminal, and optionally one JSON line per epoch to a metrics file.
+/// Follows a run: one table row per finished epoch on stdout, optionally one JSON line per epoch to a metrics file,
+/// and on stderr the progress within the run (<see cref="ProgressLine"/>): a line redrawn in place when stderr is a
+/// terminal, else a plain line every <see cref="PlainEvery"/>; none with <see cref="NoProgress"/> (--no-progress).
 /// </summary>
 public sealed class RunReporter(TextWriter output, string? metricsPath, int metricsFromEpoch = 1)
 {
     private static readonly CultureInfo Inv = CultureInfo.InvariantCulture;
-    private readonly bool _terminal = !Console.IsOutputRedirected;
+    private static readonly TimeSpan PlainEvery = TimeSpan.FromSeconds(10);
+    /// <summary>Set from the command line (--no-progress, any command).</summary>
+    public static bool NoProgress { get; set; }
+    private readonly bool _terminal = !Console.IsErrorRedirected;
+    private readonly Stopwatch _clock = Stopwatch.StartNew();
+    private readonly ProgressLine _progress = new(StartClock());
+    // The first plain line after PlainEvery too: a short run prints none.
+    private TimeSpan _lastPlain = TimeSpan.Zero;
     private int _printed;
     private bool _barShown;
 
@@ -88,20 +96,46 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
                 $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}"));
             if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e) + "\n");
         }
-        if (_terminal && status.State == RunState.Running && status.StepsPerEpoch > 0 && status.Spec is { } spec)
+        if (!NoProgress && _progress.Update(status) is { } line)
         {
-            const int width = 30;
-            int filled = (int)((long)width * status.StepInEpoch / status.StepsPerEpoch);
-            output.Write($"\r  epoch {status.Epoch + 1}/{spec.Epochs} [{new string('#', filled)}{new string('.', width - filled)}] step {status.StepInEpoch}/{status.StepsPerEpoch}   ");
-            _barShown = true;
+            if (_terminal)
+            {
+                // Cut to the terminal's width (read each time: it may have been resized), so that \r redraws one line.
+                int width = Math.Max(20, ConsoleWidth() - 1);
+                Console.Error.Write("\r" + (line.Length > width ? line[..width] : line.PadRight(width)));
+                _barShown = true;
+            }
+            else if (_clock.Elapsed - _lastPlain >= PlainEvery)
+            {
+                Console.Error.WriteLine(line);
+                _lastPlain = _clock.Elapsed;
+            }
         }
         if (status.IsFinished) ClearBar();
+    }
+
+    private static Func<TimeSpan> StartClock()
+    {
+        var clock = Stopwatch.StartNew();
+        return () => clock.Elapsed;
+    }
+
+    private static int ConsoleWidth()
+    {
+        try
+        {
+            return Console.WindowWidth > 0 ? Console.WindowWidth : 80;
+        }
+        catch (IOException)
+        {
+            return 80;
+        }
     }
 
     private void ClearBar()
     {
         if (!_barShown) return;
-        output.Write("\r" + new string(' ', 79) + "\r");
+        Console.Error.Write("\r" + new string(' ', Math.Max(20, ConsoleWidth() - 1)) + "\r");
         _barShown = false;
     }
 
