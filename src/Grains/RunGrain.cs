@@ -40,7 +40,7 @@ public sealed class RunGrain(
     WorkerSettings settings,
     ILocalSiloDetails silo,
     WorkerSilos workerSilos,
-    [PersistentState("run", SiloSetup.StorageName)] IPersistentState<RunRecord> record,
+    [PersistentState(StoredRuns.StateName, SiloSetup.StorageName)] IPersistentState<RunRecord> record,
     ILogger<RunGrain> logger) : Grain, IRunGrain
 {
     /// <summary>How long one piece of work is retried on other workers: longer than failure detection takes.</summary>
