@@ -69,6 +69,10 @@ public interface IWorkerGrain : IGrainWithStringKey
 /// </summary>
 public interface IRunRegistryGrain : IGrainWithStringKey
 {
+    /// <summary>
+    /// Lists or updates a run that has a stored record: a run said to be running (a start registers before its record
+    /// says so), else in the state its record holds. A run with no record is refused and, if listed, dropped.
+    /// </summary>
     Task Update(RunSummary summary);
     Task<RunSummary[]> List();
     Task<string[]> Running();

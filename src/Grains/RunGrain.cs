@@ -113,20 +113,20 @@ public sealed class RunGrain(
         if (record.State.Spec is { } existing)
         {
             if (existing != spec) throw new ArgumentException($"run id '{RunId}' is already used by another run");
-            return Status(0);
+            if (record.State.State != RunState.NotStarted) return Status(0);
         }
         spec.Validate();
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
         string sha = await datasets.Sha256(spec.Dataset);
 
-        // Registered first: a run the registry does not know would not be continued after its silo dies.
+        // Stored before it is registered (the registry lists only stored runs), but as running only once registered:
+        // a run the registry does not know would not be continued after its silo dies.
+        await Update(r => { r.Spec = spec; r.DatasetSha256 = sha; });
         await Register(RunState.Running, spec, 0, required: true);
         await Update(r =>
         {
-            r.Spec = spec;
             r.State = RunState.Running;
-            r.DatasetSha256 = sha;
             AddEvent(r, "started", $"{spec.Model.Describe()}, batch {spec.BatchSize}, chunk {spec.ChunkSize}, {spec.Workers} workers, {spec.Epochs} epochs, data sha256 {sha[..12]}");
         });
         StartLoop(resumed: false);
