@@ -30,7 +30,8 @@ public interface IParameterShardGrain : IGrainWithStringKey
 {
     /// <summary>
     /// A coordinator of incarnation <paramref name="incarnation"/> takes over the run (stored before it counts):
-    /// pushes of older incarnations are refused from then on. Returns the versions this shard can move to.
+    /// pushes of older incarnations are refused from then on. Only the spec and incarnation that the run's stored
+    /// record holds, while it is running, are accepted. Returns the versions this shard can move to.
     /// </summary>
     Task<ShardPosition> Attach(RunSpec spec, int incarnation);
     /// <summary>
@@ -72,6 +73,10 @@ public interface IWorkerGrain : IGrainWithStringKey
 /// </summary>
 public interface IRunRegistryGrain : IGrainWithStringKey
 {
+    /// <summary>
+    /// Lists or updates a run that has a stored record: a run said to be running (a start registers before its record
+    /// says so), else in the state its record holds. A run with no record is refused and, if listed, dropped.
+    /// </summary>
     Task Update(RunSummary summary);
     Task<RunSummary[]> List();
     Task<string[]> Running();

@@ -93,10 +93,13 @@ public sealed class ParameterShardGrain(
         if (spec is null) throw new ArgumentException("no run spec");
         spec.Validate();
         if (incarnation < 1) throw new ArgumentException($"incarnation {incarnation} is not positive");
-        string key = this.GetPrimaryKeyString();
-        Backprop.Core.RunIds.Validate(key[..Math.Max(0, key.LastIndexOf('/'))]);
+        string key = this.GetPrimaryKeyString(), runId = key[..Math.Max(0, key.LastIndexOf('/'))];
+        Backprop.Core.RunIds.Validate(runId);
+        // Placement reads "x/-1" or "x/07" as shard 0 or 7 too: only the key the coordinator uses may hold a slice.
+        if (key != $"{runId}/{Shard}") throw new ArgumentException($"shard key '{key}' is not {{run id}}/{{shard number}}");
         if (Shard >= spec.ServerShards) throw new ArgumentException($"shard {Shard} of a run with {spec.ServerShards} shards");
         if (fence.State.Spec is { } stored && stored != spec) throw new ArgumentException($"shard {this.GetPrimaryKeyString()} holds a different run");
+        await CheckCoordinator(runId, spec, incarnation);
         if (incarnation < fence.State.Incarnation)
             throw new StaleCoordinatorException($"coordinator incarnation {incarnation} is superseded by {fence.State.Incarnation}");
         if (incarnation > fence.State.Incarnation || fence.State.Spec is null)
@@ -128,6 +131,25 @@ public sealed class ParameterShardGrain(
         if (_spec is null) Load(spec);
         EndGather(ended);
         return Position();
+    }
+
+    /// <summary>
+    /// Only the coordinator that the stored run record names may attach: any other incarnation from a client would fence
+    /// the run off for good, and a run id that was never started would get a shard of a spec the run never had.
+    /// The record is read from storage (<see cref="StoredRuns"/>), never asked of the coordinator, which awaits this call.
+    /// </summary>
+    private async Task CheckCoordinator(string runId, RunSpec spec, int incarnation)
+    {
+        var run = await StoredRuns.Read(ServiceProvider, GrainFactory, runId)
+            ?? throw new ArgumentException($"no run '{runId}' is stored: shards attach only to a started run's coordinator");
+        if (run.Spec != spec) throw new ArgumentException($"the spec is not run '{runId}''s");
+        if (incarnation < run.Incarnation)
+            throw new StaleCoordinatorException($"coordinator incarnation {incarnation} is superseded by {run.Incarnation}");
+        if (incarnation > run.Incarnation)
+            throw new ArgumentException($"coordinator incarnation {incarnation} is not run '{runId}''s (its record holds {run.Incarnation})");
+        // The record says who may drive the run; a stopped run has no coordinator, and a loop that finds it so must stop.
+        if (run.State != RunState.Running)
+            throw new StaleCoordinatorException($"run '{runId}' is {run.State.ToString().ToLowerInvariant()}: no coordinator drives it");
     }
 
     public Task MoveTo(int incarnation, long session, long step)

@@ -42,7 +42,7 @@ public sealed class RunGrain(
     WorkerSettings settings,
     ILocalSiloDetails silo,
     WorkerSilos workerSilos,
-    [PersistentState("run", SiloSetup.StorageName)] IPersistentState<RunRecord> record,
+    [PersistentState(StoredRuns.StateName, SiloSetup.StorageName)] IPersistentState<RunRecord> record,
     ILogger<RunGrain> logger) : Grain, IRunGrain
 {
     private static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(10);
@@ -103,20 +103,20 @@ public sealed class RunGrain(
         if (Record.Spec is { } existing)
         {
             if (existing != spec) throw new ArgumentException($"run id '{RunId}' is already used by another run");
-            return Status(0);
+            if (Record.State != RunState.NotStarted) return Status(0);
         }
         spec.Validate();
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
         string sha = await datasets.Sha256(spec.Dataset);
 
-        // Registered first: a run the registry does not know would not be continued after its silo dies.
+        // Stored before it is registered (the registry lists only stored runs), but as running only once registered:
+        // a run the registry does not know would not be continued after its silo dies.
+        await Journal.Update(r => { r.Spec = spec; r.DatasetSha256 = sha; });
         await Journal.Register(RunState.Running, spec, 0, required: true);
         await Journal.Update(r =>
         {
-            r.Spec = spec;
             r.State = RunState.Running;
-            r.DatasetSha256 = sha;
             RunJournal.AddEvent(r, "started", $"{spec.Model.Describe()}, batch {spec.BatchSize}, chunk {spec.ChunkSize}, {spec.Workers} workers, {spec.Epochs} epochs, data sha256 {sha[..12]}");
         });
         StartLoop(resumed: false);

@@ -115,8 +115,10 @@ root.SetAction(async (parse, cancel) =>
         else
         {
             s.UseLocalCluster(parse.GetValue(clusterId)!, silo, gateway, primaryEndpoint, membership, advertised);
-            // Localhost clustering is for experiments on one machine: runs last as long as the silo holding them.
-            s.AddMemoryGrainStorage(SiloSetup.StorageName);
+            // Localhost clustering is for experiments on one machine: runs last as long as the silo holding them. Orleans'
+            // binary format, as for Redis and files: the default JSON does not read a run's record back.
+            s.AddMemoryGrainStorage(SiloSetup.StorageName, b => b.Configure<IServiceProvider>((o, services) =>
+                o.GrainStorageSerializer = new Orleans.Storage.OrleansGrainStorageSerializer(services.GetRequiredService<Orleans.Serialization.Serializer>())));
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole);

@@ -139,6 +139,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     private async Task<(IParameterShardGrain Shard, RunSpec Spec, float[] Initial)> Shard(string runId, int shards = 1, RunSpec? baseSpec = null)
     {
         var spec = (baseSpec ?? Spec(2)) with { ServerShards = shards };
+        await StoreRecord(runId, spec, incarnation: 1);
         var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/0");
         var position = await shard.Attach(spec, incarnation: 1);
         Assert.Equal([0L], position.Steps);
@@ -205,6 +206,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
 
         // A newer coordinator fences the older one off; the shard must be attached before a newer one's blocks count.
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], gradient, incarnation: 2)));
+        await StoreRecord("duplicate-step", spec, incarnation: 2);
         await shard.Attach(spec, incarnation: 2);
         await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Push(Push(0, [0], gradient)));
         await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Attach(spec, incarnation: 1));
@@ -315,6 +317,13 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
             await Task.Delay(20);
         }
     }
+
+    /// <summary>
+    /// The record a coordinator of <paramref name="incarnation"/> stores before it attaches to the shards (they accept
+    /// only that one); no coordinator runs it, so the test drives the shards by hand.
+    /// </summary>
+    private Task StoreRecord(string runId, RunSpec spec, int incarnation) =>
+        ChangeStoredRecord(runId, r => (r.Spec, r.State, r.Incarnation) = (spec, RunState.Running, incarnation));
 
     private static async Task<RunStatus> PollUntil(IRunGrain run, Func<RunStatus, bool> reached)
     {

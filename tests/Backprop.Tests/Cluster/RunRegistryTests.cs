@@ -1,0 +1,141 @@
+using System.Diagnostics;
+using Backprop.Core.Training;
+using Backprop.Grains;
+using Backprop.Grains.Hosting;
+using Backprop.Grains.Messages;
+using Microsoft.Extensions.DependencyInjection;
+using Orleans.Storage;
+
+namespace Backprop.Tests.Cluster;
+
+/// <summary>
+/// The run list holds only runs with a stored record, forgets finished ones by age, stays under its size limit, and
+/// loses running entries whose run is gone. Its own cluster: the tests write the list's storage behind its back.
+/// </summary>
+[Collection("cluster")]
+public sealed class RunRegistryTests
+{
+    private static RunSummary Summary(string runId, RunState state, DateTime updated) => new(runId, state, 0, 1, null, updated);
+
+    [Fact]
+    public async Task Only_stored_runs_are_listed_finished_ones_leave_by_age_and_running_ghosts_are_dropped()
+    {
+        await using var fixture = await Start();
+        var client = fixture.Cluster.Client;
+        var registry = client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
+        var now = DateTime.UtcNow;
+
+        Assert.Contains("no run 'made-up' is stored", (await Assert.ThrowsAsync<ArgumentException>(() => registry.Update(Summary("made-up", RunState.Running, now)))).Message);
+        Assert.Contains("not a known state", (await Assert.ThrowsAsync<ArgumentException>(() => registry.Update(Summary("made-up", (RunState)42, now)))).Message);
+        Assert.Contains("is grain 'all'", (await Assert.ThrowsAsync<ArgumentException>(() =>
+            client.GetGrain<IRunRegistryGrain>("another").Update(Summary("made-up", RunState.Running, now)))).Message);
+        Assert.DoesNotContain(await registry.List(), r => r.RunId == "made-up");
+
+        // What a store holds after a while: finished runs older than the limit, a recent one, and a running entry
+        // whose run record is gone (a cleared store, or listed before runs were checked).
+        var old = now - RunRegistryGrain.FinishedKept - TimeSpan.FromDays(1);
+        await Plant(fixture,
+        [
+            Summary("old-done", RunState.Completed, old), Summary("old-failed", RunState.Failed, old),
+            Summary("recent-done", RunState.Completed, now - TimeSpan.FromDays(1)), Summary("ghost", RunState.Running, old),
+        ]);
+
+        var spec = Presets.PyTorchMlp with { Epochs = 1, Workers = 1, Seed = 41 };
+        await RunToEnd(client, "listed", spec);
+        // The run's own updates evicted the old finished entries.
+        var listed = (await registry.List()).ToDictionary(r => r.RunId);
+        Assert.Equal(RunState.Completed, listed["listed"].State);
+        Assert.Contains("recent-done", listed.Keys);
+        Assert.DoesNotContain("old-done", listed.Keys);
+        Assert.DoesNotContain("old-failed", listed.Keys);
+        // A state other than running must be the record's.
+        Assert.Contains("is stored as Completed, not Failed", (await Assert.ThrowsAsync<ArgumentException>(() =>
+            registry.Update(Summary("listed", RunState.Failed, now)))).Message);
+
+        // A silo's death makes every watchdog call the runs listed as running: the ghost answers "not started" and is dropped.
+        await fixture.Cluster.KillSiloAsync(fixture.Cluster.Silos[2]);
+        var clock = Stopwatch.StartNew();
+        while ((await registry.List()).Any(r => r.RunId == "ghost") && clock.Elapsed < TimeSpan.FromSeconds(60)) await Task.Delay(20);
+        var after = (await registry.List()).Select(r => r.RunId).ToArray();
+        Assert.DoesNotContain("ghost", after);
+        Assert.Contains("listed", after);
+    }
+
+    [Fact]
+    public async Task The_list_stays_within_its_limit_dropping_the_oldest_finished_runs_and_refusing_a_run_when_all_are_running()
+    {
+        await using var fixture = await Start();
+        var client = fixture.Cluster.Client;
+        var registry = client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
+        var now = DateTime.UtcNow;
+        await RunToEnd(client, "newest", Presets.PyTorchMlp with { Epochs = 1, Workers = 1, Seed = 42 });
+
+        var finished = Enumerable.Range(0, RunRegistryGrain.MaxRuns)
+            .Select(i => Summary($"finished-{i}", RunState.Completed, now - TimeSpan.FromMinutes(RunRegistryGrain.MaxRuns - i))).ToArray();
+        await Plant(fixture, finished, replace: true);
+        await registry.Update(Summary("newest", RunState.Completed, now));
+        var listed = (await registry.List()).Select(r => r.RunId).ToHashSet();
+        Assert.Equal(RunRegistryGrain.MaxRuns, listed.Count);
+        Assert.Contains("newest", listed);
+        Assert.DoesNotContain("finished-0", listed);
+        Assert.Contains("finished-1", listed);
+
+        // Running entries are never evicted: a full list of them refuses a run it does not hold yet.
+        var running = Enumerable.Range(0, RunRegistryGrain.MaxRuns).Select(i => Summary($"running-{i}", RunState.Running, now)).ToArray();
+        await Plant(fixture, running, replace: true);
+        try
+        {
+            Assert.Contains("the run list is full", (await Assert.ThrowsAsync<InvalidOperationException>(() =>
+                registry.Update(Summary("newest", RunState.Running, now)))).Message);
+            Assert.DoesNotContain(await registry.List(), r => r.RunId == "newest");
+        }
+        finally
+        {
+            // Not left for the watchdogs, which would call each of them.
+            await Plant(fixture, [], replace: true);
+        }
+    }
+
+    private static async Task<ClusterFixture> Start()
+    {
+        var fixture = new ClusterFixture(240, 100);
+        await fixture.InitializeAsync();
+        return fixture;
+    }
+
+    private static async Task RunToEnd(IClusterClient client, string runId, RunSpec spec)
+    {
+        var run = client.GetGrain<IRunGrain>(runId);
+        var status = await run.Start(spec);
+        var clock = Stopwatch.StartNew();
+        while (!status.IsFinished && clock.Elapsed < TimeSpan.FromSeconds(60))
+            status = await run.WaitForFinish(TimeSpan.FromSeconds(5));
+        Assert.True(status.State == RunState.Completed, $"{status.State}: {status.Error}");
+    }
+
+    /// <summary>Writes entries into the stored list (replacing it or added to it), then has the registry read it afresh.</summary>
+    private static async Task Plant(ClusterFixture fixture, IReadOnlyCollection<RunSummary> entries, bool replace = false)
+    {
+        var storage = fixture.Cluster.Silos[0].ServiceProvider.GetRequiredKeyedService<IGrainStorage>(SiloSetup.StorageName);
+        var id = fixture.Cluster.Client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).GetGrainId();
+        while (true)
+        {
+            var state = new GrainState<RunList>();
+            await storage.ReadStateAsync("registry", id, state);
+            var runs = replace ? [] : state.State!.Runs;
+            foreach (var entry in entries) runs[entry.RunId] = entry;
+            state.State = new RunList { Runs = runs };
+            try
+            {
+                await storage.WriteStateAsync("registry", id, state);
+                break;
+            }
+            catch (InconsistentStateException)
+            {
+                // The registry wrote in between: read again.
+            }
+        }
+        // The registry's activation holds the list it read: a fresh one reads the planted list.
+        await fixture.Cluster.Client.GetGrain<IManagementGrain>(0).ForceActivationCollection(TimeSpan.Zero);
+    }
+}
