@@ -84,6 +84,7 @@ public sealed class ClusterConnection : IAsyncDisposable
         string? tlsRejection = null;
         builder.UseOrleansClient(client =>
         {
+            client.Services.AddBackpropExceptions();
             // A gateway certificate this client refuses will not change on a retry: give up at once.
             if (address.Tls is { } tls) client.UseBackpropTls(tls, reason =>
             {

@@ -27,6 +27,7 @@ public static class SiloSetup
     {
         if (threadsPerWorker < 1 || threadsPerWorker > 256) throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..256");
         silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing, role));
+        silo.Services.AddBackpropExceptions();
         silo.Services.AddSingleton<WorkerSilos>();
         silo.ApplyRole(role);
         silo.AddPlacementDirector<SpreadPlacementStrategy, SpreadPlacementDirector>();
@@ -34,4 +35,15 @@ public static class SiloSetup
         if (keepRunsGoing) silo.Services.AddHostedService<RunWatchdog>();
         return silo;
     }
+
+    /// <summary>
+    /// This project's exceptions cross the wire as themselves (type and message), on silos and clients alike: Orleans
+    /// otherwise serializes only exceptions of its own and the framework's namespaces, and the caller of a call that
+    /// failed with, say, a damaged data file would read "Could not find a codec" instead of the file's message.
+    /// </summary>
+    public static IServiceCollection AddBackpropExceptions(this IServiceCollection services) =>
+        services.Configure<Orleans.Serialization.ExceptionSerializationOptions>(o =>
+        {
+            if (!o.SupportedNamespacePrefixes.Contains("Backprop")) o.SupportedNamespacePrefixes.Add("Backprop");
+        });
 }

@@ -49,7 +49,11 @@ public sealed class ClusterFixture : IAsyncLifetime, IAsyncDisposable
         });
         // The client learns the silos' grain classes from a gateway's manifest and refreshes it every minute by default:
         // a client that first asked before a role silo's classes were known would fail for up to a minute.
-        builder.ConfigureClient(client => client.Configure<TypeManagementOptions>(o => o.TypeMapRefreshInterval = TimeSpan.FromMilliseconds(200)));
+        builder.ConfigureClient(client =>
+        {
+            client.Configure<TypeManagementOptions>(o => o.TypeMapRefreshInterval = TimeSpan.FromMilliseconds(200));
+            client.Services.AddBackpropExceptions();
+        });
         Cluster = builder.Build();
         await Cluster.DeployAsync();
         // Until the client's manifest has every grain class (a role cluster's registry and workers live on some silos
