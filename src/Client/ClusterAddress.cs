@@ -51,7 +51,7 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
     public Option<bool> RedisTls { get; } = new("--redis-tls")
     {
         Description = $"With --redis: TLS to Redis; its certificate must name the --redis host [env {Backprop.Grains.Hosting.RedisTls.Env}]",
-        DefaultValueFactory = _ => Environment.GetEnvironmentVariable(Backprop.Grains.Hosting.RedisTls.Env) is { Length: > 0 } v && bool.Parse(v),
+        DefaultValueFactory = _ => Backprop.Grains.Hosting.EnvironmentValue.Get(Backprop.Grains.Hosting.RedisTls.Env, "--redis-tls", false),
     };
 
     public Option<string?> RedisCa { get; } = EnvOption("--redis-ca", Backprop.Grains.Hosting.RedisTls.CaEnv,
@@ -60,7 +60,7 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
     public Option<int?> ConnectTimeout { get; } = new("--connect-timeout")
     {
         Description = $"Seconds to keep trying to reach the cluster (Redis, then a gateway), with back-off, saying on stderr what it waits for; e.g. 600 for a Job started with its cluster [default: one try of {ClusterConnection.AttemptLimit.TotalSeconds:F0} s] [env {ConnectTimeoutEnv}]",
-        DefaultValueFactory = _ => Environment.GetEnvironmentVariable(ConnectTimeoutEnv) is { Length: > 0 } v ? int.Parse(v, System.Globalization.CultureInfo.InvariantCulture) : null,
+        DefaultValueFactory = _ => Backprop.Grains.Hosting.EnvironmentValue.Get<int?>(ConnectTimeoutEnv, "--connect-timeout", null),
     };
 
     public const string ConnectTimeoutEnv = "BACKPROP_CONNECT_TIMEOUT";

@@ -39,6 +39,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     private int _generation = -1, _workersIncarnation, _failedGeneration = int.MinValue;
     private long _failedAt;
     private readonly SortedSet<string> _silos = new(StringComparer.Ordinal);
+    private readonly Dictionary<IWorkerGrain, Task> _busy = [];
     // One window's calls and replies, reused from window to window.
     private Task<BlockDone>[] _calls = [];
     private long[] _roundTrips = [], _replied = [];
@@ -54,7 +55,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     public ReadOnlySpan<long> Replied => _replied;
 
     /// <summary>After a worker's call failed: one step a call, a failed block redone on the next worker, for a while or until the worker set changes.</summary>
-    public bool OneStepAtATime => _failedGeneration == _generation && Stopwatch.GetElapsedTime(_failedAt) < FailureRecovery;
+    public bool OneStepAtATime => (_failedGeneration == _generation && Stopwatch.GetElapsedTime(_failedAt) < FailureRecovery) || _workers.Any(Busy);
 
     /// <summary>
     /// The workers for the next window, spread over the worker silos active now. Checked before every window: it
@@ -101,18 +102,30 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         Exception? failure = null;
         try
         {
-            await Task.WhenAll(_calls);
+            if (retry) await Task.WhenAll(_calls);
+            else await WhenAllOrStalled(_calls, template.Steps, WorkBounds.Step(template.Spec, template.Spec.ChunksPerStep));
+        }
+        catch (Exception) when (!retry && _calls.Any(c => !c.IsCompleted))
+        {
+            // A call that did not end well after the others stopped: its worker hangs (it stays out of the windows
+            // and of the redos until that call ends).
+            failure = new TimeoutException($"a worker's call of {template.Steps} steps from step {template.Step} did not end within two step bounds after the others stopped");
         }
         catch (Exception)
         {
-            // The most telling failure counts: a newer owner, divergence, bad input, a moved shard, then the rest.
-            failure = _calls.Where(c => c.IsFaulted).Select(c => c.Exception!.InnerException!).OrderBy(Severity).First();
+            // The most telling failure counts: a newer owner, divergence, bad input, a moved shard, then the rest
+            // (a call cancelled in its retry delay says so).
+            failure = _calls.Where(c => !c.IsCompletedSuccessfully).Select(c => c.IsCanceled ? new OperationCanceledException("cancelled") : c.Exception!.InnerException!)
+                .OrderBy(Severity).First();
             if (retry || !IsTransient(failure) || cancel.IsCancellationRequested) throw failure;
         }
         finally
         {
             for (int b = 0; b < blocks; b++)
-                replies[b] = _calls[b].IsCompletedSuccessfully ? Checked(_calls[b].Result, cut, b, template.Step) : null;
+            {
+                replies[b] = _calls[b].IsCompletedSuccessfully ? Checked(_calls[b].Result, cut, b, template) : null;
+                if (!_calls[b].IsCompleted) _busy[workers[b]] = _calls[b];
+            }
             Array.Clear(_calls);
         }
         // Every worker that confirmed a step got the same loss sums from the shards.
@@ -135,11 +148,14 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     public async Task<Evaluation> Evaluate(IWorkerGrain[] workers, EvalWork template, int testCount, CancellationToken cancel)
     {
         int blocks = (testCount + EvalBlock - 1) / EvalBlock;
+        // A worker answers its calls one after another, and the bound counts from the call's start: a block may wait
+        // behind every other one (its worker's share, and the redos of a lost worker's).
+        var bound = Capped(WorkBounds.Evaluation(template.Spec, EvalBlock) * blocks);
         var calls = Enumerable.Range(0, blocks).Select(b =>
         {
             int start = b * EvalBlock, end = Math.Min(testCount, start + EvalBlock);
             return WithRetry(workers, b % workers.Length, new WorkLabel(-1, start, end), template with { Start = start, End = end },
-                WorkBounds.Evaluation(template.Spec, end - start), static (worker, work) => worker.Evaluate(work), cancel);
+                bound, static (worker, work) => worker.Evaluate(work), cancel);
         });
         var partials = await Task.WhenAll(calls);
         return partials.Aggregate((a, b) => a.Add(b));
@@ -161,8 +177,46 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         e is not (ArgumentException or StaleCoordinatorException or RunDivergedException or OperationCanceledException or ShardMovedException
             or MissingEpochsException);
 
-    private static BlockDone Checked(BlockDone reply, ChunkBlocks cut, int block, int step) => reply.FirstChunk == cut.First(block) ? reply
-        : throw new InvalidOperationException($"step {step}: block {block} came back for chunk {reply.FirstChunk}, not {cut.First(block)}");
+    /// <summary>A worker's reply as the coordinator relies on it: its block, and no more steps than it was given.</summary>
+    private static BlockDone Checked(BlockDone reply, ChunkBlocks cut, int block, BlockWork work)
+    {
+        if (reply.FirstChunk != cut.First(block))
+            throw new InvalidDataException($"step {work.Step}: block {block} came back for chunk {reply.FirstChunk}, not {cut.First(block)}");
+        if (reply.StepLosses is null || reply.StepLosses.Length > work.Steps || reply.StepLosses.Any(l => !double.IsFinite(l)))
+            throw new InvalidDataException($"steps from {work.Step}: block {block} came back with {reply.StepLosses?.Length.ToString() ?? "no"} step losses for {work.Steps} steps, or a non-finite one");
+        return reply;
+    }
+
+    /// <summary>
+    /// Waits for every call of a window; once one has ended short of the window (or failed), the others can go at most
+    /// a step further (they wait at the shards for its block), so they get two step bounds more, not their whole window's.
+    /// </summary>
+    private static async Task WhenAllOrStalled(Task<BlockDone>[] calls, int steps, TimeSpan stepBound)
+    {
+        var pending = new List<Task<BlockDone>>(calls);
+        while (pending.Count > 0)
+        {
+            var done = await Task.WhenAny(pending);
+            pending.Remove(done);
+            if (pending.Count > 0 && (!done.IsCompletedSuccessfully || done.Result.Applied < steps))
+            {
+                await Task.WhenAll(pending).WaitAsync(stepBound * 2);
+                break;
+            }
+        }
+        await Task.WhenAll(calls);   // the failures, if any
+    }
+
+    /// <summary>A worker whose abandoned call (past its bound) has not ended: it answers nothing else until then.</summary>
+    private bool Busy(IWorkerGrain worker)
+    {
+        if (!_busy.TryGetValue(worker, out var call)) return false;
+        if (!call.IsCompleted) return true;
+        _busy.Remove(worker);
+        return false;
+    }
+
+    private static TimeSpan Capped(TimeSpan bound) => bound < WorkBounds.Longest ? bound : WorkBounds.Longest;
 
     /// <summary>The cut of a step of <paramref name="chunks"/> chunks over the workers, with its starts as the shards get them; made once per worker count.</summary>
     private (ChunkBlocks Cut, int[] Starts) BlocksFor(int chunks, int workers)
@@ -182,9 +236,11 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     {
         long start = Stopwatch.GetTimestamp();
         var bound = WorkBounds.Window(work.Spec, work.BlockStarts.Length > b + 1 ? work.BlockStarts[b + 1] - work.FirstChunk : work.Spec.ChunksPerStep - work.FirstChunk, work.Steps);
+        // Redone blocks wait behind the next worker's own (a worker answers one call at a time; the bound counts from the start).
+        if (retry) bound = Capped(bound * work.BlockStarts.Length);
         var reply = retry
             ? await WithRetry(workers, b, new WorkLabel(work.Step, work.FirstChunk, -1), work, bound, static (worker, work) => worker.ComputeBlock(work), cancel)
-            : await workers[b].ComputeBlock(work).WaitAsync(bound);
+            : await Abandoning(workers[b], workers[b].ComputeBlock(work), bound);
         long end = Stopwatch.GetTimestamp();
         (_roundTrips[b], _replied[b]) = (end - start, end);
         _silos.Add(reply.Silo);
@@ -208,10 +264,12 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         for (int attempt = 0; ; attempt++)
         {
             int index = (first + attempt) % workers.Length;
+            // Not a worker still busy with an abandoned call (unless every one is): this call would wait behind it.
+            for (int k = 0; k < workers.Length && Busy(workers[index]); k++) index = (index + 1) % workers.Length;
             try
             {
                 // Not cancelled with the window: a failed window drains every call before the coordinator goes on.
-                var result = await call(workers[index], work).WaitAsync(bound);
+                var result = await Abandoning(workers[index], call(workers[index], work), bound);
                 if (attempt > 0) await journal.AddEventNow("redone", $"{what} redone on worker {index}, {failing.Elapsed.TotalSeconds:F1} s after the first failure");
                 return result;
             }
@@ -221,6 +279,20 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
                 await journal.AddEventNow("worker-failed", $"{what} failed on worker {index}: {e.Message}");
                 await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(1000, 100 * (attempt + 1))), cancel);
             }
+        }
+    }
+
+    /// <summary>The call's result within <paramref name="bound"/>; past it the call is left running and its worker counted busy.</summary>
+    private async Task<T> Abandoning<T>(IWorkerGrain worker, Task<T> call, TimeSpan bound)
+    {
+        try
+        {
+            return await call.WaitAsync(bound);
+        }
+        catch (TimeoutException) when (!call.IsCompleted)
+        {
+            _busy[worker] = call;
+            throw;
         }
     }
 

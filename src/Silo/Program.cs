@@ -240,9 +240,7 @@ static IEnumerable<Exception> Causes(Exception e)
 static Option<T> Opt<T>(string flag, string env, T fallback, string description) => new(flag)
 {
     Description = $"{description} [env {env}]",
-    DefaultValueFactory = _ => Environment.GetEnvironmentVariable(env) is { Length: > 0 } v
-        ? (T)Convert.ChangeType(v, typeof(T), System.Globalization.CultureInfo.InvariantCulture)
-        : fallback,
+    DefaultValueFactory = _ => EnvironmentValue.Get(env, flag, fallback),
 };
 
 internal sealed partial class Program

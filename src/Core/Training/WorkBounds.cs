@@ -26,8 +26,8 @@ public static class WorkBounds
         FixedSeconds + 6.0 * spec.Model.ParameterCount * spec.ChunkSize * chunks / FloorFlopsPerSecond
         + 3.0 * sizeof(float) * spec.Model.ParameterCount / FloorBytesPerSecond);
 
-    /// <summary><paramref name="steps"/> steps of such a block, one call.</summary>
-    public static TimeSpan Window(RunSpec spec, int chunks, int steps) => Seconds(Step(spec, chunks).TotalSeconds * steps);
+    /// <summary><paramref name="steps"/> steps of such a block, one call; at most <see cref="Longest"/> (the call's timeout is above it).</summary>
+    public static TimeSpan Window(RunSpec spec, int chunks, int steps) => Seconds(Math.Min(Step(spec, chunks).TotalSeconds * steps, Longest.TotalSeconds));
 
     /// <summary>An evaluation of <paramref name="samples"/> test samples (forward only: about 2 FLOPs per parameter and sample) after a pull.</summary>
     public static TimeSpan Evaluation(RunSpec spec, int samples) => Seconds(

@@ -78,11 +78,23 @@ public sealed record RedisConnection(string Host, int Port, RedisPassword? Passw
                 reason = await Why(e);
                 final = Refused(e);
             }
+            catch (RedisServerException e) when (e.Message.StartsWith("LOADING", StringComparison.Ordinal) || e.Message.StartsWith("BUSY", StringComparison.Ordinal))
+            {
+                // Redis takes its port while it loads its data set (a large append-only file): it will answer.
+                reason = OneLine(e.Message);
+                final = false;
+            }
             catch (RedisServerException e)
             {
                 // An error reply (e.g. NOAUTH, WRONGPASS): Redis answered.
                 reason = OneLine(e.Message);
                 final = true;
+            }
+            catch (RedisTimeoutException e)
+            {
+                // Connected but no answer in time: a Redis that is loading or busy.
+                reason = OneLine(e.Message);
+                final = false;
             }
             cancel.ThrowIfCancellationRequested();
             if (final || clock.Elapsed + delay > wait)

@@ -112,6 +112,15 @@ public sealed class LocalClusterTests : IDisposable
         Assert.Equal(2, huge.Code);
         Assert.StartsWith("error: layers: [784,65536,10] has 52101130 parameters", Assert.Single(huge.Error.Trim().Split('\n')));
 
+        // Environment variables are option defaults: a bad one is a bad flag (one line, exit 2), for the CLI and the silo.
+        var badEnv = Processes.CliWithEnv(new() { ["BACKPROP_CONNECT_TIMEOUT"] = "abc" }, "status", "some-run", "--gateway", "127.0.0.1:1");
+        Assert.Equal(2, badEnv.Code);
+        Assert.Equal("error: BACKPROP_CONNECT_TIMEOUT='abc' (for --connect-timeout) is not an integer", badEnv.Error.Trim());
+        var badSiloEnv = Processes.Run("dotnet", [Path.Combine(Processes.Root, "src/Silo/bin", Processes.Configuration, "net10.0/Backprop.Silo.dll")],
+            new() { ["BACKPROP_REDIS_TLS"] = "maybe" });
+        Assert.Equal(2, badSiloEnv.Code);
+        Assert.Equal("error: BACKPROP_REDIS_TLS='maybe' (for --redis-tls) is not true or false", badSiloEnv.Error.Trim());
+
         // Port 1: nothing listens there, and no ephemeral port can be it (a client could connect to itself).
         var noCluster = Cli("status", "some-run", "--gateway", "127.0.0.1:1");
         Assert.Equal(1, noCluster.Code);
