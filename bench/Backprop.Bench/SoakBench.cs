@@ -384,13 +384,16 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
     }
 
     /// <summary>
-    /// Why a silo stopped: its log's last line at level fail (the exception; the crit line after it only says the host
-    /// stops), else crit, else its last line (an unhandled exception's stack trace ends there), shortened.
+    /// Why a silo stopped: the first line at level fail since it last logged "up" (the cause; the crit line after it only
+    /// says the host stops, and later fail lines are what the stopping silo refused), else crit, else its last line (an
+    /// unhandled exception's stack trace ends there), shortened.
     /// </summary>
     private static string LastFailure(string log)
     {
-        var lines = File.Exists(log) ? File.ReadAllLines(log) : [];
-        string line = lines.LastOrDefault(l => l.Contains(" fail: ", StringComparison.Ordinal)) ?? lines.LastOrDefault(l => l.Contains(" crit: ", StringComparison.Ordinal)) ?? lines.LastOrDefault() ?? "(no log)";
+        var all = File.Exists(log) ? File.ReadAllLines(log) : [];
+        int up = Array.FindLastIndex(all, l => l.Contains(" up: role ", StringComparison.Ordinal));
+        var lines = all.Skip(Math.Max(0, up)).ToArray();
+        string line = lines.FirstOrDefault(l => l.Contains(" fail: ", StringComparison.Ordinal)) ?? lines.FirstOrDefault(l => l.Contains(" crit: ", StringComparison.Ordinal)) ?? lines.LastOrDefault() ?? "(no log)";
         return line.Length > 300 ? line[..300] + "..." : line;
     }
 
