@@ -550,6 +550,7 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
     private SoakVerdict Judge(SoakSnapshot start, SoakSnapshot warm, SoakSnapshot end, double minutes, double?[] load)
     {
         var findings = new List<string>();
+        int samePid = 0;
         // Silo slots killed after the warm figures are new processes at the end: their own figures say nothing about
         // growth, so they are judged only within their role's total (which a young process pulls down, said in the notes).
         foreach (var w in warm.Processes)
@@ -557,6 +558,7 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
             var e = end.Processes.Single(p => p.Slot == w.Slot);
             if (e.RssKb is null) { findings.Add($"{w.Slot} not running at the end"); continue; }
             if (e.Pid != w.Pid) continue;
+            samePid++;
             Check(findings, $"{w.Slot} rss", w.RssKb, e.RssKb, RssGrowthLimit);
             Check(findings, $"{w.Slot} fds", w.Fds, e.Fds, FdGrowthLimit);
             Check(findings, $"{w.Slot} threads", w.Threads, e.Threads, ThreadGrowthLimit);
@@ -579,6 +581,7 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
         string[] exitText = [.. exits.GroupBy(e => (e.Slot, e.Role)).Select(g => $"silo-{g.Key.Slot} ({g.Key.Role}) {g.Count()}x, last: {g.Last().Reason}")];
         string text = $"soak ran {minutes:F1} min ({options.Minutes:0.#} asked), {_runs.Count} runs, {Count("kill")} kills: "
             + (findings.Count == 0 ? "flat (end within the limits of warm)" : "NOT flat: " + string.Join("; ", findings))
+            + $" [judged per process: {samePid} of {warm.Processes.Length} kept their pid from warm to end; the others by role totals]"
             + (exits.Length == 0 ? "; no silo exited unless killed" : $"; {exits.Length} silo exits nobody asked for: {string.Join("; ", exitText)}")
             + "; " + (bad.Length == 0 ? $"all {_runs.Count} runs completed bit-identical to LocalTrainer" : $"{_runs.Count - bad.Length} of {_runs.Count} runs bit-identical; not: {string.Join(", ", bad)}");
         return new SoakVerdict("verdict", Math.Round(minutes, 1), options.Minutes, options.KillEverySeconds, _runs.Count, _runs.Count(r => r.State == "completed"),
@@ -586,7 +589,7 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
     }
 
     // Limits of end over warm. .NET's heaps and the thread pool breathe with timing (collections, injected threads), and a
-    // loaded 2-core machine makes them breathe more; a leak per run or per kill adds up over tens of them and passes these.
+    // loaded 2-core machine makes them breathe more; a leak per run or per kill adds up over tens of them and goes past these.
     private static long RssGrowthLimit(long warmKb) => Math.Max(warmKb / 4, 32 * 1024);
     private static long FdGrowthLimit(long warm) => Math.Max(warm / 10, 16);
     private static long ThreadGrowthLimit(long warm) => Math.Max(warm / 5, 8);
