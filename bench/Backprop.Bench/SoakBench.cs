@@ -384,16 +384,18 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
     }
 
     /// <summary>
-    /// Why a silo stopped: the first line at level fail since it last logged "up" (the cause; the crit line after it only
-    /// says the host stops, and later fail lines are what the stopping silo refused), else crit, else its last line (an
-    /// unhandled exception's stack trace ends there), shortened.
+    /// Why a silo stopped, from its log since it last logged "up": the exception its host's crit line ends with (the host
+    /// stopping on a failed background service), else the first line at level fail, else its last line (an unhandled
+    /// exception's stack trace ends there), shortened. Other fail lines come and go around a kill (calls to the dead silo).
     /// </summary>
     private static string LastFailure(string log)
     {
         var all = File.Exists(log) ? File.ReadAllLines(log) : [];
         int up = Array.FindLastIndex(all, l => l.Contains(" up: role ", StringComparison.Ordinal));
         var lines = all.Skip(Math.Max(0, up)).ToArray();
-        string line = lines.FirstOrDefault(l => l.Contains(" fail: ", StringComparison.Ordinal)) ?? lines.FirstOrDefault(l => l.Contains(" crit: ", StringComparison.Ordinal)) ?? lines.LastOrDefault() ?? "(no log)";
+        string line = lines.FirstOrDefault(l => l.Contains(" crit: ", StringComparison.Ordinal)) is { } crit && crit.LastIndexOf(" | ", StringComparison.Ordinal) is var bar and > 0
+            ? crit[..crit.IndexOf(" crit: ", StringComparison.Ordinal)] + " crit: host stopped:" + crit[(bar + 2)..]
+            : lines.FirstOrDefault(l => l.Contains(" fail: ", StringComparison.Ordinal)) ?? lines.LastOrDefault() ?? "(no log)";
         return line.Length > 300 ? line[..300] + "..." : line;
     }
 
