@@ -38,7 +38,7 @@ public static class SoakBench
           --silos N           silo processes (default 3)
           --role split|all    split (default): 1 server silo and N-1 worker silos (N >= 3); all: N silos of role all
           --epochs N          epochs of every run (default 30)
-          --train-limit N     first N training images (default 12000; with 30 epochs about a minute a run)
+          --train-limit N     first N training images (default 12000: 20-45 s a run on the 2-core machine of record)
           --seed S            seed of the kill schedule (default 1)
           --data-dir DIR      data directory holding mnist/ (default the CLI's; generated digits when MNIST is absent)
 
