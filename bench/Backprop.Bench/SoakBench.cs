@@ -293,6 +293,8 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
     private readonly List<SoakSiloEvent> _events = [];
     private readonly int[] _killsPerSlot = new int[cluster.Roles.Length];
     private readonly int[] _exitsPerSlot = new int[cluster.Roles.Length];
+    // Kills and exits by the run in flight when they happened (noted then: the event itself is recorded after the restart).
+    private readonly Dictionary<string, (int Kills, int Exits)> _byRun = [];
     private volatile string? _runInFlight;
 
     private TextWriter Table => options.Json ? Console.Error : Console.Out;
@@ -358,6 +360,7 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
             int slot = random.Next(cluster.Roles.Length);
             SoakCluster.Log($"kill -9 silo-{slot} ({cluster.Roles[slot]}, pid {cluster.SiloPids()[slot]}) during {_runInFlight ?? "no run"}");
             Interlocked.Increment(ref _killsPerSlot[slot]);
+            NoteForRun(kill: true);
             Record(await Restart("kill", slot, kill: true, reason: null));
         }
         // A last look: an exit at the very end is counted, and the end figures see every silo up.
@@ -373,7 +376,18 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
             string reason = LastFailure(Path.Combine(cluster.State, $"silo-{slot}.log"));
             SoakCluster.Log($"silo-{slot} ({cluster.Roles[slot]}, pid {pids[slot]}) exited without being killed: {reason}");
             Interlocked.Increment(ref _exitsPerSlot[slot]);
+            NoteForRun(kill: false);
             Record(await Restart("exit", slot, kill: false, reason));
+        }
+    }
+
+    private void NoteForRun(bool kill)
+    {
+        if (_runInFlight is not { } run) return;
+        lock (_byRun)
+        {
+            var (kills, exits) = _byRun.GetValueOrDefault(run);
+            _byRun[run] = kill ? (kills + 1, exits) : (kills, exits + 1);
         }
     }
 
@@ -438,7 +452,6 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
         string runId = $"soak-{n}";
         long seed = n;
         _runInFlight = runId;
-        var (killsBefore, exitsBefore) = (Count("kill"), Count("exit"));
         var clock = Stopwatch.StartNew();
         SoakCluster.Log($"{runId}: train, {options.Epochs} epochs, {options.TrainLimit} images, seed {seed}");
         var (code, error) = await Cli(["train", "--run-id", runId, "--epochs", $"{options.Epochs}", "--train-limit", $"{options.TrainLimit}", "--seed", $"{seed}"]);
@@ -459,6 +472,8 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
             status = await Status(runId);
         }
         _runInFlight = null;
+        (int Kills, int Exits) during;
+        lock (_byRun) during = _byRun.GetValueOrDefault(runId);
         double seconds = clock.Elapsed.TotalSeconds;
         string reference = Reference(seed);
         string state = status?.GetProperty("state").GetString() ?? "unknown";
@@ -469,7 +484,7 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
         if (status?.TryGetProperty("error", out var e) == true && e.ValueKind == JsonValueKind.String) error = e.GetString();
         bool complete = state == "completed" && epochs.Length == options.Epochs;
         SoakCluster.Log($"{runId}: {state}, {epochs.Length}/{options.Epochs} epochs in {seconds:F0} s, train exit {code}, {(sha == reference ? "bits = LocalTrainer" : $"bits DIFFER: {sha} vs {reference}")}");
-        return new SoakRun("run", runId, seed, code, attaches, state, epochs.Length, options.Epochs, Math.Round(seconds, 1), Count("kill") - killsBefore, Count("exit") - exitsBefore,
+        return new SoakRun("run", runId, seed, code, attaches, state, epochs.Length, options.Epochs, Math.Round(seconds, 1), during.Kills, during.Exits,
             events, sha, reference, complete && sha == reference, complete ? null : error);
     }
 
