@@ -50,9 +50,11 @@ public sealed class RunWatchdog(IClusterMembershipService membership, IGrainFact
     private async Task KeepRunsGoing(CancellationToken stop)
     {
         string[] running;
-        var registry = grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
+        IRunRegistryGrain registry;
         try
         {
+            // In the try too: on a worker silo that knows no server silo yet (or any more), Orleans refuses the reference itself.
+            registry = grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
             running = await registry.Running().WaitAsync(CallLimit, stop);
         }
         catch (Exception e) when (!stop.IsCancellationRequested)
