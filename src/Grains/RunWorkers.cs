@@ -83,7 +83,8 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     /// on to the next step once they answer with the next version. With <paramref name="retry"/> (one step), a failed
     /// block is redone by the next worker while it fails, and the first failure stops the others' retries
     /// (<paramref name="calls"/> is cancelled); without, a failed call ends the window and comes back in the result
-    /// with the steps the others confirmed, which are applied. Every call has ended when this returns.
+    /// with the steps the others confirmed, which are applied. Every call has ended when this returns, but one that was
+    /// still running two step bounds after another stopped short: it is left to end on its own, its worker counted busy.
     /// </summary>
     public async Task<WindowResult> RunWindow(IWorkerGrain[] workers, BlockWork template, int chunkCount, CancellationTokenSource calls, bool retry)
     {
