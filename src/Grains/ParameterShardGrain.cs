@@ -59,7 +59,7 @@ public sealed class ParameterShardGrain(
     /// <summary>The current version; −1 until a coordinator moved the shard to one.</summary>
     private long _step = -1;
     private double _epochLossSum, _previousLossSum;
-    /// <summary>The loss sum of the step that made the current version, when it was applied in this session (a redone block's push gets it too).</summary>
+    /// <summary>The loss sum of the step that made the current version, when this activation applied it (a redone block's push gets it too).</summary>
     private (long Step, double Loss)? _lastStep;
     private float[] _parameters = [], _state = [];
     // The version before the current one while _hasPrevious; the next step is written here, then swapped in.

@@ -385,6 +385,7 @@ public sealed class RunGrain(
                 int count = alone ? 1 : StepWindow.Steps(_secondsPerStep, WindowTarget, MaxWindow, plan, s, version, spec.CheckpointEvery);
                 long windowStart = Stopwatch.GetTimestamp(), allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
                 var window = await Workers.RunWindow(workers, run.Window(e, s, count, version, lossSum, Record.DatasetSha256!), plan.ChunkCount(s), stepCalls, retry: alone);
+                double windowSeconds = Stopwatch.GetElapsedTime(windowStart).TotalSeconds;   // the steps only: not the checkpoint after them
                 foreach (double stepLoss in window.StepLosses) lossSum += stepLoss;
                 int applied = window.Applied;
                 (version, s, _step, _stepInEpoch) = (version + applied, s + applied, version + applied, s + applied);
@@ -410,7 +411,7 @@ public sealed class RunGrain(
                     }
                 }
                 // A failed worker's siblings stopped at the step its block was missing from: go on from there.
-                if (window.Failure is null) _secondsPerStep = Stopwatch.GetElapsedTime(windowStart).TotalSeconds / applied;
+                if (window.Failure is null) _secondsPerStep = windowSeconds / applied;
             }
             _stepInEpoch = steps;
             await FinishEpoch(run, new EpochEnd(e, lossSum, version, clock, clock.Elapsed.TotalSeconds, profile.Result()), cancel);
