@@ -22,7 +22,7 @@ public static class SoakBench
 {
     public const string Usage = """
         usage: Backprop.Bench soak [--minutes M] [--kill-every SECONDS] [--silos N] [--role split|all] [--json]
-                                   [--epochs N] [--train-limit N] [--seed S] [--data-dir DIR]
+                                   [--epochs N] [--train-limit N] [--seed S] [--data-dir DIR] [--keep-finished-runs K]
 
         Starts redis-server and N silo processes with deploy/local/cluster.sh (--redis --distinct-addresses: each silo
         on its own loopback address), trains runs soak-1, soak-2, ... back to back with `backprop train --redis ...`
@@ -41,6 +41,8 @@ public static class SoakBench
           --train-limit N     first N training images (default 12000: 20-45 s a run on the 2-core machine of record)
           --seed S            seed of the kill schedule (default 1)
           --data-dir DIR      data directory holding mnist/ (default the CLI's; generated digits when MNIST is absent)
+          --keep-finished-runs K   the silos' retention (default 5): older finished runs are deleted, so Redis must
+                              stay within K runs' keys and memory
 
         Needs redis-server and redis-cli (apt-get install -y redis-server) and the Release build of src/Client and
         src/Silo, which `dotnet run -c Release --project bench/Backprop.Bench` builds with the bench.
@@ -83,7 +85,7 @@ public static class SoakBench
         try
         {
             var data = PrepareData(options.DataDir, Path.Combine(work, "data"));
-            await using var cluster = await SoakCluster.Start(paths, Path.Combine(work, "state"), Path.Combine(work, "data"), options.Roles(), interrupt.Token);
+            await using var cluster = await SoakCluster.Start(paths, Path.Combine(work, "state"), Path.Combine(work, "data"), options.Roles(), options.KeepFinishedRuns, interrupt.Token);
             var soak = new Soak(options, paths, cluster, work, data.Train, interrupt.Token);
             bool good = await soak.Run();
             keep = !good;
@@ -124,11 +126,11 @@ public static class SoakBench
     }
 }
 
-internal sealed record SoakOptions(double Minutes, int KillEverySeconds, int Silos, string Role, bool Json, int Epochs, int TrainLimit, int Seed, string DataDir)
+internal sealed record SoakOptions(double Minutes, int KillEverySeconds, int Silos, string Role, bool Json, int Epochs, int TrainLimit, int Seed, string DataDir, int KeepFinishedRuns)
 {
     public static SoakOptions Parse(string[] args)
     {
-        var known = new HashSet<string> { "--minutes", "--kill-every", "--silos", "--role", "--json", "--epochs", "--train-limit", "--seed", "--data-dir" };
+        var known = new HashSet<string> { "--minutes", "--kill-every", "--silos", "--role", "--json", "--epochs", "--train-limit", "--seed", "--data-dir", "--keep-finished-runs" };
         for (int i = 0; i < args.Length; i++)
         {
             if (!known.Contains(args[i])) throw new ArgumentException($"unknown argument '{args[i]}'");
@@ -145,7 +147,7 @@ internal sealed record SoakOptions(double Minutes, int KillEverySeconds, int Sil
         if (role == "split" && silos < 3) throw new ArgumentException("--silos: split needs at least 3 (1 server silo, 2 worker silos)");
         if (role == "all" && silos < 2) throw new ArgumentException("--silos: at least 2, so that one survives a kill");
         return new SoakOptions(minutes, Int("--kill-every", 180, 0), silos, role, args.Contains("--json"), Int("--epochs", 30, 1),
-            Int("--train-limit", 12_000, 0), Int("--seed", 1, 0), Arg("--data-dir") ?? DatasetCatalog.DefaultDataDir());
+            Int("--train-limit", 12_000, 0), Int("--seed", 1, 0), Arg("--data-dir") ?? DatasetCatalog.DefaultDataDir(), Int("--keep-finished-runs", 5, 1));
     }
 
     /// <summary>The role of every silo slot, in cluster.sh's order (servers first).</summary>
@@ -193,9 +195,13 @@ internal sealed class SoakCluster : IAsyncDisposable
     public string PasswordFile => Path.Combine(State, "redis.password");
     public string[] CliAddress => ["--redis", Redis, "--redis-password-file", PasswordFile, "--cluster-id", ClusterId];
 
-    public static async Task<SoakCluster> Start(SoakPaths paths, string state, string dataDir, string[] roles, CancellationToken cancel)
+    public static async Task<SoakCluster> Start(SoakPaths paths, string state, string dataDir, string[] roles, int keepFinishedRuns, CancellationToken cancel)
     {
-        var env = new Dictionary<string, string> { ["BACKPROP_STATE"] = state, ["BACKPROP_SILO_DLL"] = paths.Silo };
+        var env = new Dictionary<string, string>
+        {
+            ["BACKPROP_STATE"] = state, ["BACKPROP_SILO_DLL"] = paths.Silo,
+            ["BACKPROP_KEEP_FINISHED_RUNS"] = keepFinishedRuns.ToString(CultureInfo.InvariantCulture),
+        };
         int[] ports = FreePorts(3);
         string clusterId = $"backprop-soak-{Environment.ProcessId}";
         var cluster = new SoakCluster(paths.Script, state, env, roles, $"127.0.0.1:{ports[2]}", clusterId);
@@ -590,6 +596,13 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
         }
         if (end.Redis.OtherKeys > warm.Redis.OtherKeys) findings.Add($"redis keys of no run {warm.Redis.OtherKeys} -> {end.Redis.OtherKeys}");
         if (end.Redis.KeysPerRunMax > warm.Redis.KeysPerRunMax) findings.Add($"redis keys per run up to {end.Redis.KeysPerRunMax} (run 1: {warm.Redis.KeysPerRunMax})");
+        // The retention keeps K finished runs (and the one running): Redis holds at most that many runs' keys and memory.
+        long keep = options.KeepFinishedRuns + 1;
+        if (end.Redis.RunKeys > keep * (warm.Redis.KeysPerRunMax ?? 0))
+            findings.Add($"redis keys of runs {end.Redis.RunKeys}, over {keep} runs' worth ({warm.Redis.KeysPerRunMax} each)");
+        if (start.Redis.UsedMemoryBytes is { } m0 && warm.Redis.UsedMemoryBytes is { } m1 && end.Redis.UsedMemoryBytes is { } m2
+            && m2 > m1 + keep * Math.Max(m1 - m0, 0) + m1 / 4)
+            findings.Add($"redis used_memory {m1} -> {m2} bytes, over {keep} runs' worth ({m1 - m0} bytes each, the first run's)");
         if (end.State.Files > warm.State.Files) findings.Add($"state folder files {warm.State.Files} -> {end.State.Files}");
         if (end.Data.Files > warm.Data.Files) findings.Add($"files written under the data folder {warm.Data.Files} -> {end.Data.Files}");
         var bad = _runs.Where(r => !r.BitIdentical).Select(r => $"{r.RunId} ({r.State}, {r.Epochs}/{r.EpochsWanted} epochs{(r.State == "completed" && r.Epochs == r.EpochsWanted ? ", bits differ" : "")}{(r.Error is null ? "" : ": " + r.Error)})").ToArray();
@@ -654,7 +667,7 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
         Row("redis keys (DBSIZE)", start.Redis.Keys, warm.Redis.Keys, end.Redis.Keys, $"{end.Redis.RunKeys} of runs, {end.Redis.DirectoryKeys} grain directory");
         Row("redis keys of no run", start.Redis.OtherKeys, warm.Redis.OtherKeys, end.Redis.OtherKeys, "membership, registry");
         Row("redis keys per run (max)", start.Redis.KeysPerRunMax, warm.Redis.KeysPerRunMax, end.Redis.KeysPerRunMax, $"min {end.Redis.KeysPerRunMin}: a run's state, checkpoints, live directory entries");
-        Row("redis used_memory bytes", start.Redis.UsedMemoryBytes, warm.Redis.UsedMemoryBytes, end.Redis.UsedMemoryBytes, "stored runs are kept: grows per run by design");
+        Row("redis used_memory bytes", start.Redis.UsedMemoryBytes, warm.Redis.UsedMemoryBytes, end.Redis.UsedMemoryBytes, $"at most {options.KeepFinishedRuns} finished runs kept (--keep-finished-runs)");
         Row("redis membership rows", start.Redis.MembershipRows, warm.Redis.MembershipRows, end.Redis.MembershipRows, "one per silo start; Orleans keeps dead silos' rows");
         Row("redis append-only bytes", start.Redis.AofBytes, warm.Redis.AofBytes, end.Redis.AofBytes, "every checkpoint is appended; rewritten past 64 MB");
         Row("state folder files", start.State.Files, warm.State.Files, end.State.Files, "cluster.sh's state without redis/");

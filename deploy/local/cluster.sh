@@ -86,6 +86,9 @@ silo_env() {
     if [ "$DISTINCT" = 1 ]; then echo "BACKPROP_PRIMARY=127.0.0.2:$SILO_PORT"; else echo "BACKPROP_PRIMARY=127.0.0.1:$SILO_PORT"; fi
   fi
   [ -n "$DATA" ] && echo "BACKPROP_DATA=$DATA"
+  # Retention of finished runs, when the caller sets it (bench soak does).
+  [ -n "${BACKPROP_KEEP_FINISHED_RUNS:-}" ] && echo "BACKPROP_KEEP_FINISHED_RUNS=$BACKPROP_KEEP_FINISHED_RUNS"
+  [ -n "${BACKPROP_KEEP_FINISHED_DAYS:-}" ] && echo "BACKPROP_KEEP_FINISHED_DAYS=$BACKPROP_KEEP_FINISHED_DAYS"
   if [ -n "${TLS:-}" ]; then
     echo "BACKPROP_TLS_CERT=$TLS/silo.pem"
     echo "BACKPROP_TLS_KEY=$TLS/silo.key"

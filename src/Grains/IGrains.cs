@@ -19,6 +19,11 @@ public interface IRunGrain : IGrainWithStringKey
     Task<RunStatus> Resume();
     /// <summary>The parameters after the last applied step.</summary>
     Task<TrainedModel> GetModel();
+    /// <summary>
+    /// Deletes a finished run's record and its shards' stored state. Only for a run the run list no longer holds: the
+    /// list calls it for the finished runs its retention policy evicts; anything else is refused.
+    /// </summary>
+    Task Forget();
 }
 
 /// <summary>
@@ -53,6 +58,13 @@ public interface IParameterShardGrain : IGrainWithStringKey
     Task<ParameterVersion> GetParameters();
     /// <summary>Stores the current version, which must be <paramref name="step"/>, as a checkpoint (the older of two slots).</summary>
     Task Checkpoint(int incarnation, long step);
+    /// <summary>
+    /// The run is stored as completed at version <paramref name="step"/>: every stored slot but that version's is deleted
+    /// and the activation lets its buffers go (the final parameters stay readable).
+    /// </summary>
+    Task Retire(int incarnation, long step);
+    /// <summary>Deletes the shard's stored state (fence, checkpoints) once its run's record is gone; refused while it exists.</summary>
+    Task Forget();
 }
 
 /// <summary>Computes chunk gradient sums and evaluations (key: "{runId}/{incarnation}.{generation}/{index}"). Stateless beyond caches.</summary>
@@ -80,6 +92,9 @@ public interface IRunRegistryGrain : IGrainWithStringKey
     Task Update(RunSummary summary);
     Task<RunSummary[]> List();
     Task<string[]> Running();
+    /// <summary>Whether the list holds <paramref name="runId"/> (a run it evicted is no longer held).</summary>
+    [AlwaysInterleave]
+    Task<bool> Lists(string runId);
     /// <summary>Endpoints of the active silos that host workers: a cluster run's default worker count is their number.</summary>
     Task<string[]> WorkerSilos();
 }

@@ -93,7 +93,7 @@ public sealed class ParameterShardGrain(
         if (spec is null) throw new ArgumentException("no run spec");
         spec.Validate();
         if (incarnation < 1) throw new ArgumentException($"incarnation {incarnation} is not positive");
-        string key = this.GetPrimaryKeyString(), runId = key[..Math.Max(0, key.LastIndexOf('/'))];
+        string key = this.GetPrimaryKeyString(), runId = RunIdOfKey();
         Backprop.Core.RunIds.Validate(runId);
         // Placement reads "x/-1" or "x/07" as shard 0 or 7 too: only the key the coordinator uses may hold a slice.
         if (key != $"{runId}/{Shard}") throw new ArgumentException($"shard key '{key}' is not {{run id}}/{{shard number}}");
@@ -290,6 +290,38 @@ public sealed class ParameterShardGrain(
             slot.State = before;
             throw;
         }
+    }
+
+    public async Task Retire(int incarnation, long step)
+    {
+        CheckOwner(incarnation);
+        var run = await StoredRuns.Read(ServiceProvider, GrainFactory, RunIdOfKey());
+        // Only a completed run: a running, cancelled or failed one may still need its other version to go on from.
+        if (run?.State != RunState.Completed)
+            throw new InvalidOperationException($"shard {Shard}: run '{RunIdOfKey()}' is {run?.State.ToString().ToLowerInvariant() ?? "not stored"}, not completed");
+        if (Stored(step) is null) throw new InvalidOperationException($"shard {Shard} holds no stored version {step}");
+        foreach (var slot in new[] { slotA, slotB })
+            if (slot.RecordExists && slot.State.Step != step) await slot.ClearStateAsync();
+        DeactivateOnIdle();
+    }
+
+    public async Task Forget()
+    {
+        string runId = RunIdOfKey();
+        Backprop.Core.RunIds.Validate(runId);
+        if (await StoredRuns.Read(ServiceProvider, GrainFactory, runId) is not null)
+            throw new InvalidOperationException($"run '{runId}' is stored: its shards' state goes only with its record");
+        foreach (var state in new Orleans.Core.IStorage[] { slotA, slotB, fence })
+            if (state.RecordExists) await state.ClearStateAsync();
+        EndGather(new ShardMovedException($"shard {Shard}: its run was deleted"));
+        DeactivateOnIdle();
+    }
+
+    /// <summary>"run" of this grain's key "run/j".</summary>
+    private string RunIdOfKey()
+    {
+        string key = this.GetPrimaryKeyString();
+        return key[..Math.Max(0, key.LastIndexOf('/'))];
     }
 
     /// <summary>The checks of a push that need the spec; returns the step's block count.</summary>

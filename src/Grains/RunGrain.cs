@@ -176,6 +176,21 @@ public sealed class RunGrain(
         return new TrainedModel(spec, current.Parameters, current.Step);
     }
 
+    public async Task Forget()
+    {
+        Journal.ThrowIfFenced();
+        if (Record.Spec is not { } spec) return;   // nothing stored
+        if (LoopActive || Record.State is RunState.Running or RunState.NotStarted)
+            throw new InvalidOperationException($"run '{RunId}' is {Record.State.ToString().ToLowerInvariant()}: only a finished run is deleted");
+        if (await GrainFactory.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).Lists(RunId))
+            throw new InvalidOperationException($"run '{RunId}' is in the run list: it is deleted only when the list's retention policy evicts it");
+        // The record first: the shards delete their state only once it is gone, and a run without a record is never attached again.
+        await record.ClearStateAsync();
+        await Task.WhenAll(Enumerable.Range(0, spec.ServerShards).Select(j => GrainFactory.GetGrain<IParameterShardGrain>($"{RunId}/{j}").Forget()));
+        logger.LogInformation("Run {Run} deleted (evicted from the run list)", RunId);
+        DeactivateOnIdle();
+    }
+
     private RunStatus Status(int knownEpochs)
     {
         var r = record.State;
@@ -269,8 +284,29 @@ public sealed class RunGrain(
         {
             // Still stored as running: the next status call or watchdog sweep starts a loop that finds the end again.
             logger.LogError(e, "Run {Run}: could not store its final state", RunId);
+            EndLoop();
+            return;
         }
+        if (final == RunState.Completed) await Retire(spec);
         EndLoop();
+    }
+
+    /// <summary>
+    /// A completed run keeps its final parameters and nothing else: the shards drop their other checkpoint slot and
+    /// their buffers. A failure costs storage, never the run.
+    /// </summary>
+    private async Task Retire(RunSpec spec)
+    {
+        try
+        {
+            long final = Record.Epochs[^1].Steps;
+            await Task.WhenAll(Enumerable.Range(0, spec.ServerShards).Select(j =>
+                GrainFactory.GetGrain<IParameterShardGrain>($"{RunId}/{j}").Retire(Record.Incarnation, final)));
+        }
+        catch (Exception e)
+        {
+            logger.LogWarning("Run {Run}: its shards kept their older checkpoints ({Error})", RunId, e.Message);
+        }
     }
 
     private void EndLoop()

@@ -1,6 +1,7 @@
 using Backprop.Grains.Hosting;
 using Orleans.Storage;
 using Backprop.Grains.Messages;
+using Microsoft.Extensions.Logging;
 
 namespace Backprop.Grains;
 
@@ -11,19 +12,37 @@ public sealed class RunList
 }
 
 /// <summary>
+/// How long finished runs (completed, failed, cancelled, diverged) are kept, record, checkpoints and all: at most
+/// <see cref="Runs"/> of them, none older than <see cref="Age"/> since its last update. Evicted runs are deleted.
+/// </summary>
+public sealed record Retention(int Runs = Retention.DefaultRuns, TimeSpan? MaxAge = null)
+{
+    public const int DefaultRuns = 10_000;
+    public static readonly TimeSpan DefaultAge = TimeSpan.FromDays(30);
+
+    public TimeSpan Age => MaxAge ?? DefaultAge;
+
+    public void Validate()
+    {
+        if (Runs < 1 || Runs > RunRegistryGrain.MaxRuns) throw new ArgumentException($"keep-finished-runs: {Runs} is outside 1..{RunRegistryGrain.MaxRuns}");
+        if (!(Age > TimeSpan.Zero)) throw new ArgumentException($"keep-finished-days: {Age.TotalDays} is not positive");
+    }
+}
+
+/// <summary>
 /// The cluster's runs, newest summary of each. Stored, so a whole-cluster restart finds them again. Only runs with a
 /// stored record get in (every silo's watchdog calls each running run in the list every sweep, so made-up ids would cost
-/// the whole cluster), finished runs leave after <see cref="FinishedKept"/>, and the list never holds more than
-/// <see cref="MaxRuns"/>.
+/// the whole cluster); finished runs are evicted by the <see cref="Retention"/> policy and then deleted from storage
+/// (<see cref="IRunGrain.Forget"/>), so that a cluster that trains around the clock keeps a bounded store; the list
+/// never holds more than <see cref="MaxRuns"/>.
 /// </summary>
 public sealed class RunRegistryGrain(
-    [PersistentState("registry", SiloSetup.StorageName)] IPersistentState<RunList> list, WorkerSilos workerSilos) : Grain, IRunRegistryGrain
+    [PersistentState("registry", SiloSetup.StorageName)] IPersistentState<RunList> list, WorkerSilos workerSilos, Retention retention,
+    ILogger<RunRegistryGrain> logger) : Grain, IRunRegistryGrain
 {
     public const string Key = "all";
-    /// <summary>Keeps the stored list (one grain state, written whole at every update) bounded; the oldest finished runs are dropped first.</summary>
+    /// <summary>Keeps the stored list (one grain state, written whole at every update) bounded.</summary>
     public const int MaxRuns = 10_000;
-    /// <summary>How long a finished run stays listed after its last update (`runs` shows what finished lately; its record stays in storage).</summary>
-    public static readonly TimeSpan FinishedKept = TimeSpan.FromDays(30);
 
     public async Task Update(RunSummary summary)
     {
@@ -43,19 +62,41 @@ public sealed class RunRegistryGrain(
             throw new ArgumentException($"run '{summary.RunId}' is stored as {run.State}, not {summary.State}");
         // Stamped here, not by the caller: eviction by age must not depend on a caller's clock.
         var now = DateTime.UtcNow;
+        var before = list.State.Runs;
         await Write(runs =>
         {
             bool added = !runs.ContainsKey(summary.RunId);
             runs[summary.RunId] = summary with { Updated = now };
-            foreach (var old in runs.Values.Where(r => r.State != RunState.Running && now - r.Updated > FinishedKept).ToArray())
+            // The run being updated stays: it is the newest, and its coordinator may be the caller.
+            var finished = runs.Values.Where(r => r.State != RunState.Running && r.RunId != summary.RunId).OrderBy(r => r.Updated).ToList();
+            int over = Math.Max(finished.Count + (summary.State == RunState.Running ? 0 : 1) - retention.Runs, runs.Count - MaxRuns);
+            foreach (var old in finished.Where((r, i) => i < over || now - r.Updated > retention.Age).ToArray())
                 runs.Remove(old.RunId);
-            if (runs.Count > MaxRuns)
-                foreach (var old in runs.Values.Where(r => r.State != RunState.Running).OrderBy(r => r.Updated).Take(runs.Count - MaxRuns).ToArray())
-                    runs.Remove(old.RunId);
             if (added && runs.Count > MaxRuns)
                 throw new InvalidOperationException($"the run list is full: {MaxRuns} runs are running");
         });
+        // Deleted outside this call's turn: a run's Forget asks whether it is still listed, and its coordinator may be
+        // waiting for this grain.
+        string[] evicted = [.. before.Keys.Where(id => !list.State.Runs.ContainsKey(id))];
+        if (evicted.Length > 0) _ = Delete(evicted);
     }
+
+    private async Task Delete(string[] runIds)
+    {
+        foreach (string runId in runIds)
+        {
+            try
+            {
+                await GrainFactory.GetGrain<IRunGrain>(runId).Forget();
+            }
+            catch (Exception e)
+            {
+                logger.LogWarning("Run {Run} left the run list but could not be deleted: {Error}", runId, e.Message);
+            }
+        }
+    }
+
+    public Task<bool> Lists(string runId) => Task.FromResult(runId is not null && list.State.Runs.ContainsKey(runId));
 
     /// <summary>Changes a copy of the list and stores it; the list in memory changes only once the write succeeded.</summary>
     private async Task Write(Action<Dictionary<string, RunSummary>> change)

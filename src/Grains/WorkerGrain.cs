@@ -14,7 +14,9 @@ namespace Backprop.Grains;
 /// buffers, the parameters of one version), so losing it loses nothing: the coordinator re-sends the work
 /// elsewhere. Every message is checked against the spec before anything is allocated for it.
 /// </summary>
-[SpreadPlacement]
+// Caches only, and a worker grain per run generation: a finished run's workers let their buffers go after minutes,
+// not Orleans' default quarter of an hour (a window call keeps a live one busy; one collected early only reloads).
+[SpreadPlacement, CollectionAgeLimit(Minutes = 2)]
 public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, ILocalSiloDetails silo) : Grain, IWorkerGrain
 {
     private StepGradient? _gradient;

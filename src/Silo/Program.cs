@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Backprop.Core.Data;
+using Backprop.Grains;
 using Backprop.Grains.Hosting;
 using Backprop.Silo;
 using Microsoft.Extensions.DependencyInjection;
@@ -32,6 +33,8 @@ var httpPort = Opt("--http-port", "BACKPROP_HTTP_PORT", 0, "Port of /healthz and
 var httpBind = Opt("--http-bind", "BACKPROP_HTTP_BIND", "127.0.0.1", "Address /healthz and /readyz listen on (0.0.0.0 in a pod, for the kubelet's probes)");
 var dataset = Opt("--dataset", "BACKPROP_DATASET", "mnist", "Data set a worker silo loads at start; /readyz waits for it");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
+var keepFinishedRuns = Opt("--keep-finished-runs", "BACKPROP_KEEP_FINISHED_RUNS", Retention.DefaultRuns, "Finished runs kept (record, checkpoints, final model); the oldest beyond are deleted");
+var keepFinishedDays = Opt("--keep-finished-days", "BACKPROP_KEEP_FINISHED_DAYS", Retention.DefaultAge.TotalDays, "Days a finished run is kept after its last update; older ones are deleted");
 var tlsCert = Opt("--tls-cert", TlsFiles.CertEnv, "", "TLS with mutual authentication: this silo's certificate (PEM, with --tls-key; or a PFX without password)");
 var tlsKey = Opt("--tls-key", TlsFiles.KeyEnv, "", "TLS: the PEM private key of --tls-cert");
 var tlsCa = Opt("--tls-ca", TlsFiles.CaEnv, "", "TLS: PEM CA that signed every silo's and client's certificate (the only one trusted)");
@@ -40,7 +43,7 @@ var tlsPeerName = Opt("--tls-peer-name", TlsFiles.PeerNameEnv, "", "TLS: DNS nam
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
     clusterId, siloPort, gatewayPort, primary, redis, redisPasswordFile, redisTls, redisCa, redisWait, hostAddress, kubernetes, shutdownTimeout, dataDir, name,
-    probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads, tlsCert, tlsKey, tlsCa, tlsPeerName,
+    probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads, keepFinishedRuns, keepFinishedDays, tlsCert, tlsKey, tlsCa, tlsPeerName,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -55,6 +58,7 @@ root.SetAction(async (parse, cancel) =>
     SiloRole siloRole;
     System.Net.IPAddress? healthBind;
     TlsFiles? tls;
+    Retention retention;
     try
     {
         siloRole = SiloRoles.Parse(parse.GetValue(role)!);
@@ -67,6 +71,10 @@ root.SetAction(async (parse, cancel) =>
         if (!System.Net.IPAddress.TryParse(parse.GetValue(httpBind), out healthBind)) throw new ArgumentException($"--http-bind: '{parse.GetValue(httpBind)}' is not an IP address");
         Backprop.Core.Data.DatasetCatalog.Get(parse.GetValue(dataset)!);
         if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
+        double keepDays = parse.GetValue(keepFinishedDays);
+        if (!(keepDays > 0 && keepDays <= 36_500)) throw new ArgumentException("--keep-finished-days must be in (0, 36500]");
+        retention = new Retention(parse.GetValue(keepFinishedRuns), TimeSpan.FromDays(keepDays));
+        retention.Validate();
         primaryEndpoint = parse.GetValue(primary) is { Length: > 0 } p ? LocalClustering.ParseEndpoint(p, "--primary") : null;
         if (parse.GetValue(redis) is { Length: > 0 } r)
         {
@@ -121,7 +129,7 @@ root.SetAction(async (parse, cancel) =>
                 o.GrainStorageSerializer = new Orleans.Storage.OrleansGrainStorageSerializer(services.GetRequiredService<Orleans.Serialization.Serializer>())));
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
-        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole);
+        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole, retention: retention);
         if (tls is not null) s.UseBackpropTls(tls);
     });
     builder.Services.AddHostedService<MembershipLog>();

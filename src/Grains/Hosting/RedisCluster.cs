@@ -34,6 +34,8 @@ public static class RedisCluster
         silo.AddRedisGrainStorage(SiloSetup.StorageName, b => b.Configure<IServiceProvider>((o, services) =>
         {
             o.ConfigurationOptions = redis.Options();
+            // A deleted run (evicted by the run list's retention) leaves no keys behind, not empty ones.
+            o.DeleteStateOnClear = true;
             // Orleans' own binary format: parameter vectors are FloatPayloads with their own codec, which JSON would spell out float by float.
             o.GrainStorageSerializer = new OrleansGrainStorageSerializer(services.GetRequiredService<Serializer>());
         }));

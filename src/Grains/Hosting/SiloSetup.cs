@@ -17,16 +17,19 @@ public static class SiloSetup
 
     /// <summary>
     /// What every silo of a Backprop cluster needs, whatever its clustering: its role (which grains it hosts),
-    /// placement, datasets, the run watchdog, and how many threads each worker may use for one chunk (1 by default, so that several workers
+    /// placement, datasets, the run watchdog, how long finished runs are kept (<see cref="Retention"/>), and how many threads each worker may use for one chunk (1 by default, so that several workers
     /// sharing a machine do not oversubscribe its cores; results do not depend on it).
     /// Grain storage is not registered here: the caller registers one named <see cref="StorageName"/> that
     /// suits its clustering (files for the embedded silo and test clusters, Redis for a Redis cluster).
     /// </summary>
     public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1,
-        bool keepRunsGoing = true, SiloRole role = SiloRole.All)
+        bool keepRunsGoing = true, SiloRole role = SiloRole.All, Retention? retention = null)
     {
         if (threadsPerWorker < 1 || threadsPerWorker > 256) throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..256");
+        retention ??= new Retention();
+        retention.Validate();
         silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing, role));
+        silo.Services.AddSingleton(retention);
         silo.Services.AddBackpropExceptions();
         silo.Services.AddSingleton<WorkerSilos>();
         silo.ApplyRole(role);

@@ -258,6 +258,7 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
                 ["IRunGrain.Cancel"] = (r, say) => Run(r, say, victimToo: false).Cancel(),
                 ["IRunGrain.Resume"] = (r, say) => Run(r, say, victimToo: true).Resume(),
                 ["IRunGrain.GetModel"] = (r, say) => Run(r, say, victimToo: true).GetModel(),
+                ["IRunGrain.Forget"] = (r, say) => Run(r, say, victimToo: true).Forget(),
                 ["IParameterShardGrain.Attach"] = Attach,
                 ["IParameterShardGrain.MoveTo"] = MoveTo,
                 ["IParameterShardGrain.Push"] = Push,
@@ -268,12 +269,19 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
                     var shard = Shard(r, say, out var run, out int j);
                     return shard.Checkpoint(Say(say, Incarnation(r, run)), Say(say, Step(r, run, j)));
                 },
+                ["IParameterShardGrain.Retire"] = (r, say) =>
+                {
+                    var shard = Shard(r, say, out var run, out int j);
+                    return shard.Retire(Say(say, Incarnation(r, run)), Say(say, Step(r, run, j)));
+                },
+                ["IParameterShardGrain.Forget"] = (r, say) => Shard(r, say, out _, out _).Forget(),
                 ["IWorkerGrain.ComputeBlock"] = ComputeBlock,
                 ["IWorkerGrain.Evaluate"] = Evaluate,
                 ["IRunRegistryGrain.Update"] = (r, say) => Registry(r, say).Update(Say(say, Summary(r))!),
                 ["IRunRegistryGrain.List"] = (r, say) => Registry(r, say).List(),
                 ["IRunRegistryGrain.Running"] = (r, say) => Registry(r, say).Running(),
                 ["IRunRegistryGrain.WorkerSilos"] = (r, say) => Registry(r, say).WorkerSilos(),
+                ["IRunRegistryGrain.Lists"] = (r, say) => Registry(r, say).Lists(Say(say, RunId(r))),
             };
         }
 

@@ -33,7 +33,7 @@ public sealed class RunRegistryTests
 
         // What a store holds after a while: finished runs older than the limit, a recent one, and a running entry
         // whose run record is gone (a cleared store, or listed before runs were checked).
-        var old = now - RunRegistryGrain.FinishedKept - TimeSpan.FromDays(1);
+        var old = now - Retention.DefaultAge - TimeSpan.FromDays(1);
         await Plant(fixture,
         [
             Summary("old-done", RunState.Completed, old), Summary("old-failed", RunState.Failed, old),
@@ -96,14 +96,78 @@ public sealed class RunRegistryTests
         }
     }
 
-    private static async Task<ClusterFixture> Start()
+    [Fact]
+    public async Task Finished_runs_beyond_the_retention_are_deleted_with_their_shards_and_a_completed_run_keeps_only_its_final_version()
     {
-        var fixture = new ClusterFixture(240, 100);
+        await using var fixture = await Start(new Retention(Runs: 2));
+        var client = fixture.Cluster.Client;
+        var registry = client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
+        var spec = Presets.PyTorchMlp with { Epochs = 2, Workers = 2, Seed = 43, ServerShards = 2, CheckpointEvery = 3 };
+
+        var first = await RunToEnd(client, "kept-1", spec);
+        long final = first.Epochs[^1].Steps;
+        for (int j = 0; j < spec.ServerShards; j++)
+        {
+            // One slot left, holding the last version; the other (an earlier checkpoint) is gone.
+            var slots = new[] { await Stored<ShardCheckpoint>(fixture, $"kept-1/{j}", "checkpoint-a"), await Stored<ShardCheckpoint>(fixture, $"kept-1/{j}", "checkpoint-b") };
+            Assert.Equal([final], slots.Where(s => s.RecordExists).Select(s => s.State!.Step));
+        }
+        Assert.Equal(first.Epochs[^1].ParameterSha256, await ModelHash(client, "kept-1"));
+
+        // Listed runs and stored records are not deleted on request.
+        Assert.Contains("in the run list", (await Assert.ThrowsAsync<InvalidOperationException>(() => client.GetGrain<IRunGrain>("kept-1").Forget())).Message);
+        Assert.Contains("is stored", (await Assert.ThrowsAsync<InvalidOperationException>(() => client.GetGrain<IParameterShardGrain>("kept-1/0").Forget())).Message);
+
+        var second = await RunToEnd(client, "kept-2", spec with { Seed = 44 });
+        Assert.True((await Stored<RunRecord>(fixture, "kept-1", "run")).RecordExists, "2 finished runs are within the retention");
+        var third = await RunToEnd(client, "kept-3", spec with { Seed = 45 });
+
+        // The third finished run evicted the first, which is then deleted: its record and every shard's state.
+        async Task<string[]> Left()
+        {
+            var left = new List<string>();
+            if ((await Stored<RunRecord>(fixture, "kept-1", "run")).RecordExists) left.Add("the run's record");
+            for (int j = 0; j < spec.ServerShards; j++)
+            {
+                if ((await Stored<ShardFence>(fixture, $"kept-1/{j}", "fence")).RecordExists) left.Add($"shard {j}'s fence");
+                foreach (string slot in new[] { "checkpoint-a", "checkpoint-b" })
+                    if ((await Stored<ShardCheckpoint>(fixture, $"kept-1/{j}", slot)).RecordExists) left.Add($"shard {j}'s {slot}");
+            }
+            return [.. left];
+        }
+        var clock = Stopwatch.StartNew();
+        while ((await Left()).Length > 0 && clock.Elapsed < TimeSpan.FromSeconds(60)) await Task.Delay(20);
+        Assert.Empty(await Left());
+        Assert.Equal(["kept-2", "kept-3"], (await registry.List()).Select(r => r.RunId).Order());
+        var gone = await client.GetGrain<IRunGrain>("kept-1").GetStatus();
+        Assert.Equal(RunState.NotStarted, gone.State);
+        Assert.Null(gone.Spec);
+        // The kept runs' models are whole.
+        Assert.Equal(second.Epochs[^1].ParameterSha256, await ModelHash(client, "kept-2"));
+        Assert.Equal(third.Epochs[^1].ParameterSha256, await ModelHash(client, "kept-3"));
+    }
+
+    private static async Task<GrainState<T>> Stored<T>(ClusterFixture fixture, string key, string stateName)
+    {
+        var storage = fixture.Cluster.Silos[0].ServiceProvider.GetRequiredKeyedService<IGrainStorage>(SiloSetup.StorageName);
+        var client = fixture.Cluster.Client;
+        var id = stateName != "run" ? client.GetGrain<IParameterShardGrain>(key).GetGrainId() : client.GetGrain<IRunGrain>(key).GetGrainId();
+        var state = new GrainState<T>();
+        await storage.ReadStateAsync(stateName, id, state);
+        return state;
+    }
+
+    private static async Task<string> ModelHash(IClusterClient client, string runId) =>
+        Backprop.Core.ParameterHash.Sha256((await client.GetGrain<IRunGrain>(runId).GetModel()).Parameters.Span);
+
+    private static async Task<ClusterFixture> Start(Retention? retention = null)
+    {
+        var fixture = new ClusterFixture(240, 100, retention: retention);
         await fixture.InitializeAsync();
         return fixture;
     }
 
-    private static async Task RunToEnd(IClusterClient client, string runId, RunSpec spec)
+    private static async Task<RunStatus> RunToEnd(IClusterClient client, string runId, RunSpec spec)
     {
         var run = client.GetGrain<IRunGrain>(runId);
         var status = await run.Start(spec);
@@ -111,6 +175,7 @@ public sealed class RunRegistryTests
         while (!status.IsFinished && clock.Elapsed < TimeSpan.FromSeconds(60))
             status = await run.WaitForFinish(TimeSpan.FromSeconds(5));
         Assert.True(status.State == RunState.Completed, $"{status.State}: {status.Error}");
+        return status;
     }
 
     /// <summary>Writes entries into the stored list (replacing it or added to it), then has the registry read it afresh.</summary>
