@@ -196,16 +196,35 @@ public sealed class ParameterShardGrain(
     public async Task<PushReply> Push(GradientPush push)
     {
         if (push is null) throw new ArgumentException("no push");
+        Task<PushReply> reply;
+        try
+        {
+            reply = Take(push);
+        }
+        finally
+        {
+            // Taken in (copied, combined or applied) or refused: either way the received array goes back to the pool.
+            push.Gradient?.Release();
+        }
+        try
+        {
+            return await reply.WaitAsync(PushWait);
+        }
+        catch (TimeoutException)
+        {
+            return Reply(null, null, 0);   // the step waits for other blocks; the worker pulls the version when it needs it
+        }
+    }
+
+    /// <summary>Takes a block in, during the call; the task completes when its step is applied.</summary>
+    private Task<PushReply> Take(GradientPush push)
+    {
         CheckPositioned();
         CheckOwner(push.Incarnation);
         var spec = _spec!;
         if (push.Session != _session) throw new ShardMovedException($"shard {Shard} was attached again since this block's step was sent");
-        if (push.Step == _step - 1)
-        {
-            // A redone block of an applied step: the version it made, once its loss is known in this session.
-            push.Gradient?.Release();
-            return _lastStep?.Step == _step ? Reply(Current(), null, 0) : Reply(null, null, 0);
-        }
+        if (push.Step == _step - 1)   // a redone block of an applied step: the version it made, once its loss is known in this session
+            return Task.FromResult(_lastStep?.Step == _step ? Reply(Current(), null, 0) : Reply(null, null, 0));
         if (push.Step != _step) throw new ShardMovedException($"shard {Shard} is at version {_step}; a block of step {push.Step} arrived");
         int count = CheckPush(spec, push);
 
@@ -234,16 +253,7 @@ public sealed class ParameterShardGrain(
             if (++_arrivedCount == count) Apply(spec, push.Block, push.Gradient.Memory);
             else Gather(push.Block, push.Gradient.Span, (_samples + spec.ChunkSize - 1) / spec.ChunkSize);
         }
-        push.Gradient.Release();
-
-        try
-        {
-            return await waiter.Task.WaitAsync(PushWait);
-        }
-        catch (TimeoutException)
-        {
-            return Reply(null, null, 0);   // the step waits for other blocks; the worker pulls the version when it needs it
-        }
+        return waiter.Task;
     }
 
     public Task<ParameterVersion> Pull(long session, long step)

@@ -109,11 +109,13 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
 
     /// <summary>
     /// A response timeout or a silo out of reach: the call hung or took something down. A runtime error of unchecked
-    /// input: a value reached code that took it for valid (in a grain, or in this test's generators). An exception
-    /// that could not cross the wire: the caller would not learn why its call failed.
+    /// input: a value reached code that took it for valid (in a grain, or in this test's generators); Core's own
+    /// range guards (ArgumentOutOfRangeException) count too, since the grains must refuse such values with an
+    /// ArgumentException of their own before. An exception that could not cross the wire: the caller would not
+    /// learn why its call failed.
     /// </summary>
     private static bool Breaks(Exception e) =>
-        e is TimeoutException or SiloUnavailableException or OrleansMessageRejectionException or OutOfMemoryException
+        e is TimeoutException or SiloUnavailableException or OrleansMessageRejectionException or OutOfMemoryException or ArgumentOutOfRangeException
             or NullReferenceException or IndexOutOfRangeException or DivideByZeroException or OverflowException or InvalidCastException
             or Orleans.Serialization.CodecNotFoundException;
 
