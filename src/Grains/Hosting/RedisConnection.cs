@@ -178,8 +178,12 @@ public sealed class RedisTls
     /// <summary>The PEM file of the only CA trusted; null: the system's roots.</summary>
     public string? CaPath { get; }
 
-    /// <summary>Why this side last refused Redis' certificate; null when it has not.</summary>
-    public string? Rejection { get; private set; }
+    /// <summary>
+    /// Why this side refused Redis' certificate at its last check; null when that check passed or there was none. Written
+    /// by the Redis client's connection threads and read by the thread deciding whether to wait, hence volatile.
+    /// </summary>
+    public string? Rejection => _rejection;
+    private volatile string? _rejection;
 
     public string Description => CaPath is null ? "TLS, the system's CAs" : $"TLS, CA {CaPath}";
 
@@ -215,7 +219,7 @@ public sealed class RedisTls
         else if (errors.HasFlag(SslPolicyErrors.RemoteCertificateNameMismatch)) reason = $"Redis' certificate '{certificate.Subject}' does not name the host dialled";
         else if (_authorities is null) reason = errors == SslPolicyErrors.None ? null : $"Redis' certificate '{certificate.Subject}' is not trusted by this system ({errors})";
         else reason = TlsFiles.ChainError(certificate, _authorities, chain) is { } error ? $"Redis' certificate is not signed by the CA in {CaPath}: {error}" : null;
-        Rejection = reason;
+        _rejection = reason;
         return reason is null;
     }
 }
