@@ -36,9 +36,10 @@ public interface IParameterShardGrain : IGrainWithStringKey
     /// <summary>
     /// A coordinator of incarnation <paramref name="incarnation"/> takes over the run (stored before it counts):
     /// pushes of older incarnations are refused from then on. Only the spec and incarnation that the run's stored
-    /// record holds, while it is running, are accepted. Returns the versions this shard can move to.
+    /// record holds, while it is running, from the caller that holds the record's <see cref="RunRecord.CoordinatorKey"/>,
+    /// are accepted. Returns the versions this shard can move to.
     /// </summary>
-    Task<ShardPosition> Attach(RunSpec spec, int incarnation);
+    Task<ShardPosition> Attach(RunSpec spec, int incarnation, long coordinatorKey);
     /// <summary>
     /// Moves the shard to version <paramref name="step"/> (one it holds in memory, a stored checkpoint, or 0: initial)
     /// for the coordinator's attach <paramref name="session"/>: pushes and pulls of other sessions are refused from then on.

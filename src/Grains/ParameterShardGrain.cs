@@ -88,7 +88,7 @@ public sealed class ParameterShardGrain(
     private int Shard => SpreadPlacementDirector.IndexOf(this.GetPrimaryKeyString());
     private string SiloName => _siloName ??= silo.SiloAddress.Endpoint.ToString();
 
-    public async Task<ShardPosition> Attach(RunSpec spec, int incarnation)
+    public async Task<ShardPosition> Attach(RunSpec spec, int incarnation, long coordinatorKey)
     {
         if (spec is null) throw new ArgumentException("no run spec");
         spec.Validate();
@@ -99,7 +99,7 @@ public sealed class ParameterShardGrain(
         if (key != $"{runId}/{Shard}") throw new ArgumentException($"shard key '{key}' is not {{run id}}/{{shard number}}");
         if (Shard >= spec.ServerShards) throw new ArgumentException($"shard {Shard} of a run with {spec.ServerShards} shards");
         if (fence.State.Spec is { } stored && stored != spec) throw new ArgumentException($"shard {this.GetPrimaryKeyString()} holds a different run");
-        await CheckCoordinator(runId, spec, incarnation);
+        await CheckCoordinator(runId, spec, incarnation, coordinatorKey);
         if (incarnation < fence.State.Incarnation)
             throw new StaleCoordinatorException($"coordinator incarnation {incarnation} is superseded by {fence.State.Incarnation}");
         if (incarnation > fence.State.Incarnation || fence.State.Spec is null)
@@ -138,7 +138,7 @@ public sealed class ParameterShardGrain(
     /// the run off for good, and a run id that was never started would get a shard of a spec the run never had.
     /// The record is read from storage (<see cref="StoredRuns"/>), never asked of the coordinator, which awaits this call.
     /// </summary>
-    private async Task CheckCoordinator(string runId, RunSpec spec, int incarnation)
+    private async Task CheckCoordinator(string runId, RunSpec spec, int incarnation, long coordinatorKey)
     {
         var run = await StoredRuns.Read(ServiceProvider, GrainFactory, runId)
             ?? throw new ArgumentException($"no run '{runId}' is stored: shards attach only to a started run's coordinator");
@@ -150,6 +150,9 @@ public sealed class ParameterShardGrain(
         // The record says who may drive the run; a stopped run has no coordinator, and a loop that finds it so must stop.
         if (run.State != RunState.Running)
             throw new StaleCoordinatorException($"run '{runId}' is {run.State.ToString().ToLowerInvariant()}: no coordinator drives it");
+        // The incarnation is no secret (a small count); the key is, and only the coordinator that stored it has it.
+        if (coordinatorKey != run.CoordinatorKey)
+            throw new ArgumentException($"the caller is not run '{runId}''s coordinator (its key does not match the record's)");
     }
 
     public Task MoveTo(int incarnation, long session, long step)

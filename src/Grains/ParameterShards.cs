@@ -27,9 +27,9 @@ internal sealed class ParameterShards
     /// Takes every shard over for <paramref name="incarnation"/> and moves them all to the latest version each of
     /// them holds (in memory or stored; version 0 always): the run goes on from there.
     /// </summary>
-    public async Task<(long Step, double EpochLossSum, long CheckpointStep)> Attach(int incarnation)
+    public async Task<(long Step, double EpochLossSum, long CheckpointStep)> Attach(int incarnation, long coordinatorKey)
     {
-        var positions = await Task.WhenAll(_shards.Select(s => s.Attach(_spec, incarnation)));
+        var positions = await Task.WhenAll(_shards.Select(s => s.Attach(_spec, incarnation, coordinatorKey)));
         for (int j = 0; j < positions.Length; j++) Silos[j] = positions[j].Silo;
         var common = positions[0].Steps.AsEnumerable();
         foreach (var p in positions.Skip(1)) common = common.Intersect(p.Steps);

@@ -18,10 +18,16 @@ public sealed class RunRecord
     [Id(4)] public int Incarnation { get; set; }
     [Id(5)] public List<RunEvent> Events { get; set; } = [];
     [Id(6)] public string? DatasetSha256 { get; set; }
+    /// <summary>
+    /// A random number drawn by each incarnation as it claims the run, never sent to a client: the shards attach only to
+    /// a caller that presents it, so nobody else can knock the run's coordinator off its shards with the incarnation.
+    /// </summary>
+    [Id(7)] public long CoordinatorKey { get; set; }
 
     public RunRecord Copy() => new()
     {
         Spec = Spec, State = State, Epochs = [.. Epochs], Error = Error, Incarnation = Incarnation, Events = [.. Events], DatasetSha256 = DatasetSha256,
+        CoordinatorKey = CoordinatorKey,
     };
 }
 
@@ -217,7 +223,7 @@ public sealed class RunGrain(
         try
         {
             // This loop's incarnation, stored before it acts: a coordinator still running elsewhere is fenced off.
-            await Journal.Update(r => r.Incarnation++, claim: true);
+            await Journal.Update(r => (r.Incarnation, r.CoordinatorKey) = (r.Incarnation + 1, Random.Shared.NextInt64(1, long.MaxValue)), claim: true);
             await Train(spec, Record.Incarnation, resumed, either.Token);
             final = RunState.Completed;
         }
@@ -379,7 +385,7 @@ public sealed class RunGrain(
             throw new DataMismatchException($"silo {SiloEndpoint}: its data set '{spec.Dataset}' differs from the run's; check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
         var shards = new ParameterShards(GrainFactory, RunId, spec);
-        var position = await shards.Attach(incarnation);
+        var position = await shards.Attach(incarnation, Record.CoordinatorKey);
         var run = new Attachment(spec, incarnation, shards, spec.TrainCount(data.Train.Count));
         // Cancelled when a step fails: its other calls stop retrying, and end, before the shards are attached again.
         using var stepCalls = CancellationTokenSource.CreateLinkedTokenSource(cancel);

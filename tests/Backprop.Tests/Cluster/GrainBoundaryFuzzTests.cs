@@ -159,6 +159,7 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
         public const int SandboxIncarnation = 5;
         /// <summary>The attach session the fuzz mostly moves the sandbox's shards to (some moves take another one), and the workbench's.</summary>
         public const long SandboxSession = 1;
+        public const long SandboxKey = 3;
 
         public RunSpec VictimSpec { get; } = Presets.PyTorchMlp with { Epochs = 3, Workers = 3, ServerShards = 3, Seed = 53, CheckpointEvery = 5 };
         public RunSpec DoneSpec { get; } = Presets.PyTorchMlp with { Epochs = 1, Workers = 2, ServerShards = 2, Seed = 51 };
@@ -210,13 +211,13 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
             {
                 var state = new GrainState<RunRecord>
                 {
-                    State = new RunRecord { Spec = spec, State = RunState.Running, Incarnation = SandboxIncarnation, DatasetSha256 = DatasetSha256 },
+                    State = new RunRecord { Spec = spec, State = RunState.Running, Incarnation = SandboxIncarnation, DatasetSha256 = DatasetSha256, CoordinatorKey = SandboxKey },
                 };
                 await storage.WriteStateAsync("run", fixture.Cluster.Client.GetGrain<IRunGrain>(run).GetGrainId(), state);
                 for (int j = 0; j < spec.ServerShards; j++)
                 {
                     var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{run}/{j}");
-                    await shard.Attach(spec, SandboxIncarnation);
+                    await shard.Attach(spec, SandboxIncarnation, SandboxKey);
                     await shard.MoveTo(SandboxIncarnation, SandboxSession, 0);
                 }
             }
@@ -327,6 +328,8 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
         private static int Incarnation(Random r, string run) =>
             run == World.Sandbox && r.Next(4) > 0 ? World.SandboxIncarnation : Pick(r, Ints.Where(i => i != 1).ToArray());
 
+        private static long CoordinatorKey(Random r, string run) => run == World.Sandbox && r.Next(4) > 0 ? World.SandboxKey : Pick(r, Longs);
+
         private static long Session(Random r, string run) => run == World.Sandbox && r.Next(4) > 0 ? World.SandboxSession : Pick(r, Longs);
 
         private long Step(Random r, string run, int shard) =>
@@ -391,7 +394,9 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
         {
             var shard = Shard(r, say, out var run, out _);
             // The run's own spec half the time: only the incarnation is wrong then, which a shard used to take as a newer coordinator.
-            await shard.Attach(Say(say, r.Next(2) == 0 ? _world.SpecOf(run) : Spec(r, run))!, Say(say, Incarnation(r, run)));
+            // The victim's true incarnation too: without its coordinator key it must knock nothing off.
+            int incarnation = run == _world.Victim && r.Next(2) == 0 ? 1 : Incarnation(r, run);
+            await shard.Attach(Say(say, r.Next(2) == 0 ? _world.SpecOf(run) : Spec(r, run))!, Say(say, incarnation), Say(say, CoordinatorKey(r, run)));
         }
 
         private async Task MoveTo(Random r, Action<string> say)

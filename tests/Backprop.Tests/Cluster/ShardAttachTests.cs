@@ -21,18 +21,21 @@ public sealed class ShardAttachTests(ClusterFixture fixture)
 
         var shard = client.GetGrain<IParameterShardGrain>("hostile-attach/1");
         // int.MaxValue used to be stored as the shard's fence: the coordinator's blocks were refused as stale for good.
-        var huge = await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec, int.MaxValue));
+        var huge = await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec, int.MaxValue, 0));
         Assert.Contains($"incarnation {int.MaxValue} is not run 'hostile-attach''s (its record holds 1)", huge.Message);
         Assert.Equal(RunState.Running, (await run.GetStatus()).State);
-        Assert.Contains("holds a different run", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec with { Seed = 32 }, 1))).Message);
+        // The run's own incarnation is no secret; without the record's coordinator key it knocks nothing off.
+        var guessed = await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec, 1, 12345));
+        Assert.Contains("is not run 'hostile-attach''s coordinator", guessed.Message);
+        Assert.Contains("holds a different run", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec with { Seed = 32 }, 1, 0))).Message);
         // Keys that placement would read as shard 1 are not shards of the run.
         Assert.Contains("is not {run id}/{shard number}", (await Assert.ThrowsAsync<ArgumentException>(() =>
-            client.GetGrain<IParameterShardGrain>("hostile-attach/01").Attach(spec, 1))).Message);
+            client.GetGrain<IParameterShardGrain>("hostile-attach/01").Attach(spec, 1, 0))).Message);
 
         // A run id not started yet used to get a shard of the hostile spec, which the real run's coordinator was then refused.
         var later = spec with { Epochs = 1, Seed = 33 };
         var unknown = await Assert.ThrowsAsync<ArgumentException>(() =>
-            client.GetGrain<IParameterShardGrain>("not-started-yet/0").Attach(later with { Seed = 34 }, 1));
+            client.GetGrain<IParameterShardGrain>("not-started-yet/0").Attach(later with { Seed = 34 }, 1, 0));
         Assert.Contains("no run 'not-started-yet' is stored", unknown.Message);
 
         var status = await WaitForEnd(run);
@@ -43,7 +46,7 @@ public sealed class ShardAttachTests(ClusterFixture fixture)
         Assert.Equal(Expected(later), status.Epochs[^1].ParameterSha256);
 
         // A finished run has no coordinator: even its own incarnation is refused.
-        Assert.Contains("is completed", (await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Attach(spec, 1))).Message);
+        Assert.Contains("is completed", (await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Attach(spec, 1, 0))).Message);
     }
 
     private string Expected(RunSpec spec)

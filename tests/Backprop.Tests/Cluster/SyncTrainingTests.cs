@@ -79,7 +79,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var client = fixture.Cluster.Client;
         Assert.Contains("over the limit of 100", (await Assert.ThrowsAsync<ArgumentException>(() => client.GetGrain<IRunGrain>(new string('r', 300)).Start(Spec(2)))).Message);
         Assert.Contains("has '/'", (await Assert.ThrowsAsync<ArgumentException>(() => client.GetGrain<IRunGrain>("a/0").Start(Spec(2)))).Message);
-        Assert.Contains("has '/'", (await Assert.ThrowsAsync<ArgumentException>(() => client.GetGrain<IParameterShardGrain>("a/b/0").Attach(Spec(2), 1))).Message);
+        Assert.Contains("has '/'", (await Assert.ThrowsAsync<ArgumentException>(() => client.GetGrain<IParameterShardGrain>("a/b/0").Attach(Spec(2), 1, Key))).Message);
         Assert.Contains("over the limit", (await Assert.ThrowsAsync<ArgumentException>(() =>
             client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).Update(new RunSummary(new string('r', 300), RunState.Running, 0, 1, null, DateTime.UtcNow)))).Message);
     }
@@ -96,7 +96,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Contains("over the limit", start.Message);
         // Sent straight to the grains that allocate, bypassing Start: refused before allocating.
         var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>("overflow-direct/0");
-        await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(overflow, 1));
+        await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(overflow, 1, Key));
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("overflow-direct/1.0/0");
         await Assert.ThrowsAsync<ArgumentException>(() => worker.ComputeBlock(new BlockWork(overflow, 1, 0, 0, 0, 0, [0], 0, fixture.DatasetSha256, Session)));
 
@@ -141,7 +141,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var spec = (baseSpec ?? Spec(2)) with { ServerShards = shards };
         await StoreRecord(runId, spec, incarnation: 1);
         var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/0");
-        var position = await shard.Attach(spec, incarnation: 1);
+        var position = await shard.Attach(spec, incarnation: 1, Key);
         Assert.Equal([0L], position.Steps);
         await shard.MoveTo(1, Session, 0);
         var layout = spec.Shards;
@@ -152,6 +152,8 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
 
     /// <summary>The attach session of the shards these tests drive by hand.</summary>
     private const long Session = 7;
+    /// <summary>The coordinator key of the records these tests store by hand.</summary>
+    private const long Key = 11;
 
     private static GradientPush Push(int block, int[] cut, FloatPayload gradient, int incarnation = 1, long step = 0, int samples = 32, long session = Session) =>
         new(incarnation, step, block, cut, samples, EpochLossBefore: 0, BlockLoss: 1.5, gradient, session);
@@ -207,10 +209,10 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         // A newer coordinator fences the older one off; the shard must be attached before a newer one's blocks count.
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], gradient, incarnation: 2)));
         await StoreRecord("duplicate-step", spec, incarnation: 2);
-        await shard.Attach(spec, incarnation: 2);
+        await shard.Attach(spec, incarnation: 2, Key);
         await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Push(Push(0, [0], gradient)));
-        await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Attach(spec, incarnation: 1));
-        await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec with { Seed = 99 }, incarnation: 3));
+        await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Attach(spec, incarnation: 1, Key));
+        await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec with { Seed = 99 }, incarnation: 3, Key));
     }
 
     [Fact]
@@ -323,7 +325,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     /// only that one); no coordinator runs it, so the test drives the shards by hand.
     /// </summary>
     private Task StoreRecord(string runId, RunSpec spec, int incarnation) =>
-        ChangeStoredRecord(runId, r => (r.Spec, r.State, r.Incarnation) = (spec, RunState.Running, incarnation));
+        ChangeStoredRecord(runId, r => (r.Spec, r.State, r.Incarnation, r.CoordinatorKey) = (spec, RunState.Running, incarnation, Key));
 
     private static async Task<RunStatus> PollUntil(IRunGrain run, Func<RunStatus, bool> reached)
     {
