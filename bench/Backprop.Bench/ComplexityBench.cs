@@ -71,8 +71,8 @@ public static class ComplexityBench
 
         var points = Sweep(quick, threads);
         // Short repeats on a loaded machine: the best of several is the machine's speed, the median what a run sees.
-        int repeats = quick ? 3 : 5;
-        double repeatSeconds = quick ? 0.05 : 0.12;
+        int repeats = quick ? 5 : 9;
+        double repeatSeconds = quick ? 0.03 : 0.06;
         string load = LoadAverage();
         Console.Error.WriteLine($"complexity: {points.Count} points, {repeats} repeats of ~{repeatSeconds * 1e3:F0} ms each; {Environment.ProcessorCount} cores; "
             + $"vector width {Vector<float>.Count * 32} bits ({Gemm.Best}); {Caches()}; load average {load}");
@@ -145,7 +145,7 @@ public static class ComplexityBench
         }
         if (outPath is not null)
         {
-            WritePlot(results, secondsPerWeight, PredictedBytes, outPath, $"vector width {Vector<float>.Count * 32} bits, load average {load}");
+            WritePlot(results, secondsPerWeight, PredictedBytes, outPath, $"{Vector<float>.Count * 32}-bit vectors, load {load.Split(' ')[0]}");
             Console.Error.WriteLine($"plot: {outPath}");
         }
         return 0;
@@ -321,7 +321,7 @@ public static class ComplexityBench
             line.LinePattern = ScottPlot.LinePattern.Dashed;
             line.LegendText = $"c·Σ nₗnₗ₊₁, {group.Key} thread(s)";
         }
-        Axes(widthPlot, "Σ nₗnₗ₊₁ (weights), depths 1–4, widths 32–2048", "s per epoch (60,000 samples)", $"Time at batch 64 ({machine})");
+        Axes(widthPlot, "Σ nₗnₗ₊₁ (weights), depths 1–4, widths 32–2048", "s per epoch (60,000 samples)", $"Time at batch 64; {machine}");
 
         var batchPlot = multiplot.GetPlot(1);
         c = 0;
@@ -364,7 +364,7 @@ public static class ComplexityBench
             {
                 MinorTickGenerator = new ScottPlot.TickGenerators.LogMinorTickGenerator(),
                 IntegerTicksOnly = true,
-                LabelFormatter = v => Math.Pow(10, v).ToString("G3", System.Globalization.CultureInfo.InvariantCulture),
+                LabelFormatter = v => Math.Abs(v) >= 3 ? $"1e{v:0}" : Math.Pow(10, v).ToString("0.###", System.Globalization.CultureInfo.InvariantCulture),
             };
         plot.Axes.Bottom.Label.Text = x;
         plot.Axes.Left.Label.Text = y;
