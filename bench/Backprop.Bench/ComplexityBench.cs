@@ -26,7 +26,7 @@ public static class ComplexityBench
           Sweeps hidden widths 32-2048 and depths 1-4 at batch 64, and batch sizes 1-1024 at two widths of depth 2,
           on Core (LocalTrainer, generated data), and compares s/epoch (60,000 samples) and allocated bytes with the
           seed's O(B·Σ nₗnₗ₊₁) time and O(Σ nₗnₗ₊₁ + B·Σ nₗ) memory, constants fitted on the mid range.
-          --quick           fewer points and shorter repeats: about a minute instead of about five
+          --quick           fewer points and shorter repeats: about half a minute instead of about three
           --json            one JSON line per point instead of the markdown table
           --threads LIST    backprop threads per point, comma-separated [default: 1 and the core count]
           --out FILE.png    also write the log-log plot (time against Σ nₗnₗ₊₁ and against B; bytes against prediction)
@@ -293,6 +293,7 @@ public static class ComplexityBench
         var caches = dir.GetDirectories("index*")
             .Select(d => (Level: Read(d, "level"), Type: Read(d, "type"), Size: Read(d, "size")))
             .Where(c => c.Type != "Instruction")
+            .OrderBy(c => c.Level)
             .Select(c => $"L{c.Level}{(c.Type == "Data" ? "d" : "")} {c.Size}");
         return string.Join(", ", caches);
 
