@@ -1,0 +1,87 @@
+using System.Diagnostics;
+using Backprop.Client;
+using Backprop.Core;
+using Backprop.Core.Training;
+using Backprop.Grains;
+using Backprop.Grains.Messages;
+
+namespace Backprop.Tests.Cluster;
+
+/// <summary>
+/// Straggler naming on real silos: one silo's workers are slowed on purpose (20 ms more per chunk, against about a
+/// millisecond of compute), and the coordinator names them, in the status and in one event, while the run keeps its
+/// bits; in a run without a slow silo nobody is named. Silo 0 (the membership primary) holds the coordinator.
+/// </summary>
+[Collection("cluster")]
+public sealed class StragglerTests(ClusterFixture fixture)
+{
+    // 1,200 samples at batch 48 are 25 steps an epoch, of 6 chunks: 2 for each of the 3 workers (one per silo).
+    private static RunSpec Spec(int epochs, long seed) =>
+        Presets.PyTorchMlp with { BatchSize = 48, ChunkSize = 8, Epochs = epochs, Workers = 3, Seed = seed };
+
+    private const int SlowSilo = 2;
+
+    [Fact]
+    public async Task A_slowed_silos_worker_is_named_a_straggler_in_the_status_and_one_event_and_the_bits_stay()
+    {
+        await using var slowCluster = new ClusterFixture(1200, 400, computeDelay: i => i == SlowSilo ? TimeSpan.FromMilliseconds(20) : TimeSpan.Zero);
+        await slowCluster.InitializeAsync();
+        // 100 steps: the straggler is judged from step 50 (WorkerTimes.MinSteps) on.
+        var spec = Spec(epochs: 4, seed: 31);
+        string slow = slowCluster.Cluster.Silos[SlowSilo].SiloAddress.Endpoint.ToString();
+        var status = await RunToEnd(slowCluster, "straggler", spec);
+
+        Assert.Equal(3, status.Workers.Length);
+        var named = status.Workers.Where(w => w.Straggler).ToArray();
+        var stragglerEvents = status.Events.Where(e => e.Kind == "straggler").ToArray();
+        string shown = Describe(status);
+        // Worker i is on silo i mod 3 in address order: exactly one worker is on the slow silo, and it is the one named.
+        Assert.Equal(slow, Assert.Single(named).Silo);
+        Assert.All(status.Workers.Where(w => w.Silo != slow), w => Assert.False(w.Straggler, shown));
+        Assert.True(named[0].ComputeMedianSeconds > WorkerStats.StragglerFactor * WorkerStats.Typical(status.Workers).Median, shown);
+        // Named once: it stayed slow the whole run.
+        var named0 = Assert.Single(stragglerEvents);
+        Assert.StartsWith($"worker {named[0].Worker} on {slow} is ", named0.Message);
+        Assert.Contains("x slower than the median (p95 ", named0.Message);
+        Assert.DoesNotContain(status.Events, e => e.Kind == "straggler-cleared");
+
+        var text = new StringWriter();
+        RunReporter.PrintStatus(text, status);
+        Assert.Contains($"\n  worker {named[0].Worker} on {slow} is ", text.ToString());
+
+        // A slow worker changes when the steps end, never what they compute.
+        using var local = new LocalTrainer(spec, slowCluster.Data.Train);
+        for (int e = 0; e < spec.Epochs; e++) local.TrainEpoch(e);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), status.Epochs[^1].ParameterSha256);
+    }
+
+    [Fact]
+    public async Task A_balanced_run_names_no_worker()
+    {
+        // 250 steps: every worker's figures cover the last 200, judged from step 50 on.
+        var status = await RunToEnd(fixture, "balanced", Spec(epochs: 10, seed: 32));
+        string shown = Describe(status);
+        Assert.Equal(3, status.Workers.Length);
+        Assert.Equal(3, status.Workers.Select(w => w.Silo).Distinct().Count());
+        // Judged (every worker has enough steps), and nobody named, now or at any time during the run.
+        Assert.All(status.Workers, w => Assert.True(w.Blocks >= WorkerTimes.MinSteps && w.ComputeMedianSeconds > 0, shown));
+        Assert.All(status.Workers, w => Assert.False(w.Straggler, shown));
+        Assert.DoesNotContain(status.Events, e => e.Kind.StartsWith("straggler", StringComparison.Ordinal));
+    }
+
+    private static async Task<RunStatus> RunToEnd(ClusterFixture cluster, string runId, RunSpec spec)
+    {
+        var run = cluster.Cluster.Client.GetGrain<IRunGrain>(runId);
+        var status = await cluster.StartOn(cluster.Cluster.Silos[0], runId, spec);
+        // A safety net for a loaded 2-core machine, not an expectation of speed.
+        var clock = Stopwatch.StartNew();
+        while (!status.IsFinished && clock.Elapsed < TimeSpan.FromSeconds(300))
+            status = await run.WaitForFinish(TimeSpan.FromSeconds(5));
+        Assert.True(status.State == RunState.Completed, $"run {runId} ended {status.State}: {status.Error}");
+        return status;
+    }
+
+    private static string Describe(RunStatus status) =>
+        string.Join("; ", status.Workers.Select(w => $"worker {w.Worker} on {w.Silo}: {w.Blocks} blocks, median {w.ComputeMedianSeconds * 1000:F2} ms, p95 {w.ComputeP95Seconds * 1000:F2} ms{(w.Straggler ? ", straggler" : "")}"))
+        + " | " + string.Join("; ", status.Events.Select(e => $"{e.Kind}: {e.Message}"));
+}
