@@ -31,7 +31,7 @@ internal sealed class WorkerTimes
     }
 
     private readonly SortedDictionary<int, Worker> _workers = [];
-    private Sample[] _sorted = new Sample[Steps];
+    private readonly Sample[] _sorted = new Sample[Steps];
 
     /// <summary>The last figures, for the run's status.</summary>
     public WorkerStats[] Stats { get; private set; } = [];
@@ -108,7 +108,7 @@ internal sealed class WorkerTimes
     private double Quantile(Worker worker, double q)
     {
         if (worker.Held == 0) return 0;
-        if (_sorted.Length < worker.Samples.Count) _sorted = new Sample[worker.Samples.Count];
+        // At most Steps samples: each holds a step or more.
         var sorted = _sorted.AsSpan(0, worker.Samples.Count);
         worker.Samples.CopyTo(sorted);
         sorted.Sort(static (a, b) => a.Seconds.CompareTo(b.Seconds));
