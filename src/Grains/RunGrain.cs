@@ -215,7 +215,7 @@ public sealed class RunGrain(
         var r = record.State;
         var epochs = r.Epochs.Skip(Math.Max(0, knownEpochs)).ToArray();
         return new RunStatus(RunId, r.State, r.Spec, _epoch, _stepInEpoch, _stepsPerEpoch, epochs, r.Error,
-            Workers.Silos, SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
+            Workers.Silos, SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count, Workers.Stats);
     }
 
     private void StartLoop(bool resumed)
