@@ -121,8 +121,18 @@ public sealed class RunGrain(
 
         // Stored before it is registered (the registry lists only stored runs), but as running only once registered:
         // a run the registry does not know would not be continued after its silo dies.
+        bool created = Record.Spec is null;
         await Journal.Update(r => { r.Spec = spec; r.DatasetSha256 = sha; });
-        await Journal.Register(RunState.Running, spec, 0, required: true);
+        try
+        {
+            await Journal.Register(RunState.Running, spec, 0, required: true);
+        }
+        catch when (created)
+        {
+            // Never listed, so never deleted by the retention: a refused start leaves no record behind (best effort).
+            try { await record.ClearStateAsync(); } catch (Exception e) { logger.LogWarning("Run {Run}: could not remove the record of a refused start ({Error})", RunId, e.Message); }
+            throw;
+        }
         await Journal.Update(r =>
         {
             r.State = RunState.Running;
