@@ -110,6 +110,7 @@ public sealed class RunRegistryGrain(
             try
             {
                 await list.WriteStateAsync();
+                BackpropMetrics.RunList(runs.Values);
                 return;
             }
             catch (InconsistentStateException) when (attempt < 5)
