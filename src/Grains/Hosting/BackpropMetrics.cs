@@ -22,8 +22,6 @@ public static class BackpropMetrics
         HistogramBucketBoundaries = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
     };
 
-    private static readonly Counter<long> Steps = Meter.CreateCounter<long>("backprop.steps", "{step}", "Training steps applied by runs this silo coordinates");
-    private static readonly Counter<long> Samples = Meter.CreateCounter<long>("backprop.samples", "{sample}", "Training samples in the steps applied");
     private static readonly Histogram<double> StepDuration = Seconds("backprop.step.duration", "Wall time of a training step (each call window's mean per step)");
     private static readonly Histogram<double> StepCompute = Seconds("backprop.step.compute.duration", "Backprop and pre-reduction of the slowest worker, per step");
     private static readonly Histogram<double> StepTransfer = Seconds("backprop.step.transfer.duration", "The slowest worker's call overhead and parameter pulls, per step");
@@ -31,12 +29,9 @@ public static class BackpropMetrics
     private static readonly Histogram<double> StepServerCall = Seconds("backprop.step.server_call.duration", "The slowest worker's pushes to the shards minus their reduce-and-step, per step");
     private static readonly Histogram<double> StepBarrier = Seconds("backprop.step.barrier_wait.duration", "From the first worker's reply to the last one's, per step");
     private static readonly Histogram<double> WorkerCompute = Seconds("backprop.worker.compute.duration", "A worker's backprop and pre-reduction per step (attributes: worker index in its run, silo)");
-    private static readonly Counter<long> WireBytes = Meter.CreateCounter<long>("backprop.wire.bytes", "By", "Parameter and gradient bytes that crossed between processes");
     private static readonly Histogram<double> CheckpointDuration = Seconds("backprop.checkpoint.duration", "Writing one shard checkpoint to grain storage");
-    private static readonly Counter<long> Recoveries = Meter.CreateCounter<long>("backprop.recoveries", "{recovery}", "Resumed runs whose first step after the resume was applied");
-    private static readonly Counter<long> Redos = Meter.CreateCounter<long>("backprop.redos", "{redo}", "Blocks or evaluations redone on another worker after a failure");
-    private static readonly Counter<long> Resumes = Meter.CreateCounter<long>("backprop.resumes", "{resume}", "Runs continued from their last checkpoint by a coordinator");
-    private static readonly Counter<long> WorkerFailures = Meter.CreateCounter<long>("backprop.worker.failures", "{failure}", "Worker calls that failed");
+    // The counters are observed from these totals: each is on /metrics from the start, at 0 until it moves.
+    private static long _steps, _samples, _wireBytes, _recoveries, _redos, _resumes, _workerFailures;
 
     private static readonly ConcurrentDictionary<string, (double Accuracy, double Loss)> Epochs = new(StringComparer.Ordinal);
     private static volatile Dictionary<RunState, int> _runsByState = [];
@@ -44,6 +39,13 @@ public static class BackpropMetrics
 
     static BackpropMetrics()
     {
+        Meter.CreateObservableCounter("backprop.steps", () => Interlocked.Read(ref _steps), "{step}", "Training steps applied by runs this silo coordinates");
+        Meter.CreateObservableCounter("backprop.samples", () => Interlocked.Read(ref _samples), "{sample}", "Training samples in the steps applied");
+        Meter.CreateObservableCounter("backprop.wire.bytes", () => Interlocked.Read(ref _wireBytes), "By", "Parameter and gradient bytes that crossed between processes");
+        Meter.CreateObservableCounter("backprop.recoveries", () => Interlocked.Read(ref _recoveries), "{recovery}", "Resumed runs whose first step after the resume was applied");
+        Meter.CreateObservableCounter("backprop.redos", () => Interlocked.Read(ref _redos), "{redo}", "Blocks or evaluations redone on another worker after a failure");
+        Meter.CreateObservableCounter("backprop.resumes", () => Interlocked.Read(ref _resumes), "{resume}", "Runs continued from their last checkpoint by a coordinator");
+        Meter.CreateObservableCounter("backprop.worker.failures", () => Interlocked.Read(ref _workerFailures), "{failure}", "Worker calls that failed");
         Meter.CreateObservableGauge("backprop.epoch.test_accuracy", () => Epochs.Select(e => new Measurement<double>(e.Value.Accuracy, new KeyValuePair<string, object?>("run", e.Key))),
             "1", "Test accuracy after the last finished epoch of each run this silo coordinates");
         Meter.CreateObservableGauge("backprop.epoch.test_loss", () => Epochs.Select(e => new Measurement<double>(e.Value.Loss, new KeyValuePair<string, object?>("run", e.Key))),
@@ -67,8 +69,8 @@ public static class BackpropMetrics
     /// </summary>
     public static void Window(int steps, long samples, double seconds, StepProfile profile, ReadOnlySpan<BlockDone> blocks)
     {
-        Steps.Add(steps);
-        Samples.Add(samples);
+        Interlocked.Add(ref _steps, steps);
+        Interlocked.Add(ref _samples, samples);
         StepDuration.Record(seconds / steps);
         StepCompute.Record(profile.SlowestComputeSeconds);
         StepTransfer.Record(profile.TransferSeconds);
@@ -83,7 +85,7 @@ public static class BackpropMetrics
             if (b.Applied > 0)
                 WorkerCompute.Record(b.ComputeSeconds / b.Applied, new KeyValuePair<string, object?>("worker", i), new KeyValuePair<string, object?>("silo", b.Silo));
         }
-        WireBytes.Add(wire);
+        Interlocked.Add(ref _wireBytes, wire);
     }
 
     public static void EpochFinished(string runId, double accuracy, double loss) => Epochs[runId] = (accuracy, loss);
@@ -106,10 +108,10 @@ public static class BackpropMetrics
     {
         switch (kind)
         {
-            case "recovered": Recoveries.Add(1); break;
-            case "redone": Redos.Add(1); break;
-            case "resumed": Resumes.Add(1); break;
-            case "worker-failed": WorkerFailures.Add(1); break;
+            case "recovered": Interlocked.Increment(ref _recoveries); break;
+            case "redone": Interlocked.Increment(ref _redos); break;
+            case "resumed": Interlocked.Increment(ref _resumes); break;
+            case "worker-failed": Interlocked.Increment(ref _workerFailures); break;
         }
     }
 }
