@@ -28,7 +28,9 @@ public sealed class WebServer(IServiceProvider silo, IServiceCollection siloServ
         builder.Services.AddSingleton<IHostLifetime, SignalsToCommand>();
         builder.Logging.ClearProviders();
         builder.WebHost.ConfigureKestrel(k => k.Listen(bind, port));
-        builder.Services.AddOpenTelemetry().WithMetrics(m => m.AddMeter(BackpropMetrics.MeterName).AddRuntimeInstrumentation().AddPrometheusExporter());
+        builder.Services.AddOpenTelemetry().WithMetrics(m => m.AddMeter(BackpropMetrics.MeterName).AddRuntimeInstrumentation()
+            // No cached answer: a scrape sees what happened up to it (scrapes come seconds apart, each is cheap).
+            .AddPrometheusExporter(o => o.ScrapeResponseCacheDurationMilliseconds = 0));
         ShareDashboard(builder.Services);
         _app = builder.Build();
         _app.MapGet("/healthz", () => Results.Text("live\n"));
