@@ -92,7 +92,8 @@ async function pollRun() {
     { cls: "test", points: c.map(e => [e.epoch, e.testLoss]) }], y => y.toFixed(3));
   chart(document.getElementById("chart-accuracy"), [{ cls: "test", points: c.map(e => [e.epoch, e.testAccuracy]) }], y => (100 * y).toFixed(1) + "%");
   chart(document.getElementById("chart-rate"), [{ cls: "train", points: c.map(e => [e.epoch, e.samplesPerSecond]) }], y => num(y));
-  fill(document.querySelector("#workers-table tbody"), run.workers.map(w => [w.index, w.silo, pct(w.blockShare)]));
+  document.getElementById("workers-total").textContent = run.workers ? `(${run.workers} over ${run.workerSilos.length} silos)` : "";
+  fill(document.querySelector("#workers-table tbody"), run.workerSilos.map(silo => [silo]));
   fill(document.querySelector("#shards-table tbody"), run.shards.map(s => [s.index, s.silo]));
   document.getElementById("coordinator").textContent = run.coordinator ? `coordinator on ${run.coordinator}` : "";
   document.getElementById("events-total").textContent = `(${run.eventCount}, newest first)`;
