@@ -21,7 +21,7 @@ public static class RunPages
         ["/style.css"] = "style.css",
     };
 
-    public static void Map(WebApplication app, IGrainFactory grains, Func<bool> running)
+    public static void Map(WebApplication app, IGrainFactory grains, Func<bool> ready)
     {
         foreach (var (path, name) in Assets)
         {
@@ -31,7 +31,7 @@ public static class RunPages
         }
         app.MapGet("/api/runs", async (HttpRequest request) =>
         {
-            if (!running()) return NotRunning();
+            if (!ready()) return NotReady();
             if (!TryPage(request, out int offset, out int limit, out string? error)) return Results.Text(error + "\n", statusCode: 400);
             var runs = await grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).List();
             var page = runs.OrderByDescending(r => r.Updated).ThenBy(r => r.RunId, StringComparer.Ordinal).Skip(offset).Take(limit).ToArray();
@@ -50,7 +50,7 @@ public static class RunPages
         });
         app.MapGet("/api/runs/{id}", async (string id, HttpRequest request) =>
         {
-            if (!running()) return NotRunning();
+            if (!ready()) return NotReady();
             if (!TryPage(request, out int offset, out int limit, out string? error)) return Results.Text(error + "\n", statusCode: 400);
             if (!ValidId(id) || !await grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).Lists(id))
                 return Results.Text($"unknown run id '{Printable(id)}'\n", statusCode: 404);
@@ -113,7 +113,7 @@ public static class RunPages
     private static string Printable(string id) =>
         new(id.Take(RunIds.MaxLength).Select(c => char.IsAsciiLetterOrDigit(c) || c is '.' or '_' or '-' ? c : '?').ToArray());
 
-    private static IResult NotRunning() => Results.Text("the silo is not running yet (see /readyz)\n", statusCode: 503);
+    private static IResult NotReady() => Results.Text("the silo is not ready (see /readyz)\n", statusCode: 503);
 
     private static string State(RunState state) => state.ToString().ToLowerInvariant();
 

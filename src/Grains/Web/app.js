@@ -61,7 +61,8 @@ function chart(svg, series, format) {
   const px = x => L + (x - x0) / (x1 - x0) * (W - L - R), py = y => H - B - (y - y0) / (y1 - y0) * (H - T - B);
   svg.append(el("svg:line", { class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B }), el("svg:line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }));
   for (const y of [y0, (y0 + y1) / 2, y1]) svg.append(el("svg:text", { x: 2, y: py(y) + 3 }, format(y)));
-  for (const x of [...new Set(xs)]) svg.append(el("svg:text", { x: px(x) - 3, y: H - 8 }, x));
+  const ticks = [...new Set(xs)], every = Math.ceil(ticks.length / 10);   // at most about ten epoch labels
+  ticks.filter((_, i) => i % every === 0 || i === ticks.length - 1).forEach(x => svg.append(el("svg:text", { x: px(x) - 3, y: H - 8 }, x)));
   for (const s of series) {
     if (!s.points.length) continue;
     svg.append(el("svg:polyline", { class: s.cls, "data-points": s.points.length, points: s.points.map(p => `${px(p[0]).toFixed(1)},${py(p[1]).toFixed(1)}`).join(" ") }));
