@@ -115,6 +115,8 @@ root.SetAction(async (parse, cancel) =>
     builder.Logging.AddConsole(o => o.FormatterName = SiloLogFormatter.FormatterName)
         .AddConsoleFormatter<SiloLogFormatter, SiloLogOptions>(o => o.SiloName = siloName);
     builder.Logging.AddFilter("Orleans", LogLevel.Warning);
+    // Orleans' placement retries log each attempt through Polly at information level (the dashboard's grains at start).
+    builder.Logging.AddFilter("Polly", LogLevel.Warning);
     builder.UseOrleans(s =>
     {
         if (redisConnection is not null)
