@@ -49,7 +49,7 @@ public sealed class ClusterConnection : IAsyncDisposable
         {
             silo.UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
                 .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
-                .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false);
+                .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded);
             if (httpPort is not null) silo.AddDashboard();
         });
         var host = builder.Build();
