@@ -52,7 +52,8 @@ public static class RunPages
         {
             if (!ready()) return NotReady();
             if (!TryPage(request, out int offset, out int limit, out string? error)) return Results.Text(error + "\n", statusCode: 400);
-            if (!ValidId(id) || !await grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).Lists(id))
+            // Only runs the list holds: an id from the address bar never activates a grain of its own.
+            if (!ValidId(id) || !(await grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).List()).Any(r => r.RunId == id))
                 return Results.Text($"unknown run id '{Printable(id)}'\n", statusCode: 404);
             var s = await grains.GetGrain<IRunGrain>(id).GetStatus();
             var events = s.Events.Reverse().Skip(offset).Take(limit)
