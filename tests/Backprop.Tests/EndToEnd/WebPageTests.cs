@@ -82,7 +82,7 @@ public sealed partial class WebPageTests : IDisposable
             Assert.Equal(HttpStatusCode.MethodNotAllowed, (await Http.PostAsync(url + "/api/runs/watched", null)).StatusCode);
 
             // The page in a real browser: the run, its curves, the workers table with the silo.
-            string dom = Chromium("--virtual-time-budget=5000", "--dump-dom", $"{url}/#watched").Output;
+            string dom = Chromium("--virtual-time-budget=10000", "--dump-dom", $"{url}/#watched").Output;
             Assert.Contains("run watched", dom);
             var points = PolylinePoints().Matches(dom).Select(m => int.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture)).ToArray();
             Assert.NotEmpty(points);
@@ -93,7 +93,7 @@ public sealed partial class WebPageTests : IDisposable
             Directory.CreateDirectory(OutputDir);
             string png = Path.Combine(OutputDir, "watching-a-run.png");
             File.Delete(png);
-            Chromium("--virtual-time-budget=5000", "--window-size=1280,900", $"--screenshot={png}", $"{url}/#watched");
+            Chromium("--virtual-time-budget=10000", "--window-size=1280,900", $"--screenshot={png}", $"{url}/#watched");
             byte[] image = File.ReadAllBytes(png);
             Assert.True(image.Length > 10_000, $"screenshot of {image.Length} bytes");
             Assert.Equal([0x89, (byte)'P', (byte)'N', (byte)'G'], image[..4]);
