@@ -108,12 +108,15 @@ public sealed class RunGrain(
         Journal.ThrowIfFenced();
         if (Record.Spec is { } existing)
         {
-            if (existing != spec) throw new ArgumentException($"run id '{RunId}' is already used by another run");
+            // The stored spec has the run's length resolved (RunSpec.Resolve); the caller's need not.
+            if (existing != (spec.StepsPerEpoch == 0 ? spec with { StepsPerEpoch = existing.StepsPerEpoch } : spec))
+                throw new ArgumentException($"run id '{RunId}' is already used by another run");
             if (Record.State != RunState.NotStarted) return Status(0);
         }
         spec.Validate();
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
+        spec = spec.Resolve(spec.TrainCount(data.Train.Count));
         string sha = await datasets.Sha256(spec.Dataset);
 
         // Stored before it is registered (the registry lists only stored runs), but as running only once registered:
