@@ -1,8 +1,10 @@
+using System.Net;
 using Backprop.Grains.Hosting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Orleans.Configuration;
+using Orleans.Dashboard;
 
 namespace Backprop.Client;
 
@@ -13,10 +15,12 @@ namespace Backprop.Client;
 public sealed class ClusterConnection : IAsyncDisposable
 {
     private readonly IHost _host;
+    private readonly WebServer? _web;
 
-    private ClusterConnection(IHost host, IClusterClient client, string description, bool isEmbedded)
+    private ClusterConnection(IHost host, IClusterClient client, string description, bool isEmbedded, WebServer? web = null)
     {
         _host = host;
+        _web = web;
         Client = client;
         Description = description;
         IsEmbedded = isEmbedded;
@@ -32,18 +36,41 @@ public sealed class ClusterConnection : IAsyncDisposable
     public string Description { get; }
     public bool IsEmbedded { get; }
 
-    public static async Task<ClusterConnection> StartEmbedded(string dataDir, int threadsPerWorker, CancellationToken cancel)
+    /// <summary>
+    /// A silo in this process; with <paramref name="httpPort"/>, its web server (the page, /metrics, the dashboard) on
+    /// 127.0.0.1 at that port, its address printed on stderr.
+    /// </summary>
+    public static async Task<ClusterConnection> StartEmbedded(string dataDir, int threadsPerWorker, CancellationToken cancel, int? httpPort = null)
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder);
         int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
-        builder.UseOrleans(silo => silo
-            .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
-            .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
-            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded));
+        builder.UseOrleans(silo =>
+        {
+            silo.UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
+                .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
+                .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded);
+            if (httpPort is not null) silo.AddDashboard();
+        });
         var host = builder.Build();
         await host.StartAsync(cancel);
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true);
+        WebServer? web = null;
+        if (httpPort is { } port)
+        {
+            web = new WebServer(host.Services, builder.Services, () => (true, "ready"), IPAddress.Loopback, port);
+            try
+            {
+                await web.StartAsync(cancel);
+            }
+            catch (IOException e)
+            {
+                await host.StopAsync(TimeSpan.FromSeconds(10));
+                host.Dispose();
+                throw new ArgumentException($"--http-port: cannot listen on 127.0.0.1:{port}: {e.Message.ReplaceLineEndings(" ")}");
+            }
+            Console.Error.WriteLine($"page: http://127.0.0.1:{port}/ (metrics: /metrics, Orleans Dashboard: /dashboard/)");
+        }
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true, web);
     }
 
     /// <summary>Where the embedded silo stores runs, so that an interrupted run can be resumed: beside the data sets.</summary>
@@ -165,6 +192,7 @@ public sealed class ClusterConnection : IAsyncDisposable
     {
         try
         {
+            if (_web is not null) await _web.StopAsync(CancellationToken.None);
             await _host.StopAsync(TimeSpan.FromSeconds(10));
         }
         finally

@@ -56,13 +56,18 @@ public static class TrainCommand
         Description = "Parameter-server shards S: the parameter vector cut into S slices, each a grain spread over the silos beside the workers; results do not depend on it [default: one per worker silo on a cluster; embedded: min(cores, workers)]",
     };
 
+    private static readonly Option<int?> HttpPort = new("--http-port")
+    {
+        Description = "Embedded silo: serve the run page (/), /metrics, /api and the Orleans Dashboard (/dashboard) on 127.0.0.1 at this port while the run goes (on a cluster each silo serves its own: silo --http-port)",
+    };
+
     public static Command Create()
     {
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, WeightDecay, Beta1, Beta2, Eps,
             Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, Address.RedisTls, Address.RedisCa, Address.ConnectTimeout, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
+            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, Address.RedisTls, Address.RedisCa, Address.ConnectTimeout, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards, HttpPort,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
@@ -133,13 +138,16 @@ public static class TrainCommand
             int threads = parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers);
             if (threads is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threads} is outside 1..256");
             spec.Validate(threads);
+            if (parse.GetValue(HttpPort) is < 1 or > 65535) throw new ArgumentException($"--http-port: {parse.GetValue(HttpPort)} is outside 1..65535");
             DataCommand.Ensure(spec.Dataset, dataDir);
-            cluster = await ClusterConnection.StartEmbedded(dataDir, threads, cancel);
+            cluster = await ClusterConnection.StartEmbedded(dataDir, threads, cancel, parse.GetValue(HttpPort));
         }
         else
         {
             if (parse.GetValue(ThreadsPerWorker) is not null)
                 throw new ArgumentException("--threads-per-worker: set it on the silos (--worker-threads); it applies to the embedded cluster only");
+            if (parse.GetValue(HttpPort) is not null)
+                throw new ArgumentException("--http-port: the embedded silo's; on a cluster each silo serves its own page (silo --http-port)");
             cluster = await ClusterConnection.Connect(address, cancel);
         }
         await using (cluster)

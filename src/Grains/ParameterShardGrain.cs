@@ -297,7 +297,9 @@ public sealed class ParameterShardGrain(
         };
         try
         {
+            long start = Stopwatch.GetTimestamp();
             await slot.WriteAuthoritative();
+            BackpropMetrics.Checkpoint(Stopwatch.GetElapsedTime(start));
         }
         catch
         {

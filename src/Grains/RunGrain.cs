@@ -338,6 +338,7 @@ public sealed class RunGrain(
 
     private void EndLoop()
     {
+        BackpropMetrics.RunLeft(RunId);
         _finished.TrySetResult();
         DelayDeactivation(TimeSpan.FromSeconds(-1));   // negative: back to normal idle collection
     }
@@ -432,6 +433,7 @@ public sealed class RunGrain(
             await FinishEpoch(run, new EpochEnd(epoch - 1, position.EpochLossSum, version, clock, 0, null), cancel);
 
         var profile = new StepProfiler(SiloEndpoint);
+        var windowProfile = new StepProfiler(SiloEndpoint);   // one window's, for the metrics
         for (int e = epoch; e < spec.Epochs; e++)
         {
             if (plan.Epoch != e) plan.MoveTo(e);
@@ -453,7 +455,13 @@ public sealed class RunGrain(
                 int applied = window.Applied;
                 (version, s, _step, _stepInEpoch) = (version + applied, s + applied, version + applied, s + applied);
                 if (applied > 0 && window.Failure is null)
-                    profile.Add(window.Blocks!, Workers.RoundTrips, Workers.Replied, Stopwatch.GetTimestamp() - windowStart, applied, allocatedAtStart);
+                {
+                    long ticks = Stopwatch.GetTimestamp() - windowStart;
+                    profile.Add(window.Blocks!, Workers.RoundTrips, Workers.Replied, ticks, applied, allocatedAtStart);
+                    windowProfile.Reset();
+                    windowProfile.Add(window.Blocks!, Workers.RoundTrips, Workers.Replied, ticks, applied, allocatedAtStart);
+                    BackpropMetrics.Window(applied, Samples(plan, s - applied, applied), windowSeconds, windowProfile.Result()!, window.Blocks!);
+                }
                 if (window.Divergence is { } divergence)
                 {
                     // Shards whose slice was finite applied the step: all go back to the last good version.
@@ -483,6 +491,13 @@ public sealed class RunGrain(
         }
     }
 
+    private static long Samples(EpochPlan plan, int first, int count)
+    {
+        long samples = 0;
+        for (int s = first; s < first + count; s++) samples += plan.StepSize(s);
+        return samples;
+    }
+
     /// <summary>Evaluates, checkpoints the shards at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
     private async Task FinishEpoch(Attachment run, EpochEnd end, CancellationToken cancel)
     {
@@ -502,6 +517,7 @@ public sealed class RunGrain(
             await Journal.Update(r => r.Epochs.Add(result));
             await Journal.Register(RunState.Running, spec, epoch + 1);
         }
+        BackpropMetrics.EpochFinished(RunId, eval.Accuracy, eval.MeanLoss);
         logger.LogInformation("Run {Run} epoch {Epoch}: test accuracy {Accuracy:P2}, {Seconds:F1}s", RunId, epoch + 1, eval.Accuracy, result.Seconds);
     }
 }

@@ -187,6 +187,7 @@ public sealed class RunRegistryGrain(
                 {
                     await list.WriteStateAsync();
                     _stored = next;
+                    BackpropMetrics.RunList(next.Runs.Values);
                     return;
                 }
                 catch (InconsistentStateException) when (attempt < 5)

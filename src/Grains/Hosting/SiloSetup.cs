@@ -38,6 +38,7 @@ public static class SiloSetup
         silo.Services.AddBackpropExceptions();
         silo.Services.AddSingleton<WorkerSilos>();
         silo.ApplyRole(role);
+        BackpropMetrics.SiloStarted(role);
         silo.AddPlacementDirector<SpreadPlacementStrategy, SpreadPlacementDirector>();
         silo.Services.AddSingleton(sp => new DatasetCache(dataDir, allowFetch, sp.GetRequiredService<ILogger<DatasetCache>>()));
         if (keepRunsGoing) silo.Services.AddHostedService<RunWatchdog>();
