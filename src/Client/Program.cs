@@ -11,6 +11,7 @@ var root = new RootCommand("Backprop.Distributed: data-parallel backprop trainin
     RunCommands.Cancel(),
     StoredRunCommands.Resume(),
     StoredRunCommands.Runs(),
+    PlotCommand.Create(),
     EvalCommand.Create(),
     DataCommand.Create(),
 };
