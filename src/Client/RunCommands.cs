@@ -1,6 +1,5 @@
 using System.CommandLine;
 using Backprop.Grains;
-using Backprop.Grains.Hosting;
 using Backprop.Grains.Messages;
 
 namespace Backprop.Client;

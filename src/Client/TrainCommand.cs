@@ -6,7 +6,6 @@ using Backprop.Core.Numerics;
 using Backprop.Core.Training;
 using Backprop.Grains;
 using Backprop.Grains.Hosting;
-using Backprop.Grains.Messages;
 using Microsoft.Extensions.DependencyInjection;
 
 namespace Backprop.Client;
