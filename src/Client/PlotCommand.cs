@@ -24,15 +24,14 @@ public static class PlotCommand
         store.AddTo(command);
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
-            var runs = new List<RunCurves>();
-            var runIds = new List<string>();
-            foreach (string source in parse.GetValue(sources)!)
-            {
-                if (IsFile(source)) runs.AddRange(MetricsFile.Read(source));
-                else runIds.Add(source);
-            }
-            if (runIds.Count > 0) runs.AddRange(await FromStore(parse, store, runIds, cancel));
-            Figures.Curves(Distinct(runs), parse.GetValue(output)!, "--out");
+            string[] given = parse.GetValue(sources)!;
+            // Files first: a bad one fails before a cluster is reached.
+            var files = given.Where(IsFile).Distinct().ToDictionary(f => f, MetricsFile.Read);
+            string[] runIds = [.. given.Where(s => !files.ContainsKey(s)).Distinct()];
+            var stored = runIds.Length > 0 ? await FromStore(parse, store, runIds, cancel) : [];
+            // In the order given: the legend's colours follow the command line.
+            var runs = Distinct([.. given.SelectMany(s => files.TryGetValue(s, out var inFile) ? inFile : [stored[s]])]);
+            Figures.Curves(runs, parse.GetValue(output)!, "--out");
             Console.WriteLine($"{runs.Count} run{(runs.Count == 1 ? "" : "s")} drawn in {parse.GetValue(output)}");
             return ExitCodes.Ok;
         }));
@@ -48,24 +47,33 @@ public static class PlotCommand
         try { Backprop.Core.RunIds.Validate(source); return true; } catch (ArgumentException) { return false; }
     }
 
-    private static async Task<IReadOnlyList<RunCurves>> FromStore(ParseResult parse, RunStoreOptions store, List<string> runIds, CancellationToken cancel)
+    private static async Task<Dictionary<string, RunCurves>> FromStore(ParseResult parse, RunStoreOptions store, string[] runIds, CancellationToken cancel)
     {
         string stored = ClusterConnection.StateDirectory(parse.GetValue(store.DataDir)!);
         if (store.Address.Parse(parse, fallbackGateway: null) is null && !Directory.Exists(stored))
             throw new ArgumentException($"{runIds[0]}: no such file; for a run, give --gateway or --redis, or the --data-dir whose runs/ holds it (no {stored})");
         await using var cluster = await store.Open(parse, threads: 1, cancel);
-        var runs = new List<RunCurves>();
+        var runs = new Dictionary<string, RunCurves>();
         foreach (string runId in runIds)
         {
             var status = await cluster.Client.GetGrain<IRunGrain>(runId).GetStatus();
             if (status.State == RunState.NotStarted) throw new ArgumentException($"{runId}: no such file, and no run '{runId}' in {cluster.Description}");
             if (status.Epochs.Length == 0) throw new ArgumentException($"run {runId}: no epochs yet ({status.State.ToString().ToLowerInvariant()})");
-            runs.Add(new RunCurves(runId, [.. status.Epochs.Select(EpochPoint.Of)]));
+            runs[runId] = new RunCurves(runId, [.. status.Epochs.Select(EpochPoint.Of)]);
         }
         return runs;
     }
 
     /// <summary>Runs of the same name (one run's metrics file given twice, or beside its id) keep one legend entry each: numbered.</summary>
-    private static IReadOnlyList<RunCurves> Distinct(List<RunCurves> runs) =>
-        [.. runs.Select((r, i) => runs.Take(i).Count(o => o.Label == r.Label) is var before and > 0 ? r with { Label = $"{r.Label} ({before + 1})" } : r)];
+    private static List<RunCurves> Distinct(List<RunCurves> runs)
+    {
+        var seen = new Dictionary<string, int>();
+        var distinct = new List<RunCurves>();
+        foreach (var run in runs)
+        {
+            int n = seen[run.Label] = seen.GetValueOrDefault(run.Label) + 1;
+            distinct.Add(n == 1 ? run : run with { Label = $"{run.Label} ({n})" });
+        }
+        return distinct;
+    }
 }
