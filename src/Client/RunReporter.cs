@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using Backprop.Core.Numerics;
 using Backprop.Core.Training;
 using Backprop.Grains;
 using Backprop.Grains.Messages;
@@ -29,12 +30,25 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
     // The project builds with invariant globalization, so plain interpolation formats numbers invariantly.
     public static string Describe(RunSpec s) =>
         $"{s.Model.Describe()}, init {s.Init.ToString().ToLowerInvariant()}; {s.Optimizer.Kind.ToString().ToLowerInvariant()} lr {s.Optimizer.LearningRate}" +
-        (s.Optimizer.Kind == Backprop.Core.Numerics.OptimizerKind.Momentum ? $" momentum {s.Optimizer.Momentum}" : "") +
+        OptimizerDetails(s.Optimizer) +
         $"; batch {s.BatchSize}, chunk {s.ChunkSize}; {s.Workers} worker{(s.Workers == 1 ? "" : "s")}; {s.Epochs} epochs; dataset {s.Dataset}" +
         (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") + $"; seed {s.Seed}";
 
+    private static string OptimizerDetails(OptimizerSettings o) =>
+        (o.Kind is OptimizerKind.Momentum or OptimizerKind.Nesterov ? $" momentum {o.Momentum}" : "") +
+        (o.Kind is OptimizerKind.Adam or OptimizerKind.AdamW ? $" betas {o.Beta1}/{o.Beta2} eps {o.Eps}" : "") +
+        (o.WeightDecay != 0 ? $" weight decay {o.WeightDecay}" : "") +
+        o.Schedule switch
+        {
+            ScheduleKind.Step => $", x{o.LrGamma} every {o.LrStepEpochs} epochs",
+            ScheduleKind.Cosine => $", cosine to {o.LrMin}",
+            ScheduleKind.OneCycle => $", one-cycle to {o.LrMin}",
+            _ => "",
+        } +
+        (o.WarmupSteps > 0 ? $", warm-up {o.WarmupSteps} steps" : "");
+
     public void Header() =>
-        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}");
+        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}  {"lr",9}");
 
     /// <summary>How long the reporter keeps trying to reach a run it lost contact with before it gives up.</summary>
     public static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
@@ -93,8 +107,8 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
             ClearBar();
             _printed = e.Epoch;
             output.WriteLine(string.Create(Inv,
-                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}"));
-            if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e) + "\n");
+                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}  {LearningRate(status.Spec, e),9:G4}"));
+            if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e, LearningRate(status.Spec, e)) + "\n");
         }
         if (!NoProgress && _progress.Update(status) is { } line)
         {
@@ -139,12 +153,16 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         _barShown = false;
     }
 
-    public static string MetricsLine(string runId, EpochResult e) => JsonSerializer.Serialize(Metrics(runId, e));
+    /// <summary>The rate of the epoch's first step (a schedule changes it within the epoch); none without the spec.</summary>
+    private static double? LearningRate(RunSpec? spec, EpochResult e) => spec?.EpochLearningRate(e.Epoch);
 
-    private static object Metrics(string runId, EpochResult e) => new
+    public static string MetricsLine(string runId, EpochResult e, double? lr) => JsonSerializer.Serialize(Metrics(runId, e, lr));
+
+    private static object Metrics(string runId, EpochResult e, double? lr) => new
     {
         runId,
         epoch = e.Epoch,
+        lr,
         trainLoss = e.TrainLoss,
         testLoss = e.TestLoss,
         testAccuracy = e.TestAccuracy,
@@ -176,7 +194,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         epoch = status.State == RunState.Running ? status.Epoch + 1 : status.EpochsDone,
         step = status.Step,
         stepsPerEpoch = status.StepsPerEpoch,
-        epochs = status.Epochs.Select(e => Metrics(status.RunId, e)).ToArray(),
+        epochs = status.Epochs.Select(e => Metrics(status.RunId, e, LearningRate(status.Spec, e))).ToArray(),
         coordinatorSilo = status.CoordinatorSilo,
         shardSilos = status.ShardSilos,
         workerSilos = status.WorkerSilos,

@@ -17,9 +17,18 @@ public static class TrainCommand
     private static readonly Option<string?> ActivationOpt = Choice("--activation", "Hidden activation", ["sigmoid", "tanh", "relu"]);
     private static readonly Option<string?> LossOpt = Choice("--loss", "Output and cost: quadratic (sigmoid outputs) or cross-entropy (softmax)", ["quadratic", "cross-entropy"]);
     private static readonly Option<string?> InitOpt = Choice("--init", "Weight initialisation", ["normal", "pytorch", "he", "xavier"]);
-    private static readonly Option<string?> OptimizerOpt = Choice("--optimizer", "Optimizer", ["sgd", "momentum"]);
-    private static readonly Option<float?> Lr = new("--lr") { Description = "Learning rate (eta)" };
-    private static readonly Option<float?> MomentumOpt = new("--momentum") { Description = "Momentum (PyTorch's formulation); implies --optimizer momentum when > 0" };
+    private static readonly Option<string?> OptimizerOpt = Choice("--optimizer", "Optimizer, as torch.optim writes it: sgd, momentum, nesterov (SGD with Nesterov momentum), adam, adamw (decoupled weight decay)", ["sgd", "momentum", "nesterov", "adam", "adamw"]);
+    private static readonly Option<float?> Lr = new("--lr") { Description = "Learning rate (eta); the peak rate of a schedule" };
+    private static readonly Option<float?> MomentumOpt = new("--momentum") { Description = "Momentum (PyTorch's formulation); implies --optimizer momentum when > 0 (nesterov: default 0.9)" };
+    private static readonly Option<double?> WeightDecay = new("--weight-decay") { Description = "Weight decay: L2 added to the gradient (sgd, momentum, nesterov, adam), decoupled for adamw [default: 0]" };
+    private static readonly Option<double?> Beta1 = new("--beta1") { Description = "Adam's beta1, in [0, 1) [default: 0.9]" };
+    private static readonly Option<double?> Beta2 = new("--beta2") { Description = "Adam's beta2, in [0, 1) [default: 0.999]" };
+    private static readonly Option<double?> Eps = new("--eps") { Description = "Adam's eps, added to the root of the second moment [default: 1e-8]" };
+    private static readonly Option<string?> Schedule = Choice("--lr-schedule", "Learning-rate schedule over the run's steps: constant, step (x --lr-gamma every --lr-step-epochs), cosine (to --lr-min at the last step), one-cycle (PyTorch's OneCycleLR, peak --lr after the warm-up)", ["constant", "step", "cosine", "one-cycle"]);
+    private static readonly Option<int?> LrStepEpochs = new("--lr-step-epochs") { Description = "Step schedule: multiply the rate by --lr-gamma every N epochs; implies --lr-schedule step" };
+    private static readonly Option<double?> LrGamma = new("--lr-gamma") { Description = "Step schedule: the factor applied every --lr-step-epochs [default: 0.1]" };
+    private static readonly Option<double?> LrMin = new("--lr-min") { Description = "Cosine and one-cycle: the rate at the last step [default: 0]" };
+    private static readonly Option<int?> WarmupSteps = new("--warmup-steps") { Description = "Linear warm-up over the first N steps (any schedule; one-cycle: its rising phase, default 30% of the run) [default: 0]" };
     private static readonly Option<int?> BatchSize = new("--batch-size") { Description = "Global batch size B (independent of the worker count)" };
     private static readonly Option<int?> ChunkSize = new("--chunk-size") { Description = "Samples per chunk, the unit of work and reduction [default: B/4 rounded up]" };
     private static readonly Option<int?> Epochs = new("--epochs") { Description = "Epochs to train" };
@@ -49,7 +58,8 @@ public static class TrainCommand
     {
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
-            Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
+            Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, WeightDecay, Beta1, Beta2, Eps,
+            Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, BatchSize, ChunkSize, Epochs, Workers, Seed,
             TrainLimit, Dataset, DataDir, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
         };
         Address.AddTo(command);
@@ -79,8 +89,21 @@ public static class TrainCommand
 
         var optimizer = spec.Optimizer;
         if (parse.GetValue(MomentumOpt) is { } m) optimizer = optimizer with { Momentum = m, Kind = m > 0 ? OptimizerKind.Momentum : optimizer.Kind };
-        if (parse.GetValue(OptimizerOpt) is { } o) optimizer = optimizer with { Kind = o == "sgd" ? OptimizerKind.Sgd : OptimizerKind.Momentum };
+        if (parse.GetValue(OptimizerOpt) is { } o)
+        {
+            optimizer = optimizer with { Kind = Enum.Parse<OptimizerKind>(o, ignoreCase: true) };
+            if (optimizer.Kind == OptimizerKind.Nesterov && optimizer.Momentum == 0) optimizer = optimizer with { Momentum = 0.9f };
+        }
         if (parse.GetValue(Lr) is { } lr) optimizer = optimizer with { LearningRate = lr };
+        if (parse.GetValue(WeightDecay) is { } wd) optimizer = optimizer with { WeightDecay = wd };
+        if (parse.GetValue(Beta1) is { } b1) optimizer = optimizer with { Beta1 = b1 };
+        if (parse.GetValue(Beta2) is { } b2) optimizer = optimizer with { Beta2 = b2 };
+        if (parse.GetValue(Eps) is { } eps) optimizer = optimizer with { Eps = eps };
+        if (parse.GetValue(LrStepEpochs) is { } stepEpochs) optimizer = optimizer with { Schedule = ScheduleKind.Step, LrStepEpochs = stepEpochs };
+        if (parse.GetValue(Schedule) is { } schedule) optimizer = optimizer with { Schedule = Enum.Parse<ScheduleKind>(schedule.Replace("-", ""), ignoreCase: true) };
+        if (parse.GetValue(LrGamma) is { } gamma) optimizer = optimizer with { LrGamma = gamma };
+        if (parse.GetValue(LrMin) is { } lrMin) optimizer = optimizer with { LrMin = lrMin };
+        if (parse.GetValue(WarmupSteps) is { } warmup) optimizer = optimizer with { WarmupSteps = warmup };
         spec = spec with { Optimizer = optimizer };
 
         if (parse.GetValue(BatchSize) is { } b) spec = spec with { BatchSize = b, ChunkSize = RunSpec.DefaultChunkSize(b) };
