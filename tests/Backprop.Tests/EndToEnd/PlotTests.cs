@@ -63,7 +63,7 @@ public sealed class PlotTests : IDisposable
     {
         string good = Path.Combine(_work, "good.jsonl"), bad = Path.Combine(_work, "bad.jsonl"), empty = Path.Combine(_work, "empty.jsonl"),
             partial = Path.Combine(_work, "partial.jsonl");
-        string line = RunReporter.MetricsLine("r1", new EpochResult(1, 0.5, 0.4, 0.9, 1.0, 1000, "00", 10, []));
+        string line = RunReporter.MetricsLine("r1", new EpochResult(1, 0.5, 0.4, 0.9, 1.0, 1000, "00", 10, []), lr: 0.01);
         File.WriteAllLines(good, [line]);
         File.WriteAllLines(bad, [line, "", "{\"epoch\": 2, \"trainLoss\": "]);
         File.WriteAllText(empty, "\n");
