@@ -199,6 +199,15 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         shardSilos = status.ShardSilos,
         workerSilos = status.WorkerSilos,
         error = status.Error,
+        workers = status.Workers.Select(w => new
+        {
+            id = w.Worker,
+            silo = w.Silo,
+            blocks = w.Blocks,
+            computeMedianSeconds = w.ComputeMedianSeconds,
+            computeP95Seconds = w.ComputeP95Seconds,
+            straggler = w.Straggler,
+        }).ToArray(),
         events = status.Events.Select(e => new { time = e.Time, kind = e.Kind, message = e.Message }).ToArray(),
     });
 
@@ -211,6 +220,14 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         output.WriteLine($"  coordinator on {status.CoordinatorSilo}, parameter server shards on {(status.ShardSilos.Length > 0 ? string.Join(", ", status.ShardSilos) : "(not attached)")}");
         if (status.WorkerSilos.Length > 0) output.WriteLine($"  workers on {status.WorkerSilos.Length} silo(s): {string.Join(", ", status.WorkerSilos)}");
         if (status.Error is not null) output.WriteLine($"  error: {status.Error}");
+        if (status.Workers.Length > 0)
+        {
+            output.WriteLine($"  compute per step over the last {WorkerStats.Steps} steps:");
+            output.WriteLine($"    {"worker",6}  {"silo",-21}  {"blocks",8}  {"median ms",9}  {"p95 ms",8}");
+            foreach (var w in status.Workers)
+                output.WriteLine($"    {w.Worker,6}  {w.Silo,-21}  {w.Blocks,8}  {WorkerStats.Milliseconds(w.ComputeMedianSeconds),9}  {WorkerStats.Milliseconds(w.ComputeP95Seconds),8}{(w.Straggler ? "  straggler" : "")}");
+            foreach (var w in status.Workers.Where(w => w.Straggler)) output.WriteLine($"  {w.Slower(status.Workers)}");
+        }
         if (status.Events.Length > 0)
         {
             output.WriteLine($"  events ({Math.Min(10, status.Events.Length)} latest of {status.Events.Length}):");

@@ -166,11 +166,20 @@ public sealed class RunGrain(
         return Status(0);
     }
 
+    /// <summary>How long a resume waits for a cancelled loop to stop: under the 30 s response timeout of the call.</summary>
+    private static readonly TimeSpan ResumeWait = TimeSpan.FromSeconds(20);
+
     public async Task<RunStatus> Resume()
     {
         var spec = Record.Spec ?? throw new ArgumentException($"no run '{RunId}'");
         Journal.ThrowIfFenced();
-        if (LoopActive) return Status(0);
+        if (LoopActive)
+        {
+            if (!_cancel.IsCancellationRequested) return Status(0);   // running: nothing to continue
+            // Cancelled and still stopping (its calls end first, then it stores the state): resume once it has.
+            if (await Task.WhenAny(_finished.Task, Task.Delay(ResumeWait)) != _finished.Task || LoopActive)
+                throw new InvalidOperationException($"run '{RunId}' is still stopping after its cancel; resume it again in a moment");
+        }
         if (Record.State is RunState.Completed or RunState.Diverged) return Status(0);   // nothing to continue
         await Journal.Register(RunState.Running, spec, Record.Epochs.Count, required: true);
         await Journal.Update(r => { r.State = RunState.Running; r.Error = null; RunJournal.AddEvent(r, "resume", $"resume requested (was {Record.State.ToString().ToLowerInvariant()})"); });
@@ -206,7 +215,7 @@ public sealed class RunGrain(
         var r = record.State;
         var epochs = r.Epochs.Skip(Math.Max(0, knownEpochs)).ToArray();
         return new RunStatus(RunId, r.State, r.Spec, _epoch, _stepInEpoch, _stepsPerEpoch, epochs, r.Error,
-            Workers.Silos, SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
+            Workers.Silos, SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count, Workers.Stats);
     }
 
     private void StartLoop(bool resumed)
