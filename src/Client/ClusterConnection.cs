@@ -16,14 +16,17 @@ public sealed class ClusterConnection : IAsyncDisposable
 {
     private readonly IHost _host;
     private readonly WebServer? _web;
+    private readonly string? _dataDir;
+    private readonly ClusterAddress? _address;
 
-    private ClusterConnection(IHost host, IClusterClient client, string description, bool isEmbedded, WebServer? web = null)
+    private ClusterConnection(IHost host, IClusterClient client, string description, string? dataDir, ClusterAddress? address, WebServer? web = null)
     {
         _host = host;
         _web = web;
         Client = client;
         Description = description;
-        IsEmbedded = isEmbedded;
+        _dataDir = dataDir;
+        _address = address;
     }
 
     /// <summary>How long one try to reach a cluster may take: a client can otherwise keep retrying a gateway that never answers.</summary>
@@ -34,7 +37,13 @@ public sealed class ClusterConnection : IAsyncDisposable
     public IClusterClient Client { get; }
     public IServiceProvider Services => _host.Services;
     public string Description { get; }
-    public bool IsEmbedded { get; }
+    public bool IsEmbedded => _dataDir is not null;
+
+    /// <summary>
+    /// The command that goes on with a run once this one stops following it: `resume` for the embedded silo's
+    /// (stopped with this process), `watch` for a cluster's (which goes on).
+    /// </summary>
+    public string HowToContinue(string runId) => _address is null ? $"resume {runId} --data-dir {_dataDir}" : $"watch {runId} {_address.Flags}";
 
     /// <summary>
     /// A silo in this process; with <paramref name="httpPort"/>, its web server (the page, /metrics, the dashboard) on
@@ -70,7 +79,7 @@ public sealed class ClusterConnection : IAsyncDisposable
             }
             Console.Error.WriteLine($"page: http://127.0.0.1:{port}/ (metrics: /metrics, Orleans Dashboard: /dashboard/)");
         }
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true, web);
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", dataDir, address: null, web);
     }
 
     /// <summary>Where the embedded silo stores runs, so that an interrupted run can be resumed: beside the data sets.</summary>
@@ -151,7 +160,7 @@ public sealed class ClusterConnection : IAsyncDisposable
             bool final = tlsRejection is not null || redisError is not null && address.Redis!.Refused(redisError);
             return (null, new Failure(reason, $"cannot reach a cluster '{address.ClusterId}' {where}: {reason}{hint}", Retry: !final));
         }
-        return (new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false), null);
+        return (new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, dataDir: null, address), null);
     }
 
     private static IEnumerable<Exception> Causes(Exception e)

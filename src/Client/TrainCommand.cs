@@ -6,7 +6,6 @@ using Backprop.Core.Numerics;
 using Backprop.Core.Training;
 using Backprop.Grains;
 using Backprop.Grains.Hosting;
-using Backprop.Grains.Messages;
 using Microsoft.Extensions.DependencyInjection;
 
 namespace Backprop.Client;
@@ -39,8 +38,7 @@ public static class TrainCommand
     private static readonly Option<string> Dataset = Cli.Dataset();
     private static readonly Option<string> DataDir = Cli.DataDir();
     private static readonly ClusterAddressOptions Address = new("Run on a running cluster through these gateways instead of an embedded silo");
-    private static readonly Option<string?> MetricsOut = new("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
-    private static readonly Option<string?> ModelOut = new("--model-out") { Description = "Save the trained model to this file" };
+    private static readonly FollowOptions Follow = new();
     private static readonly Option<int?> ThreadsPerWorker = new("--threads-per-worker")
     {
         Description = "Embedded cluster only: threads each worker uses for a chunk [default: cores / workers, at least 1]",
@@ -67,8 +65,10 @@ public static class TrainCommand
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, WeightDecay, Beta1, Beta2, Eps,
             Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, Address.RedisTls, Address.RedisCa, Address.ConnectTimeout, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards, HttpPort,
+            TrainLimit, Dataset, DataDir, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards, HttpPort,
         };
+        Address.AddTo(command);
+        Follow.AddTo(command);
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
     }
@@ -135,8 +135,7 @@ public static class TrainCommand
         ClusterConnection cluster;
         if (address is null)
         {
-            int threads = parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers);
-            if (threads is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threads} is outside 1..256");
+            int threads = Cli.CheckThreadsPerWorker(parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers));
             spec.Validate(threads);
             if (parse.GetValue(HttpPort) is < 1 or > 65535) throw new ArgumentException($"--http-port: {parse.GetValue(HttpPort)} is outside 1..65535");
             DataCommand.Ensure(spec.Dataset, dataDir);
@@ -171,29 +170,7 @@ public static class TrainCommand
             Console.WriteLine($"run {runId} on {cluster.Description}");
             Console.WriteLine($"  {RunReporter.Describe(spec)}");
             await run.Start(spec);
-            var reporter = new RunReporter(Console.Out, parse.GetValue(MetricsOut));
-            reporter.Header();
-            RunStatus status;
-            try
-            {
-                status = await reporter.Follow(run, cancel);
-            }
-            catch (OperationCanceledException) when (cancel.IsCancellationRequested)
-            {
-                if (cluster.IsEmbedded)
-                {
-                    var stopped = await RunCommands.StopEmbedded(run);
-                    reporter.Report(stopped);   // epochs that ended while it stopped
-                    Console.Error.WriteLine($"interrupted: run {runId} stopped in epoch {stopped.Epoch + 1}; continue it with: resume {runId} --data-dir {dataDir}");
-                }
-                else
-                {
-                    Console.Error.WriteLine($"detached; run {runId} goes on. Re-attach: watch {runId} {address?.Flags}");
-                }
-                return ExitCodes.Interrupted;
-            }
-            if (status.State == RunState.Completed && parse.GetValue(ModelOut) is { } path) await RunCommands.SaveModel(run, status, path);
-            return RunCommands.ExitCodeOf(status);
+            return await Follow.FollowAndSave(parse, cluster, run, cancel);
         }
     }
 

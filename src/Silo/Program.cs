@@ -72,7 +72,8 @@ root.SetAction(async (parse, cancel) =>
         if (parse.GetValue(redisWait) is < 0 or > 86400) throw new ArgumentException("--redis-wait must be in 0..86400 seconds");
         if (!System.Net.IPAddress.TryParse(parse.GetValue(httpBind), out healthBind)) throw new ArgumentException($"--http-bind: '{parse.GetValue(httpBind)}' is not an IP address");
         Backprop.Core.Data.DatasetCatalog.Get(parse.GetValue(dataset)!);
-        if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
+        if (parse.GetValue(workerThreads) is < 1 or > Backprop.Core.ResourceLimits.MaxThreadsPerWorker)
+            throw new ArgumentException($"--worker-threads must be in 1..{Backprop.Core.ResourceLimits.MaxThreadsPerWorker}");
         double keepDays = parse.GetValue(keepFinishedDays);
         if (!(keepDays > 0 && keepDays <= 36_500)) throw new ArgumentException("--keep-finished-days must be in (0, 36500]");
         double minAge = parse.GetValue(keepFinishedMinAge);

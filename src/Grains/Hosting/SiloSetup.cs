@@ -30,7 +30,8 @@ public static class SiloSetup
     public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1,
         bool keepRunsGoing = true, SiloRole role = SiloRole.All, Retention? retention = null)
     {
-        if (threadsPerWorker < 1 || threadsPerWorker > 256) throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..256");
+        if (threadsPerWorker < 1 || threadsPerWorker > Backprop.Core.ResourceLimits.MaxThreadsPerWorker)
+            throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..{Backprop.Core.ResourceLimits.MaxThreadsPerWorker}");
         retention ??= new Retention();
         retention.Validate();
         silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing, role));
