@@ -56,9 +56,16 @@ public sealed partial class WebPageTests : IDisposable
             Assert.Equal(1, first[Key(first, "backprop_silos", "role=\"all\"")]);
             Assert.InRange(first[Key(first, "backprop_epoch_test_accuracy", "run=\"watched\"")], 0.0, 1.0);
             Assert.True(first[Key(first, "backprop_worker_compute_duration_seconds_count", "worker=\"1\"")] > 0);
-            train.WaitForLine(line => line.TrimStart().StartsWith("3 "), TimeSpan.FromSeconds(120));
-            var second = Prometheus(await Text(url + "/metrics"));
-            foreach (var counter in new[] { "backprop_steps_total", "backprop_samples_total", "backprop_step_duration_seconds_count", "backprop_checkpoint_duration_seconds_count" })
+            // The CLI's lines lag the run (its epochs here take milliseconds): scraped until every counter moved, or 120 s.
+            string[] counters = ["backprop_steps_total", "backprop_samples_total", "backprop_step_duration_seconds_count", "backprop_checkpoint_duration_seconds_count"];
+            var second = first;
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            while (counters.Any(c => second[Key(second, c)] <= first[Key(first, c)]) && clock.Elapsed < TimeSpan.FromSeconds(120))
+            {
+                await Task.Delay(50);
+                second = Prometheus(await Text(url + "/metrics"));
+            }
+            foreach (var counter in counters)
                 Assert.True(second[Key(second, counter)] > first[Key(first, counter)], $"{counter} did not move: {first[Key(first, counter)]} then {second[Key(second, counter)]}");
             Assert.Equal(0, second[Key(second, "backprop_redos_total")]);
 
