@@ -73,6 +73,12 @@ public static class RunPages
                 coordinator = s.CoordinatorSilo,
                 workers = s.Spec?.Workers,
                 workerSilos = s.WorkerSilos,
+                // Each worker's compute per step over its last steps; a straggler with the sentence status prints.
+                workerStats = s.Workers.Select(w => new
+                {
+                    id = w.Worker, silo = w.Silo, blocks = w.Blocks, computeMedianSeconds = w.ComputeMedianSeconds,
+                    computeP95Seconds = w.ComputeP95Seconds, straggler = w.Straggler, note = w.Straggler ? w.Slower(s.Workers) : null,
+                }),
                 shards = s.ShardSilos.Select((silo, i) => new { index = i, silo }),
                 eventCount = s.Events.Length,
                 eventOffset = offset,

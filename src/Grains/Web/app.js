@@ -94,7 +94,16 @@ async function pollRun() {
   chart(document.getElementById("chart-accuracy"), [{ cls: "test", points: c.map(e => [e.epoch, e.testAccuracy]) }], y => (100 * y).toFixed(1) + "%");
   chart(document.getElementById("chart-rate"), [{ cls: "train", points: c.map(e => [e.epoch, e.samplesPerSecond]) }], y => num(y));
   document.getElementById("workers-total").textContent = run.workers ? `(${run.workers} over ${run.workerSilos.length} silos)` : "";
-  fill(document.querySelector("#workers-table tbody"), run.workerSilos.map(silo => [silo]));
+  // Per-worker compute times once the coordinator has them (after a few windows); until then the silos alone.
+  const stats = run.workerStats || [];
+  const ms = s => (1000 * s).toFixed(s < 0.01 ? 2 : 0);
+  fill(document.querySelector("#workers-table thead"), [stats.length
+    ? ["#", "silo", "blocks", "median ms", "p95 ms", "slow?"].map(h => el("th", {}, h))
+    : [el("th", {}, "worker silo")]]);
+  fill(document.querySelector("#workers-table tbody"), stats.length
+    ? stats.map(w => [w.id, w.silo, w.blocks, ms(w.computeMedianSeconds), ms(w.computeP95Seconds),
+        el("td", w.straggler ? { class: "straggler", title: w.note } : {}, w.straggler ? w.note : "")])
+    : run.workerSilos.map(silo => [silo]));
   fill(document.querySelector("#shards-table tbody"), run.shards.map(s => [s.index, s.silo]));
   document.getElementById("coordinator").textContent = run.coordinator ? `coordinator on ${run.coordinator}` : "";
   document.getElementById("events-total").textContent = `(${run.eventCount}, newest first)`;
