@@ -80,6 +80,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         _workers = Enumerable.Range(0, count).Select(i => grains.GetGrain<IWorkerGrain>($"{runId}/{incarnation}.{generation}/{i}")).ToArray();
         await journal.AddEventNow("workers", $"{count} workers over {silos.Length} worker silos ({string.Join(", ", silos)}), generation {generation}");
         await AddEvents(_times.Reset(generation));
+        BackpropMetrics.Workers(runId, _times.Stats);
         return _workers;
     }
 
@@ -138,7 +139,11 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         var furthest = replies.Where(r => r is not null).MaxBy(r => r!.Applied);
         string? divergence = replies.FirstOrDefault(r => r?.Divergence is not null)?.Divergence;
         // Worker b computed block b of every step only when nothing was redone: then its compute time is its own.
-        if (failure is null && !retry) await AddEvents(_times.Add(replies, cut));
+        if (failure is null && !retry)
+        {
+            await AddEvents(_times.Add(replies, cut));
+            BackpropMetrics.Workers(runId, _times.Stats);
+        }
         if (failure is not null)
         {
             (_failedGeneration, _failedAt) = (_generation, Stopwatch.GetTimestamp());

@@ -34,6 +34,7 @@ public static class BackpropMetrics
     private static long _steps, _samples, _wireBytes, _recoveries, _redos, _resumes, _workerFailures;
 
     private static readonly ConcurrentDictionary<string, (double Accuracy, double Loss)> Epochs = new(StringComparer.Ordinal);
+    private static readonly ConcurrentDictionary<string, WorkerStats[]> Stragglers = new(StringComparer.Ordinal);
     private static volatile Dictionary<RunState, int> _runsByState = [];
     private static volatile string? _role;
 
@@ -50,6 +51,11 @@ public static class BackpropMetrics
             "1", "Test accuracy after the last finished epoch of each run this silo coordinates");
         Meter.CreateObservableGauge("backprop.epoch.test_loss", () => Epochs.Select(e => new Measurement<double>(e.Value.Loss, new KeyValuePair<string, object?>("run", e.Key))),
             "1", "Mean test loss after the last finished epoch of each run this silo coordinates");
+        // Only the stragglers of the current generation: a series exists while its worker is one.
+        Meter.CreateObservableGauge("backprop.worker.straggler", () => Stragglers.SelectMany(r => r.Value.Where(w => w.Straggler).Select(w =>
+                new Measurement<double>(w.ComputeMedianSeconds / WorkerStats.Typical(r.Value).Median,
+                    new KeyValuePair<string, object?>("run", r.Key), new KeyValuePair<string, object?>("worker", w.Worker), new KeyValuePair<string, object?>("silo", w.Silo)))),
+            "1", "A straggler's median compute per step over the median of its run's workers (> 1.5 to become one); only stragglers of runs this silo coordinates");
         // Every state, zeros included, from the silo that holds the run list (none elsewhere): a sum over silos is the cluster's.
         Meter.CreateObservableGauge("backprop.runs", () => _runsByState.Select(s => new Measurement<int>(s.Value, new KeyValuePair<string, object?>("state", s.Key.ToString().ToLowerInvariant()))),
             "{run}", "Runs in the run list by state");
@@ -90,8 +96,15 @@ public static class BackpropMetrics
 
     public static void EpochFinished(string runId, double accuracy, double loss) => Epochs[runId] = (accuracy, loss);
 
+    /// <summary>The run's workers' figures after a window (or a new generation): its stragglers' gauges.</summary>
+    public static void Workers(string runId, WorkerStats[] workers) => Stragglers[runId] = workers;
+
     /// <summary>The run's coordinator here has stopped (finished, or gone elsewhere): its gauges go with it.</summary>
-    public static void RunLeft(string runId) => Epochs.TryRemove(runId, out _);
+    public static void RunLeft(string runId)
+    {
+        Epochs.TryRemove(runId, out _);
+        Stragglers.TryRemove(runId, out _);
+    }
 
     public static void Checkpoint(TimeSpan took) => CheckpointDuration.Record(took.TotalSeconds);
 
