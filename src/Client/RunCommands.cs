@@ -25,7 +25,7 @@ public static class RunCommands
             if (status.State == RunState.NotStarted) throw new ArgumentException($"no run '{status.RunId}' in {cluster.Description}");
             if (status.Spec is { } spec) Console.WriteLine($"run {status.RunId}: {RunReporter.Describe(spec)}");
             var reporter = new RunReporter(Console.Out, parse.GetValue(metrics));
-            reporter.Header();
+            reporter.Header(status.Spec?.Validation > 0);
             var final = await reporter.Follow(grain, cancel);
             if (final.State == RunState.Completed && parse.GetValue(modelOut) is { } path) await SaveModel(grain, final, path);
             return ExitCodeOf(final);
@@ -37,7 +37,9 @@ public static class RunCommands
     public static async Task SaveModel(IRunGrain run, RunStatus status, string path)
     {
         var model = await run.GetModel();
-        var last = status.Epochs.Length > 0 ? status.Epochs[^1] : (await run.GetStatus()).Epochs[^1];
+        // The epoch the parameters are from: the last one, or with --keep best the best one by validation accuracy.
+        var epochs = (await run.GetStatus()).Epochs;
+        var last = epochs.LastOrDefault(e => e.Steps == model.Step) ?? epochs[^1];
         ModelFile.Save(path, model.Spec.Model, model.Parameters.Span, new Dictionary<string, string>
         {
             ["dataset"] = model.Spec.Dataset,
@@ -46,7 +48,7 @@ public static class RunCommands
             ["testAccuracy"] = last.TestAccuracy.ToString("R", CultureInfo.InvariantCulture),
             ["parameterSha256"] = last.ParameterSha256,
         });
-        Console.WriteLine($"model saved to {path}");
+        Console.WriteLine($"model saved to {path}{(model.Spec.KeepBest ? $" (epoch {last.Epoch}, the best by validation accuracy)" : "")}");
     }
 
     public static Command Status()

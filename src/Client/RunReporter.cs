@@ -31,10 +31,14 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         $"{s.Model.Describe()}, init {s.Init.ToString().ToLowerInvariant()}; {s.Optimizer.Kind.ToString().ToLowerInvariant()} lr {s.Optimizer.LearningRate}" +
         (s.Optimizer.Kind == Backprop.Core.Numerics.OptimizerKind.Momentum ? $" momentum {s.Optimizer.Momentum}" : "") +
         $"; batch {s.BatchSize}, chunk {s.ChunkSize}; {s.Workers} worker{(s.Workers == 1 ? "" : "s")}; {s.Epochs} epochs; dataset {s.Dataset}" +
-        (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") + $"; seed {s.Seed}";
+        (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
+        (s.Validation > 0 ? $"; last {s.Validation} training images held out for validation" : "") +
+        (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
+        (s.KeepBest ? "; keeps the best epoch" : "") + $"; seed {s.Seed}";
 
-    public void Header() =>
-        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}");
+    /// <summary>The table's header; <paramref name="validation"/>: with the validation accuracy column (--validation).</summary>
+    public void Header(bool validation = false) =>
+        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}" + (validation ? $"  {"val loss",8}  {"val acc",8}" : ""));
 
     /// <summary>How long the reporter keeps trying to reach a run it lost contact with before it gives up.</summary>
     public static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
@@ -92,8 +96,9 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
             if (e.Epoch <= _printed) continue;
             ClearBar();
             _printed = e.Epoch;
+            string validation = e.ValidationAccuracy is { } v ? string.Create(Inv, $"  {e.ValidationLoss,8:F4}  {v * 100,7:F2}%") : "";
             output.WriteLine(string.Create(Inv,
-                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}"));
+                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}{validation}"));
             if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e) + "\n");
         }
         if (!NoProgress && _progress.Update(status) is { } line)
@@ -152,6 +157,8 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         samplesPerSecond = e.SamplesPerSecond,
         parameterSha256 = e.ParameterSha256,
         steps = e.Steps,
+        validationLoss = e.ValidationLoss,
+        validationAccuracy = e.ValidationAccuracy,
         profile = e.Profile is { } p ? new
         {
             steps = p.Steps,
@@ -201,7 +208,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         if (status.Epochs.Length > 0)
         {
             var reporter = new RunReporter(output, null);
-            reporter.Header();
+            reporter.Header(status.Spec?.Validation > 0);
             reporter.Report(status with { State = RunState.Completed });
         }
     }

@@ -37,7 +37,7 @@ public static class StoredRunCommands
             Console.WriteLine($"  {RunReporter.Describe(status.Spec)}");
             // Epochs finished before the resume are shown, but written to the metrics file only by the command that saw them end.
             var reporter = new RunReporter(Console.Out, parse.GetValue(metrics), metricsFromEpoch: status.EpochsDone + 1);
-            reporter.Header();
+            reporter.Header(status.Spec.Validation > 0);
             RunStatus final;
             try
             {

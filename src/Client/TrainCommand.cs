@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using Backprop.Core;
+using Backprop.Core.Data;
 using Backprop.Core.Model;
 using Backprop.Core.Numerics;
 using Backprop.Core.Training;
@@ -31,7 +32,18 @@ public static class TrainCommand
     private static readonly Option<string> DataDir = Cli.DataDir();
     private static readonly ClusterAddressOptions Address = new("Run on a running cluster through these gateways instead of an embedded silo");
     private static readonly Option<string?> MetricsOut = new("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
-    private static readonly Option<string?> ModelOut = new("--model-out") { Description = "Save the trained model to this file" };
+    private static readonly Option<string?> ModelOut = new("--model-out") { Description = "Save the trained model to this file (see --keep)" };
+    private static readonly Option<int?> Validation = new("--validation")
+    {
+        Description = "Hold out the last N training images (never trained on) and report validation loss and accuracy after every epoch [default: 0, none]",
+    };
+    private static readonly Option<int?> EarlyStop = new("--early-stop")
+    {
+        Description = "Stop (completed) once validation accuracy has not improved for this many epochs; needs --validation [default: 0, never]",
+    };
+    private static readonly Option<string?> Keep = Choice("--keep",
+        "Parameters the run keeps for --model-out: last (the last epoch's) or best (the epoch with the best validation accuracy; needs --validation) [default: last]",
+        ["best", "last"]);
     private static readonly Option<int?> ThreadsPerWorker = new("--threads-per-worker")
     {
         Description = "Embedded cluster only: threads each worker uses for a chunk [default: cores / workers, at least 1]",
@@ -53,6 +65,7 @@ public static class TrainCommand
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
             TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, Address.RedisTls, Address.RedisCa, Address.ConnectTimeout, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
+            Validation, EarlyStop, Keep,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
@@ -91,7 +104,10 @@ public static class TrainCommand
         if (parse.GetValue(TrainLimit) is { } t) spec = spec with { TrainLimit = t };
         if (parse.GetValue(CheckpointEvery) is { } k) spec = spec with { CheckpointEvery = k };
         if (parse.GetValue(ServerShards) is { } shards) spec = spec with { ServerShards = shards };
-        spec = spec with { Dataset = parse.GetValue(Dataset)! };
+        if (parse.GetValue(Validation) is { } v) spec = spec with { Validation = v };
+        if (parse.GetValue(EarlyStop) is { } patience) spec = spec with { EarlyStop = patience };
+        if (parse.GetValue(Keep) is { } keep) spec = spec with { KeepBest = keep == "best" };
+        spec = spec with { Dataset = DatasetCatalog.Resolve(parse.GetValue(Dataset)!) };
         spec.Validate();
         return spec;
     }
@@ -117,6 +133,13 @@ public static class TrainCommand
         {
             if (parse.GetValue(ThreadsPerWorker) is not null)
                 throw new ArgumentException("--threads-per-worker: set it on the silos (--worker-threads); it applies to the embedded cluster only");
+            // The layers follow the data: a folder of the user's is read here to size them unless --layers does.
+            if (!DatasetCatalog.IsBuiltIn(spec.Dataset) && parse.GetValue(Layers) is null)
+            {
+                if (!Directory.Exists(spec.Dataset))
+                    throw new ArgumentException($"--dataset: {spec.Dataset} is not on this machine to size the input and output layers; give --layers (the silos read the folder at that path)");
+                spec = FitLayers(parse, spec, DatasetCatalog.LoadOwn(spec.Dataset).Train);
+            }
             cluster = await ClusterConnection.Connect(address, cancel);
         }
         await using (cluster)
@@ -125,6 +148,8 @@ public static class TrainCommand
             {
                 // Same process: load and check the data here so a damaged file is a usage error, not a failed run.
                 var data = await cluster.Services.GetRequiredService<DatasetCache>().Get(spec.Dataset);
+                spec = FitLayers(parse, spec, data.Train);
+                spec.Validate(parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers));
                 spec.ValidateAgainst(data.Train);
             }
             else if (parse.GetValue(Workers) is null || parse.GetValue(ServerShards) is null)
@@ -164,6 +189,15 @@ public static class TrainCommand
             if (status.State == RunState.Completed && parse.GetValue(ModelOut) is { } path) await RunCommands.SaveModel(run, status, path);
             return RunCommands.ExitCodeOf(status);
         }
+    }
+
+    /// <summary>The input and output layers sized to the data (any image size, any class count) unless --layers gave them.</summary>
+    private static RunSpec FitLayers(ParseResult parse, RunSpec spec, Backprop.Core.Data.Dataset train)
+    {
+        if (parse.GetValue(Layers) is not null) return spec;
+        spec = spec.FittedTo(train);
+        spec.Validate();
+        return spec;
     }
 
     /// <summary>The default shard count, as many as asked where the model has room for them (a slice is at least 16 floats).</summary>

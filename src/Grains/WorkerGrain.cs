@@ -204,13 +204,17 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     {
         if (work is null) throw new ArgumentException("no work");
         var spec = CheckSpec(work.Spec);
-        var test = (await DataFor(spec, work.DatasetSha256)).Test;
-        if (work.Start < 0 || work.Start >= work.End || work.End > test.Count)
-            throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {test.Count} test samples");
+        var data = await DataFor(spec, work.DatasetSha256);
+        // Validation samples are the last of the training set, held out of every epoch's plan.
+        var (set, offset, count, kind) = work.Validation
+            ? (data.Train, spec.ValidationStart(data.Train.Count), spec.Validation, "validation")
+            : (data.Test, 0, data.Test.Count, "test");
+        if (work.Start < 0 || work.Start >= work.End || work.End > count)
+            throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {count} {kind} samples");
         if (work.Version < 0) throw new ArgumentException($"version {work.Version} is negative");
         var runner = GradientFor(spec).Runner;
         await EnsureParameters(spec, work.Session, work.Version);
-        return runner.Evaluate(test, _parameters, work.Start, work.End);
+        return runner.Evaluate(set, _parameters, offset + work.Start, offset + work.End);
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)

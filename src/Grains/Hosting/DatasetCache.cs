@@ -7,7 +7,8 @@ namespace Backprop.Grains.Hosting;
 
 /// <summary>
 /// The datasets of one silo, loaded once from its data directory and shared by every worker on it.
-/// A silo that lacks a dataset fetches it (and verifies it) the first time it is asked for it.
+/// A silo that lacks a built-in dataset fetches it (and verifies it) the first time it is asked for it; a user's own
+/// folder (an absolute path) is read where it is and never fetched.
 /// Each loaded set is identified by the SHA-256 of its contents, so a run can tell whether two silos
 /// train on the same samples.
 /// </summary>
@@ -24,7 +25,7 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
 
     private Task<(TrainTest Data, string Sha256)> Entry(string dataset)
     {
-        DatasetCatalog.Get(dataset);   // unknown names never reach the file system
+        DatasetCatalog.Validate(dataset);   // only known names and absolute folder paths reach the file system
         return _sets.GetOrAdd(dataset, name => new Lazy<Task<(TrainTest Data, string Sha256)>>(() => Task.Run(() => Load(name)))).Value;
     }
 
@@ -43,6 +44,14 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
 
     private (TrainTest, string) Load(string name)
     {
+        if (!DatasetCatalog.IsBuiltIn(name))
+        {
+            var own = DatasetCatalog.LoadOwn(name);
+            string ownSha = Sha256Of(own);
+            logger.LogInformation("Loaded {Dataset}: {Train} training and {Test} test samples of {Features} values, {Classes} classes, sha256 {Sha}",
+                name, own.Train.Count, own.Test.Count, own.Train.Features, own.Train.Classes, ownSha[..12]);
+            return (own, ownSha);
+        }
         var dir = DatasetCatalog.DirectoryOf(DataDir, name);
         if (!DatasetCatalog.IsPresent(dir))
         {
