@@ -81,7 +81,12 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
             if (status.State == RunState.NotStarted)
                 throw new InvalidOperationException($"run {status.RunId} no longer exists in the cluster (its stored state is gone)");
             Report(status);
-            if (status.IsFinished) return status;
+            if (status.IsFinished)
+            {
+                if (status.State == RunState.Completed && status.Events.LastOrDefault(e => e.Kind == "early-stop") is { } stop)
+                    output.WriteLine($"early stop: {stop.Message}");
+                return status;
+            }
         }
 
         static string runIdOf(IRunGrain run) => run.GetPrimaryKeyString();
