@@ -166,7 +166,7 @@ public static class TrainCommand
             Console.WriteLine($"  {RunReporter.Describe(spec)}");
             await run.Start(spec);
             var reporter = new RunReporter(Console.Out, parse.GetValue(MetricsOut));
-            reporter.Header();
+            reporter.Header(spec.Validation > 0);
             RunStatus status;
             try
             {

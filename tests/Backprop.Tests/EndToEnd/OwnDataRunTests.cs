@@ -44,14 +44,17 @@ public sealed class OwnDataRunTests : IDisposable
     {
         var dir = CsvFolder(trainCount: 120, testCount: 30);
         string metrics = Path.Combine(_work, "csv.jsonl");
-        var run = Cli("train", "--dataset", dir, "--epochs", "3", "--workers", "2", "--batch-size", "16", "--seed", "3",
+        var run = Cli("train", "--dataset", dir, "--epochs", "3", "--workers", "2", "--batch-size", "16", "--seed", "3", "--lr", "0.1",
             "--data-dir", DataDir, "--metrics-out", metrics, "--no-progress");
         Assert.True(run.Code == 0, run.Output + run.Error);
-        Assert.Contains("12-128-64-3", run.Output);
+        Assert.Contains("[12,128,64,3]", run.Output);
         Assert.Contains($"dataset {dir}", run.Output);
 
         var data = DatasetCatalog.LoadOwn(dir);
-        var spec = Presets.PyTorchMlp with { BatchSize = 16, ChunkSize = 4, Epochs = 3, Workers = 2, Seed = 3, Dataset = dir };
+        var spec = Presets.PyTorchMlp with
+        {
+            BatchSize = 16, ChunkSize = 4, Epochs = 3, Workers = 2, Seed = 3, Dataset = dir, Optimizer = Presets.PyTorchMlp.Optimizer with { LearningRate = 0.1f },
+        };
         spec = spec.FittedTo(data.Train);
         using var local = new LocalTrainer(spec, data.Train);
         for (int e = 0; e < 3; e++) local.TrainEpoch(e);
