@@ -26,7 +26,24 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
     private Task<(TrainTest Data, string Sha256)> Entry(string dataset)
     {
         DatasetCatalog.Validate(dataset);   // only known names and absolute folder paths reach the file system
-        return _sets.GetOrAdd(dataset, name => new Lazy<Task<(TrainTest Data, string Sha256)>>(() => Task.Run(() => Load(name)))).Value;
+        return _sets.GetOrAdd(dataset, name => new Lazy<Task<(TrainTest Data, string Sha256)>>(() => LoadOrForget(name))).Value;
+    }
+
+    /// <summary>
+    /// A folder of the user's that failed to load is not kept: it may be put in place later, and messages naming folders
+    /// that do not exist must not grow this cache. (A built-in set that failed stays failed: no fetch on every call.)
+    /// </summary>
+    private async Task<(TrainTest Data, string Sha256)> LoadOrForget(string name)
+    {
+        try
+        {
+            return await Task.Run(() => Load(name));
+        }
+        catch when (!DatasetCatalog.IsBuiltIn(name))
+        {
+            _sets.TryRemove(name, out _);
+            throw;
+        }
     }
 
     public static string Sha256Of(TrainTest data)

@@ -118,6 +118,21 @@ public sealed class OwnDatasetTests : IDisposable
         Assert.Equal("/a/b", DatasetCatalog.Resolve("/a/../a/b/"));
     }
 
+    [Fact]
+    public async Task A_silo_reads_a_folder_put_in_place_after_a_failed_load_and_identifies_it_by_its_content()
+    {
+        var cache = new Backprop.Grains.Hosting.DatasetCache(Path.Combine(_dir, "data"), allowFetch: false,
+            Microsoft.Extensions.Logging.Abstractions.NullLogger<Backprop.Grains.Hosting.DatasetCache>.Instance);
+        var dir = Path.Combine(_dir, "later");
+        await Assert.ThrowsAsync<DataFileException>(() => cache.Get(dir));
+
+        var data = SyntheticDigits.Create(trainCount: 20, testCount: 5, seed: 8, side: 4, classes: 2);
+        IdxWriter.WriteDataset(dir, data);
+        Assert.Equal(data.Train.Pixels, (await cache.Get(dir)).Train.Pixels);
+        Assert.Equal(Backprop.Grains.Hosting.DatasetCache.Sha256Of(DatasetCatalog.LoadOwn(dir)), await cache.Sha256(dir));
+        await Assert.ThrowsAsync<ArgumentException>(() => cache.Get("relative/folder"));
+    }
+
     private static RunSpec Spec(int validation) => new(
         new ModelSpec([25, 8, 3], Activation.Relu, Loss.CrossEntropy), InitScheme.PyTorch, new OptimizerSettings(OptimizerKind.Momentum, 0.05f, 0.9f),
         BatchSize: 16, ChunkSize: 4, Epochs: 2, Workers: 1, Seed: 5, Dataset: "/own", TrainLimit: 0, Validation: validation);
