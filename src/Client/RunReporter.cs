@@ -34,7 +34,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
         (s.Validation > 0 ? $"; last {s.Validation} training images held out for validation" : "") +
         (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
-        (s.KeepBest ? "; keeps the best epoch" : "") + $"; seed {s.Seed}";
+        (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + $"; seed {s.Seed}";
 
     /// <summary>The table's header; <paramref name="validation"/>: with the validation accuracy column (--validation).</summary>
     public void Header(bool validation = false) =>

@@ -41,6 +41,9 @@ public static class TrainCommand
     {
         Description = "Stop (completed) once validation accuracy has not improved for this many epochs; needs --validation [default: 0, never]",
     };
+    private static readonly Option<string?> Augment = Choice("--augment",
+        "Training images shifted by up to ±2 pixels each epoch, drawn from (seed, epoch, sample index): none or shift2 [default: none]",
+        [RunSpec.NoAugment, RunSpec.Shift2]);
     private static readonly Option<string?> Keep = Choice("--keep",
         "Parameters the run keeps for --model-out: last (the last epoch's) or best (the epoch with the best validation accuracy; needs --validation) [default: last]",
         ["best", "last"]);
@@ -65,7 +68,7 @@ public static class TrainCommand
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
             TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, Address.RedisTls, Address.RedisCa, Address.ConnectTimeout, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
-            Validation, EarlyStop, Keep,
+            Validation, EarlyStop, Keep, Augment,
         };
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
@@ -106,6 +109,7 @@ public static class TrainCommand
         if (parse.GetValue(ServerShards) is { } shards) spec = spec with { ServerShards = shards };
         if (parse.GetValue(Validation) is { } v) spec = spec with { Validation = v };
         if (parse.GetValue(EarlyStop) is { } patience) spec = spec with { EarlyStop = patience };
+        if (parse.GetValue(Augment) is { } augment) spec = spec with { Augment = augment };
         if (parse.GetValue(Keep) is { } keep) spec = spec with { KeepBest = keep == "best" };
         spec = spec with { Dataset = DatasetCatalog.Resolve(parse.GetValue(Dataset)!) };
         spec.Validate();

@@ -56,6 +56,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         if (!PairwiseSum.IsNode(first, end, chunkCount))
             throw new ArgumentException($"chunks [{first}, {end}) are not an aligned block of step {work.Step}'s {chunkCount} chunks (not a node of the reduction tree)");
         var gradient = GradientFor(spec);
+        var input = spec.TrainingInput(train, work.Epoch);
 
         long allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
         var losses = new List<double>(work.Steps);
@@ -71,7 +72,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             var (pulled, pulledBytes) = await EnsureParameters(spec, work.Session, version);
             long computing = System.Diagnostics.Stopwatch.GetTimestamp();
             // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
-            double loss = gradient.SumBlock(train, plan, step, first, end, _parameters, nextStepChunk: first);
+            double loss = gradient.SumBlock(input, plan, step, first, end, _parameters, nextStepChunk: first);
             long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
             var pushed = await PushStep(spec, work, step, version, plan.StepSize(step), lossBefore, loss, gradient.Result);
             long done = System.Diagnostics.Stopwatch.GetTimestamp();

@@ -50,12 +50,13 @@ public sealed class LocalTrainer : IDisposable
     {
         var plan = _plan;
         if (plan.Epoch != epoch) plan.MoveTo(epoch);
+        var input = _spec.TrainingInput(_train, epoch);
         double loss = 0;
         int samples = 0;
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
             (_stepSamples, _step) = (plan.StepSize(step), (long)epoch * plan.Steps + step);
-            loss += _gradient.SumStep(_train, plan, step, Parameters, _update);
+            loss += _gradient.SumStep(input, plan, step, Parameters, _update);
             samples += _stepSamples;
         }
         return loss / samples;

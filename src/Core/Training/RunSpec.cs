@@ -24,8 +24,13 @@ public sealed record RunSpec(
     int ServerShards = 1,
     int Validation = 0,
     int EarlyStop = 0,
-    bool KeepBest = false)
+    bool KeepBest = false,
+    string Augment = RunSpec.NoAugment)
 {
+    public const string NoAugment = "none";
+    /// <summary>Training images shifted by up to ±2 pixels, drawn from (seed, epoch, sample index); see <see cref="Data.Dataset.Shifted"/>.</summary>
+    public const string Shift2 = "shift2";
+
     public const int MaxWorkers = 256;
     /// <summary>Steps between checkpoints of the parameter server (every epoch end is one too); see README for the cost.</summary>
     public const int DefaultCheckpointEvery = 100;
@@ -50,6 +55,7 @@ public sealed record RunSpec(
         if (Validation < 0) throw new ArgumentException($"validation: {Validation} is negative");
         if (EarlyStop < 0) throw new ArgumentException($"early-stop: patience {EarlyStop} is negative");
         if (EarlyStop > 0 && Validation == 0) throw new ArgumentException("early-stop: needs --validation (the test set is never used for a decision)");
+        if (Augment is not (NoAugment or Shift2)) throw new ArgumentException($"augment: '{Augment}' is not one of {NoAugment}, {Shift2}");
         if (KeepBest && Validation == 0) throw new ArgumentException("keep: best needs --validation (the test set is never used for a decision)");
         if (!Enum.IsDefined(Init)) throw new ArgumentException($"init: {(int)Init} is not a known scheme");
         Shards.Validate();
@@ -78,6 +84,8 @@ public sealed record RunSpec(
     /// <summary>Checks the spec against the data it will train on.</summary>
     public void ValidateAgainst(Dataset train)
     {
+        if (Augment == Shift2 && (train.Rows < 3 || train.Cols < 3))
+            throw new ArgumentException($"augment: shift2 needs images of at least 3x3 pixels; {Dataset} has {train.Rows}x{train.Cols}");
         if (Validation >= train.Count)
             throw new ArgumentException($"validation: {Validation} held-out images leave none of the {train.Count} training images of {Dataset} to train on");
         if (Model.InputSize != train.Features)
@@ -96,6 +104,9 @@ public sealed record RunSpec(
     /// <see cref="Validation"/> (held out for validation, as Nielsen's images 50,000..59,999).
     /// </summary>
     public int TrainCount(int available) => TrainLimit == 0 ? available - Validation : Math.Min(TrainLimit, available - Validation);
+
+    /// <summary>What epoch <paramref name="epoch"/> trains on: the training images, shifted with --augment shift2 (never the validation or test images).</summary>
+    public Dataset TrainingInput(Dataset train, int epoch) => Augment == Shift2 ? train.Shifted(Seed, epoch) : train;
 
     /// <summary>The first held-out validation image of a training set of <paramref name="available"/> images.</summary>
     public int ValidationStart(int available) => available - Validation;

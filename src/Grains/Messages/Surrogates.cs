@@ -28,6 +28,7 @@ public struct RunSpecSurrogate
     [Id(30)] public int Validation;
     [Id(31)] public int EarlyStop;
     [Id(32)] public bool KeepBest;
+    [Id(33)] public string? Augment;
 }
 
 [RegisterConverter]
@@ -36,7 +37,7 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
     public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
         new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRate, s.Momentum),
         s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards,
-        s.Validation, s.EarlyStop, s.KeepBest);
+        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment);
 
     public RunSpecSurrogate ConvertToSurrogate(in RunSpec v) => new()
     {
@@ -44,7 +45,7 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
         Optimizer = v.Optimizer.Kind, LearningRate = v.Optimizer.LearningRate, Momentum = v.Optimizer.Momentum,
         BatchSize = v.BatchSize, ChunkSize = v.ChunkSize, Epochs = v.Epochs, Workers = v.Workers, Seed = v.Seed,
         Dataset = v.Dataset, TrainLimit = v.TrainLimit, CheckpointEvery = v.CheckpointEvery, ServerShards = v.ServerShards,
-        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest,
+        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment,
     };
 }
 

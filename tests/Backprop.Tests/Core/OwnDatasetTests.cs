@@ -133,6 +133,39 @@ public sealed class OwnDatasetTests : IDisposable
         await Assert.ThrowsAsync<ArgumentException>(() => cache.Get("relative/folder"));
     }
 
+    [Fact]
+    public void Shift2_moves_each_image_by_its_own_shift_from_seed_epoch_and_index()
+    {
+        // Sample i: one bright pixel at the centre of a 5x5 image.
+        const int count = 200;
+        var pixels = new byte[count * 25];
+        for (int i = 0; i < count; i++) pixels[i * 25 + 12] = 255;
+        var data = new Dataset("dot", 5, 5, pixels, new byte[count], 1);
+        var shifted = data.Shifted(seed: 3, epoch: 1);
+        var rows = new float[count * 25];
+        int[] all = [.. Enumerable.Range(0, count)];
+        shifted.CopyInputs(all, rows);
+        var seen = new HashSet<(int, int)>();
+        for (int i = 0; i < count; i++)
+        {
+            int at = Array.IndexOf(rows, 1f, i * 25, 25) - i * 25;
+            var (dx, dy) = (at % 5 - 2, at / 5 - 2);
+            Assert.Equal(24, rows.AsSpan(i * 25, 25).Count(0f));
+            seen.Add((dx, dy));
+            // The same sample alone, or in another order, gets the same shift.
+            var alone = new float[25];
+            shifted.CopyInputs([i], alone);
+            Assert.Equal(rows.AsSpan(i * 25, 25).ToArray(), alone);
+        }
+        Assert.Equal(25, seen.Count);   // every shift in -2..2 x -2..2 occurs
+        var other = new float[count * 25];
+        data.Shifted(seed: 3, epoch: 2).CopyInputs(all, other);
+        Assert.NotEqual(rows, other);
+        // The unshifted set is untouched.
+        data.CopyInputs([0], other);
+        Assert.Equal(1f, other[12]);
+    }
+
     private static RunSpec Spec(int validation) => new(
         new ModelSpec([25, 8, 3], Activation.Relu, Loss.CrossEntropy), InitScheme.PyTorch, new OptimizerSettings(OptimizerKind.Momentum, 0.05f, 0.9f),
         BatchSize: 16, ChunkSize: 4, Epochs: 2, Workers: 1, Seed: 5, Dataset: "/own", TrainLimit: 0, Validation: validation);

@@ -116,6 +116,31 @@ public sealed class OwnDataRunTests : IDisposable
     }
 
     [Fact]
+    public void Shifted_training_images_give_the_bits_of_the_local_trainer()
+    {
+        var data = SyntheticDigits.Create(trainCount: 160, testCount: 40, seed: 5, side: 8, classes: 3);
+        var dir = Path.Combine(_work, "shift");
+        IdxWriter.WriteDataset(dir, data);
+        string metrics = Path.Combine(_work, "shift.jsonl");
+        var run = Cli("train", "--dataset", dir, "--epochs", "3", "--workers", "3", "--batch-size", "32", "--seed", "4", "--augment", "shift2",
+            "--data-dir", DataDir, "--metrics-out", metrics, "--no-progress");
+        Assert.True(run.Code == 0, run.Output + run.Error);
+        Assert.Contains("augment shift2", run.Output);
+
+        var loaded = DatasetCatalog.LoadOwn(dir);
+        var spec = (Presets.PyTorchMlp with { BatchSize = 32, ChunkSize = 8, Epochs = 3, Workers = 3, Seed = 4, Dataset = dir, Augment = RunSpec.Shift2 }).FittedTo(loaded.Train);
+        using var shifted = new LocalTrainer(spec, loaded.Train);
+        using var plain = new LocalTrainer(spec with { Augment = RunSpec.NoAugment }, loaded.Train);
+        for (int e = 0; e < 3; e++)
+        {
+            shifted.TrainEpoch(e);
+            plain.TrainEpoch(e);
+        }
+        Assert.Equal(ParameterHash.Sha256(shifted.Parameters), Metrics(metrics)[^1].GetProperty("parameterSha256").GetString());
+        Assert.NotEqual(ParameterHash.Sha256(plain.Parameters), ParameterHash.Sha256(shifted.Parameters));
+    }
+
+    [Fact]
     public void Bad_data_and_bad_validation_settings_are_one_line_usage_errors()
     {
         var dir = Path.Combine(_work, "ragged");
@@ -131,6 +156,7 @@ public sealed class OwnDataRunTests : IDisposable
             (["--validation", "10", "--early-stop", "-1"], "error: early-stop: patience -1 is negative"),
             (["--validation", "-5"], "error: validation: -5 is negative"),
             (["--keep", "best"], "error: keep: best needs --validation"),
+            (["--dataset", CsvFolder(20, 5), "--augment", "shift2"], "error: augment: shift2 needs images of at least 3x3 pixels"),
             (["--keep", "worst"], "error: Argument 'worst' not recognized."),
         };
         foreach (var (args, message) in cases)
