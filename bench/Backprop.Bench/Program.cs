@@ -12,16 +12,18 @@ using Backprop.Bench;
 //   dotnet run -c Release --project bench/Backprop.Bench -- scaling --rows FILE (a step model fitted to cluster rows)
 //   dotnet run -c Release --project bench/Backprop.Bench -- wire [--json]   (payload codec GB/s, raw TCP loopback floor)
 //   dotnet run -c Release --project bench/Backprop.Bench -- soak --help   (Redis cluster for minutes, silos killed: flat? same bits?)
+//   dotnet run -c Release --project bench/Backprop.Bench -- complexity --help   (the seed's time and memory complexity, measured)
 
 if (args.Length > 0 && args[0] == "gemm") return GemmBench.Run();
 if (args.Length > 0 && args[0] == "cluster") return await ClusterBench.Run(args[1..]);
 if (args.Length > 0 && args[0] == "scaling") return ScalingModel.Run(args[1..]);
 if (args.Length > 0 && args[0] == "wire") return await WireBench.Run(args[1..]);
 if (args.Length > 0 && args[0] == "soak") return await SoakBench.Run(args[1..]);
+if (args.Length > 0 && args[0] == "complexity") return ComplexityBench.Run(args[1..]);
 if (args.Length == 0 || args[0] is "-h" or "--help" || args[0] != "core")
 {
     Console.Error.WriteLine("usage: Backprop.Bench core [--json] [--epochs N (default 5)] [--threads 1,2] [--config a|b] [--data-dir DIR]");
-    Console.Error.WriteLine("       Backprop.Bench cluster --help | scaling --help | wire --help | soak --help | gemm");
+    Console.Error.WriteLine("       Backprop.Bench cluster --help | scaling --help | wire --help | soak --help | complexity --help | gemm");
     return args.Length == 0 || args[0] is "-h" or "--help" ? 0 : 2;
 }
 

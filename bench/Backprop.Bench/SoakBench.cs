@@ -201,6 +201,8 @@ internal sealed class SoakCluster : IAsyncDisposable
         {
             ["BACKPROP_STATE"] = state, ["BACKPROP_SILO_DLL"] = paths.Silo,
             ["BACKPROP_KEEP_FINISHED_RUNS"] = keepFinishedRuns.ToString(CultureInfo.InvariantCulture),
+            // Runs here take seconds: the 10-minute floor meant for clients fetching models would hold dozens.
+            ["BACKPROP_KEEP_FINISHED_MIN_AGE"] = "0",
         };
         int[] ports = FreePorts(3);
         string clusterId = $"backprop-soak-{Environment.ProcessId}";
@@ -596,8 +598,9 @@ internal sealed class Soak(SoakOptions options, SoakPaths paths, SoakCluster clu
         }
         if (end.Redis.OtherKeys > warm.Redis.OtherKeys) findings.Add($"redis keys of no run {warm.Redis.OtherKeys} -> {end.Redis.OtherKeys}");
         if (end.Redis.KeysPerRunMax > warm.Redis.KeysPerRunMax) findings.Add($"redis keys per run up to {end.Redis.KeysPerRunMax} (run 1: {warm.Redis.KeysPerRunMax})");
-        // The retention keeps K finished runs (and the one running): Redis holds at most that many runs' keys and memory.
-        long keep = options.KeepFinishedRuns + 1;
+        // The retention keeps K finished runs, plus the one running and one evicted whose deletion (done beside the
+        // list's calls) may not have ended yet: Redis holds at most that many runs' keys and memory.
+        long keep = options.KeepFinishedRuns + 2;
         if (end.Redis.RunKeys > keep * (warm.Redis.KeysPerRunMax ?? 0))
             findings.Add($"redis keys of runs {end.Redis.RunKeys}, over {keep} runs' worth ({warm.Redis.KeysPerRunMax} each)");
         if (start.Redis.UsedMemoryBytes is { } m0 && warm.Redis.UsedMemoryBytes is { } m1 && end.Redis.UsedMemoryBytes is { } m2

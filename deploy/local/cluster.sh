@@ -89,6 +89,7 @@ silo_env() {
   # Retention of finished runs, when the caller sets it (bench soak does).
   [ -n "${BACKPROP_KEEP_FINISHED_RUNS:-}" ] && echo "BACKPROP_KEEP_FINISHED_RUNS=$BACKPROP_KEEP_FINISHED_RUNS"
   [ -n "${BACKPROP_KEEP_FINISHED_DAYS:-}" ] && echo "BACKPROP_KEEP_FINISHED_DAYS=$BACKPROP_KEEP_FINISHED_DAYS"
+  [ -n "${BACKPROP_KEEP_FINISHED_MIN_AGE:-}" ] && echo "BACKPROP_KEEP_FINISHED_MIN_AGE=$BACKPROP_KEEP_FINISHED_MIN_AGE"
   if [ -n "${TLS:-}" ]; then
     echo "BACKPROP_TLS_CERT=$TLS/silo.pem"
     echo "BACKPROP_TLS_KEY=$TLS/silo.key"

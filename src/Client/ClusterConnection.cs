@@ -40,7 +40,7 @@ public sealed class ClusterConnection : IAsyncDisposable
         builder.UseOrleans(silo => silo
             .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
             .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
-            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false));
+            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded));
         var host = builder.Build();
         await host.StartAsync(cancel);
         return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true);

@@ -43,8 +43,9 @@ public interface IParameterShardGrain : IGrainWithStringKey
     /// <summary>
     /// Moves the shard to version <paramref name="step"/> (one it holds in memory, a stored checkpoint, or 0: initial)
     /// for the coordinator's attach <paramref name="session"/>: pushes and pulls of other sessions are refused from then on.
+    /// Only from the coordinator that attached (its incarnation and key).
     /// </summary>
-    Task MoveTo(int incarnation, long session, long step);
+    Task MoveTo(int incarnation, long coordinatorKey, long session, long step);
     /// <summary>
     /// Adds one block of step <see cref="GradientPush.Step"/>; the block that completes the step applies it. Returns
     /// once the step is applied (with the next version's slice) or after a short wait (without). A block of a step
@@ -57,14 +58,14 @@ public interface IParameterShardGrain : IGrainWithStringKey
     Task<ParameterVersion> Pull(long session, long step);
     /// <summary>The slice of the last version: the current one when attached, else the latest stored checkpoint.</summary>
     Task<ParameterVersion> GetParameters();
-    /// <summary>Stores the current version, which must be <paramref name="step"/>, as a checkpoint (the older of two slots).</summary>
-    Task Checkpoint(int incarnation, long step);
+    /// <summary>Stores the current version, which must be <paramref name="step"/>, as a checkpoint (the older of two slots). Only from the coordinator that attached.</summary>
+    Task Checkpoint(int incarnation, long coordinatorKey, long step);
     /// <summary>
-    /// The run is stored as completed at version <paramref name="step"/>: every stored slot but that version's is deleted
-    /// and the activation lets its buffers go (the final parameters stay readable).
+    /// When the stored run record says completed: deletes every stored slot but the one of the final version (the
+    /// record's last epoch) and lets the activation's buffers go. Anything else is refused; nothing is taken from the caller.
     /// </summary>
-    Task Retire(int incarnation, long step);
-    /// <summary>Deletes the shard's stored state (fence, checkpoints) once its run's record is gone; refused while it exists.</summary>
+    Task Retire();
+    /// <summary>Deletes the shard's stored state (fence, checkpoints) while the run list is deleting its run; refused otherwise.</summary>
     Task Forget();
 }
 
@@ -93,9 +94,9 @@ public interface IRunRegistryGrain : IGrainWithStringKey
     Task Update(RunSummary summary);
     Task<RunSummary[]> List();
     Task<string[]> Running();
-    /// <summary>Whether the list holds <paramref name="runId"/> (a run it evicted is no longer held).</summary>
+    /// <summary>Whether <paramref name="runId"/> was evicted by the retention policy and is being deleted (as stored).</summary>
     [AlwaysInterleave]
-    Task<bool> Lists(string runId);
+    Task<bool> IsBeingDeleted(string runId);
     /// <summary>Endpoints of the active silos that host workers: a cluster run's default worker count is their number.</summary>
     Task<string[]> WorkerSilos();
 }

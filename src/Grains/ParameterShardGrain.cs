@@ -55,7 +55,7 @@ public sealed class ParameterShardGrain(
     private RunSpec? _spec;
     private Optimizer? _optimizer;
     private int _incarnation, _start, _length;
-    private long _session;
+    private long _session, _coordinatorKey;
     /// <summary>The current version; −1 until a coordinator moved the shard to one.</summary>
     private long _step = -1;
     private double _epochLossSum, _previousLossSum;
@@ -127,7 +127,7 @@ public sealed class ParameterShardGrain(
         Exception ended = incarnation > _incarnation
             ? new StaleCoordinatorException($"coordinator incarnation {incarnation} took over shard {Shard}")
             : new ShardMovedException($"shard {Shard} was attached again");
-        _incarnation = incarnation;
+        (_incarnation, _coordinatorKey) = (incarnation, coordinatorKey);
         if (_spec is null) Load(spec);
         EndGather(ended);
         return Position();
@@ -155,9 +155,9 @@ public sealed class ParameterShardGrain(
             throw new ArgumentException($"the caller is not run '{runId}''s coordinator (its key does not match the record's)");
     }
 
-    public Task MoveTo(int incarnation, long session, long step)
+    public Task MoveTo(int incarnation, long coordinatorKey, long session, long step)
     {
-        CheckOwner(incarnation);
+        CheckCoordinator(incarnation, coordinatorKey);
         if (step < 0) throw new ArgumentException($"version {step} is negative");
         _session = session;
         if (step == _step)
@@ -277,9 +277,9 @@ public sealed class ParameterShardGrain(
         return Task.FromResult(new ParameterVersion(latest.Step, new FloatPayload(latest.Parameters!.Span.ToArray())));
     }
 
-    public async Task Checkpoint(int incarnation, long step)
+    public async Task Checkpoint(int incarnation, long coordinatorKey, long step)
     {
-        CheckOwner(incarnation);
+        CheckCoordinator(incarnation, coordinatorKey);
         if (step != _step) throw new ShardMovedException($"shard {Shard} is at version {_step}; a checkpoint of {step} was asked for");
         if (Stored(step) is not null) return;
         // Parameters that overflowed are never stored: the last good checkpoint stays for the diverged run.
@@ -305,14 +305,17 @@ public sealed class ParameterShardGrain(
         }
     }
 
-    public async Task Retire(int incarnation, long step)
+    public async Task Retire()
     {
-        CheckOwner(incarnation);
-        var run = await StoredRuns.Read(ServiceProvider, GrainFactory, RunIdOfKey());
+        string runId = RunIdOfKey();
+        Backprop.Core.RunIds.Validate(runId);
+        var run = await StoredRuns.Read(ServiceProvider, GrainFactory, runId);
         // Only a completed run: a running, cancelled or failed one may still need its other version to go on from.
-        if (run?.State != RunState.Completed)
-            throw new InvalidOperationException($"shard {Shard}: run '{RunIdOfKey()}' is {run?.State.ToString().ToLowerInvariant() ?? "not stored"}, not completed");
-        if (Stored(step) is null) throw new InvalidOperationException($"shard {Shard} holds no stored version {step}");
+        if (run?.State != RunState.Completed || run.Epochs.Count == 0)
+            throw new InvalidOperationException($"shard {Shard}: run '{runId}' is {run?.State.ToString().ToLowerInvariant() ?? "not stored"}, not completed");
+        // The final version is the record's, never the caller's: it is the one the run's model and hash are of.
+        long step = run.Epochs[^1].Steps;
+        if (Stored(step) is null) throw new InvalidOperationException($"shard {Shard} holds no stored version {step}, the run's final one");
         foreach (var slot in new[] { slotA, slotB })
             if (slot.RecordExists && slot.State.Step != step) await slot.ClearStateAsync();
         DeactivateOnIdle();
@@ -322,8 +325,8 @@ public sealed class ParameterShardGrain(
     {
         string runId = RunIdOfKey();
         Backprop.Core.RunIds.Validate(runId);
-        if (await StoredRuns.Read(ServiceProvider, GrainFactory, runId) is not null)
-            throw new InvalidOperationException($"run '{runId}' is stored: its shards' state goes only with its record");
+        if (!await GrainFactory.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).IsBeingDeleted(runId))
+            throw new InvalidOperationException($"run '{runId}' is not being deleted: a shard's state goes only with its run, when the run list's retention evicted it");
         foreach (var state in new Orleans.Core.IStorage[] { slotA, slotB, fence })
             if (state.RecordExists) await state.ClearStateAsync();
         EndGather(new ShardMovedException($"shard {Shard}: its run was deleted"));
@@ -476,6 +479,13 @@ public sealed class ParameterShardGrain(
     private void CheckPositioned()
     {
         if (_step < 0) throw new ShardMovedException($"shard {this.GetPrimaryKeyString()} is not attached to a coordinator");
+    }
+
+    /// <summary>The coordinator that attached: its incarnation, and the key only it holds (the incarnation is no secret).</summary>
+    private void CheckCoordinator(int incarnation, long coordinatorKey)
+    {
+        CheckOwner(incarnation);
+        if (coordinatorKey != _coordinatorKey) throw new ArgumentException($"shard {Shard}: the caller is not the coordinator that attached (key)");
     }
 
     private void CheckOwner(int incarnation)

@@ -12,10 +12,12 @@ internal sealed class ParameterShards
 {
     private readonly RunSpec _spec;
     private readonly IParameterShardGrain[] _shards;
+    private readonly long _coordinatorKey;
 
-    public ParameterShards(IGrainFactory grains, string runId, RunSpec spec)
+    /// <param name="coordinatorKey">The run record's key of the coordinator driving the run (0: none, only reads).</param>
+    public ParameterShards(IGrainFactory grains, string runId, RunSpec spec, long coordinatorKey = 0)
     {
-        _spec = spec;
+        (_spec, _coordinatorKey) = (spec, coordinatorKey);
         _shards = Enumerable.Range(0, spec.ServerShards).Select(j => grains.GetGrain<IParameterShardGrain>($"{runId}/{j}")).ToArray();
         Silos = new string[spec.ServerShards];
     }
@@ -27,16 +29,16 @@ internal sealed class ParameterShards
     /// Takes every shard over for <paramref name="incarnation"/> and moves them all to the latest version each of
     /// them holds (in memory or stored; version 0 always): the run goes on from there.
     /// </summary>
-    public async Task<(long Step, double EpochLossSum, long CheckpointStep)> Attach(int incarnation, long coordinatorKey)
+    public async Task<(long Step, double EpochLossSum, long CheckpointStep)> Attach(int incarnation)
     {
-        var positions = await Task.WhenAll(_shards.Select(s => s.Attach(_spec, incarnation, coordinatorKey)));
+        var positions = await Task.WhenAll(_shards.Select(s => s.Attach(_spec, incarnation, _coordinatorKey)));
         for (int j = 0; j < positions.Length; j++) Silos[j] = positions[j].Silo;
         var common = positions[0].Steps.AsEnumerable();
         foreach (var p in positions.Skip(1)) common = common.Intersect(p.Steps);
         long step = common.DefaultIfEmpty(0).Max();
         int at = Array.IndexOf(positions[0].Steps, step);
         double loss = at >= 0 ? positions[0].EpochLossSums[at] : 0;
-        Session = Random.Shared.NextInt64(1, long.MaxValue);
+        Session = Secrets.NewLong();
         await MoveTo(incarnation, step);
         return (step, loss, positions.Min(p => p.CheckpointStep));
     }
@@ -44,9 +46,15 @@ internal sealed class ParameterShards
     /// <summary>This attach: blocks and pulls of an earlier one (calls given up on, left running) are refused by the shards.</summary>
     public long Session { get; private set; }
 
-    public Task MoveTo(int incarnation, long step) => Task.WhenAll(_shards.Select(s => s.MoveTo(incarnation, Session, step)));
+    public Task MoveTo(int incarnation, long step) => Task.WhenAll(_shards.Select(s => s.MoveTo(incarnation, _coordinatorKey, Session, step)));
 
-    public Task Checkpoint(int incarnation, long step) => Task.WhenAll(_shards.Select(s => s.Checkpoint(incarnation, step)));
+    public Task Checkpoint(int incarnation, long step) => Task.WhenAll(_shards.Select(s => s.Checkpoint(incarnation, _coordinatorKey, step)));
+
+    /// <summary>The run is stored as completed: the shards drop all but the final version.</summary>
+    public Task Retire() => Task.WhenAll(_shards.Select(s => s.Retire()));
+
+    /// <summary>The run list is deleting the run: the shards delete their state.</summary>
+    public Task Forget() => Task.WhenAll(_shards.Select(s => s.Forget()));
 
     /// <summary>The whole vector of version <paramref name="step"/> (null: each shard's last), its slices in shard order; all must be of one version.</summary>
     public async Task<ParameterVersion> Gather(long? step)

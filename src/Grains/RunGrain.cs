@@ -200,16 +200,18 @@ public sealed class RunGrain(
     public async Task Forget()
     {
         Journal.ThrowIfFenced();
-        if (Record.Spec is not { } spec) return;   // nothing stored
-        if (LoopActive || Record.State is RunState.Running or RunState.NotStarted)
-            throw new InvalidOperationException($"run '{RunId}' is {Record.State.ToString().ToLowerInvariant()}: only a finished run is deleted");
-        if (await GrainFactory.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).Lists(RunId))
-            throw new InvalidOperationException($"run '{RunId}' is in the run list: it is deleted only when the list's retention policy evicts it");
-        // The record first: the shards delete their state only once it is gone, and a run without a record is never attached again.
-        await record.ClearStateAsync();
+        if (!await GrainFactory.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).IsBeingDeleted(RunId))
+            throw new InvalidOperationException($"run '{RunId}' is not being deleted: only runs the run list's retention policy evicted are");
+        if (Record.Spec is not { } spec) return;   // deleted already (a retry)
+        // The list evicts only finished runs and refuses to list them again, but the loop may still be retiring the shards: the list retries.
+        if (LoopActive || Record.State == RunState.Running)
+            throw new InvalidOperationException($"run '{RunId}' has not finished ending; its deletion is retried");
+        // The shards first: a deletion cut short leaves the record, which the list's retry finds with the shard count.
+        await new ParameterShards(GrainFactory, RunId, spec).Forget();
+        // The best epoch's copy before the record, for the same reason.
         if (spec.KeepBest) await best.ClearStateAsync();
-        await Task.WhenAll(Enumerable.Range(0, spec.ServerShards).Select(j => GrainFactory.GetGrain<IParameterShardGrain>($"{RunId}/{j}").Forget()));
-        logger.LogInformation("Run {Run} deleted (evicted from the run list)", RunId);
+        await record.ClearStateAsync();
+        logger.LogInformation("Run {Run} deleted (evicted from the run list by its retention policy)", RunId);
         DeactivateOnIdle();
     }
 
@@ -239,7 +241,7 @@ public sealed class RunGrain(
         try
         {
             // This loop's incarnation, stored before it acts: a coordinator still running elsewhere is fenced off.
-            await Journal.Update(r => (r.Incarnation, r.CoordinatorKey) = (r.Incarnation + 1, Random.Shared.NextInt64(1, long.MaxValue)), claim: true);
+            await Journal.Update(r => (r.Incarnation, r.CoordinatorKey) = (r.Incarnation + 1, Secrets.NewLong()), claim: true);
             await Train(spec, Record.Incarnation, resumed, either.Token);
             final = RunState.Completed;
         }
@@ -286,7 +288,7 @@ public sealed class RunGrain(
         try
         {
             if (final == RunState.Cancelled && _step > 0)   // keep the progress, so that `resume` continues from here
-                await new ParameterShards(GrainFactory, RunId, spec).Checkpoint(Record.Incarnation, _step);
+                await new ParameterShards(GrainFactory, RunId, spec, Record.CoordinatorKey).Checkpoint(Record.Incarnation, _step);
         }
         catch (Exception e)
         {
@@ -321,9 +323,7 @@ public sealed class RunGrain(
     {
         try
         {
-            long final = Record.Epochs[^1].Steps;
-            await Task.WhenAll(Enumerable.Range(0, spec.ServerShards).Select(j =>
-                GrainFactory.GetGrain<IParameterShardGrain>($"{RunId}/{j}").Retire(Record.Incarnation, final)));
+            await new ParameterShards(GrainFactory, RunId, spec).Retire();
         }
         catch (Exception e)
         {
@@ -400,8 +400,8 @@ public sealed class RunGrain(
         if (await datasets.Sha256(spec.Dataset) != Record.DatasetSha256)
             throw new DataMismatchException($"silo {SiloEndpoint}: its data set '{spec.Dataset}' differs from the run's; check {datasets.DataDir}");
         var data = await datasets.Get(spec.Dataset);
-        var shards = new ParameterShards(GrainFactory, RunId, spec);
-        var position = await shards.Attach(incarnation, Record.CoordinatorKey);
+        var shards = new ParameterShards(GrainFactory, RunId, spec, Record.CoordinatorKey);
+        var position = await shards.Attach(incarnation);
         var run = new Attachment(spec, incarnation, shards, spec.TrainCount(data.Train.Count));
         // Cancelled when a step fails: its other calls stop retrying, and end, before the shards are attached again.
         using var stepCalls = CancellationTokenSource.CreateLinkedTokenSource(cancel);

@@ -35,6 +35,7 @@ var dataset = Opt("--dataset", "BACKPROP_DATASET", "mnist", "Data set a worker s
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 var keepFinishedRuns = Opt("--keep-finished-runs", "BACKPROP_KEEP_FINISHED_RUNS", Retention.DefaultRuns, "Finished runs kept (record, checkpoints, final model); the oldest beyond are deleted");
 var keepFinishedDays = Opt("--keep-finished-days", "BACKPROP_KEEP_FINISHED_DAYS", Retention.DefaultAge.TotalDays, "Days a finished run is kept after its last update; older ones are deleted");
+var keepFinishedMinAge = Opt("--keep-finished-min-age", "BACKPROP_KEEP_FINISHED_MIN_AGE", Retention.DefaultMinAge.TotalSeconds, "Seconds a finished run is kept at least, whatever --keep-finished-runs says (a client may still fetch its model)");
 var tlsCert = Opt("--tls-cert", TlsFiles.CertEnv, "", "TLS with mutual authentication: this silo's certificate (PEM, with --tls-key; or a PFX without password)");
 var tlsKey = Opt("--tls-key", TlsFiles.KeyEnv, "", "TLS: the PEM private key of --tls-cert");
 var tlsCa = Opt("--tls-ca", TlsFiles.CaEnv, "", "TLS: PEM CA that signed every silo's and client's certificate (the only one trusted)");
@@ -43,7 +44,7 @@ var tlsPeerName = Opt("--tls-peer-name", TlsFiles.PeerNameEnv, "", "TLS: DNS nam
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
     clusterId, siloPort, gatewayPort, primary, redis, redisPasswordFile, redisTls, redisCa, redisWait, hostAddress, kubernetes, shutdownTimeout, dataDir, name,
-    probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads, keepFinishedRuns, keepFinishedDays, tlsCert, tlsKey, tlsCa, tlsPeerName,
+    probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads, keepFinishedRuns, keepFinishedDays, keepFinishedMinAge, tlsCert, tlsKey, tlsCa, tlsPeerName,
 };
 root.SetAction(async (parse, cancel) =>
 {
@@ -73,7 +74,9 @@ root.SetAction(async (parse, cancel) =>
         if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
         double keepDays = parse.GetValue(keepFinishedDays);
         if (!(keepDays > 0 && keepDays <= 36_500)) throw new ArgumentException("--keep-finished-days must be in (0, 36500]");
-        retention = new Retention(parse.GetValue(keepFinishedRuns), TimeSpan.FromDays(keepDays));
+        double minAge = parse.GetValue(keepFinishedMinAge);
+        if (!(minAge >= 0 && minAge <= keepDays * 86_400)) throw new ArgumentException("--keep-finished-min-age must be in 0..--keep-finished-days (in seconds)");
+        retention = new Retention(parse.GetValue(keepFinishedRuns), TimeSpan.FromDays(keepDays), TimeSpan.FromSeconds(minAge));
         retention.Validate();
         primaryEndpoint = parse.GetValue(primary) is { Length: > 0 } p ? LocalClustering.ParseEndpoint(p, "--primary") : null;
         if (parse.GetValue(redis) is { Length: > 0 } r)

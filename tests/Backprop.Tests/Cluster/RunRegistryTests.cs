@@ -99,24 +99,34 @@ public sealed class RunRegistryTests
     [Fact]
     public async Task Finished_runs_beyond_the_retention_are_deleted_with_their_shards_and_a_completed_run_keeps_only_its_final_version()
     {
-        await using var fixture = await Start(new Retention(Runs: 2));
+        await using var fixture = await Start(new Retention(Runs: 2, MinimumAge: TimeSpan.Zero));
         var client = fixture.Cluster.Client;
         var registry = client.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key);
         var spec = Presets.PyTorchMlp with { Epochs = 2, Workers = 2, Seed = 43, ServerShards = 2, CheckpointEvery = 3 };
 
         var first = await RunToEnd(client, "kept-1", spec);
         long final = first.Epochs[^1].Steps;
-        for (int j = 0; j < spec.ServerShards; j++)
+        // One slot left per shard, holding the last version; the other (an earlier checkpoint) is gone. The run ends
+        // (as stored) before its coordinator retires the shards.
+        async Task<long[][]> Slots()
         {
-            // One slot left, holding the last version; the other (an earlier checkpoint) is gone.
-            var slots = new[] { await Stored<ShardCheckpoint>(fixture, $"kept-1/{j}", "checkpoint-a"), await Stored<ShardCheckpoint>(fixture, $"kept-1/{j}", "checkpoint-b") };
-            Assert.Equal([final], slots.Where(s => s.RecordExists).Select(s => s.State!.Step));
+            var slots = new long[spec.ServerShards][];
+            for (int j = 0; j < spec.ServerShards; j++)
+                slots[j] = (await Task.WhenAll(new[] { "checkpoint-a", "checkpoint-b" }.Select(slot => Stored<ShardCheckpoint>(fixture, $"kept-1/{j}", slot))))
+                    .Where(s => s.RecordExists).Select(s => s.State!.Step).ToArray();
+            return slots;
         }
+        var clock = Stopwatch.StartNew();
+        while ((await Slots()).Any(s => s.Length > 1) && clock.Elapsed < TimeSpan.FromSeconds(60)) await Task.Delay(20);
+        Assert.All(await Slots(), s => Assert.Equal([final], s));
         Assert.Equal(first.Epochs[^1].ParameterSha256, await ModelHash(client, "kept-1"));
+        // A retire from anyone does only what the coordinator's did: the final version is the record's.
+        await client.GetGrain<IParameterShardGrain>("kept-1/0").Retire();
+        Assert.All(await Slots(), s => Assert.Equal([final], s));
 
-        // Listed runs and stored records are not deleted on request.
-        Assert.Contains("in the run list", (await Assert.ThrowsAsync<InvalidOperationException>(() => client.GetGrain<IRunGrain>("kept-1").Forget())).Message);
-        Assert.Contains("is stored", (await Assert.ThrowsAsync<InvalidOperationException>(() => client.GetGrain<IParameterShardGrain>("kept-1/0").Forget())).Message);
+        // Runs the retention has not evicted are not deleted on request, nor their shards.
+        Assert.Contains("not being deleted", (await Assert.ThrowsAsync<InvalidOperationException>(() => client.GetGrain<IRunGrain>("kept-1").Forget())).Message);
+        Assert.Contains("not being deleted", (await Assert.ThrowsAsync<InvalidOperationException>(() => client.GetGrain<IParameterShardGrain>("kept-1/0").Forget())).Message);
 
         var second = await RunToEnd(client, "kept-2", spec with { Seed = 44 });
         Assert.True((await Stored<RunRecord>(fixture, "kept-1", "run")).RecordExists, "2 finished runs are within the retention");
@@ -135,9 +145,10 @@ public sealed class RunRegistryTests
             }
             return [.. left];
         }
-        var clock = Stopwatch.StartNew();
-        while ((await Left()).Length > 0 && clock.Elapsed < TimeSpan.FromSeconds(60)) await Task.Delay(20);
+        clock.Restart();
+        while (((await Left()).Length > 0 || await registry.IsBeingDeleted("kept-1")) && clock.Elapsed < TimeSpan.FromSeconds(60)) await Task.Delay(20);
         Assert.Empty(await Left());
+        Assert.False(await registry.IsBeingDeleted("kept-1"), "the deletion is done but still queued");
         Assert.Equal(["kept-2", "kept-3"], (await registry.List()).Select(r => r.RunId).Order());
         var gone = await client.GetGrain<IRunGrain>("kept-1").GetStatus();
         Assert.Equal(RunState.NotStarted, gone.State);

@@ -27,6 +27,9 @@ public sealed class ShardAttachTests(ClusterFixture fixture)
         // The run's own incarnation is no secret; without the record's coordinator key it knocks nothing off.
         var guessed = await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec, 1, 12345));
         Assert.Contains("is not run 'hostile-attach''s coordinator", guessed.Message);
+        // Nor can it move the shard (a new session refuses every block of the coordinator's) or rotate its checkpoint slots.
+        Assert.Contains("not the coordinator that attached", (await Assert.ThrowsAsync<ArgumentException>(() => shard.MoveTo(1, 12345, 99, 0))).Message);
+        Assert.Contains("not the coordinator that attached", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Checkpoint(1, 12345, 0))).Message);
         Assert.Contains("holds a different run", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Attach(spec with { Seed = 32 }, 1, 0))).Message);
         // Keys that placement would read as shard 1 are not shards of the run.
         Assert.Contains("is not {run id}/{shard number}", (await Assert.ThrowsAsync<ArgumentException>(() =>

@@ -143,7 +143,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         var shard = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/0");
         var position = await shard.Attach(spec, incarnation: 1, Key);
         Assert.Equal([0L], position.Steps);
-        await shard.MoveTo(1, Session, 0);
+        await shard.MoveTo(1, Key, Session, 0);
         var layout = spec.Shards;
         var initial = Backprop.Core.Model.Initializer.Create(spec.Model, spec.Init, spec.Seed)[layout.Start(0)..layout.End(0)];
         Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
@@ -198,11 +198,11 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         // The version before stays for a redone block (and a rollback); older ones are gone.
         Assert.Equal(expected, (await shard.Pull(Session, 1)).Parameters.Span.ToArray());
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(Session, 0));
-        await shard.MoveTo(1, Session, 1);
+        await shard.MoveTo(1, Key, Session, 1);
         Assert.Equal(expected, (await shard.Pull(Session, 1)).Parameters.Span.ToArray());
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(Session, 2));
         // Version 0 is the spec's initial slice, whatever the shard holds.
-        await shard.MoveTo(1, Session, 0);
+        await shard.MoveTo(1, Key, Session, 0);
         Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Pull(Session + 1, 0));
 
@@ -257,7 +257,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Contains("not nodes of the reduction tree", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(0, [2], ok, samples: 64)))).Message);
         Assert.Contains("block 2 of a step cut into 2", (await Assert.ThrowsAsync<ArgumentException>(() => shard.Push(Push(2, [0, 1], ok)))).Message);
         await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], ok, step: 5)));
-        Assert.Contains("holds no version 7", (await Assert.ThrowsAsync<ArgumentException>(() => shard.MoveTo(1, Session, 7))).Message);
+        Assert.Contains("holds no version 7", (await Assert.ThrowsAsync<ArgumentException>(() => shard.MoveTo(1, Key, Session, 7))).Message);
         Assert.Equal(initial, (await shard.Pull(Session, 0)).Parameters.Span.ToArray());
 
         var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>("bad-steps/1.0/0");
