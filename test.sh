@@ -28,6 +28,8 @@ need ip iproute2
 need ss iproute2
 need docker-compose docker-compose
 need npm nodejs npm
+# The run page is loaded in headless Chromium (tests/Backprop.Tests/EndToEnd/WebPageTests.cs).
+need chromium chromium
 # Reinstalled when the lock file changed since the last install.
 if [ ! -f deploy/k8s/node_modules/.package-lock.json ] || [ deploy/k8s/package-lock.json -nt deploy/k8s/node_modules/.package-lock.json ]; then
   echo "test.sh: npm ci in deploy/k8s" >&2

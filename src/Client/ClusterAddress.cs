@@ -81,6 +81,13 @@ public sealed class ClusterAddressOptions(string gatewayDescription)
     public Option<string?> TlsPeerName { get; } = EnvOption("--tls-peer-name", TlsFiles.PeerNameEnv,
         "TLS: DNS name the gateways' certificates must carry in their subject alternative names (instead of the address dialled)");
 
+    /// <summary>Adds every option to <paramref name="command"/>, in the order help lists them.</summary>
+    public void AddTo(Command command)
+    {
+        foreach (Option option in (Option[])[Gateway, Redis, RedisPasswordFile, ClusterId, TlsCert, TlsKey, TlsCa, TlsPeerName, RedisTls, RedisCa, ConnectTimeout])
+            command.Add(option);
+    }
+
     private static Option<string?> EnvOption(string flag, string env, string description) => new(flag)
     {
         Description = $"{description} [env {env}]",

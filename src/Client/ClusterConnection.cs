@@ -1,8 +1,10 @@
+using System.Net;
 using Backprop.Grains.Hosting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Orleans.Configuration;
+using Orleans.Dashboard;
 
 namespace Backprop.Client;
 
@@ -13,13 +15,18 @@ namespace Backprop.Client;
 public sealed class ClusterConnection : IAsyncDisposable
 {
     private readonly IHost _host;
+    private readonly WebServer? _web;
+    private readonly string? _dataDir;
+    private readonly ClusterAddress? _address;
 
-    private ClusterConnection(IHost host, IClusterClient client, string description, bool isEmbedded)
+    private ClusterConnection(IHost host, IClusterClient client, string description, string? dataDir, ClusterAddress? address, WebServer? web = null)
     {
         _host = host;
+        _web = web;
         Client = client;
         Description = description;
-        IsEmbedded = isEmbedded;
+        _dataDir = dataDir;
+        _address = address;
     }
 
     /// <summary>How long one try to reach a cluster may take: a client can otherwise keep retrying a gateway that never answers.</summary>
@@ -30,20 +37,49 @@ public sealed class ClusterConnection : IAsyncDisposable
     public IClusterClient Client { get; }
     public IServiceProvider Services => _host.Services;
     public string Description { get; }
-    public bool IsEmbedded { get; }
+    public bool IsEmbedded => _dataDir is not null;
 
-    public static async Task<ClusterConnection> StartEmbedded(string dataDir, int threadsPerWorker, CancellationToken cancel)
+    /// <summary>
+    /// The command that goes on with a run once this one stops following it: `resume` for the embedded silo's
+    /// (stopped with this process), `watch` for a cluster's (which goes on).
+    /// </summary>
+    public string HowToContinue(string runId) => _address is null ? $"resume {runId} --data-dir {_dataDir}" : $"watch {runId} {_address.Flags}";
+
+    /// <summary>
+    /// A silo in this process; with <paramref name="httpPort"/>, its web server (the page, /metrics, the dashboard) on
+    /// 127.0.0.1 at that port, its address printed on stderr.
+    /// </summary>
+    public static async Task<ClusterConnection> StartEmbedded(string dataDir, int threadsPerWorker, CancellationToken cancel, int? httpPort = null)
     {
         var builder = Host.CreateApplicationBuilder();
         Quiet(builder);
         int siloPort = LocalClustering.FreePort(), gatewayPort = LocalClustering.FreePort();
-        builder.UseOrleans(silo => silo
-            .UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
-            .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
-            .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded));
+        builder.UseOrleans(silo =>
+        {
+            silo.UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
+                .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
+                .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded);
+            if (httpPort is not null) silo.AddDashboard();
+        });
         var host = builder.Build();
         await host.StartAsync(cancel);
-        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", isEmbedded: true);
+        WebServer? web = null;
+        if (httpPort is { } port)
+        {
+            web = new WebServer(host.Services, builder.Services, () => (true, "ready"), IPAddress.Loopback, port);
+            try
+            {
+                await web.StartAsync(cancel);
+            }
+            catch (IOException e)
+            {
+                await host.StopAsync(TimeSpan.FromSeconds(10));
+                host.Dispose();
+                throw new ArgumentException($"--http-port: cannot listen on 127.0.0.1:{port}: {e.Message.ReplaceLineEndings(" ")}");
+            }
+            Console.Error.WriteLine($"page: http://127.0.0.1:{port}/ (metrics: /metrics, Orleans Dashboard: /dashboard/)");
+        }
+        return new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), "embedded cluster (1 silo in this process)", dataDir, address: null, web);
     }
 
     /// <summary>Where the embedded silo stores runs, so that an interrupted run can be resumed: beside the data sets.</summary>
@@ -124,7 +160,7 @@ public sealed class ClusterConnection : IAsyncDisposable
             bool final = tlsRejection is not null || redisError is not null && address.Redis!.Refused(redisError);
             return (null, new Failure(reason, $"cannot reach a cluster '{address.ClusterId}' {where}: {reason}{hint}", Retry: !final));
         }
-        return (new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, isEmbedded: false), null);
+        return (new ClusterConnection(host, host.Services.GetRequiredService<IClusterClient>(), address.Description, dataDir: null, address), null);
     }
 
     private static IEnumerable<Exception> Causes(Exception e)
@@ -165,6 +201,7 @@ public sealed class ClusterConnection : IAsyncDisposable
     {
         try
         {
+            if (_web is not null) await _web.StopAsync(CancellationToken.None);
             await _host.StopAsync(TimeSpan.FromSeconds(10));
         }
         finally

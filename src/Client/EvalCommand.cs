@@ -13,7 +13,8 @@ public static class EvalCommand
         var model = new Option<string>("--model") { Description = "Model file written by train --model-out", Required = true };
         var dataset = Cli.Dataset(fallback: null);
         var dataDir = Cli.DataDir();
-        var command = new Command("eval", "Print the test accuracy, loss and confusion matrix of a saved model") { model, dataset, dataDir };
+        var confusionPng = new Option<string?>("--confusion-png") { Description = $"Also draw the confusion matrix, with its counts, as a {Figures.ConfusionSize}x{Figures.ConfusionSize} PNG heatmap in this file" };
+        var command = new Command("eval", "Print the test accuracy, loss and confusion matrix of a saved model") { model, dataset, dataDir, confusionPng };
         command.SetAction((parse, cancel) => Cli.Guard(() =>
         {
             var contents = ModelFile.Load(parse.GetValue(model)!);
@@ -29,6 +30,12 @@ public static class EvalCommand
             Console.WriteLine("      " + string.Concat(Enumerable.Range(0, eval.Classes).Select(p => $"{p,6}")));
             for (int a = 0; a < eval.Classes; a++)
                 Console.WriteLine($"{a,6}" + string.Concat(Enumerable.Range(0, eval.Classes).Select(p => $"{eval.ConfusionAt(a, p),6}")));
+            if (parse.GetValue(confusionPng) is { } png)
+            {
+                Figures.Confusion(eval.Classes, (a, p) => eval.ConfusionAt(a, p),
+                    string.Create(CultureInfo.InvariantCulture, $"{name}: {eval.Accuracy * 100:F2}% of {eval.Count} test images"), png, "--confusion-png");
+                Console.WriteLine($"confusion matrix drawn in {png}");
+            }
             return Task.FromResult(ExitCodes.Ok);
         }));
         return command;

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Backprop.Client;
+using Backprop.Core;
 using Backprop.Core.Data;
 
 var root = new RootCommand("Backprop.Distributed: data-parallel backprop training on an Orleans cluster")
@@ -10,6 +11,7 @@ var root = new RootCommand("Backprop.Distributed: data-parallel backprop trainin
     RunCommands.Cancel(),
     StoredRunCommands.Resume(),
     StoredRunCommands.Runs(),
+    PlotCommand.Create(),
     EvalCommand.Create(),
     DataCommand.Create(),
 };
@@ -66,6 +68,14 @@ namespace Backprop.Client
             if (fallback is not null) option.DefaultValueFactory = _ => fallback;
             return option;
         }
+
+        /// <summary>The argument of the commands on one run.</summary>
+        public static Argument<string> RunArgument() => new("run") { Description = "Run id (printed by train)" };
+
+        /// <summary>Returns <paramref name="threads"/> when a worker may use that many threads, else throws naming --threads-per-worker.</summary>
+        public static int CheckThreadsPerWorker(int threads) => threads is >= 1 and <= ResourceLimits.MaxThreadsPerWorker
+            ? threads
+            : throw new ArgumentException($"--threads-per-worker: {threads} is outside 1..{ResourceLimits.MaxThreadsPerWorker}");
 
         /// <summary>The parser's message on one line, with .NET type names put in words.</summary>
         public static string OneLine(string message)

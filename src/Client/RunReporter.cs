@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
+using Backprop.Core.Numerics;
 using Backprop.Core.Training;
 using Backprop.Grains;
 using Backprop.Grains.Messages;
@@ -29,16 +30,29 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
     // The project builds with invariant globalization, so plain interpolation formats numbers invariantly.
     public static string Describe(RunSpec s) =>
         $"{s.Model.Describe()}, init {s.Init.ToString().ToLowerInvariant()}; {s.Optimizer.Kind.ToString().ToLowerInvariant()} lr {s.Optimizer.LearningRate}" +
-        (s.Optimizer.Kind == Backprop.Core.Numerics.OptimizerKind.Momentum ? $" momentum {s.Optimizer.Momentum}" : "") +
+        OptimizerDetails(s.Optimizer) +
         $"; batch {s.BatchSize}, chunk {s.ChunkSize}; {s.Workers} worker{(s.Workers == 1 ? "" : "s")}; {s.Epochs} epochs; dataset {s.Dataset}" +
         (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
         (s.Validation > 0 ? $"; last {s.Validation} training images held out for validation" : "") +
         (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
         (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + $"; seed {s.Seed}";
 
-    /// <summary>The table's header; <paramref name="validation"/>: with the validation accuracy column (--validation).</summary>
+    private static string OptimizerDetails(OptimizerSettings o) =>
+        (o.Kind is OptimizerKind.Momentum or OptimizerKind.Nesterov ? $" momentum {o.Momentum}" : "") +
+        (o.Kind is OptimizerKind.Adam or OptimizerKind.AdamW ? $" betas {o.Beta1}/{o.Beta2} eps {o.Eps}" : "") +
+        (o.WeightDecay != 0 ? $" weight decay {o.WeightDecay}" : "") +
+        o.Schedule switch
+        {
+            ScheduleKind.Step => $", x{o.LrGamma} every {o.LrStepEpochs} epochs",
+            ScheduleKind.Cosine => $", cosine to {o.LrMin}",
+            ScheduleKind.OneCycle => $", one-cycle to {o.LrMin}",
+            _ => "",
+        } +
+        (o.WarmupSteps > 0 ? $", warm-up {o.WarmupSteps} steps" : "");
+
+    /// <summary>The table's header; <paramref name="validation"/>: with the validation columns (--validation).</summary>
     public void Header(bool validation = false) =>
-        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}" + (validation ? $"  {"val loss",8}  {"val acc",8}" : ""));
+        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}  {"lr",9}" + (validation ? $"  {"val loss",8}  {"val acc",8}" : ""));
 
     /// <summary>How long the reporter keeps trying to reach a run it lost contact with before it gives up.</summary>
     public static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
@@ -103,8 +117,8 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
             _printed = e.Epoch;
             string validation = e.ValidationAccuracy is { } v ? string.Create(Inv, $"  {e.ValidationLoss,8:F4}  {v * 100,7:F2}%") : "";
             output.WriteLine(string.Create(Inv,
-                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}{validation}"));
-            if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e) + "\n");
+                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}  {LearningRate(status.Spec, e),9:G4}{validation}"));
+            if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e, LearningRate(status.Spec, e)) + "\n");
         }
         if (!NoProgress && _progress.Update(status) is { } line)
         {
@@ -149,12 +163,16 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         _barShown = false;
     }
 
-    public static string MetricsLine(string runId, EpochResult e) => JsonSerializer.Serialize(Metrics(runId, e));
+    /// <summary>The rate of the epoch's first step (a schedule changes it within the epoch); none without the spec.</summary>
+    private static double? LearningRate(RunSpec? spec, EpochResult e) => spec?.EpochLearningRate(e.Epoch);
 
-    private static object Metrics(string runId, EpochResult e) => new
+    public static string MetricsLine(string runId, EpochResult e, double? lr) => JsonSerializer.Serialize(Metrics(runId, e, lr));
+
+    private static object Metrics(string runId, EpochResult e, double? lr) => new
     {
         runId,
         epoch = e.Epoch,
+        lr,
         trainLoss = e.TrainLoss,
         testLoss = e.TestLoss,
         testAccuracy = e.TestAccuracy,
@@ -188,11 +206,20 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         epoch = status.State == RunState.Running ? status.Epoch + 1 : status.EpochsDone,
         step = status.Step,
         stepsPerEpoch = status.StepsPerEpoch,
-        epochs = status.Epochs.Select(e => Metrics(status.RunId, e)).ToArray(),
+        epochs = status.Epochs.Select(e => Metrics(status.RunId, e, LearningRate(status.Spec, e))).ToArray(),
         coordinatorSilo = status.CoordinatorSilo,
         shardSilos = status.ShardSilos,
         workerSilos = status.WorkerSilos,
         error = status.Error,
+        workers = status.Workers.Select(w => new
+        {
+            id = w.Worker,
+            silo = w.Silo,
+            blocks = w.Blocks,
+            computeMedianSeconds = w.ComputeMedianSeconds,
+            computeP95Seconds = w.ComputeP95Seconds,
+            straggler = w.Straggler,
+        }).ToArray(),
         events = status.Events.Select(e => new { time = e.Time, kind = e.Kind, message = e.Message }).ToArray(),
     });
 
@@ -205,6 +232,14 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         output.WriteLine($"  coordinator on {status.CoordinatorSilo}, parameter server shards on {(status.ShardSilos.Length > 0 ? string.Join(", ", status.ShardSilos) : "(not attached)")}");
         if (status.WorkerSilos.Length > 0) output.WriteLine($"  workers on {status.WorkerSilos.Length} silo(s): {string.Join(", ", status.WorkerSilos)}");
         if (status.Error is not null) output.WriteLine($"  error: {status.Error}");
+        if (status.Workers.Length > 0)
+        {
+            output.WriteLine($"  compute per step over the last {WorkerStats.Steps} steps:");
+            output.WriteLine($"    {"worker",6}  {"silo",-21}  {"blocks",8}  {"median ms",9}  {"p95 ms",8}");
+            foreach (var w in status.Workers)
+                output.WriteLine($"    {w.Worker,6}  {w.Silo,-21}  {w.Blocks,8}  {WorkerStats.Milliseconds(w.ComputeMedianSeconds),9}  {WorkerStats.Milliseconds(w.ComputeP95Seconds),8}{(w.Straggler ? "  straggler" : "")}");
+            foreach (var w in status.Workers.Where(w => w.Straggler)) output.WriteLine($"  {w.Slower(status.Workers)}");
+        }
         if (status.Events.Length > 0)
         {
             output.WriteLine($"  events ({Math.Min(10, status.Events.Length)} latest of {status.Events.Length}):");

@@ -7,7 +7,6 @@ using Backprop.Core.Numerics;
 using Backprop.Core.Training;
 using Backprop.Grains;
 using Backprop.Grains.Hosting;
-using Backprop.Grains.Messages;
 using Microsoft.Extensions.DependencyInjection;
 
 namespace Backprop.Client;
@@ -19,9 +18,18 @@ public static class TrainCommand
     private static readonly Option<string?> ActivationOpt = Choice("--activation", "Hidden activation", ["sigmoid", "tanh", "relu"]);
     private static readonly Option<string?> LossOpt = Choice("--loss", "Output and cost: quadratic (sigmoid outputs) or cross-entropy (softmax)", ["quadratic", "cross-entropy"]);
     private static readonly Option<string?> InitOpt = Choice("--init", "Weight initialisation", ["normal", "pytorch", "he", "xavier"]);
-    private static readonly Option<string?> OptimizerOpt = Choice("--optimizer", "Optimizer", ["sgd", "momentum"]);
-    private static readonly Option<float?> Lr = new("--lr") { Description = "Learning rate (eta)" };
-    private static readonly Option<float?> MomentumOpt = new("--momentum") { Description = "Momentum (PyTorch's formulation); implies --optimizer momentum when > 0" };
+    private static readonly Option<string?> OptimizerOpt = Choice("--optimizer", "Optimizer, as torch.optim writes it: sgd, momentum, nesterov (SGD with Nesterov momentum), adam, adamw (decoupled weight decay)", ["sgd", "momentum", "nesterov", "adam", "adamw"]);
+    private static readonly Option<float?> Lr = new("--lr") { Description = "Learning rate (eta); the peak rate of a schedule" };
+    private static readonly Option<float?> MomentumOpt = new("--momentum") { Description = "Momentum (PyTorch's formulation); implies --optimizer momentum when > 0 (nesterov: default 0.9)" };
+    private static readonly Option<double?> WeightDecay = new("--weight-decay") { Description = "Weight decay: L2 added to the gradient (sgd, momentum, nesterov, adam), decoupled for adamw [default: 0]" };
+    private static readonly Option<double?> Beta1 = new("--beta1") { Description = "Adam's beta1, in [0, 1) [default: 0.9]" };
+    private static readonly Option<double?> Beta2 = new("--beta2") { Description = "Adam's beta2, in [0, 1) [default: 0.999]" };
+    private static readonly Option<double?> Eps = new("--eps") { Description = "Adam's eps, added to the root of the second moment [default: 1e-8]" };
+    private static readonly Option<string?> Schedule = Choice("--lr-schedule", "Learning-rate schedule over the run's steps: constant, step (x --lr-gamma every --lr-step-epochs), cosine (to --lr-min at the last step), one-cycle (PyTorch's OneCycleLR, peak --lr after the warm-up)", ["constant", "step", "cosine", "one-cycle"]);
+    private static readonly Option<int?> LrStepEpochs = new("--lr-step-epochs") { Description = "Step schedule: multiply the rate by --lr-gamma every N epochs; implies --lr-schedule step" };
+    private static readonly Option<double?> LrGamma = new("--lr-gamma") { Description = "Step schedule: the factor applied every --lr-step-epochs [default: 0.1]" };
+    private static readonly Option<double?> LrMin = new("--lr-min") { Description = "Cosine and one-cycle: the rate at the last step [default: 0]" };
+    private static readonly Option<int?> WarmupSteps = new("--warmup-steps") { Description = "Linear warm-up over the first N steps (any schedule; one-cycle: its rising phase, default 30% of the run) [default: 0]" };
     private static readonly Option<int?> BatchSize = new("--batch-size") { Description = "Global batch size B (independent of the worker count)" };
     private static readonly Option<int?> ChunkSize = new("--chunk-size") { Description = "Samples per chunk, the unit of work and reduction [default: B/4 rounded up]" };
     private static readonly Option<int?> Epochs = new("--epochs") { Description = "Epochs to train" };
@@ -31,8 +39,6 @@ public static class TrainCommand
     private static readonly Option<string> Dataset = Cli.Dataset();
     private static readonly Option<string> DataDir = Cli.DataDir();
     private static readonly ClusterAddressOptions Address = new("Run on a running cluster through these gateways instead of an embedded silo");
-    private static readonly Option<string?> MetricsOut = new("--metrics-out") { Description = "Append one JSON line per epoch to this file" };
-    private static readonly Option<string?> ModelOut = new("--model-out") { Description = "Save the trained model to this file (see --keep)" };
     private static readonly Option<int?> Validation = new("--validation")
     {
         Description = "Hold out the last N training images (never trained on) and report validation loss and accuracy after every epoch [default: 0, none]",
@@ -47,6 +53,7 @@ public static class TrainCommand
     private static readonly Option<string?> Keep = Choice("--keep",
         "Parameters the run keeps for --model-out: last (the last epoch's) or best (the epoch with the best validation accuracy; needs --validation) [default: last]",
         ["best", "last"]);
+    private static readonly FollowOptions Follow = new();
     private static readonly Option<int?> ThreadsPerWorker = new("--threads-per-worker")
     {
         Description = "Embedded cluster only: threads each worker uses for a chunk [default: cores / workers, at least 1]",
@@ -62,14 +69,22 @@ public static class TrainCommand
         Description = "Parameter-server shards S: the parameter vector cut into S slices, each a grain spread over the silos beside the workers; results do not depend on it [default: one per worker silo on a cluster; embedded: min(cores, workers)]",
     };
 
+    private static readonly Option<int?> HttpPort = new("--http-port")
+    {
+        Description = "Embedded silo: serve the run page (/), /metrics, /api and the Orleans Dashboard (/dashboard) on 127.0.0.1 at this port while the run goes (on a cluster each silo serves its own: silo --http-port)",
+    };
+
     public static Command Create()
     {
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
-            Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, BatchSize, ChunkSize, Epochs, Workers, Seed,
-            TrainLimit, Dataset, DataDir, Address.Gateway, Address.Redis, Address.RedisPasswordFile, Address.ClusterId, Address.TlsCert, Address.TlsKey, Address.TlsCa, Address.TlsPeerName, Address.RedisTls, Address.RedisCa, Address.ConnectTimeout, MetricsOut, ModelOut, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards,
+            Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, WeightDecay, Beta1, Beta2, Eps,
+            Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, BatchSize, ChunkSize, Epochs, Workers, Seed,
+            TrainLimit, Dataset, DataDir, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards, HttpPort,
             Validation, EarlyStop, Keep, Augment,
         };
+        Address.AddTo(command);
+        Follow.AddTo(command);
         command.SetAction((parse, cancel) => Cli.Guard(() => Run(parse, cancel)));
         return command;
     }
@@ -95,8 +110,21 @@ public static class TrainCommand
 
         var optimizer = spec.Optimizer;
         if (parse.GetValue(MomentumOpt) is { } m) optimizer = optimizer with { Momentum = m, Kind = m > 0 ? OptimizerKind.Momentum : optimizer.Kind };
-        if (parse.GetValue(OptimizerOpt) is { } o) optimizer = optimizer with { Kind = o == "sgd" ? OptimizerKind.Sgd : OptimizerKind.Momentum };
+        if (parse.GetValue(OptimizerOpt) is { } o)
+        {
+            optimizer = optimizer with { Kind = Enum.Parse<OptimizerKind>(o, ignoreCase: true) };
+            if (optimizer.Kind == OptimizerKind.Nesterov && optimizer.Momentum == 0) optimizer = optimizer with { Momentum = 0.9f };
+        }
         if (parse.GetValue(Lr) is { } lr) optimizer = optimizer with { LearningRate = lr };
+        if (parse.GetValue(WeightDecay) is { } wd) optimizer = optimizer with { WeightDecay = wd };
+        if (parse.GetValue(Beta1) is { } b1) optimizer = optimizer with { Beta1 = b1 };
+        if (parse.GetValue(Beta2) is { } b2) optimizer = optimizer with { Beta2 = b2 };
+        if (parse.GetValue(Eps) is { } eps) optimizer = optimizer with { Eps = eps };
+        if (parse.GetValue(LrStepEpochs) is { } stepEpochs) optimizer = optimizer with { Schedule = ScheduleKind.Step, LrStepEpochs = stepEpochs };
+        if (parse.GetValue(Schedule) is { } schedule) optimizer = optimizer with { Schedule = Enum.Parse<ScheduleKind>(schedule.Replace("-", ""), ignoreCase: true) };
+        if (parse.GetValue(LrGamma) is { } gamma) optimizer = optimizer with { LrGamma = gamma };
+        if (parse.GetValue(LrMin) is { } lrMin) optimizer = optimizer with { LrMin = lrMin };
+        if (parse.GetValue(WarmupSteps) is { } warmup) optimizer = optimizer with { WarmupSteps = warmup };
         spec = spec with { Optimizer = optimizer };
 
         if (parse.GetValue(BatchSize) is { } b) spec = spec with { BatchSize = b, ChunkSize = RunSpec.DefaultChunkSize(b) };
@@ -127,11 +155,11 @@ public static class TrainCommand
         ClusterConnection cluster;
         if (address is null)
         {
-            int threads = parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers);
-            if (threads is < 1 or > 256) throw new ArgumentException($"--threads-per-worker: {threads} is outside 1..256");
+            int threads = Cli.CheckThreadsPerWorker(parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers));
             spec.Validate(threads);
+            if (parse.GetValue(HttpPort) is < 1 or > 65535) throw new ArgumentException($"--http-port: {parse.GetValue(HttpPort)} is outside 1..65535");
             DataCommand.Ensure(spec.Dataset, dataDir);
-            cluster = await ClusterConnection.StartEmbedded(dataDir, threads, cancel);
+            cluster = await ClusterConnection.StartEmbedded(dataDir, threads, cancel, parse.GetValue(HttpPort));
         }
         else
         {
@@ -144,6 +172,8 @@ public static class TrainCommand
                     throw new ArgumentException($"--dataset: {spec.Dataset} is not on this machine to size the input and output layers; give --layers (the silos read the folder at that path)");
                 spec = FitLayers(parse, spec, DatasetCatalog.LoadOwn(spec.Dataset).Train);
             }
+            if (parse.GetValue(HttpPort) is not null)
+                throw new ArgumentException("--http-port: the embedded silo's; on a cluster each silo serves its own page (silo --http-port)");
             cluster = await ClusterConnection.Connect(address, cancel);
         }
         await using (cluster)
@@ -169,29 +199,7 @@ public static class TrainCommand
             Console.WriteLine($"run {runId} on {cluster.Description}");
             Console.WriteLine($"  {RunReporter.Describe(spec)}");
             await run.Start(spec);
-            var reporter = new RunReporter(Console.Out, parse.GetValue(MetricsOut));
-            reporter.Header(spec.Validation > 0);
-            RunStatus status;
-            try
-            {
-                status = await reporter.Follow(run, cancel);
-            }
-            catch (OperationCanceledException) when (cancel.IsCancellationRequested)
-            {
-                if (cluster.IsEmbedded)
-                {
-                    var stopped = await RunCommands.StopEmbedded(run);
-                    reporter.Report(stopped);   // epochs that ended while it stopped
-                    Console.Error.WriteLine($"interrupted: run {runId} stopped in epoch {stopped.Epoch + 1}; continue it with: resume {runId} --data-dir {dataDir}");
-                }
-                else
-                {
-                    Console.Error.WriteLine($"detached; run {runId} goes on. Re-attach: watch {runId} {address?.Flags}");
-                }
-                return ExitCodes.Interrupted;
-            }
-            if (status.State == RunState.Completed && parse.GetValue(ModelOut) is { } path) await RunCommands.SaveModel(run, status, path);
-            return RunCommands.ExitCodeOf(status);
+            return await Follow.FollowAndSave(parse, cluster, run, cancel);
         }
     }
 

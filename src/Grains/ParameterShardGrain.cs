@@ -92,6 +92,7 @@ public sealed class ParameterShardGrain(
     {
         if (spec is null) throw new ArgumentException("no run spec");
         spec.Validate();
+        spec.CreateOptimizer();   // throws for a schedule whose run length was not resolved at the run's start
         if (incarnation < 1) throw new ArgumentException($"incarnation {incarnation} is not positive");
         string key = this.GetPrimaryKeyString(), runId = RunIdOfKey();
         Backprop.Core.RunIds.Validate(runId);
@@ -296,7 +297,9 @@ public sealed class ParameterShardGrain(
         };
         try
         {
+            long start = Stopwatch.GetTimestamp();
             await slot.WriteAuthoritative();
+            BackpropMetrics.Checkpoint(Stopwatch.GetElapsedTime(start));
         }
         catch
         {
@@ -521,7 +524,7 @@ public sealed class ParameterShardGrain(
     private void Load(RunSpec spec)
     {
         var layout = spec.Shards;
-        (_spec, _optimizer) = (spec, Optimizer.For(spec.Optimizer));
+        (_spec, _optimizer) = (spec, spec.CreateOptimizer());
         (_start, _length) = (layout.Start(Shard), layout.Length(Shard));
         int stateLength = checked(_optimizer.StateVectors * _length);
         (_parameters, _previous) = (new float[_length], new float[_length]);

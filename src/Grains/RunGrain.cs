@@ -121,18 +121,31 @@ public sealed class RunGrain(
         Journal.ThrowIfFenced();
         if (Record.Spec is { } existing)
         {
-            if (existing != spec) throw new ArgumentException($"run id '{RunId}' is already used by another run");
+            // The stored spec has the run's length resolved (RunSpec.Resolve); the caller's need not.
+            if (existing != (spec.StepsPerEpoch == 0 ? spec with { StepsPerEpoch = existing.StepsPerEpoch } : spec))
+                throw new ArgumentException($"run id '{RunId}' is already used by another run");
             if (Record.State != RunState.NotStarted) return Status(0);
         }
         spec.Validate();
         var data = await datasets.Get(spec.Dataset);
         spec.ValidateAgainst(data.Train);
+        spec = spec.Resolve(spec.TrainCount(data.Train.Count));
         string sha = await datasets.Sha256(spec.Dataset);
 
         // Stored before it is registered (the registry lists only stored runs), but as running only once registered:
         // a run the registry does not know would not be continued after its silo dies.
+        bool created = Record.Spec is null;
         await Journal.Update(r => { r.Spec = spec; r.DatasetSha256 = sha; });
-        await Journal.Register(RunState.Running, spec, 0, required: true);
+        try
+        {
+            await Journal.Register(RunState.Running, spec, 0, required: true);
+        }
+        catch when (created)
+        {
+            // Never listed, so never deleted by the retention: a refused start leaves no record behind (best effort).
+            try { await record.ClearStateAsync(); } catch (Exception e) { logger.LogWarning("Run {Run}: could not remove the record of a refused start ({Error})", RunId, e.Message); }
+            throw;
+        }
         await Journal.Update(r =>
         {
             r.State = RunState.Running;
@@ -176,11 +189,20 @@ public sealed class RunGrain(
         return Status(0);
     }
 
+    /// <summary>How long a resume waits for a cancelled loop to stop: under the 30 s response timeout of the call.</summary>
+    private static readonly TimeSpan ResumeWait = TimeSpan.FromSeconds(20);
+
     public async Task<RunStatus> Resume()
     {
         var spec = Record.Spec ?? throw new ArgumentException($"no run '{RunId}'");
         Journal.ThrowIfFenced();
-        if (LoopActive) return Status(0);
+        if (LoopActive)
+        {
+            if (!_cancel.IsCancellationRequested) return Status(0);   // running: nothing to continue
+            // Cancelled and still stopping (its calls end first, then it stores the state): resume once it has.
+            if (await Task.WhenAny(_finished.Task, Task.Delay(ResumeWait)) != _finished.Task || LoopActive)
+                throw new InvalidOperationException($"run '{RunId}' is still stopping after its cancel; resume it again in a moment");
+        }
         if (Record.State is RunState.Completed or RunState.Diverged) return Status(0);   // nothing to continue
         await Journal.Register(RunState.Running, spec, Record.Epochs.Count, required: true);
         await Journal.Update(r => { r.State = RunState.Running; r.Error = null; RunJournal.AddEvent(r, "resume", $"resume requested (was {Record.State.ToString().ToLowerInvariant()})"); });
@@ -220,7 +242,7 @@ public sealed class RunGrain(
         var r = record.State;
         var epochs = r.Epochs.Skip(Math.Max(0, knownEpochs)).ToArray();
         return new RunStatus(RunId, r.State, r.Spec, _epoch, _stepInEpoch, _stepsPerEpoch, epochs, r.Error,
-            Workers.Silos, SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count);
+            Workers.Silos, SiloEndpoint, _shardSilos, _step > 0 || r.Epochs.Count == 0 ? _step : r.Epochs[^1].Steps, r.Events.ToArray(), r.Epochs.Count, Workers.Stats);
     }
 
     private void StartLoop(bool resumed)
@@ -333,6 +355,7 @@ public sealed class RunGrain(
 
     private void EndLoop()
     {
+        BackpropMetrics.RunLeft(RunId);
         _finished.TrySetResult();
         DelayDeactivation(TimeSpan.FromSeconds(-1));   // negative: back to normal idle collection
     }
@@ -427,6 +450,7 @@ public sealed class RunGrain(
             await FinishEpoch(run, new EpochEnd(epoch - 1, position.EpochLossSum, version, clock, 0, null), cancel);
 
         var profile = new StepProfiler(SiloEndpoint);
+        var windowProfile = new StepProfiler(SiloEndpoint);   // one window's, for the metrics
         for (int e = epoch; e < spec.Epochs; e++)
         {
             if (first == 0 && EarlyStopReason(spec) is { } reason)
@@ -453,7 +477,13 @@ public sealed class RunGrain(
                 int applied = window.Applied;
                 (version, s, _step, _stepInEpoch) = (version + applied, s + applied, version + applied, s + applied);
                 if (applied > 0 && window.Failure is null)
-                    profile.Add(window.Blocks!, Workers.RoundTrips, Workers.Replied, Stopwatch.GetTimestamp() - windowStart, applied, allocatedAtStart);
+                {
+                    long ticks = Stopwatch.GetTimestamp() - windowStart;
+                    profile.Add(window.Blocks!, Workers.RoundTrips, Workers.Replied, ticks, applied, allocatedAtStart);
+                    windowProfile.Reset();
+                    windowProfile.Add(window.Blocks!, Workers.RoundTrips, Workers.Replied, ticks, applied, allocatedAtStart);
+                    BackpropMetrics.Window(applied, Samples(plan, s - applied, applied), windowSeconds, windowProfile.Result()!, window.Blocks!);
+                }
                 if (window.Divergence is { } divergence)
                 {
                     // Shards whose slice was finite applied the step: all go back to the last good version.
@@ -503,6 +533,13 @@ public sealed class RunGrain(
     private bool IsBest(EpochResult result) =>
         Record.Epochs.Where(e => e.Epoch < result.Epoch).All(e => result.ValidationAccuracy > e.ValidationAccuracy);
 
+    private static long Samples(EpochPlan plan, int first, int count)
+    {
+        long samples = 0;
+        for (int s = first; s < first + count; s++) samples += plan.StepSize(s);
+        return samples;
+    }
+
     /// <summary>Evaluates, checkpoints the shards at the epoch's end, then records the epoch (once: a resumed epoch is not added twice).</summary>
     private async Task FinishEpoch(Attachment run, EpochEnd end, CancellationToken cancel)
     {
@@ -531,6 +568,7 @@ public sealed class RunGrain(
             await Journal.Update(r => r.Epochs.Add(result));
             await Journal.Register(RunState.Running, spec, epoch + 1);
         }
+        BackpropMetrics.EpochFinished(RunId, eval.Accuracy, eval.MeanLoss);
         logger.LogInformation("Run {Run} epoch {Epoch}: test accuracy {Accuracy:P2}, {Seconds:F1}s", RunId, epoch + 1, eval.Accuracy, result.Seconds);
     }
 }

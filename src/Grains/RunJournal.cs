@@ -83,6 +83,7 @@ internal sealed class RunJournal(IPersistentState<RunRecord> stored, string runI
     public static void AddEvent(RunRecord r, string kind, string message)
     {
         r.Events.Add(new RunEvent(DateTime.UtcNow, kind, message));
+        BackpropMetrics.Event(kind);
         if (r.Events.Count > MaxEvents) r.Events.RemoveRange(1, r.Events.Count - MaxEvents);   // the first ("started") stays
     }
 

@@ -69,10 +69,12 @@ public sealed class RunRegistryGrain(
         if (summary is null) throw new ArgumentException("no run summary");
         Backprop.Core.RunIds.Validate(summary.RunId);
         if (!Enum.IsDefined(summary.State)) throw new ArgumentException($"run state {(int)summary.State} is not a known state");
-        // An evicted run is not brought back (resumed, or started again under its id) until its deletion is done.
-        if (Stored.Deleting.Contains(summary.RunId))
-            throw new ArgumentException($"run '{summary.RunId}' is being deleted (its retention ran out); try again once it is gone");
         var run = await StoredRuns.Read(ServiceProvider, GrainFactory, summary.RunId);
+        // An evicted run is not brought back (resumed, or started again under its id) until its deletion is done; but
+        // one whose record says running was resumed before an older "finished" update evicted it: it is listed again.
+        bool revived = Stored.Deleting.Contains(summary.RunId) && run?.State == RunState.Running;
+        if (Stored.Deleting.Contains(summary.RunId) && !revived)
+            throw new ArgumentException($"run '{summary.RunId}' is being deleted (its retention ran out); try again once it is gone");
         if (run is null)
         {
             // A listed run whose record is gone (a cleared store) is dropped: the watchdog finds it not running and says so here.
@@ -86,6 +88,10 @@ public sealed class RunRegistryGrain(
         var now = DateTime.UtcNow;
         await Write(l =>
         {
+            // Checked again here: a write that met another writer's list applies this to that list.
+            if (l.Deleting.Contains(summary.RunId) && !revived)
+                throw new ArgumentException($"run '{summary.RunId}' is being deleted (its retention ran out); try again once it is gone");
+            l.Deleting.Remove(summary.RunId);
             var runs = l.Runs;
             bool added = !runs.ContainsKey(summary.RunId);
             runs[summary.RunId] = summary with { Updated = now };
@@ -94,12 +100,13 @@ public sealed class RunRegistryGrain(
             int over = Math.Max(finished.Count + (summary.State == RunState.Running ? 0 : 1) - retention.Runs, runs.Count - MaxRuns);
             foreach (var old in finished.Where((r, i) => (i < over && now - r.Updated >= retention.MinAge) || now - r.Updated > retention.Age).ToArray())
             {
+                // A full queue (MaxRuns deletions failing at once) leaves the run listed rather than unlisted and undeleted.
+                if (l.Deleting.Count >= MaxRuns) break;
                 runs.Remove(old.RunId);
-                // Bounded like the list: were MaxRuns deletions failing at once, the excess would stay in storage unlisted.
-                if (!l.Deleting.Contains(old.RunId) && l.Deleting.Count < MaxRuns) l.Deleting.Add(old.RunId);
+                if (!l.Deleting.Contains(old.RunId)) l.Deleting.Add(old.RunId);
             }
             if (added && runs.Count > MaxRuns)
-                throw new InvalidOperationException($"the run list is full: {MaxRuns} runs are running");
+                throw new InvalidOperationException($"the run list is full: {MaxRuns} runs, running or finished less than {retention.MinAge.TotalSeconds:F0} s ago");
         });
         DeleteQueued();
     }
@@ -109,6 +116,10 @@ public sealed class RunRegistryGrain(
         DeleteQueued();
         return Task.CompletedTask;
     }
+
+    // The deletions write the list too: the next activation must not meet a write of this one still in flight.
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken) =>
+        _deleting.WaitAsync(cancellationToken).ContinueWith(_ => { }, TaskScheduler.Default);
 
     /// <summary>
     /// Deletes the queued runs one by one, beside this grain's calls (a run's <see cref="IRunGrain.Forget"/> asks this
@@ -123,17 +134,37 @@ public sealed class RunRegistryGrain(
 
     private async Task DeleteAll()
     {
+        var done = new List<string>();
         foreach (string runId in Stored.Deleting.ToArray())
         {
             try
             {
                 await GrainFactory.GetGrain<IRunGrain>(runId).Forget();
-                await Write(l => l.Deleting.Remove(runId));
+                done.Add(runId);
                 logger.LogInformation("Run {Run} deleted: its retention ran out", runId);
             }
             catch (Exception e)
             {
                 logger.LogWarning("Run {Run} is still to be deleted (retried at the next update): {Error}", runId, e.Message);
+            }
+            // Confirmed in batches: the list is written whole, and thousands of runs may be queued at once.
+            if (done.Count == 100) await Confirm();
+        }
+        await Confirm();
+
+        async Task Confirm()
+        {
+            if (done.Count == 0) return;
+            string[] confirmed = [.. done];
+            done.Clear();
+            try
+            {
+                await Write(l => l.Deleting.RemoveAll(confirmed.Contains));
+            }
+            catch (Exception e)
+            {
+                // Deleted but still queued: the next pass finds them gone (Forget of a deleted run does nothing).
+                logger.LogWarning("Could not store that {Count} runs were deleted: {Error}", confirmed.Length, e.Message);
             }
         }
     }
@@ -156,11 +187,13 @@ public sealed class RunRegistryGrain(
                 {
                     await list.WriteStateAsync();
                     _stored = next;
+                    BackpropMetrics.RunList(next.Runs.Values);
                     return;
                 }
                 catch (InconsistentStateException) when (attempt < 5)
                 {
                     // Another writer (a second CLI process on the same embedded store) got there first: merge into its list.
+                    list.State = before;
                     await list.ReadStateAsync();
                     _stored = list.State;
                 }

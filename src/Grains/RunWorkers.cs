@@ -45,9 +45,13 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     // The cut of a full step and of a short last one, for the current worker count.
     private (ChunkBlocks Cut, int[] Starts) _cut, _shortCut;
     private int _cutWorkers;
+    private readonly WorkerTimes _times = new();
 
     /// <summary>The silos whose workers have answered, for the run's status.</summary>
     public string[] Silos => [.. _silos];
+
+    /// <summary>Each worker's compute times over the last steps, and which are stragglers, for the run's status.</summary>
+    public WorkerStats[] Stats => _times.Stats;
 
     /// <summary>Each call's round trip and reply time (timestamps) in the last window, for the step profile.</summary>
     public ReadOnlySpan<long> RoundTrips => _roundTrips;
@@ -74,6 +78,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         int count = Math.Clamp(Math.Max(spec.Workers, silos.Length), 1, RunSpec.MaxWorkers), generation = ++_generation;
         _workers = Enumerable.Range(0, count).Select(i => grains.GetGrain<IWorkerGrain>($"{runId}/{incarnation}.{generation}/{i}")).ToArray();
         await journal.AddEventNow("workers", $"{count} workers over {silos.Length} worker silos ({string.Join(", ", silos)}), generation {generation}");
+        await AddEvents(_times.Reset(generation));
         return _workers;
     }
 
@@ -131,6 +136,8 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
         // Every worker that confirmed a step got the same loss sums from the shards.
         var furthest = replies.Where(r => r is not null).MaxBy(r => r!.Applied);
         string? divergence = replies.FirstOrDefault(r => r?.Divergence is not null)?.Divergence;
+        // Worker b computed block b of every step only when nothing was redone: then its compute time is its own.
+        if (failure is null && !retry) await AddEvents(_times.Add(replies, cut));
         if (failure is not null)
         {
             (_failedGeneration, _failedAt) = (_generation, Stopwatch.GetTimestamp());
@@ -138,6 +145,11 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
             await journal.AddEventNow("worker-failed", $"steps from {at}: {failure.Message}; one step a call for a while, a failed block redone on the next worker");
         }
         return new WindowResult(furthest?.StepLosses ?? [], divergence, failure, replies);
+    }
+
+    private async Task AddEvents(List<(string Kind, string Message)> events)
+    {
+        foreach (var (kind, message) in events) await journal.AddEventNow(kind, message);
     }
 
     /// <summary>

@@ -73,6 +73,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             long computing = System.Diagnostics.Stopwatch.GetTimestamp();
             // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
             double loss = gradient.SumBlock(input, plan, step, first, end, _parameters, nextStepChunk: first);
+            if (settings.ComputeDelayPerChunk > TimeSpan.Zero) await Task.Delay(settings.ComputeDelayPerChunk * (end - first));
             long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
             var pushed = await PushStep(spec, work, step, version, plan.StepSize(step), lossBefore, loss, gradient.Result);
             long done = System.Diagnostics.Stopwatch.GetTimestamp();

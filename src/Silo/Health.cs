@@ -1,10 +1,4 @@
-using System.Net;
 using Backprop.Grains.Hosting;
-using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Hosting;
-using Microsoft.AspNetCore.Http;
-using Microsoft.Extensions.DependencyInjection;
-using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
 namespace Backprop.Silo;
@@ -82,46 +76,4 @@ public sealed class SiloHealth(IClusterMembershipService membership, ILocalSiloD
         }
         return (true, "ready");
     }
-}
-
-/// <summary>
-/// /healthz (the process runs) and /readyz (<see cref="SiloHealth"/>) over plain HTTP, for probes. Not a hosted
-/// service of the silo's host: the program starts it before the silo joins and stops it after the silo has left,
-/// so that a startup probe sees the process live while it loads data and joins, and readiness says why not.
-/// </summary>
-public sealed class HealthServer(SiloHealth health, IPAddress bind, int port)
-{
-    private WebApplication? _app;
-
-    public async Task StartAsync(CancellationToken cancellationToken)
-    {
-        var builder = WebApplication.CreateSlimBuilder();
-        // Signals belong to the silo's command, which stops this server last.
-        builder.Services.AddSingleton<IHostLifetime, CommandLifetime>();
-        builder.Logging.ClearProviders();
-        builder.WebHost.ConfigureKestrel(k => k.Listen(bind, port));
-        _app = builder.Build();
-        _app.MapGet("/healthz", () => Results.Text("live\n"));
-        _app.MapGet("/readyz", () =>
-        {
-            var (ready, reason) = health.Readiness();
-            return ready ? Results.Text(reason + "\n") : Results.Text($"not ready: {reason}\n", statusCode: StatusCodes.Status503ServiceUnavailable);
-        });
-        await _app.StartAsync(cancellationToken);
-    }
-
-    public async Task StopAsync(CancellationToken cancellationToken)
-    {
-        if (_app is not null) await _app.StopAsync(cancellationToken);
-    }
-}
-
-/// <summary>
-/// A host lifetime that leaves SIGTERM and Ctrl+C to the command, which stops its hosts itself and in order: the silo
-/// (with --shutdown-timeout), then the health server.
-/// </summary>
-internal sealed class CommandLifetime : IHostLifetime
-{
-    public Task WaitForStartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
-    public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
 }

@@ -7,6 +7,7 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 using Orleans.Configuration;
+using Orleans.Dashboard;
 
 // The silo host: one process of a Backprop cluster. Every option also reads an environment variable,
 // so containers and scripts can configure it without a command line.
@@ -29,8 +30,8 @@ var probeTimeout = Opt("--probe-timeout", "BACKPROP_PROBE_TIMEOUT", MembershipSe
 var missedProbes = Opt("--missed-probes", "BACKPROP_MISSED_PROBES", MembershipSettings.Fast.MissedProbesLimit, "Missed probes before a silo is suspected");
 var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", MembershipSettings.Fast.VotesForDeath, "Suspicions needed to declare a silo dead (fewer where the cluster is small)");
 var role = Opt("--role", "BACKPROP_ROLE", "all", "server (run coordinators, parameter servers, run registry), worker (worker grains) or all (both)");
-var httpPort = Opt("--http-port", "BACKPROP_HTTP_PORT", 0, "Port of /healthz and /readyz (HTTP); 0 = none");
-var httpBind = Opt("--http-bind", "BACKPROP_HTTP_BIND", "127.0.0.1", "Address /healthz and /readyz listen on (0.0.0.0 in a pod, for the kubelet's probes)");
+var httpPort = Opt("--http-port", "BACKPROP_HTTP_PORT", 0, "Port of the silo's read-only web server (HTTP): /healthz, /readyz, /metrics (Prometheus), the run page at /, the Orleans Dashboard at /dashboard; 0 = none");
+var httpBind = Opt("--http-bind", "BACKPROP_HTTP_BIND", "127.0.0.1", "Address the web server listens on (0.0.0.0 in a pod, for the kubelet's probes and Prometheus)");
 var dataset = Opt("--dataset", "BACKPROP_DATASET", "mnist", "Data set a worker silo loads at start (mnist, fashion-mnist or the absolute path of a folder of your own); /readyz waits for it");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 var keepFinishedRuns = Opt("--keep-finished-runs", "BACKPROP_KEEP_FINISHED_RUNS", Retention.DefaultRuns, "Finished runs kept (record, checkpoints, final model); the oldest beyond are deleted");
@@ -71,7 +72,8 @@ root.SetAction(async (parse, cancel) =>
         if (parse.GetValue(redisWait) is < 0 or > 86400) throw new ArgumentException("--redis-wait must be in 0..86400 seconds");
         if (!System.Net.IPAddress.TryParse(parse.GetValue(httpBind), out healthBind)) throw new ArgumentException($"--http-bind: '{parse.GetValue(httpBind)}' is not an IP address");
         Backprop.Core.Data.DatasetCatalog.Validate(parse.GetValue(dataset)!);
-        if (parse.GetValue(workerThreads) is < 1 or > 256) throw new ArgumentException("--worker-threads must be in 1..256");
+        if (parse.GetValue(workerThreads) is < 1 or > Backprop.Core.ResourceLimits.MaxThreadsPerWorker)
+            throw new ArgumentException($"--worker-threads must be in 1..{Backprop.Core.ResourceLimits.MaxThreadsPerWorker}");
         double keepDays = parse.GetValue(keepFinishedDays);
         if (!(keepDays > 0 && keepDays <= 36_500)) throw new ArgumentException("--keep-finished-days must be in (0, 36500]");
         double minAge = parse.GetValue(keepFinishedMinAge);
@@ -112,11 +114,13 @@ root.SetAction(async (parse, cancel) =>
     // SIGTERM and Ctrl+C belong to the command (its `cancel`, see InvokeAsync below), in every phase: .NET runs only the
     // last registered signal handler that cancels, so a host's console lifetime would take them from the command while
     // it runs, and leave them to it while it is not started.
-    builder.Services.AddSingleton<IHostLifetime, CommandLifetime>();
+    builder.Services.AddSingleton<IHostLifetime, SignalsToCommand>();
     builder.Logging.ClearProviders();
     builder.Logging.AddConsole(o => o.FormatterName = SiloLogFormatter.FormatterName)
         .AddConsoleFormatter<SiloLogFormatter, SiloLogOptions>(o => o.SiloName = siloName);
     builder.Logging.AddFilter("Orleans", LogLevel.Warning);
+    // Orleans' placement retries log each attempt through Polly at information level (the dashboard's grains at start).
+    builder.Logging.AddFilter("Polly", LogLevel.Warning);
     builder.UseOrleans(s =>
     {
         if (redisConnection is not null)
@@ -134,6 +138,8 @@ root.SetAction(async (parse, cancel) =>
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
         s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole, retention: retention);
         if (tls is not null) s.UseBackpropTls(tls);
+        // The dashboard profiles every grain call: only where its page is served.
+        if (parse.GetValue(httpPort) > 0) s.AddDashboard();
     });
     builder.Services.AddHostedService<MembershipLog>();
     if (Environment.GetEnvironmentVariable(ShutdownWorkHook.Env) is { Length: > 0 } work)
@@ -144,7 +150,7 @@ root.SetAction(async (parse, cancel) =>
     var health = host.Services.GetRequiredService<SiloHealth>();
     // The health endpoints first and last: live (and saying why not ready) while the data set loads and the silo
     // joins, and until it has left the cluster; a Kubernetes startup probe on /healthz covers the start.
-    var healthServer = parse.GetValue(httpPort) > 0 ? new HealthServer(health, healthBind!, parse.GetValue(httpPort)) : null;
+    var healthServer = parse.GetValue(httpPort) > 0 ? new WebServer(host.Services, builder.Services, health.Readiness, healthBind!, parse.GetValue(httpPort)) : null;
     if (healthServer is not null)
     {
         try

@@ -26,7 +26,8 @@ public sealed class RowParallel : IDisposable
 
     public RowParallel(int threads)
     {
-        if (threads < 1 || threads > 256) throw new ArgumentOutOfRangeException(nameof(threads), $"threads {threads} is outside 1..256");
+        if (threads < 1 || threads > ResourceLimits.MaxThreadsPerWorker)
+            throw new ArgumentOutOfRangeException(nameof(threads), $"threads {threads} is outside 1..{ResourceLimits.MaxThreadsPerWorker}");
         Threads = threads;
         _bounds = new int[threads + 1];
         _sleeping = new int[threads];

@@ -3,10 +3,11 @@ using System.Numerics;
 namespace Backprop.Core.Numerics;
 
 /// <summary>
-/// SGD with momentum as PyTorch writes it (dampening 0): v ← μ·v + g;  θ ← θ − lr · v, with g = gradientSum / count.
-/// State: the velocity v.
+/// SGD with momentum as torch.optim.SGD writes it (dampening 0): g = gradientSum / count; g ← g + wd·θ when weight
+/// decay is on; v ← μ·v + g; θ ← θ − lr·v, or with Nesterov θ ← θ − lr·(g + μ·v). State: the velocity v (PyTorch
+/// starts it at g, which is μ·0 + g).
 /// </summary>
-public sealed class Momentum(float learningRate, float momentum) : Optimizer
+public sealed class Momentum(LearningRateSchedule schedule, float momentum, bool nesterov = false, double weightDecay = 0) : Optimizer
 {
     public override int StateVectors => 1;
 
@@ -18,22 +19,29 @@ public sealed class Momentum(float learningRate, float momentum) : Optimizer
         Span<float> velocity = state[0], velocityOut = stateOut[0];
         if (velocity.Length != parameters.Length || velocityOut.Length != parameters.Length)
             throw new ArgumentException("velocity and parameters differ in length");
-        float lr = learningRate, mu = momentum, n = count;
+        float lr = (float)schedule.At(step), mu = momentum, n = count, wd = (float)weightDecay;
+        bool decay = weightDecay != 0;
         int i = 0, w = Vector<float>.Count;
         var vlr = new Vector<float>(lr);
         var vmu = new Vector<float>(mu);
         var vn = new Vector<float>(n);
+        var vwd = new Vector<float>(wd);
         for (; i + w <= parameters.Length; i += w)
         {
-            var v = vmu * new Vector<float>(velocity.Slice(i)) + new Vector<float>(gradientSum.Slice(i)) / vn;
+            var p = new Vector<float>(parameters.Slice(i));
+            var g = new Vector<float>(gradientSum.Slice(i)) / vn;
+            if (decay) g += vwd * p;
+            var v = vmu * new Vector<float>(velocity.Slice(i)) + g;
             v.CopyTo(velocityOut.Slice(i));
-            (new Vector<float>(parameters.Slice(i)) - vlr * v).CopyTo(parametersOut.Slice(i));
+            (p - vlr * (nesterov ? g + vmu * v : v)).CopyTo(parametersOut.Slice(i));
         }
         for (; i < parameters.Length; i++)
         {
-            float v = mu * velocity[i] + gradientSum[i] / n;
+            float p = parameters[i], g = gradientSum[i] / n;
+            if (decay) g += wd * p;
+            float v = mu * velocity[i] + g;
             velocityOut[i] = v;
-            parametersOut[i] = parameters[i] - lr * v;
+            parametersOut[i] = p - lr * (nesterov ? g + mu * v : v);
         }
     }
 }

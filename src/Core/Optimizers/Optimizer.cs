@@ -10,12 +10,25 @@ namespace Backprop.Core.Numerics;
 /// </summary>
 public abstract class Optimizer
 {
-    public static Optimizer For(OptimizerSettings settings) => settings.Kind switch
+    /// <summary>
+    /// The optimizer of <paramref name="settings"/> for a run of <paramref name="epochs"/> epochs of
+    /// <paramref name="stepsPerEpoch"/> steps, which only a schedule that depends on the run's length needs
+    /// (<see cref="OptimizerSettings.NeedsRunLength"/>; see <see cref="Training.RunSpec.Resolve"/>).
+    /// </summary>
+    public static Optimizer For(OptimizerSettings settings, int epochs = 0, int stepsPerEpoch = 0)
     {
-        OptimizerKind.Sgd => new Sgd(settings.LearningRate),
-        OptimizerKind.Momentum => new Momentum(settings.LearningRate, settings.Momentum),
-        _ => throw new ArgumentException($"optimizer: {(int)settings.Kind} is not a known optimizer"),
-    };
+        var s = settings;
+        var schedule = new LearningRateSchedule(s, epochs, stepsPerEpoch);
+        return s.Kind switch
+        {
+            OptimizerKind.Sgd => new Sgd(schedule, s.WeightDecay),
+            OptimizerKind.Momentum => new Momentum(schedule, s.Momentum, nesterov: false, s.WeightDecay),
+            OptimizerKind.Nesterov => new Momentum(schedule, s.Momentum, nesterov: true, s.WeightDecay),
+            OptimizerKind.Adam => new Adam(schedule, s.Beta1, s.Beta2, s.Eps, s.WeightDecay, decoupled: false),
+            OptimizerKind.AdamW => new Adam(schedule, s.Beta1, s.Beta2, s.Eps, s.WeightDecay, decoupled: true),
+            _ => throw new ArgumentException($"optimizer: {(int)s.Kind} is not a known optimizer"),
+        };
+    }
 
     public abstract int StateVectors { get; }
 

@@ -29,9 +29,10 @@ public sealed class LocalTrainer : IDisposable
             throw new ArgumentException($"validation: {spec.Validation} held-out images leave none of the {train.Count} training images to train on");
         (_spec, _all) = (spec, train);
         _train = train.Take(spec.TrainCount(train.Count));
+        spec = spec.Resolve(_train.Count);
         _gradient = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads);
         Parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
-        _optimizer = Optimizer.For(spec.Optimizer);
+        _optimizer = spec.CreateOptimizer();
         _optimizerState = new float[checked(_optimizer.StateVectors * Parameters.Length)];
         _plan = new EpochPlan(_train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
         // The step is element-wise: each backprop thread updates the entries whose gradient sum it just finished.

@@ -22,6 +22,7 @@ public sealed record RunSpec(
     int TrainLimit,
     int CheckpointEvery = RunSpec.DefaultCheckpointEvery,
     int ServerShards = 1,
+    int StepsPerEpoch = 0,
     int Validation = 0,
     int EarlyStop = 0,
     bool KeepBest = false,
@@ -43,6 +44,8 @@ public sealed record RunSpec(
     {
         Model.Validate();
         Optimizer.Validate();
+        if (StepsPerEpoch < 0) throw new ArgumentException($"steps-per-epoch: {StepsPerEpoch} is negative");
+        Optimizer.ValidateLength(Epochs, StepsPerEpoch);
         if (BatchSize < 1 || BatchSize > ResourceLimits.MaxBatchSize)
             throw new ArgumentException($"batch-size: {BatchSize} is outside 1..{ResourceLimits.MaxBatchSize}");
         if (ChunkSize < 1 || ChunkSize > Math.Min(BatchSize, ResourceLimits.MaxChunkSize))
@@ -93,6 +96,29 @@ public sealed record RunSpec(
         if (Model.OutputSize != train.Classes)
             throw new ArgumentException($"layers: output size {Model.OutputSize} does not match the {train.Classes} classes of {Dataset}");
     }
+
+    /// <summary>
+    /// The spec as a run on <paramref name="trainCount"/> training samples stores it: with <see cref="StepsPerEpoch"/>
+    /// filled in where the learning-rate schedule depends on the run's length, so that the shards, which hold no data,
+    /// step with the same rates. Refuses a schedule that needs more steps than the run has.
+    /// </summary>
+    public RunSpec Resolve(int trainCount)
+    {
+        int steps = (int)((trainCount + (long)BatchSize - 1) / BatchSize);
+        if (StepsPerEpoch != 0 && StepsPerEpoch != steps)
+            throw new ArgumentException($"steps-per-epoch: {StepsPerEpoch} is not the {steps} steps of {trainCount} training samples at batch size {BatchSize}");
+        if (!Optimizer.NeedsRunLength) return this;
+        var resolved = this with { StepsPerEpoch = steps };
+        resolved.Optimizer.ValidateLength(Epochs, steps);
+        return resolved;
+    }
+
+    /// <summary>The optimizer that steps this run (its schedule needs <see cref="Resolve"/> first where it depends on the run's length).</summary>
+    public Optimizer CreateOptimizer() => Numerics.Optimizer.For(Optimizer, Epochs, StepsPerEpoch);
+
+    /// <summary>The learning rate of the first step of epoch <paramref name="epoch"/> (1-based), as the run's optimizer uses it.</summary>
+    public double EpochLearningRate(int epoch) =>
+        new LearningRateSchedule(Optimizer, Epochs, StepsPerEpoch).At((long)(epoch - 1) * StepsPerEpoch);
 
     public ShardLayout Shards => new((int)Model.ParameterCount, ServerShards);
 

@@ -1,5 +1,6 @@
 using Backprop.Grains.Placement;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Logging;
 
 namespace Backprop.Grains.Hosting;
@@ -9,7 +10,11 @@ namespace Backprop.Grains.Hosting;
 /// runs stored as running are continued by this silo (a cluster: yes; the embedded silo of a CLI: only
 /// when asked, with `resume`), and which grains it hosts.
 /// </summary>
-public sealed record WorkerSettings(int ThreadsPerWorker, bool KeepRunsGoing = true, SiloRole Role = SiloRole.All);
+public sealed record WorkerSettings(int ThreadsPerWorker, bool KeepRunsGoing = true, SiloRole Role = SiloRole.All)
+{
+    /// <summary>Tests only (<see cref="SiloSetup.DelayWorkersForTests"/>): extra compute time per chunk, a deliberate straggler.</summary>
+    internal TimeSpan ComputeDelayPerChunk { get; init; }
+}
 
 public static class SiloSetup
 {
@@ -25,7 +30,8 @@ public static class SiloSetup
     public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1,
         bool keepRunsGoing = true, SiloRole role = SiloRole.All, Retention? retention = null)
     {
-        if (threadsPerWorker < 1 || threadsPerWorker > 256) throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..256");
+        if (threadsPerWorker < 1 || threadsPerWorker > Backprop.Core.ResourceLimits.MaxThreadsPerWorker)
+            throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..{Backprop.Core.ResourceLimits.MaxThreadsPerWorker}");
         retention ??= new Retention();
         retention.Validate();
         silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing, role));
@@ -33,9 +39,22 @@ public static class SiloSetup
         silo.Services.AddBackpropExceptions();
         silo.Services.AddSingleton<WorkerSilos>();
         silo.ApplyRole(role);
+        BackpropMetrics.SiloStarted(role);
         silo.AddPlacementDirector<SpreadPlacementStrategy, SpreadPlacementDirector>();
         silo.Services.AddSingleton(sp => new DatasetCache(dataDir, allowFetch, sp.GetRequiredService<ILogger<DatasetCache>>()));
         if (keepRunsGoing) silo.Services.AddHostedService<RunWatchdog>();
+        return silo;
+    }
+
+    /// <summary>
+    /// Tests only, after <see cref="AddBackpropGrains"/>: every worker on this silo waits <paramref name="perChunk"/> more per
+    /// chunk it computes, counted as its compute time, so that a test can make one silo's workers stragglers. No option
+    /// or variable reaches it.
+    /// </summary>
+    internal static ISiloBuilder DelayWorkersForTests(this ISiloBuilder silo, TimeSpan perChunk)
+    {
+        var settings = (WorkerSettings)silo.Services.Single(d => d.ServiceType == typeof(WorkerSettings)).ImplementationInstance!;
+        silo.Services.Replace(ServiceDescriptor.Singleton(settings with { ComputeDelayPerChunk = perChunk }));
         return silo;
     }
 

@@ -76,9 +76,52 @@ public sealed record RunStatus(
     [property: Id(10)] string[] ShardSilos,
     [property: Id(11)] long Step,
     [property: Id(12)] RunEvent[] Events,
-    [property: Id(13)] int EpochsDone)
+    [property: Id(13)] int EpochsDone,
+    [property: Id(14)] WorkerStats[] Workers)
 {
     public bool IsFinished => State is RunState.Completed or RunState.Failed or RunState.Cancelled or RunState.Diverged;
+}
+
+/// <summary>
+/// One worker of the run's current generation as the coordinator measured it, from the windows of steps it answered:
+/// its silo, the blocks it computed (one a step), and the median and 95th percentile of its compute seconds per step
+/// over the last <see cref="Steps"/> steps, each step's time scaled to an average block (where the cut gives
+/// workers unequal blocks, 3 workers on 4 chunks: 1, 1, 2, the one with more chunks is not slow for that). A worker
+/// is a straggler when its median is over <see cref="StragglerFactor"/> times <see cref="Typical"/>'s (see <see cref="WorkerTimes"/>).
+/// </summary>
+[GenerateSerializer, Immutable]
+public sealed record WorkerStats(
+    [property: Id(0)] int Worker,
+    [property: Id(1)] string Silo,
+    [property: Id(2)] int Blocks,
+    [property: Id(3)] double ComputeMedianSeconds,
+    [property: Id(4)] double ComputeP95Seconds,
+    [property: Id(5)] bool Straggler)
+{
+    /// <summary>The steps behind each worker's figures: the last ones of its generation.</summary>
+    public const int Steps = 200;
+    public const double StragglerFactor = 1.5;
+
+    /// <summary>What a worker is compared with: the median of the workers' medians, and of their 95th percentiles.</summary>
+    public static (double Median, double P95) Typical(IReadOnlyCollection<WorkerStats> workers) =>
+        (Median(workers.Select(w => w.ComputeMedianSeconds)), Median(workers.Select(w => w.ComputeP95Seconds)));
+
+    /// <summary>How much slower than the typical worker this one is: "worker 3 on 10.0.0.7:11111 is 2.1x slower than the median (p95 41 ms vs 19 ms)".</summary>
+    public string Slower(IReadOnlyCollection<WorkerStats> workers)
+    {
+        var (median, p95) = Typical(workers);
+        return $"worker {Worker} on {Silo} is {ComputeMedianSeconds / median:0.0}x slower than the median (p95 {Milliseconds(ComputeP95Seconds)} ms vs {Milliseconds(p95)} ms)";
+    }
+
+    public static string Milliseconds(double seconds) => (seconds * 1000).ToString(seconds < 0.01 ? "0.##" : "0");
+
+    private static double Median(IEnumerable<double> values)
+    {
+        var sorted = values.Order().ToArray();
+        if (sorted.Length == 0) return 0;
+        int middle = sorted.Length / 2;
+        return sorted.Length % 2 == 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+    }
 }
 
 [GenerateSerializer, Immutable]

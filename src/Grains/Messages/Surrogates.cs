@@ -25,6 +25,17 @@ public struct RunSpecSurrogate
     [Id(13)] public int TrainLimit;
     [Id(14)] public int CheckpointEvery;
     [Id(15)] public int ServerShards;
+    // 16-29: the optimizer's other settings and its learning-rate schedule.
+    [Id(16)] public double WeightDecay;
+    [Id(17)] public double Beta1;
+    [Id(18)] public double Beta2;
+    [Id(19)] public double Eps;
+    [Id(20)] public ScheduleKind Schedule;
+    [Id(21)] public int LrStepEpochs;
+    [Id(22)] public double LrGamma;
+    [Id(23)] public double LrMin;
+    [Id(24)] public int WarmupSteps;
+    [Id(25)] public int StepsPerEpoch;
     [Id(30)] public int Validation;
     [Id(31)] public int EarlyStop;
     [Id(32)] public bool KeepBest;
@@ -35,8 +46,8 @@ public struct RunSpecSurrogate
 public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
 {
     public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
-        new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRate, s.Momentum),
-        s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards,
+        new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRate, s.Momentum, s.WeightDecay, s.Beta1, s.Beta2, s.Eps, s.Schedule, s.LrStepEpochs, s.LrGamma, s.LrMin, s.WarmupSteps),
+        s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards, s.StepsPerEpoch,
         s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment);
 
     public RunSpecSurrogate ConvertToSurrogate(in RunSpec v) => new()
@@ -45,6 +56,9 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
         Optimizer = v.Optimizer.Kind, LearningRate = v.Optimizer.LearningRate, Momentum = v.Optimizer.Momentum,
         BatchSize = v.BatchSize, ChunkSize = v.ChunkSize, Epochs = v.Epochs, Workers = v.Workers, Seed = v.Seed,
         Dataset = v.Dataset, TrainLimit = v.TrainLimit, CheckpointEvery = v.CheckpointEvery, ServerShards = v.ServerShards,
+        WeightDecay = v.Optimizer.WeightDecay, Beta1 = v.Optimizer.Beta1, Beta2 = v.Optimizer.Beta2, Eps = v.Optimizer.Eps,
+        Schedule = v.Optimizer.Schedule, LrStepEpochs = v.Optimizer.LrStepEpochs, LrGamma = v.Optimizer.LrGamma, LrMin = v.Optimizer.LrMin,
+        WarmupSteps = v.Optimizer.WarmupSteps, StepsPerEpoch = v.StepsPerEpoch,
         Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment,
     };
 }

@@ -18,15 +18,18 @@ public sealed class ClusterFixture : IAsyncLifetime, IAsyncDisposable
     public ClusterFixture() : this(1200, 400) { }
 
     /// <summary>A cluster for one test, with other data sizes (xunit needs the shared fixture's constructor to be the only public one).</summary>
-    internal ClusterFixture(int trainCount, int testCount, Func<int, SiloRole>? roles = null, Retention? retention = null)
+    /// <param name="computeDelay">Per silo: extra compute time per chunk for its workers (a deliberate straggler); zero: none.</param>
+    internal ClusterFixture(int trainCount, int testCount, Func<int, SiloRole>? roles = null, Retention? retention = null, Func<int, TimeSpan>? computeDelay = null)
     {
         Data = SyntheticDigits.Create(trainCount, testCount, seed: 5);
         _roles = roles ?? (_ => SiloRole.All);
         _retention = retention;
+        _computeDelay = computeDelay ?? (_ => TimeSpan.Zero);
     }
 
     private readonly Func<int, SiloRole> _roles;
     private readonly Retention? _retention;
+    private readonly Func<int, TimeSpan> _computeDelay;
 
     public const int Silos = 3;
     public readonly string DataDir = Directory.CreateTempSubdirectory("cluster-data-").FullName;
@@ -40,13 +43,14 @@ public sealed class ClusterFixture : IAsyncLifetime, IAsyncDisposable
     {
         IdxWriter.WriteDataset(DatasetCatalog.DirectoryOf(DataDir, "mnist"), Data, gzip: true);
         var builder = new InProcessTestClusterBuilder(Silos);
-        var (dataDir, stateDir, roles, retention) = (DataDir, StateDir, _roles, _retention);
+        var (dataDir, stateDir, roles, retention, computeDelay) = (DataDir, StateDir, _roles, _retention, _computeDelay);
         builder.ConfigureSilo((options, silo) =>
         {
             silo.AddFileGrainStorage(SiloSetup.StorageName, stateDir);
             // Silo names are "Primary", then "Secondary_1", "Secondary_2", ...
             int index = options.SiloName.LastIndexOf('_') is var u and >= 0 ? int.Parse(options.SiloName[(u + 1)..]) : 0;
             silo.AddBackpropGrains(dataDir, allowFetch: false, role: roles(index), retention: retention);
+            if (computeDelay(index) > TimeSpan.Zero) silo.DelayWorkersForTests(computeDelay(index));
             silo.Configure<SiloMessagingOptions>(o => o.ResponseTimeout = TimeSpan.FromSeconds(30));
         });
         // The client learns the silos' grain classes from a gateway's manifest and refreshes it every minute by default:

@@ -114,20 +114,27 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Equal(RunState.Cancelled, status.State);
     }
 
+    /// <summary>AdamW with weight decay and a cosine schedule after a warm-up: two state vectors a shard, and a rate that depends on the run's length.</summary>
+    private static readonly OptimizerSettings AdamW = new(OptimizerKind.AdamW, 2e-3f, 0, WeightDecay: 0.01, Schedule: ScheduleKind.Cosine, WarmupSteps: 5, LrMin: 1e-4);
+
     [Theory]
-    [InlineData(1)]
-    [InlineData(2)]
-    [InlineData(3)]
-    [InlineData(7)]
-    public async Task Any_shard_and_worker_count_gives_the_bits_of_a_single_process(int shards)
+    [InlineData(1, false)]
+    [InlineData(2, false)]
+    [InlineData(3, false)]
+    [InlineData(7, false)]
+    [InlineData(1, true)]
+    [InlineData(2, true)]
+    [InlineData(3, true)]
+    public async Task Any_shard_and_worker_count_gives_the_bits_of_a_single_process(int shards, bool adamW)
     {
         var spec = Spec(1) with { Epochs = 1, Seed = 11, ServerShards = shards };
+        if (adamW) spec = spec with { Optimizer = AdamW };
         using var local = new LocalTrainer(spec, fixture.Data.Train);
         local.TrainEpoch(0);
         string expected = ParameterHash.Sha256(local.Parameters);
         foreach (int workers in new[] { 1, 3, 4 })
         {
-            var status = await RunToEnd($"shards-{shards}-workers-{workers}", spec with { Workers = workers });
+            var status = await RunToEnd($"shards-{shards}-workers-{workers}{(adamW ? "-adamw" : "")}", spec with { Workers = workers });
             Assert.Equal(expected, status.Epochs[^1].ParameterSha256);
             Assert.Equal(shards, status.ShardSilos.Length);
             // Spread by shard number over the three silos.
@@ -400,6 +407,44 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Equal([1, 2], stored.Epochs.Select(e => e.Epoch));
         Assert.Equal(done.Epochs[1].ParameterSha256, stored.Epochs[1].ParameterSha256);
         Assert.Equal(done.Epochs[1].TestAccuracy, stored.Epochs[1].TestAccuracy);
+    }
+
+    [Fact]
+    public async Task An_adam_run_stopped_mid_epoch_resumes_from_its_checkpoint_to_the_same_bits_and_refuses_a_changed_optimizer()
+    {
+        // 19 steps an epoch, 76 in all; the step schedule halves the rate after each epoch, Adam's moments live in the shards' checkpoints.
+        var spec = Spec(2) with
+        {
+            Epochs = 4, Seed = 24, CheckpointEvery = 4, ServerShards = 2,
+            Optimizer = new OptimizerSettings(OptimizerKind.Adam, 1e-3f, 0, Beta2: 0.99, Schedule: ScheduleKind.Step, LrStepEpochs: 1, LrGamma: 0.5),
+        };
+        var run = fixture.Cluster.Client.GetGrain<IRunGrain>("adam-resume");
+        await run.Start(spec);
+        await PollUntil(run, s => s.Step >= 20 || s.IsFinished);
+        await run.Cancel();
+        var stopped = await PollUntil(run, s => s.IsFinished);
+        Assert.True(stopped.State == RunState.Cancelled, $"the run ended {stopped.State} before it was cancelled");
+        Assert.Equal(19, stopped.Spec!.StepsPerEpoch);   // resolved at the start, for the shards
+
+        // The same spec again is the same run; another optimizer setting is another run.
+        Assert.Equal(RunState.Cancelled, (await run.Start(spec)).State);
+        var changed = spec with { Optimizer = spec.Optimizer with { Beta2 = 0.999 } };
+        Assert.Contains("already used by another run", (await Assert.ThrowsAsync<ArgumentException>(() => run.Start(changed))).Message);
+        Assert.Contains("already used by another run", (await Assert.ThrowsAsync<ArgumentException>(() =>
+            run.Start(spec with { Optimizer = spec.Optimizer with { LrGamma = 0.3 } }))).Message);
+
+        // The record says cancelled a moment before the stopped loop has ended: a resume meanwhile waits for it, then resumes.
+        Assert.Equal(RunState.Running, (await run.Resume()).State);
+        var status = await PollUntil(run, s => s.IsFinished);
+        Assert.True(status.State == RunState.Completed, $"{status.State}: {status.Error}");
+        var resumed = Assert.Single(status.Events, e => e.Kind == "resumed");
+        Assert.Matches(@"continued from step (\d+)", resumed.Message);
+        long from = long.Parse(System.Text.RegularExpressions.Regex.Match(resumed.Message, @"continued from step (\d+)").Groups[1].Value);
+        Assert.InRange(from, 1, 75);
+        using var local = new LocalTrainer(spec, fixture.Data.Train);
+        for (int e = 0; e < spec.Epochs; e++) local.TrainEpoch(e);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), status.Epochs[^1].ParameterSha256);
+        Assert.Equal([1, 0.5, 0.25, 0.125], status.Epochs.Select(e => status.Spec!.EpochLearningRate(e.Epoch) / 1e-3f));
     }
 
     [Fact]

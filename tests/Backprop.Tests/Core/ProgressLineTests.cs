@@ -7,7 +7,7 @@ namespace Backprop.Tests.Core;
 public sealed class ProgressLineTests
 {
     private static RunStatus At(int epoch, int step, RunState state = RunState.Running) =>
-        new("r", state, Presets.PyTorchMlp with { Epochs = 3 }, epoch, step, 100, [], null, [], "", [], epoch * 100L + step, [], epoch);
+        new("r", state, Presets.PyTorchMlp with { Epochs = 3 }, epoch, step, 100, [], null, [], "", [], epoch * 100L + step, [], epoch, []);
 
     [Fact]
     public void The_line_shows_the_rate_over_the_last_seconds_and_the_time_left_in_the_epoch_and_the_run()

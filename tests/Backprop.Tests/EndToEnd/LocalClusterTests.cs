@@ -80,6 +80,12 @@ public sealed class LocalClusterTests : IDisposable
         Assert.True(watch.Code == 0, watch.Output);
         Assert.Contains($"{accuracy * 100:F2}%", watch.Output);
 
+        // The run's curves from its epochs in the cluster, as from its metrics file.
+        string curves = Path.Combine(_work, "curves.png");
+        var plot = Cli("plot", "e2e-run", "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster, "--out", curves);
+        Assert.True(plot.Code == 0, plot.Output);
+        using (var png = SkiaSharp.SKBitmap.Decode(curves)) Assert.Equal((Backprop.Client.Figures.CurvesWidth, Backprop.Client.Figures.CurvesHeight), (png.Width, png.Height));
+
         var eval = Cli("eval", "--model", model, "--data-dir", DataDir);
         Assert.True(eval.Code == 0, eval.Output);
         Assert.Contains($"test accuracy {accuracy * 100:F2}%", eval.Output);
