@@ -20,9 +20,10 @@ public static class DataCommand
         return new Command("data", "Manage datasets") { fetch };
     }
 
-    /// <summary>Makes sure a dataset is in the data directory, fetching it with progress on stderr.</summary>
+    /// <summary>Makes sure a built-in dataset is in the data directory, fetching it with progress on stderr (a folder of the user's is read where it is).</summary>
     public static void Ensure(string dataset, string dataDir)
     {
+        if (!DatasetCatalog.IsBuiltIn(dataset)) return;
         if (DatasetCatalog.IsPresent(DatasetCatalog.DirectoryOf(dataDir, dataset))) return;
         Console.Error.WriteLine($"{dataset} is not in {dataDir}; fetching it");
         DataFetcher.Fetch(dataset, dataDir, line => Console.Error.WriteLine("  " + line));

@@ -18,10 +18,9 @@ public static class EvalCommand
         command.SetAction((parse, cancel) => Cli.Guard(() =>
         {
             var contents = ModelFile.Load(parse.GetValue(model)!);
-            var name = parse.GetValue(dataset) ?? contents.Info.GetValueOrDefault("dataset", "mnist");
-            DatasetCatalog.Get(name);
+            var name = DatasetCatalog.Resolve(parse.GetValue(dataset) ?? contents.Info.GetValueOrDefault("dataset", "mnist"));
             DataCommand.Ensure(name, parse.GetValue(dataDir)!);
-            var test = DatasetCatalog.Load(DatasetCatalog.DirectoryOf(parse.GetValue(dataDir)!, name), name).Test;
+            var test = DatasetCatalog.LoadAny(parse.GetValue(dataDir)!, name).Test;
             if (contents.Spec.InputSize != test.Features || contents.Spec.OutputSize != test.Classes)
                 throw new ArgumentException($"model {contents.Spec.Describe()} does not fit {name} ({test.Features} inputs, {test.Classes} classes)");
             var eval = new ChunkRunner(contents.Spec, 256).Evaluate(test, contents.Parameters, 0, test.Count);

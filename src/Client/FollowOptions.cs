@@ -31,7 +31,7 @@ public sealed class FollowOptions
     public async Task<int> FollowAndSave(ParseResult parse, ClusterConnection cluster, IRunGrain run, CancellationToken cancel, int metricsFromEpoch = 1)
     {
         var reporter = new RunReporter(Console.Out, parse.GetValue(MetricsOut), metricsFromEpoch);
-        reporter.Header();
+        reporter.Header((await run.GetStatus()).Spec?.Validation > 0);
         RunStatus status;
         try
         {
@@ -71,7 +71,9 @@ public sealed class FollowOptions
     private static async Task SaveModel(IRunGrain run, RunStatus status, string path)
     {
         var model = await run.GetModel();
-        var last = status.Epochs.Length > 0 ? status.Epochs[^1] : (await run.GetStatus()).Epochs[^1];
+        // The epoch the parameters are from: the last one, or with --keep best the best one by validation accuracy.
+        var epochs = (await run.GetStatus()).Epochs;
+        var last = epochs.LastOrDefault(e => e.Steps == model.Step) ?? epochs[^1];
         ModelFile.Save(path, model.Spec.Model, model.Parameters.Span, new Dictionary<string, string>
         {
             ["dataset"] = model.Spec.Dataset,
@@ -80,7 +82,7 @@ public sealed class FollowOptions
             ["testAccuracy"] = last.TestAccuracy.ToString("R", CultureInfo.InvariantCulture),
             ["parameterSha256"] = last.ParameterSha256,
         });
-        Console.WriteLine($"model saved to {path}");
+        Console.WriteLine($"model saved to {path}{(model.Spec.KeepBest ? $" (epoch {last.Epoch}, the best by validation accuracy)" : "")}");
     }
 
     private static int ExitCodeOf(RunStatus status) => status.State switch

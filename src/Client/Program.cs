@@ -60,9 +60,12 @@ namespace Backprop.Client
 
         public static Option<string> Dataset(string? fallback = "mnist")
         {
-            var option = new Option<string>("--dataset") { Description = "Dataset: " + string.Join(" | ", DatasetCatalog.Names) };
+            var option = new Option<string>("--dataset")
+            {
+                Description = "Dataset: " + string.Join(" | ", DatasetCatalog.Names)
+                    + " | the path of a folder of your own (the four IDX files, or train.csv and test.csv; on a cluster, the same path on every silo)",
+            };
             if (fallback is not null) option.DefaultValueFactory = _ => fallback;
-            option.AcceptOnlyFromAmong([.. DatasetCatalog.Names]);
             return option;
         }
 

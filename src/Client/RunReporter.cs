@@ -32,7 +32,10 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         $"{s.Model.Describe()}, init {s.Init.ToString().ToLowerInvariant()}; {s.Optimizer.Kind.ToString().ToLowerInvariant()} lr {s.Optimizer.LearningRate}" +
         OptimizerDetails(s.Optimizer) +
         $"; batch {s.BatchSize}, chunk {s.ChunkSize}; {s.Workers} worker{(s.Workers == 1 ? "" : "s")}; {s.Epochs} epochs; dataset {s.Dataset}" +
-        (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") + $"; seed {s.Seed}";
+        (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
+        (s.Validation > 0 ? $"; last {s.Validation} training images held out for validation" : "") +
+        (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
+        (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + $"; seed {s.Seed}";
 
     private static string OptimizerDetails(OptimizerSettings o) =>
         (o.Kind is OptimizerKind.Momentum or OptimizerKind.Nesterov ? $" momentum {o.Momentum}" : "") +
@@ -47,8 +50,9 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         } +
         (o.WarmupSteps > 0 ? $", warm-up {o.WarmupSteps} steps" : "");
 
-    public void Header() =>
-        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}  {"lr",9}");
+    /// <summary>The table's header; <paramref name="validation"/>: with the validation columns (--validation).</summary>
+    public void Header(bool validation = false) =>
+        output.WriteLine($"{"epoch",5}  {"train loss",10}  {"test loss",9}  {"test acc",8}  {"seconds",7}  {"samples/s",9}  {"lr",9}" + (validation ? $"  {"val loss",8}  {"val acc",8}" : ""));
 
     /// <summary>How long the reporter keeps trying to reach a run it lost contact with before it gives up.</summary>
     public static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
@@ -91,7 +95,12 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
             if (status.State == RunState.NotStarted)
                 throw new InvalidOperationException($"run {status.RunId} no longer exists in the cluster (its stored state is gone)");
             Report(status);
-            if (status.IsFinished) return status;
+            if (status.IsFinished)
+            {
+                if (status.State == RunState.Completed && status.Events.LastOrDefault(e => e.Kind == "early-stop") is { } stop)
+                    output.WriteLine($"early stop: {stop.Message}");
+                return status;
+            }
         }
 
         static string runIdOf(IRunGrain run) => run.GetPrimaryKeyString();
@@ -106,8 +115,9 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
             if (e.Epoch <= _printed) continue;
             ClearBar();
             _printed = e.Epoch;
+            string validation = e.ValidationAccuracy is { } v ? string.Create(Inv, $"  {e.ValidationLoss,8:F4}  {v * 100,7:F2}%") : "";
             output.WriteLine(string.Create(Inv,
-                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}  {LearningRate(status.Spec, e),9:G4}"));
+                $"{e.Epoch,5}  {e.TrainLoss,10:F4}  {e.TestLoss,9:F4}  {e.TestAccuracy * 100,7:F2}%  {e.Seconds,7:F1}  {e.SamplesPerSecond,9:F0}  {LearningRate(status.Spec, e),9:G4}{validation}"));
             if (metricsPath is not null && e.Epoch >= metricsFromEpoch) File.AppendAllText(metricsPath, MetricsLine(status.RunId, e, LearningRate(status.Spec, e)) + "\n");
         }
         if (!NoProgress && _progress.Update(status) is { } line)
@@ -170,6 +180,8 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         samplesPerSecond = e.SamplesPerSecond,
         parameterSha256 = e.ParameterSha256,
         steps = e.Steps,
+        validationLoss = e.ValidationLoss,
+        validationAccuracy = e.ValidationAccuracy,
         profile = e.Profile is { } p ? new
         {
             steps = p.Steps,
@@ -236,7 +248,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         if (status.Epochs.Length > 0)
         {
             var reporter = new RunReporter(output, null);
-            reporter.Header();
+            reporter.Header(status.Spec?.Validation > 0);
             reporter.Report(status with { State = RunState.Completed });
         }
     }

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using Backprop.Core;
+using Backprop.Core.Data;
 using Backprop.Core.Model;
 using Backprop.Core.Numerics;
 using Backprop.Core.Training;
@@ -38,6 +39,20 @@ public static class TrainCommand
     private static readonly Option<string> Dataset = Cli.Dataset();
     private static readonly Option<string> DataDir = Cli.DataDir();
     private static readonly ClusterAddressOptions Address = new("Run on a running cluster through these gateways instead of an embedded silo");
+    private static readonly Option<int?> Validation = new("--validation")
+    {
+        Description = "Hold out the last N training images (never trained on) and report validation loss and accuracy after every epoch [default: 0, none]",
+    };
+    private static readonly Option<int?> EarlyStop = new("--early-stop")
+    {
+        Description = "Stop (completed) once validation accuracy has not improved for this many epochs; needs --validation [default: 0, never]",
+    };
+    private static readonly Option<string?> Augment = Choice("--augment",
+        "Training images shifted by up to ±2 pixels each epoch, drawn from (seed, epoch, sample index): none or shift2 [default: none]",
+        [RunSpec.NoAugment, RunSpec.Shift2]);
+    private static readonly Option<string?> Keep = Choice("--keep",
+        "Parameters the run keeps for --model-out: last (the last epoch's) or best (the epoch with the best validation accuracy; needs --validation) [default: last]",
+        ["best", "last"]);
     private static readonly FollowOptions Follow = new();
     private static readonly Option<int?> ThreadsPerWorker = new("--threads-per-worker")
     {
@@ -66,6 +81,7 @@ public static class TrainCommand
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, WeightDecay, Beta1, Beta2, Eps,
             Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, BatchSize, ChunkSize, Epochs, Workers, Seed,
             TrainLimit, Dataset, DataDir, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards, HttpPort,
+            Validation, EarlyStop, Keep, Augment,
         };
         Address.AddTo(command);
         Follow.AddTo(command);
@@ -119,7 +135,11 @@ public static class TrainCommand
         if (parse.GetValue(TrainLimit) is { } t) spec = spec with { TrainLimit = t };
         if (parse.GetValue(CheckpointEvery) is { } k) spec = spec with { CheckpointEvery = k };
         if (parse.GetValue(ServerShards) is { } shards) spec = spec with { ServerShards = shards };
-        spec = spec with { Dataset = parse.GetValue(Dataset)! };
+        if (parse.GetValue(Validation) is { } v) spec = spec with { Validation = v };
+        if (parse.GetValue(EarlyStop) is { } patience) spec = spec with { EarlyStop = patience };
+        if (parse.GetValue(Augment) is { } augment) spec = spec with { Augment = augment };
+        if (parse.GetValue(Keep) is { } keep) spec = spec with { KeepBest = keep == "best" };
+        spec = spec with { Dataset = DatasetCatalog.Resolve(parse.GetValue(Dataset)!) };
         spec.Validate();
         return spec;
     }
@@ -145,6 +165,13 @@ public static class TrainCommand
         {
             if (parse.GetValue(ThreadsPerWorker) is not null)
                 throw new ArgumentException("--threads-per-worker: set it on the silos (--worker-threads); it applies to the embedded cluster only");
+            // The layers follow the data: a folder of the user's is read here to size them unless --layers does.
+            if (!DatasetCatalog.IsBuiltIn(spec.Dataset) && parse.GetValue(Layers) is null)
+            {
+                if (!Directory.Exists(spec.Dataset))
+                    throw new ArgumentException($"--dataset: {spec.Dataset} is not on this machine to size the input and output layers; give --layers (the silos read the folder at that path)");
+                spec = FitLayers(parse, spec, DatasetCatalog.LoadOwn(spec.Dataset).Train);
+            }
             if (parse.GetValue(HttpPort) is not null)
                 throw new ArgumentException("--http-port: the embedded silo's; on a cluster each silo serves its own page (silo --http-port)");
             cluster = await ClusterConnection.Connect(address, cancel);
@@ -155,6 +182,8 @@ public static class TrainCommand
             {
                 // Same process: load and check the data here so a damaged file is a usage error, not a failed run.
                 var data = await cluster.Services.GetRequiredService<DatasetCache>().Get(spec.Dataset);
+                spec = FitLayers(parse, spec, data.Train);
+                spec.Validate(parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers));
                 spec.ValidateAgainst(data.Train);
             }
             else if (parse.GetValue(Workers) is null || parse.GetValue(ServerShards) is null)
@@ -172,6 +201,15 @@ public static class TrainCommand
             await run.Start(spec);
             return await Follow.FollowAndSave(parse, cluster, run, cancel);
         }
+    }
+
+    /// <summary>The input and output layers sized to the data (any image size, any class count) unless --layers gave them.</summary>
+    private static RunSpec FitLayers(ParseResult parse, RunSpec spec, Backprop.Core.Data.Dataset train)
+    {
+        if (parse.GetValue(Layers) is not null) return spec;
+        spec = spec.FittedTo(train);
+        spec.Validate();
+        return spec;
     }
 
     /// <summary>The default shard count, as many as asked where the model has room for them (a slice is at least 16 floats).</summary>

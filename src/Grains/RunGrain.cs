@@ -7,6 +7,18 @@ using Microsoft.Extensions.Logging;
 
 namespace Backprop.Grains;
 
+/// <summary>
+/// The parameters of a run's best epoch so far by validation accuracy (--keep best): stored apart from the record,
+/// which is written far more often, and never overwritten by a later, worse epoch.
+/// </summary>
+[GenerateSerializer]
+public sealed class BestParameters
+{
+    [Id(0)] public int Epoch { get; set; }
+    [Id(1)] public long Step { get; set; }
+    [Id(2)] public FloatPayload? Parameters { get; set; }
+}
+
 [GenerateSerializer]
 public sealed class RunRecord
 {
@@ -49,6 +61,7 @@ public sealed class RunGrain(
     ILocalSiloDetails silo,
     WorkerSilos workerSilos,
     [PersistentState(StoredRuns.StateName, SiloSetup.StorageName)] IPersistentState<RunRecord> record,
+    [PersistentState("best", SiloSetup.StorageName)] IPersistentState<BestParameters> best,
     ILogger<RunGrain> logger) : Grain, IRunGrain
 {
     private static readonly TimeSpan MaxWait = TimeSpan.FromSeconds(10);
@@ -200,6 +213,8 @@ public sealed class RunGrain(
     public async Task<TrainedModel> GetModel()
     {
         var spec = Record.Spec ?? throw new ArgumentException($"no run '{RunId}'");
+        // The best epoch's copy once the run has one; the shards hold the last epoch's.
+        if (spec.KeepBest && best.State.Parameters is { } kept) return new TrainedModel(spec, kept, best.State.Step);
         var current = await new ParameterShards(GrainFactory, RunId, spec).Gather(step: null);
         return new TrainedModel(spec, current.Parameters, current.Step);
     }
@@ -215,6 +230,8 @@ public sealed class RunGrain(
             throw new InvalidOperationException($"run '{RunId}' has not finished ending; its deletion is retried");
         // The shards first: a deletion cut short leaves the record, which the list's retry finds with the shard count.
         await new ParameterShards(GrainFactory, RunId, spec).Forget();
+        // The best epoch's copy before the record, for the same reason.
+        if (spec.KeepBest) await best.ClearStateAsync();
         await record.ClearStateAsync();
         logger.LogInformation("Run {Run} deleted (evicted from the run list by its retention policy)", RunId);
         DeactivateOnIdle();
@@ -436,6 +453,11 @@ public sealed class RunGrain(
         var windowProfile = new StepProfiler(SiloEndpoint);   // one window's, for the metrics
         for (int e = epoch; e < spec.Epochs; e++)
         {
+            if (first == 0 && EarlyStopReason(spec) is { } reason)
+            {
+                if (!Record.Events.Any(ev => ev.Kind == "early-stop")) await Journal.AddEventNow("early-stop", reason);
+                return;
+            }
             if (plan.Epoch != e) plan.MoveTo(e);
             (_epoch, _stepInEpoch, _stepsPerEpoch) = (e, first, steps);
             profile.Reset();
@@ -491,6 +513,26 @@ public sealed class RunGrain(
         }
     }
 
+    /// <summary>
+    /// Why the run stops before its next epoch (--early-stop): validation accuracy has not improved on its best (the
+    /// earliest epoch with it) for the patience's number of epochs; null to go on. A function of the stored epochs only,
+    /// so that a coordinator that takes over decides the same.
+    /// </summary>
+    private string? EarlyStopReason(RunSpec spec)
+    {
+        var epochs = Record.Epochs;
+        if (spec.EarlyStop == 0 || epochs.Count == 0) return null;
+        var bestEpoch = epochs.Aggregate((a, b) => b.ValidationAccuracy > a.ValidationAccuracy ? b : a);
+        int since = epochs[^1].Epoch - bestEpoch.Epoch;
+        return since >= spec.EarlyStop
+            ? $"validation accuracy has not improved for {since} epochs (best {bestEpoch.ValidationAccuracy * 100:F2}% at epoch {bestEpoch.Epoch}): stopped after epoch {epochs[^1].Epoch} of {spec.Epochs}"
+            : null;
+    }
+
+    /// <summary>Whether an epoch's validation accuracy beats every recorded epoch before it (the earliest wins a tie).</summary>
+    private bool IsBest(EpochResult result) =>
+        Record.Epochs.Where(e => e.Epoch < result.Epoch).All(e => result.ValidationAccuracy > e.ValidationAccuracy);
+
     private static long Samples(EpochPlan plan, int first, int count)
     {
         long samples = 0;
@@ -504,12 +546,21 @@ public sealed class RunGrain(
         var (spec, epoch) = (run.Spec, end.Epoch);
         var test = (await datasets.Get(spec.Dataset)).Test;
         var workers = await Workers.For(spec, run.Incarnation);
-        var eval = await Workers.Evaluate(workers, new EvalWork(spec, run.Incarnation, end.Version, 0, 0, Record.DatasetSha256!, run.Shards.Session), test.Count, cancel);
+        var work = new EvalWork(spec, run.Incarnation, end.Version, 0, 0, Record.DatasetSha256!, run.Shards.Session);
+        var eval = await Workers.Evaluate(workers, work, test.Count, cancel);
+        var validation = spec.Validation > 0 ? await Workers.Evaluate(workers, work with { Validation = true }, spec.Validation, cancel) : null;
         await run.Shards.Checkpoint(run.Incarnation, end.Version);
         // The whole vector comes to the coordinator once an epoch, for its hash.
         var parameters = await run.Shards.Gather(end.Version);
         var result = new EpochResult(epoch + 1, end.LossSum / run.TrainCount, eval.MeanLoss, eval.Accuracy, end.Clock.Elapsed.TotalSeconds,
-            end.TrainSeconds > 0 ? run.TrainCount / end.TrainSeconds : 0, ParameterHash.Sha256(parameters.Parameters.Span), end.Version, eval.Confusion, end.Profile);
+            end.TrainSeconds > 0 ? run.TrainCount / end.TrainSeconds : 0, ParameterHash.Sha256(parameters.Parameters.Span), end.Version, eval.Confusion, end.Profile,
+            validation?.MeanLoss, validation?.Accuracy);
+        // Kept before the epoch is recorded: an epoch on record that is the best has its parameters kept.
+        if (spec.KeepBest && (best.State.Parameters is null || best.State.Epoch <= epoch) && IsBest(result))
+        {
+            best.State = new BestParameters { Epoch = epoch + 1, Step = end.Version, Parameters = parameters.Parameters };
+            await best.WriteStateAsync();
+        }
         if (Record.Epochs.Count < epoch)
             throw new MissingEpochsException($"run {RunId}: epoch {epoch + 1} ended but only {Record.Epochs.Count} epoch results are stored before it");
         if (Record.Epochs.Count == epoch)

@@ -31,8 +31,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     public static readonly TimeSpan RetryBudget = TimeSpan.FromSeconds(30);
     /// <summary>How long steps go one at a time after a worker failed, unless the worker set changes first.</summary>
     private static readonly TimeSpan FailureRecovery = TimeSpan.FromSeconds(10);
-    /// <summary>Test samples per evaluation call; fixed, so that the loss sum is added in the same blocks whatever the worker count.</summary>
-    private const int EvalBlock = 1024;
+    private const int EvalBlock = Evaluation.Block;
 
     private IWorkerGrain[] _workers = [];
     private string[] _spreadOver = [];

@@ -56,6 +56,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         if (!PairwiseSum.IsNode(first, end, chunkCount))
             throw new ArgumentException($"chunks [{first}, {end}) are not an aligned block of step {work.Step}'s {chunkCount} chunks (not a node of the reduction tree)");
         var gradient = GradientFor(spec);
+        var input = spec.TrainingInput(train, work.Epoch);
 
         long allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
         var losses = new List<double>(work.Steps);
@@ -71,7 +72,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             var (pulled, pulledBytes) = await EnsureParameters(spec, work.Session, version);
             long computing = System.Diagnostics.Stopwatch.GetTimestamp();
             // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
-            double loss = gradient.SumBlock(train, plan, step, first, end, _parameters, nextStepChunk: first);
+            double loss = gradient.SumBlock(input, plan, step, first, end, _parameters, nextStepChunk: first);
             if (settings.ComputeDelayPerChunk > TimeSpan.Zero) await Task.Delay(settings.ComputeDelayPerChunk * (end - first));
             long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
             var pushed = await PushStep(spec, work, step, version, plan.StepSize(step), lossBefore, loss, gradient.Result);
@@ -205,13 +206,17 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     {
         if (work is null) throw new ArgumentException("no work");
         var spec = CheckSpec(work.Spec);
-        var test = (await DataFor(spec, work.DatasetSha256)).Test;
-        if (work.Start < 0 || work.Start >= work.End || work.End > test.Count)
-            throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {test.Count} test samples");
+        var data = await DataFor(spec, work.DatasetSha256);
+        // Validation samples are the last of the training set, held out of every epoch's plan.
+        var (set, offset, count, kind) = work.Validation
+            ? (data.Train, spec.ValidationStart(data.Train.Count), spec.Validation, "validation")
+            : (data.Test, 0, data.Test.Count, "test");
+        if (work.Start < 0 || work.Start >= work.End || work.End > count)
+            throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {count} {kind} samples");
         if (work.Version < 0) throw new ArgumentException($"version {work.Version} is negative");
         var runner = GradientFor(spec).Runner;
         await EnsureParameters(spec, work.Session, work.Version);
-        return runner.Evaluate(test, _parameters, work.Start, work.End);
+        return runner.Evaluate(set, _parameters, offset + work.Start, offset + work.End);
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)

@@ -32,7 +32,7 @@ var deathVotes = Opt("--death-votes", "BACKPROP_DEATH_VOTES", MembershipSettings
 var role = Opt("--role", "BACKPROP_ROLE", "all", "server (run coordinators, parameter servers, run registry), worker (worker grains) or all (both)");
 var httpPort = Opt("--http-port", "BACKPROP_HTTP_PORT", 0, "Port of the silo's read-only web server (HTTP): /healthz, /readyz, /metrics (Prometheus), the run page at /, the Orleans Dashboard at /dashboard; 0 = none");
 var httpBind = Opt("--http-bind", "BACKPROP_HTTP_BIND", "127.0.0.1", "Address the web server listens on (0.0.0.0 in a pod, for the kubelet's probes and Prometheus)");
-var dataset = Opt("--dataset", "BACKPROP_DATASET", "mnist", "Data set a worker silo loads at start; /readyz waits for it");
+var dataset = Opt("--dataset", "BACKPROP_DATASET", "mnist", "Data set a worker silo loads at start (mnist, fashion-mnist or the absolute path of a folder of your own); /readyz waits for it");
 var workerThreads = Opt("--worker-threads", "BACKPROP_WORKER_THREADS", 1, "Threads each worker grain uses for a chunk (results do not depend on it)");
 var keepFinishedRuns = Opt("--keep-finished-runs", "BACKPROP_KEEP_FINISHED_RUNS", Retention.DefaultRuns, "Finished runs kept (record, checkpoints, final model); the oldest beyond are deleted");
 var keepFinishedDays = Opt("--keep-finished-days", "BACKPROP_KEEP_FINISHED_DAYS", Retention.DefaultAge.TotalDays, "Days a finished run is kept after its last update; older ones are deleted");
@@ -71,7 +71,7 @@ root.SetAction(async (parse, cancel) =>
         if (parse.GetValue(shutdownTimeout) is < 1 or > MaxShutdownSeconds) throw new ArgumentException($"--shutdown-timeout must be in 1..{MaxShutdownSeconds} seconds");
         if (parse.GetValue(redisWait) is < 0 or > 86400) throw new ArgumentException("--redis-wait must be in 0..86400 seconds");
         if (!System.Net.IPAddress.TryParse(parse.GetValue(httpBind), out healthBind)) throw new ArgumentException($"--http-bind: '{parse.GetValue(httpBind)}' is not an IP address");
-        Backprop.Core.Data.DatasetCatalog.Get(parse.GetValue(dataset)!);
+        Backprop.Core.Data.DatasetCatalog.Validate(parse.GetValue(dataset)!);
         if (parse.GetValue(workerThreads) is < 1 or > Backprop.Core.ResourceLimits.MaxThreadsPerWorker)
             throw new ArgumentException($"--worker-threads must be in 1..{Backprop.Core.ResourceLimits.MaxThreadsPerWorker}");
         double keepDays = parse.GetValue(keepFinishedDays);

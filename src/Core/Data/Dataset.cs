@@ -1,4 +1,5 @@
 using System.Runtime.Intrinsics;
+using Backprop.Core.Numerics;
 using System.Runtime.Intrinsics.X86;
 
 namespace Backprop.Core.Data;
@@ -20,6 +21,29 @@ public sealed class Dataset
         Classes = classes;
     }
 
+    /// <summary>A view of <paramref name="source"/> whose images are shifted (see <see cref="Shifted"/>).</summary>
+    private Dataset(Dataset source, ulong shiftKey)
+    {
+        (Name, Rows, Cols, Pixels, Labels, Classes) = (source.Name, source.Rows, source.Cols, source.Pixels, source.Labels, source.Classes);
+        (_shifted, _shiftKey) = (true, shiftKey);
+    }
+
+    private readonly bool _shifted;
+    private readonly ulong _shiftKey;
+
+    /// <summary>
+    /// The same samples, each image shifted by up to ±2 pixels in each direction (zeros shifted in), the shift drawn
+    /// from (seed, epoch, sample index) alone: a chunk's inputs do not depend on who computes it, nor on when.
+    /// </summary>
+    public Dataset Shifted(long seed, int epoch) => new(this, Rng.For(seed, "shift", epoch).NextUInt64());
+
+    /// <summary>The shift of sample <paramref name="index"/> under a shift key: each of dx, dy in -2..2.</summary>
+    public static (int Dx, int Dy) ShiftOf(ulong key, int index)
+    {
+        ulong h = Rng.Hash(key, index);
+        return ((int)(h % 5) - 2, (int)(h / 5 % 5) - 2);
+    }
+
     public string Name { get; }
     public int Rows { get; }
     public int Cols { get; }
@@ -38,6 +62,11 @@ public sealed class Dataset
         foreach (int index in indices)
             if ((uint)index >= (uint)Count) throw new ArgumentOutOfRangeException(nameof(indices), $"sample {index} is outside {Name}'s {Count}");
         const float scale = 1f / 255f;
+        if (_shifted)
+        {
+            CopyShifted(indices, rows, scale);
+            return;
+        }
         fixed (byte* pixels = Pixels)
         fixed (float* output = rows)
         {
@@ -54,6 +83,27 @@ public sealed class Dataset
                     for (; k + 8 <= f; k += 8)
                         (Avx.ConvertToVector256Single(Avx2.ConvertToVector256Int32(src + k)) * scale).Store(dst + k);
                 for (; k < f; k++) dst[k] = src[k] * scale;
+            }
+        }
+    }
+
+    private void CopyShifted(ReadOnlySpan<int> indices, Span<float> rows, float scale)
+    {
+        int f = Features;
+        for (int r = 0; r < indices.Length; r++)
+        {
+            var (dx, dy) = ShiftOf(_shiftKey, indices[r]);
+            var src = Pixels.AsSpan(indices[r] * f, f);
+            var dst = rows.Slice(r * f, f);
+            for (int y = 0; y < Rows; y++)
+            {
+                int sy = y - dy;
+                for (int x = 0; x < Cols; x++)
+                {
+                    int sx = x - dx;
+                    // The same operation per element as the unshifted copy (u8 → float, times 1/255).
+                    dst[y * Cols + x] = (uint)sy < (uint)Rows && (uint)sx < (uint)Cols ? src[sy * Cols + sx] * scale : 0f;
+                }
             }
         }
     }

@@ -1,8 +1,17 @@
 namespace Backprop.Core.Data;
 
-/// <summary>The datasets the product knows how to fetch, and where their files live in a data directory.</summary>
+/// <summary>
+/// The datasets the product knows how to fetch, and where their files live in a data directory; and users' own
+/// folders, named in a run by their absolute path (the same path on every silo), holding either the four IDX files
+/// or <see cref="TrainCsv"/> and <see cref="TestCsv"/>.
+/// </summary>
 public static class DatasetCatalog
 {
+    public const string TrainCsv = "train.csv";
+    public const string TestCsv = "test.csv";
+    /// <summary>Longest folder path a run may name (it travels in every work message).</summary>
+    public const int MaxPathLength = 1024;
+
     public const string TrainImages = "train-images-idx3-ubyte";
     public const string TrainLabels = "train-labels-idx1-ubyte";
     public const string TestImages = "t10k-images-idx3-ubyte";
@@ -33,6 +42,76 @@ public static class DatasetCatalog
         name == Mnist.Name ? Mnist
         : name == FashionMnist.Name ? FashionMnist
         : throw new ArgumentException($"dataset: unknown '{name}' (known: {string.Join(", ", Names)})");
+
+    public static bool IsBuiltIn(string dataset) => dataset == Mnist.Name || dataset == FashionMnist.Name;
+
+    /// <summary>
+    /// Checks a run's dataset: a built-in name, or the absolute, normalised path of a folder (what
+    /// <see cref="Resolve"/> makes of a user's path). Nothing is read here.
+    /// </summary>
+    public static void Validate(string? dataset)
+    {
+        if (dataset is not null && IsBuiltIn(dataset)) return;
+        if (string.IsNullOrEmpty(dataset) || dataset.Length > MaxPathLength || dataset.Any(char.IsControl) || !Path.IsPathFullyQualified(dataset)
+            || Path.GetFullPath(dataset) != dataset || (Path.EndsInDirectorySeparator(dataset) && dataset.Length > 1))
+        {
+            string shown = dataset is null ? "" : dataset.Length > 80 ? dataset[..80] + "..." : dataset;
+            throw new ArgumentException($"dataset: unknown '{shown}' (known: {string.Join(", ", Names)}, or the absolute path of a folder of your own)");
+        }
+    }
+
+    /// <summary>What a user's --dataset means: a built-in name as it is, anything else a folder path made absolute.</summary>
+    public static string Resolve(string dataset)
+    {
+        if (IsBuiltIn(dataset)) return dataset;
+        if (string.IsNullOrWhiteSpace(dataset)) throw new ArgumentException("dataset: empty (give mnist, fashion-mnist or a folder's path)");
+        string full = Path.GetFullPath(dataset);
+        full = full.Length > 1 ? Path.TrimEndingDirectorySeparator(full) : full;
+        Validate(full);
+        return full;
+    }
+
+    /// <summary>The folder of a run's dataset: a built-in one's in the data directory, or the user's own folder.</summary>
+    public static string FolderOf(string dataDir, string dataset)
+    {
+        Validate(dataset);
+        return IsBuiltIn(dataset) ? DirectoryOf(dataDir, dataset) : dataset;
+    }
+
+    /// <summary>A user's folder: the four IDX files (raw or .gz), or train.csv and test.csv.</summary>
+    public static bool IsCsvFolder(string dir) => File.Exists(Path.Combine(dir, TrainCsv)) || File.Exists(Path.Combine(dir, TestCsv));
+
+    /// <summary>
+    /// Loads a user's folder. The number of classes is the largest label (training or test) plus one, so it follows
+    /// from the files alone.
+    /// </summary>
+    public static TrainTest LoadOwn(string dir)
+    {
+        if (!Directory.Exists(dir)) throw new DataFileException(dir, "no such folder (a dataset folder must be at the same path on every silo)");
+        if (IsCsvFolder(dir))
+        {
+            var train = CsvReader.Read(Path.Combine(dir, TrainCsv));
+            var test = CsvReader.Read(Path.Combine(dir, TestCsv), train.Features);
+            int classes = Math.Max(train.Labels.Max(), test.Labels.Max()) + 1;
+            // A square row is an image (for display); anything else one row of values.
+            int side = (int)Math.Round(Math.Sqrt(train.Features));
+            var (rows, cols) = side * side == train.Features ? (side, side) : (1, train.Features);
+            return new(new Dataset(dir, rows, cols, train.Pixels, train.Labels, classes), new Dataset(dir, rows, cols, test.Pixels, test.Labels, classes));
+        }
+        if (!IsPresent(dir))
+            throw new DataFileException(dir, $"neither {TrainCsv} and {TestCsv} nor the four IDX files ({string.Join(", ", FileNames)}, raw or .gz)");
+        var (trainImages, trainLabels) = ReadPair(dir, TrainImages, TrainLabels, 256);
+        var (testImages, testLabels) = ReadPair(dir, TestImages, TestLabels, 256);
+        if (testImages.Rows != trainImages.Rows || testImages.Cols != trainImages.Cols)
+            throw new DataFileException(Find(dir, TestImages)!, $"{testImages.Rows}x{testImages.Cols} images, but the training images are {trainImages.Rows}x{trainImages.Cols}");
+        int count = Math.Max(trainLabels.Max(), testLabels.Max()) + 1;
+        return new(new Dataset(dir, trainImages.Rows, trainImages.Cols, trainImages.Pixels, trainLabels, count),
+            new Dataset(dir, testImages.Rows, testImages.Cols, testImages.Pixels, testLabels, count));
+    }
+
+    /// <summary>Loads a run's dataset from its folder (see <see cref="FolderOf"/>).</summary>
+    public static TrainTest LoadAny(string dataDir, string dataset) =>
+        IsBuiltIn(dataset) ? Load(DirectoryOf(dataDir, dataset), dataset) : LoadOwn(dataset);
 
     /// <summary>Default data directory: $BACKPROP_DATA, else $XDG_CACHE_HOME or ~/.cache, under backprop-distributed.</summary>
     public static string DefaultDataDir()
@@ -65,12 +144,20 @@ public static class DatasetCatalog
 
     private static Dataset LoadPair(string dir, string name, string imagesFile, string labelsFile, int classes)
     {
+        var (images, labels) = ReadPair(dir, imagesFile, labelsFile, classes);
+        return new Dataset(name, images.Rows, images.Cols, images.Pixels, labels, classes);
+    }
+
+    private static (IdxReader.Images Images, byte[] Labels) ReadPair(string dir, string imagesFile, string labelsFile, int classes)
+    {
         string imagesPath = Find(dir, imagesFile) ?? throw new DataFileException(Path.Combine(dir, imagesFile), "file not found (nor .gz); run 'data fetch'");
         string labelsPath = Find(dir, labelsFile) ?? throw new DataFileException(Path.Combine(dir, labelsFile), "file not found (nor .gz); run 'data fetch'");
         var images = IdxReader.ReadImages(imagesPath);
+        if ((long)images.Rows * images.Cols > ResourceLimits.MaxLayerWidth)
+            throw new DataFileException(imagesPath, $"{images.Rows}x{images.Cols} images do not fit a model's input of at most {ResourceLimits.MaxLayerWidth}");
         var labels = IdxReader.ReadLabels(labelsPath, classes);
         if (images.Count != labels.Length)
             throw new DataFileException(labelsPath, $"has {labels.Length} labels but {Path.GetFileName(imagesPath)} has {images.Count} images");
-        return new Dataset(name, images.Rows, images.Cols, images.Pixels, labels, classes);
+        return (images, labels);
     }
 }

@@ -19,6 +19,9 @@ public sealed class Rng
         return new Rng(Mix((ulong)seed ^ Mix(h ^ Mix((ulong)index))));
     }
 
+    /// <summary>A number drawn for item <paramref name="index"/> under <paramref name="key"/>, without a generator's state (any item, in any order).</summary>
+    public static ulong Hash(ulong key, long index) => Mix(key ^ Mix((ulong)index));
+
     private static ulong Mix(ulong z)
     {
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;

@@ -3,6 +3,9 @@ namespace Backprop.Core.Training;
 /// <summary>Counts from evaluating some samples; partial results from workers add up exactly.</summary>
 public sealed record Evaluation(int Count, int Correct, double LossSum, int Classes, int[] Confusion)
 {
+    /// <summary>Samples per evaluation call; fixed, so that the loss sum is added in the same blocks whatever the worker count.</summary>
+    public const int Block = 1024;
+
     public static Evaluation Empty(int classes)
     {
         if (classes < 1) throw new ArgumentOutOfRangeException(nameof(classes), $"{classes} classes");

@@ -12,6 +12,8 @@ namespace Backprop.Core.Training;
 public sealed class LocalTrainer : IDisposable
 {
     private readonly Dataset _train;
+    private readonly Dataset _all;
+    private readonly RunSpec _spec;
     private readonly StepGradient _gradient;
     private readonly Optimizer _optimizer;
     private readonly float[] _optimizerState;
@@ -23,6 +25,9 @@ public sealed class LocalTrainer : IDisposable
     public LocalTrainer(RunSpec spec, Dataset train, int threads = 1)
     {
         spec.Validate(threads);
+        if (spec.Validation >= train.Count)
+            throw new ArgumentException($"validation: {spec.Validation} held-out images leave none of the {train.Count} training images to train on");
+        (_spec, _all) = (spec, train);
         _train = train.Take(spec.TrainCount(train.Count));
         spec = spec.Resolve(_train.Count);
         _gradient = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads);
@@ -46,15 +51,29 @@ public sealed class LocalTrainer : IDisposable
     {
         var plan = _plan;
         if (plan.Epoch != epoch) plan.MoveTo(epoch);
+        var input = _spec.TrainingInput(_train, epoch);
         double loss = 0;
         int samples = 0;
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
             (_stepSamples, _step) = (plan.StepSize(step), (long)epoch * plan.Steps + step);
-            loss += _gradient.SumStep(_train, plan, step, Parameters, _update);
+            loss += _gradient.SumStep(input, plan, step, Parameters, _update);
             samples += _stepSamples;
         }
         return loss / samples;
+    }
+
+    /// <summary>The held-out validation images (the last <see cref="RunSpec.Validation"/> training images) under the current parameters.</summary>
+    public Evaluation EvaluateValidation() => Evaluate(_all, _spec.ValidationStart(_all.Count), _all.Count);
+
+    /// <summary>Samples [start, end) of a set as the cluster evaluates them: blocks of <see cref="Evaluation.Block"/>, added in order.</summary>
+    public Evaluation Evaluate(Dataset data, int start, int end)
+    {
+        using var runner = new ChunkRunner(_spec.Model, _spec.ChunkSize);
+        var result = Evaluation.Empty(_spec.Model.OutputSize);
+        for (int from = start; from < end; from += Evaluation.Block)
+            result = result.Add(runner.Evaluate(data, Parameters, from, Math.Min(end, from + Evaluation.Block)));
+        return result;
     }
 
     public void Dispose() => _gradient.Dispose();

@@ -22,8 +22,16 @@ public sealed record RunSpec(
     int TrainLimit,
     int CheckpointEvery = RunSpec.DefaultCheckpointEvery,
     int ServerShards = 1,
-    int StepsPerEpoch = 0)
+    int StepsPerEpoch = 0,
+    int Validation = 0,
+    int EarlyStop = 0,
+    bool KeepBest = false,
+    string Augment = RunSpec.NoAugment)
 {
+    public const string NoAugment = "none";
+    /// <summary>Training images shifted by up to ±2 pixels, drawn from (seed, epoch, sample index); see <see cref="Data.Dataset.Shifted"/>.</summary>
+    public const string Shift2 = "shift2";
+
     public const int MaxWorkers = 256;
     /// <summary>Steps between checkpoints of the parameter server (every epoch end is one too); see README for the cost.</summary>
     public const int DefaultCheckpointEvery = 100;
@@ -46,7 +54,12 @@ public sealed record RunSpec(
         if (Workers < 1 || Workers > MaxWorkers) throw new ArgumentException($"workers: {Workers} is outside 1..{MaxWorkers}");
         if (TrainLimit < 0) throw new ArgumentException($"train-limit: {TrainLimit} is negative");
         if (CheckpointEvery < 1 || CheckpointEvery > 1_000_000) throw new ArgumentException($"checkpoint-every: {CheckpointEvery} is outside 1..1000000");
-        DatasetCatalog.Get(Dataset);
+        DatasetCatalog.Validate(Dataset);
+        if (Validation < 0) throw new ArgumentException($"validation: {Validation} is negative");
+        if (EarlyStop < 0) throw new ArgumentException($"early-stop: patience {EarlyStop} is negative");
+        if (EarlyStop > 0 && Validation == 0) throw new ArgumentException("early-stop: needs --validation (the test set is never used for a decision)");
+        if (Augment is not (NoAugment or Shift2)) throw new ArgumentException($"augment: '{Augment}' is not one of {NoAugment}, {Shift2}");
+        if (KeepBest && Validation == 0) throw new ArgumentException("keep: best needs --validation (the test set is never used for a decision)");
         if (!Enum.IsDefined(Init)) throw new ArgumentException($"init: {(int)Init} is not a known scheme");
         Shards.Validate();
         // A step's chunk sums, all of them, could come from one process in one message.
@@ -74,6 +87,10 @@ public sealed record RunSpec(
     /// <summary>Checks the spec against the data it will train on.</summary>
     public void ValidateAgainst(Dataset train)
     {
+        if (Augment == Shift2 && (train.Rows < 3 || train.Cols < 3))
+            throw new ArgumentException($"augment: shift2 needs images of at least 3x3 pixels; {Dataset} has {train.Rows}x{train.Cols}");
+        if (Validation >= train.Count)
+            throw new ArgumentException($"validation: {Validation} held-out images leave none of the {train.Count} training images of {Dataset} to train on");
         if (Model.InputSize != train.Features)
             throw new ArgumentException($"layers: input size {Model.InputSize} does not match the {train.Rows}x{train.Cols} = {train.Features} pixels of {Dataset}");
         if (Model.OutputSize != train.Classes)
@@ -108,7 +125,25 @@ public sealed record RunSpec(
     /// <summary>Chunks of a full step (the last step of an epoch may have fewer).</summary>
     public int ChunksPerStep => (int)((BatchSize + (long)ChunkSize - 1) / ChunkSize);
 
-    public int TrainCount(int available) => TrainLimit == 0 ? available : Math.Min(TrainLimit, available);
+    /// <summary>
+    /// The training images a run trains on: the first ones, up to the train limit, never the last
+    /// <see cref="Validation"/> (held out for validation, as Nielsen's images 50,000..59,999).
+    /// </summary>
+    public int TrainCount(int available) => TrainLimit == 0 ? available - Validation : Math.Min(TrainLimit, available - Validation);
+
+    /// <summary>What epoch <paramref name="epoch"/> trains on: the training images, shifted with --augment shift2 (never the validation or test images).</summary>
+    public Dataset TrainingInput(Dataset train, int epoch) => Augment == Shift2 ? train.Shifted(Seed, epoch) : train;
+
+    /// <summary>The first held-out validation image of a training set of <paramref name="available"/> images.</summary>
+    public int ValidationStart(int available) => available - Validation;
+
+    /// <summary>The spec with its input and output layers fitted to the data (a user's folder may have any image size and class count).</summary>
+    public RunSpec FittedTo(Dataset train)
+    {
+        int[] layers = [.. Model.Layers];
+        (layers[0], layers[^1]) = (train.Features, train.Classes);
+        return this with { Model = Model with { Layers = layers } };
+    }
 
     /// <summary>The default chunk size cuts a batch into 4 chunks, so up to 4 workers share each step (more when a quarter is over the chunk limit).</summary>
     public static int DefaultChunkSize(int batchSize) => Math.Clamp((int)((batchSize + 3L) / 4), 1, ResourceLimits.MaxChunkSize);

@@ -7,7 +7,8 @@ namespace Backprop.Grains.Hosting;
 
 /// <summary>
 /// The datasets of one silo, loaded once from its data directory and shared by every worker on it.
-/// A silo that lacks a dataset fetches it (and verifies it) the first time it is asked for it.
+/// A silo that lacks a built-in dataset fetches it (and verifies it) the first time it is asked for it; a user's own
+/// folder (an absolute path) is read where it is and never fetched.
 /// Each loaded set is identified by the SHA-256 of its contents, so a run can tell whether two silos
 /// train on the same samples.
 /// </summary>
@@ -24,8 +25,25 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
 
     private Task<(TrainTest Data, string Sha256)> Entry(string dataset)
     {
-        DatasetCatalog.Get(dataset);   // unknown names never reach the file system
-        return _sets.GetOrAdd(dataset, name => new Lazy<Task<(TrainTest Data, string Sha256)>>(() => Task.Run(() => Load(name)))).Value;
+        DatasetCatalog.Validate(dataset);   // only known names and absolute folder paths reach the file system
+        return _sets.GetOrAdd(dataset, name => new Lazy<Task<(TrainTest Data, string Sha256)>>(() => LoadOrForget(name))).Value;
+    }
+
+    /// <summary>
+    /// A folder of the user's that failed to load is not kept: it may be put in place later, and messages naming folders
+    /// that do not exist must not grow this cache. (A built-in set that failed stays failed: no fetch on every call.)
+    /// </summary>
+    private async Task<(TrainTest Data, string Sha256)> LoadOrForget(string name)
+    {
+        try
+        {
+            return await Task.Run(() => Load(name));
+        }
+        catch when (!DatasetCatalog.IsBuiltIn(name))
+        {
+            _sets.TryRemove(name, out _);
+            throw;
+        }
     }
 
     public static string Sha256Of(TrainTest data)
@@ -43,6 +61,14 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
 
     private (TrainTest, string) Load(string name)
     {
+        if (!DatasetCatalog.IsBuiltIn(name))
+        {
+            var own = DatasetCatalog.LoadOwn(name);
+            string ownSha = Sha256Of(own);
+            logger.LogInformation("Loaded {Dataset}: {Train} training and {Test} test samples of {Features} values, {Classes} classes, sha256 {Sha}",
+                name, own.Train.Count, own.Test.Count, own.Train.Features, own.Train.Classes, ownSha[..12]);
+            return (own, ownSha);
+        }
         var dir = DatasetCatalog.DirectoryOf(DataDir, name);
         if (!DatasetCatalog.IsPresent(dir))
         {

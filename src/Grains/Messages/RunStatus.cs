@@ -15,7 +15,10 @@ public sealed record EpochResult(
     [property: Id(6)] string ParameterSha256,
     [property: Id(7)] long Steps,
     [property: Id(8)] int[] Confusion,
-    [property: Id(9)] StepProfile? Profile = null);
+    [property: Id(9)] StepProfile? Profile = null,
+    // On the held-out validation images (--validation); null without them.
+    [property: Id(30)] double? ValidationLoss = null,
+    [property: Id(31)] double? ValidationAccuracy = null);
 
 /// <summary>
 /// Where an epoch's training steps spent their time (evaluation excluded), as means per step, measured by the

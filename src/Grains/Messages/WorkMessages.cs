@@ -66,7 +66,10 @@ public sealed record BlockDone(
     public int Applied => StepLosses.Length;
 }
 
-/// <summary>Evaluate test samples [Start, End) under the parameters of version <see cref="Version"/> (from the shards).</summary>
+/// <summary>
+/// Evaluate test samples [Start, End) under the parameters of version <see cref="Version"/> (from the shards); with
+/// <see cref="Validation"/>, the held-out validation samples [Start, End) instead (counted from the first of them).
+/// </summary>
 [GenerateSerializer, Immutable]
 public sealed record EvalWork(
     [property: Id(0)] RunSpec Spec,
@@ -75,7 +78,8 @@ public sealed record EvalWork(
     [property: Id(3)] int Start,
     [property: Id(4)] int End,
     [property: Id(5)] string DatasetSha256,
-    [property: Id(6)] long Session);
+    [property: Id(6)] long Session,
+    [property: Id(7)] bool Validation = false);
 
 /// <summary>
 /// One block's gradient sum, the shard's slice of it, for step <see cref="Step"/> (the version it was computed on),

@@ -69,6 +69,17 @@ public sealed class HealthTests : IDisposable
     }
 
     /// <summary>Starts a silo of <paramref name="role"/> on free ports; returns its HTTP port once /healthz answers.</summary>
+    [Fact]
+    public async Task A_silo_without_the_folder_of_its_own_data_set_is_not_ready_and_says_why()
+    {
+        string missing = Path.Combine(_work, "not-on-this-silo");
+        int http = StartSilo(Path.Combine(_work, "own"), "worker", "--dataset", missing);
+
+        var final = await PollReady(http, r => r.Body.Contains("failed to load"));
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, final.Code);
+        Assert.Equal($"not ready: data set {missing} failed to load: {missing}: no such folder (a dataset folder must be at the same path on every silo)", final.Body.Trim());
+    }
+
     private int StartSilo(string dataDir, string role, params string[] extra)
     {
         var taken = new HashSet<int>();

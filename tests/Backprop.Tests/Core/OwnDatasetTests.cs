@@ -1,0 +1,207 @@
+using Backprop.Core.Data;
+using Backprop.Core.Model;
+using Backprop.Core.Numerics;
+using Backprop.Core.Training;
+
+namespace Backprop.Tests.Core;
+
+/// <summary>Users' own dataset folders (IDX or CSV), their one-line errors, and the validation split.</summary>
+public sealed class OwnDatasetTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("own-data-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private string Folder(string name, string train, string test)
+    {
+        var dir = Path.Combine(_dir, name);
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, DatasetCatalog.TrainCsv), train);
+        File.WriteAllText(Path.Combine(dir, DatasetCatalog.TestCsv), test);
+        return dir;
+    }
+
+    [Fact]
+    public void A_csv_folder_loads_with_a_header_and_its_classes_from_the_largest_label()
+    {
+        var dir = Folder("csv", "label,a,b,c\r\n0,0,128,255\r\n2,1,2,3\r\n", "1,9,8,7\n3,255,0,0\n");
+        var data = DatasetCatalog.LoadOwn(dir);
+        Assert.Equal(2, data.Train.Count);
+        Assert.Equal(2, data.Test.Count);
+        Assert.Equal(3, data.Train.Features);
+        Assert.Equal((1, 3), (data.Train.Rows, data.Train.Cols));
+        Assert.Equal(4, data.Train.Classes);   // label 3 in the test file
+        Assert.Equal(4, data.Test.Classes);
+        Assert.Equal(new byte[] { 0, 128, 255, 1, 2, 3 }, data.Train.Pixels);
+        Assert.Equal(new byte[] { 0, 2 }, data.Train.Labels);
+        Assert.Equal(new byte[] { 1, 3 }, data.Test.Labels);
+    }
+
+    [Fact]
+    public void Square_csv_rows_are_images()
+    {
+        var row = string.Join(',', Enumerable.Repeat("7", 16));
+        var data = DatasetCatalog.LoadOwn(Folder("square", $"1,{row}\n", $"0,{row}\n"));
+        Assert.Equal((4, 4), (data.Train.Rows, data.Train.Cols));
+        Assert.Equal(2, data.Train.Classes);
+    }
+
+    [Theory]
+    [InlineData("0,1,2\n1,1,2,3\n", "train.csv: line 2: 3 values, but line 1 has 2")]
+    [InlineData("label,x,y\n0,1,2\n1,2\n", "train.csv: line 3: 1 values, but line 2 has 2")]
+    [InlineData("0,1,2\nx,1,2\n", "train.csv: line 2: label 'x' is not an integer")]
+    [InlineData("0,1,2\n1.5,1,2\n", "train.csv: line 2: label '1.5' is not an integer")]
+    [InlineData("0,1,2\n-1,1,2\n", "train.csv: line 2: label '-1' is not an integer")]
+    [InlineData("0,1,2\n256,1,2\n", "train.csv: line 2: label 256 is outside 0..255")]
+    [InlineData("0,1,2\n1,1,300\n", "train.csv: line 2: value 300 in column 3 is outside 0..255")]
+    [InlineData("0,1,2\n1,1,\n", "train.csv: line 2: value '' in column 3 is not an integer")]
+    [InlineData("0,1,2\n\n1,1,2\n", "train.csv: line 2: empty line")]
+    [InlineData("", "train.csv: empty file")]
+    [InlineData("label,x\n", "train.csv: no samples (only a header)")]
+    [InlineData("5\n", "train.csv: line 1: a label and no values")]
+    public void A_bad_training_file_is_one_line_naming_the_file_and_line(string train, string message)
+    {
+        var dir = Folder("bad", train, "0,1,2\n");
+        var e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(dir));
+        Assert.Equal(Path.Combine(dir, message), e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+    }
+
+    [Fact]
+    public void A_test_file_with_another_row_width_than_the_training_file_names_its_line()
+    {
+        var dir = Folder("widths", "0,1,2\n1,3,4\n", "0,1,2\n1,1,2,3\n");
+        var e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(dir));
+        Assert.Equal(Path.Combine(dir, "test.csv: line 2: 3 values, but the training file's rows have 2"), e.Message);
+    }
+
+    [Fact]
+    public void An_idx_folder_of_any_image_size_and_class_count_loads_and_mismatched_counts_are_refused()
+    {
+        var data = SyntheticDigits.Create(trainCount: 30, testCount: 10, seed: 3, side: 5, classes: 3);
+        var dir = Path.Combine(_dir, "idx");
+        IdxWriter.WriteDataset(dir, data, gzip: true);
+        var loaded = DatasetCatalog.LoadOwn(dir);
+        Assert.Equal((5, 5, 30, 10), (loaded.Train.Rows, loaded.Train.Cols, loaded.Train.Count, loaded.Test.Count));
+        Assert.Equal(data.Train.Labels.Max() + 1, loaded.Train.Classes);
+        Assert.Equal(data.Train.Pixels, loaded.Train.Pixels);
+
+        IdxWriter.WriteLabels(Path.Combine(dir, DatasetCatalog.TestLabels + ".gz"), data.Test.Labels.AsSpan(0, 9));
+        var e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(dir));
+        Assert.Equal(Path.Combine(dir, DatasetCatalog.TestLabels + ".gz: has 9 labels but t10k-images-idx3-ubyte.gz has 10 images"), e.Message);
+    }
+
+    [Fact]
+    public void A_folder_without_data_files_or_that_is_missing_says_what_it_needs()
+    {
+        var empty = Path.Combine(_dir, "empty");
+        Directory.CreateDirectory(empty);
+        Assert.Contains("neither train.csv and test.csv nor the four IDX files", Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(empty)).Message);
+        var missing = Path.Combine(_dir, "missing");
+        Assert.Equal($"{missing}: no such folder (a dataset folder must be at the same path on every silo)",
+            Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(missing)).Message);
+    }
+
+    [Theory]
+    [InlineData("relative/path")]
+    [InlineData("/a/../b")]
+    [InlineData("/a/b/")]
+    [InlineData("/a\nb")]
+    [InlineData("")]
+    public void A_run_names_a_built_in_set_or_a_normalised_absolute_folder(string dataset)
+    {
+        Assert.StartsWith("dataset: unknown", Assert.Throws<ArgumentException>(() => DatasetCatalog.Validate(dataset)).Message);
+        DatasetCatalog.Validate("/a/b");
+        DatasetCatalog.Validate("mnist");
+        Assert.Equal("mnist", DatasetCatalog.Resolve("mnist"));
+        Assert.Equal(Path.Combine(Environment.CurrentDirectory, "mine"), DatasetCatalog.Resolve("mine/"));
+        Assert.Equal("/a/b", DatasetCatalog.Resolve("/a/../a/b/"));
+    }
+
+    [Fact]
+    public async Task A_silo_reads_a_folder_put_in_place_after_a_failed_load_and_identifies_it_by_its_content()
+    {
+        var cache = new Backprop.Grains.Hosting.DatasetCache(Path.Combine(_dir, "data"), allowFetch: false,
+            Microsoft.Extensions.Logging.Abstractions.NullLogger<Backprop.Grains.Hosting.DatasetCache>.Instance);
+        var dir = Path.Combine(_dir, "later");
+        await Assert.ThrowsAsync<DataFileException>(() => cache.Get(dir));
+
+        var data = SyntheticDigits.Create(trainCount: 20, testCount: 5, seed: 8, side: 4, classes: 2);
+        IdxWriter.WriteDataset(dir, data);
+        Assert.Equal(data.Train.Pixels, (await cache.Get(dir)).Train.Pixels);
+        Assert.Equal(Backprop.Grains.Hosting.DatasetCache.Sha256Of(DatasetCatalog.LoadOwn(dir)), await cache.Sha256(dir));
+        await Assert.ThrowsAsync<ArgumentException>(() => cache.Get("relative/folder"));
+    }
+
+    [Fact]
+    public void Shift2_moves_each_image_by_its_own_shift_from_seed_epoch_and_index()
+    {
+        // Sample i: one bright pixel at the centre of a 5x5 image.
+        const int count = 200;
+        var pixels = new byte[count * 25];
+        for (int i = 0; i < count; i++) pixels[i * 25 + 12] = 255;
+        var data = new Dataset("dot", 5, 5, pixels, new byte[count], 1);
+        var shifted = data.Shifted(seed: 3, epoch: 1);
+        var rows = new float[count * 25];
+        int[] all = [.. Enumerable.Range(0, count)];
+        shifted.CopyInputs(all, rows);
+        var seen = new HashSet<(int, int)>();
+        for (int i = 0; i < count; i++)
+        {
+            int at = Array.IndexOf(rows, 1f, i * 25, 25) - i * 25;
+            var (dx, dy) = (at % 5 - 2, at / 5 - 2);
+            Assert.Equal(24, rows.AsSpan(i * 25, 25).Count(0f));
+            seen.Add((dx, dy));
+            // The same sample alone, or in another order, gets the same shift.
+            var alone = new float[25];
+            shifted.CopyInputs([i], alone);
+            Assert.Equal(rows.AsSpan(i * 25, 25).ToArray(), alone);
+        }
+        Assert.Equal(25, seen.Count);   // every shift in -2..2 x -2..2 occurs
+        var other = new float[count * 25];
+        data.Shifted(seed: 3, epoch: 2).CopyInputs(all, other);
+        Assert.NotEqual(rows, other);
+        // The unshifted set is untouched.
+        data.CopyInputs([0], other);
+        Assert.Equal(1f, other[12]);
+    }
+
+    private static RunSpec Spec(int validation) => new(
+        new ModelSpec([25, 8, 3], Activation.Relu, Loss.CrossEntropy), InitScheme.PyTorch, new OptimizerSettings(OptimizerKind.Momentum, 0.05f, 0.9f),
+        BatchSize: 16, ChunkSize: 4, Epochs: 2, Workers: 1, Seed: 5, Dataset: "/own", TrainLimit: 0, Validation: validation);
+
+    [Fact]
+    public void Validation_holds_out_the_last_images_which_are_never_trained_on()
+    {
+        var data = SyntheticDigits.Create(trainCount: 100, testCount: 10, seed: 4, side: 5, classes: 3);
+        using var held = new LocalTrainer(Spec(validation: 30), data.Train);
+        using var cut = new LocalTrainer(Spec(validation: 0), data.Train.Take(70));
+        for (int e = 0; e < 2; e++) Assert.Equal(cut.TrainEpoch(e), held.TrainEpoch(e));
+        Assert.Equal(cut.Parameters, held.Parameters);
+
+        // The validation images evaluated in the cluster's blocks: the same counts as evaluating them directly.
+        var validation = held.EvaluateValidation();
+        var direct = new ChunkRunner(Spec(0).Model, 4).Evaluate(data.Train, held.Parameters, 70, 100);
+        Assert.Equal((30, direct.Correct, direct.LossSum), (validation.Count, validation.Correct, validation.LossSum));
+    }
+
+    [Theory]
+    [InlineData(-1, 0, false, "validation: -1 is negative")]
+    [InlineData(10, -1, false, "early-stop: patience -1 is negative")]
+    [InlineData(0, 2, false, "early-stop: needs --validation")]
+    [InlineData(0, 0, true, "keep: best needs --validation")]
+    public void Validation_settings_are_checked(int validation, int patience, bool keepBest, string message)
+    {
+        var spec = Spec(validation) with { EarlyStop = patience, KeepBest = keepBest };
+        Assert.StartsWith(message, Assert.Throws<ArgumentException>(spec.Validate).Message);
+    }
+
+    [Fact]
+    public void A_validation_split_as_large_as_the_training_set_is_refused()
+    {
+        var data = SyntheticDigits.Create(trainCount: 20, testCount: 5, seed: 4, side: 5, classes: 3);
+        Assert.StartsWith("validation: 20 held-out images leave none of the 20 training images",
+            Assert.Throws<ArgumentException>(() => Spec(20).ValidateAgainst(data.Train)).Message);
+        Assert.Throws<ArgumentException>(() => new LocalTrainer(Spec(25), data.Train));
+    }
+}
