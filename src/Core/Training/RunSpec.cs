@@ -165,12 +165,23 @@ public static class Presets
         new OptimizerSettings(OptimizerKind.Momentum, 0.01f, 0.9f),
         BatchSize: 64, ChunkSize: 16, Epochs: 5, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
 
-    public static readonly IReadOnlyList<string> Names = ["nielsen", "pytorch-mlp"];
+    /// <summary>
+    /// 98% on MNIST fast: 784-512-10 ReLU (the libtorch anchor's network), AdamW lr 0.002 with decoupled weight decay
+    /// 0.01 on PyTorch's one-cycle schedule, batch 128, training images shifted by up to ±2 px, 6 epochs.
+    /// </summary>
+    public static RunSpec Fast98 => new(
+        new ModelSpec([784, 512, 10], Activation.Relu, Loss.CrossEntropy),
+        InitScheme.PyTorch,
+        new OptimizerSettings(OptimizerKind.AdamW, 0.002f, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
+        BatchSize: 128, ChunkSize: 32, Epochs: 6, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0, Augment: RunSpec.Shift2);
+
+    public static readonly IReadOnlyList<string> Names = ["nielsen", "pytorch-mlp", "fast-98"];
 
     public static RunSpec Get(string name) => name switch
     {
         "nielsen" => Nielsen,
         "pytorch-mlp" => PyTorchMlp,
+        "fast-98" => Fast98,
         _ => throw new ArgumentException($"preset: unknown '{name}' (known: {string.Join(", ", Names)})"),
     };
 }

@@ -65,6 +65,8 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         var termed = Script(State, "term", "1");
         Assert.True(termed.Code == 0, termed.Output);
         Assert.Equal("running", Status(redis).GetProperty("state").GetString());
+        // Read while the run goes: a completed run's shards let their activations go (and their directory entries).
+        string[] directory = DirectoryKeys(redisPort);
 
         var result = train.Finish(TimeSpan.FromSeconds(240));
         Assert.True(result.Code == 0, result.Output);
@@ -80,7 +82,6 @@ public sealed class ScaleOutTests(ITestOutputHelper output) : ClusterWorkspace("
         // The coordinator and the parameter server are registered in Redis (RunDirectory), not in a directory partition a
         // worker silo holds: neither a silo joining nor one leaving deactivates them, so the run never attaches again.
         Assert.DoesNotContain(eventList, e => e.GetProperty("kind").GetString() is "resumed" or "server-lost");
-        string[] directory = DirectoryKeys(redisPort);
         Assert.Contains($"{_cluster}/directory/run/elastic", directory);
         Assert.Contains($"{_cluster}/directory/parametershard/elastic/0", directory);
         output.WriteLine(File.ReadLines(Path.Combine(State, "silo-3.log")).First(l => l.Contains("silo-3 up")));
