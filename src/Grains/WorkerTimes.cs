@@ -91,7 +91,7 @@ internal sealed class WorkerTimes
         foreach (var worker in _workers.Values)
         {
             var s = stats[i];
-            double ratio = s.ComputeMedianSeconds / median;
+            double ratio = s.Slowdown(stats);
             bool straggler = ratio > (worker.Straggler ? ClearFactor : StragglerFactor);
             stats[i++] = s with { Straggler = straggler };
             if (straggler == worker.Straggler) continue;

@@ -53,9 +53,9 @@ public static class BackpropMetrics
             "1", "Mean test loss after the last finished epoch of each run this silo coordinates");
         // Only the stragglers of the current generation: a series exists while its worker is one.
         Meter.CreateObservableGauge("backprop.worker.straggler", () => Stragglers.SelectMany(r => r.Value.Where(w => w.Straggler).Select(w =>
-                new Measurement<double>(w.ComputeMedianSeconds / WorkerStats.Typical(r.Value).Median,
+                new Measurement<double>(w.Slowdown(r.Value),
                     new KeyValuePair<string, object?>("run", r.Key), new KeyValuePair<string, object?>("worker", w.Worker), new KeyValuePair<string, object?>("silo", w.Silo)))),
-            "1", "A straggler's median compute per step over the median of its run's workers (> 1.5 to become one); only stragglers of runs this silo coordinates");
+            "1", "A straggler's median compute per step over the median of its run's other workers (> 1.5 to become one); only stragglers of runs this silo coordinates");
         // Every state, zeros included, from the silo that holds the run list (none elsewhere): a sum over silos is the cluster's.
         Meter.CreateObservableGauge("backprop.runs", () => _runsByState.Select(s => new Measurement<int>(s.Value, new KeyValuePair<string, object?>("state", s.Key.ToString().ToLowerInvariant()))),
             "{run}", "Runs in the run list by state");

@@ -87,7 +87,7 @@ public sealed record RunStatus(
 /// its silo, the blocks it computed (one a step), and the median and 95th percentile of its compute seconds per step
 /// over the last <see cref="Steps"/> steps, each step's time scaled to an average block (where the cut gives
 /// workers unequal blocks, 3 workers on 4 chunks: 1, 1, 2, the one with more chunks is not slow for that). A worker
-/// is a straggler when its median is over <see cref="StragglerFactor"/> times <see cref="Typical"/>'s (see <see cref="WorkerTimes"/>).
+/// is a straggler when its median is over <see cref="StragglerFactor"/> times the other workers' (<see cref="Others"/>; see <see cref="WorkerTimes"/>).
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record WorkerStats(
@@ -106,11 +106,20 @@ public sealed record WorkerStats(
     public static (double Median, double P95) Typical(IReadOnlyCollection<WorkerStats> workers) =>
         (Median(workers.Select(w => w.ComputeMedianSeconds)), Median(workers.Select(w => w.ComputeP95Seconds)));
 
-    /// <summary>How much slower than the typical worker this one is: "worker 3 on 10.0.0.7:11111 is 2.1x slower than the median (p95 41 ms vs 19 ms)".</summary>
+    /// <summary>
+    /// The other workers' typical figures: a worker is compared with the rest, so that with an even count (2 workers,
+    /// or 4 on 2 silos) a slow one does not pull the median it is judged by towards itself.
+    /// </summary>
+    public (double Median, double P95) Others(IReadOnlyCollection<WorkerStats> workers) => Typical(workers.Where(w => w.Worker != Worker).ToArray());
+
+    /// <summary>This worker's median compute over the other workers' median (0 when there is nothing to compare with).</summary>
+    public double Slowdown(IReadOnlyCollection<WorkerStats> workers) => Others(workers).Median is > 0 and var median ? ComputeMedianSeconds / median : 0;
+
+    /// <summary>How much slower than the other workers this one is: "worker 3 on 10.0.0.7:11111 is 2.1x slower than the median (p95 41 ms vs 19 ms)".</summary>
     public string Slower(IReadOnlyCollection<WorkerStats> workers)
     {
-        var (median, p95) = Typical(workers);
-        return $"worker {Worker} on {Silo} is {ComputeMedianSeconds / median:0.0}x slower than the median (p95 {Milliseconds(ComputeP95Seconds)} ms vs {Milliseconds(p95)} ms)";
+        var (_, p95) = Others(workers);
+        return $"worker {Worker} on {Silo} is {Slowdown(workers):0.0}x slower than the median (p95 {Milliseconds(ComputeP95Seconds)} ms vs {Milliseconds(p95)} ms)";
     }
 
     public static string Milliseconds(double seconds) => (seconds * 1000).ToString(seconds < 0.01 ? "0.##" : "0");

@@ -38,6 +38,22 @@ public sealed class WorkerTimesTests
         Assert.All(times.Stats, s => Assert.False(s.Straggler));
     }
 
+    [Theory]
+    // 2 workers, one 2x slower: against the median of both (1.33x) it would never be named.
+    [InlineData(2, new[] { 0.010, 0.020 }, new[] { 1 }, "worker 1 on s1 is 2.0x slower than the median (p95 20 ms vs 10 ms)")]
+    // 4 workers, 2 of them on a silo 2x slower: each is compared with the 3 others (median 10 ms).
+    [InlineData(4, new[] { 0.010, 0.020, 0.010, 0.020 }, new[] { 1, 3 }, "worker 1 on s1 is 2.0x slower than the median (p95 20 ms vs 10 ms)")]
+    public void With_an_even_worker_count_a_slow_worker_is_compared_with_the_others_and_named(int workers, double[] seconds, int[] slow, string first)
+    {
+        var times = new WorkerTimes();
+        var cut = ChunkBlocks.For(workers, workers);
+        var events = new List<(string Kind, string Message)>();
+        for (int w = 0; w < 6; w++) events.AddRange(times.Add(Window(cut, 10, seconds), cut));
+        Assert.Equal(slow, times.Stats.Where(s => s.Straggler).Select(s => s.Worker));
+        Assert.Equal(slow.Length, events.Count(e => e.Kind == "straggler"));
+        Assert.Equal(first, events[0].Message);
+    }
+
     [Fact]
     public void Figures_cover_the_last_200_steps_the_oldest_window_in_part()
     {
