@@ -113,13 +113,19 @@ public sealed class RunRegistryGrain(
 
     public override Task OnActivateAsync(CancellationToken cancellationToken)
     {
+        // This silo holds the list now: it reports the runs by state (from the stored list, before any change).
+        BackpropMetrics.RunList(Stored.Runs.Values);
         DeleteQueued();
         return Task.CompletedTask;
     }
 
     // The deletions write the list too: the next activation must not meet a write of this one still in flight.
-    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken) =>
-        _deleting.WaitAsync(cancellationToken).ContinueWith(_ => { }, TaskScheduler.Default);
+    public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
+    {
+        // The list may be activated elsewhere next: only its holder reports it, so a sum over silos stays the cluster's.
+        BackpropMetrics.RunListLeft();
+        return _deleting.WaitAsync(cancellationToken).ContinueWith(_ => { }, TaskScheduler.Default);
+    }
 
     /// <summary>
     /// Deletes the queued runs one by one, beside this grain's calls (a run's <see cref="IRunGrain.Forget"/> asks this

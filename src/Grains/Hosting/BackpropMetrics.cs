@@ -28,7 +28,7 @@ public static class BackpropMetrics
     private static readonly Histogram<double> StepReduce = Seconds("backprop.step.reduce_and_step.duration", "Reduction of the block sums and the optimizer step in the slowest shard, per step");
     private static readonly Histogram<double> StepServerCall = Seconds("backprop.step.server_call.duration", "The slowest worker's pushes to the shards minus their reduce-and-step, per step");
     private static readonly Histogram<double> StepBarrier = Seconds("backprop.step.barrier_wait.duration", "From the first worker's reply to the last one's, per step");
-    private static readonly Histogram<double> WorkerCompute = Seconds("backprop.worker.compute.duration", "A worker's backprop and pre-reduction per step (attributes: worker index in its run, silo)");
+    private static readonly Histogram<double> WorkerCompute = Seconds("backprop.worker.compute.duration", "A worker's backprop and pre-reduction per step (attribute: worker index in its run; its silo is on backprop.worker.compute.median)");
     private static readonly Histogram<double> CheckpointDuration = Seconds("backprop.checkpoint.duration", "Writing one shard checkpoint to grain storage");
     // The counters are observed from these totals: each is on /metrics from the start, at 0 until it moves.
     private static long _steps, _samples, _wireBytes, _recoveries, _redos, _resumes, _workerFailures;
@@ -51,6 +51,11 @@ public static class BackpropMetrics
             "1", "Test accuracy after the last finished epoch of each run this silo coordinates");
         Meter.CreateObservableGauge("backprop.epoch.test_loss", () => Epochs.Select(e => new Measurement<double>(e.Value.Loss, new KeyValuePair<string, object?>("run", e.Key))),
             "1", "Mean test loss after the last finished epoch of each run this silo coordinates");
+        // The live workers of each run this silo coordinates (the current generation), with their silo: series go with them.
+        Meter.CreateObservableGauge("backprop.worker.compute.median", () => Stragglers.SelectMany(r => r.Value.Select(w =>
+                new Measurement<double>(w.ComputeMedianSeconds,
+                    new KeyValuePair<string, object?>("run", r.Key), new KeyValuePair<string, object?>("worker", w.Worker), new KeyValuePair<string, object?>("silo", w.Silo)))),
+            "s", "Each live worker's median compute per step over its last 200 steps, for the runs this silo coordinates");
         // Only the stragglers of the current generation: a series exists while its worker is one.
         Meter.CreateObservableGauge("backprop.worker.straggler", () => Stragglers.SelectMany(r => r.Value.Where(w => w.Straggler).Select(w =>
                 new Measurement<double>(w.Slowdown(r.Value),
@@ -89,7 +94,7 @@ public static class BackpropMetrics
             var b = blocks[i];
             wire += b.WireBytes;
             if (b.Applied > 0)
-                WorkerCompute.Record(b.ComputeSeconds / b.Applied, new KeyValuePair<string, object?>("worker", i), new KeyValuePair<string, object?>("silo", b.Silo));
+                WorkerCompute.Record(b.ComputeSeconds / b.Applied, new KeyValuePair<string, object?>("worker", i));
         }
         Interlocked.Add(ref _wireBytes, wire);
     }
@@ -107,6 +112,9 @@ public static class BackpropMetrics
     }
 
     public static void Checkpoint(TimeSpan took) => CheckpointDuration.Record(took.TotalSeconds);
+
+    /// <summary>The run list left this silo: no runs by state from here.</summary>
+    public static void RunListLeft() => _runsByState = [];
 
     /// <summary>The run list changed: its runs by state.</summary>
     public static void RunList(IEnumerable<RunSummary> runs)

@@ -21,8 +21,12 @@ public static class RunPages
         ["/style.css"] = "style.css",
     };
 
+    /// <summary>The most epochs a run's curves carry: the last ones (a run may have up to 100,000).</summary>
+    public const int MaxCurvePoints = 1000;
+
     public static void Map(WebApplication app, IGrainFactory grains, Func<bool> ready)
     {
+        var list = new RunListCache(grains);
         foreach (var (path, name) in Assets)
         {
             byte[] bytes = Asset(name);
@@ -33,7 +37,7 @@ public static class RunPages
         {
             if (!ready()) return NotReady();
             if (!TryPage(request, out int offset, out int limit, out string? error)) return Results.Text(error + "\n", statusCode: 400);
-            var runs = await grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).List();
+            var runs = await list.Get();
             var page = runs.OrderByDescending(r => r.Updated).ThenBy(r => r.RunId, StringComparer.Ordinal).Skip(offset).Take(limit).ToArray();
             // Samples/s is in a run's epochs, not in the list: asked of the runs on this page that are still running.
             var rows = await Task.WhenAll(page.Select(async r => new
@@ -53,7 +57,7 @@ public static class RunPages
             if (!ready()) return NotReady();
             if (!TryPage(request, out int offset, out int limit, out string? error)) return Results.Text(error + "\n", statusCode: 400);
             // Only runs the list holds: an id from the address bar never activates a grain of its own.
-            if (!ValidId(id) || !(await grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).List()).Any(r => r.RunId == id))
+            if (!ValidId(id) || !(await list.Get()).Any(r => r.RunId == id))
                 return Results.Text($"unknown run id '{Printable(id)}'\n", statusCode: 404);
             var s = await grains.GetGrain<IRunGrain>(id).GetStatus();
             var events = s.Events.Reverse().Skip(offset).Take(limit)
@@ -69,7 +73,7 @@ public static class RunPages
                 stepInEpoch = s.StepInEpoch,
                 stepsPerEpoch = s.StepsPerEpoch,
                 model = s.Spec?.Model.Describe(),
-                curve = s.Epochs.Select(e => new { epoch = e.Epoch, trainLoss = e.TrainLoss, testLoss = e.TestLoss, testAccuracy = e.TestAccuracy, samplesPerSecond = e.SamplesPerSecond, seconds = e.Seconds }),
+                curve = s.Epochs.Skip(Math.Max(0, s.Epochs.Length - MaxCurvePoints)).Select(e => new { epoch = e.Epoch, trainLoss = e.TrainLoss, testLoss = e.TestLoss, testAccuracy = e.TestAccuracy, samplesPerSecond = e.SamplesPerSecond, seconds = e.Seconds }),
                 coordinator = s.CoordinatorSilo,
                 workers = s.Spec?.Workers,
                 workerSilos = s.WorkerSilos,
@@ -131,5 +135,28 @@ public static class RunPages
         using var copy = new MemoryStream();
         stream.CopyTo(copy);
         return copy.ToArray();
+    }
+}
+
+/// <summary>
+/// The run list as the page reads it, asked of the registry at most once a second however many tabs poll: the list is
+/// up to 10,000 runs, and the registry's calls queue behind its storage writes, which runs wait for.
+/// </summary>
+internal sealed class RunListCache(IGrainFactory grains)
+{
+    private static readonly TimeSpan MaxAge = TimeSpan.FromSeconds(1);
+    private readonly object _lock = new();
+    private (long At, Task<RunSummary[]> List)? _last;
+
+    public Task<RunSummary[]> Get()
+    {
+        lock (_lock)
+        {
+            long now = System.Diagnostics.Stopwatch.GetTimestamp();
+            if (_last is { } last && !last.List.IsFaulted && System.Diagnostics.Stopwatch.GetElapsedTime(last.At, now) < MaxAge) return last.List;
+            var list = grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key).List();
+            _last = (now, list);
+            return list;
+        }
     }
 }

@@ -39,9 +39,22 @@ public sealed class WebServer(IServiceProvider silo, IServiceCollection siloServ
             var (ready, reason) = readiness();
             return ready ? Results.Text(reason + "\n") : Results.Text($"not ready: {reason}\n", statusCode: StatusCodes.Status503ServiceUnavailable);
         });
+        // The dashboard's GrainState page calls state-returning methods of any grain by id: not on a page that the
+        // pods of a cluster can reach.
+        _app.Use(async (context, next) =>
+        {
+            if (context.Request.Path.StartsWithSegments("/dashboard/GrainState", StringComparison.OrdinalIgnoreCase))
+                await Results.Text("not served here\n", statusCode: 404).ExecuteAsync(context);
+            else
+                await next(context);
+        });
         _app.MapPrometheusScrapingEndpoint("/metrics");
         RunPages.Map(_app, silo.GetRequiredService<IGrainFactory>(), () => readiness().Ready);
         if (HasDashboard) _app.MapOrleansDashboard("/dashboard");
+        // Every endpoint here is read-only: anything but GET is 405, an unknown path 404, each with one line.
+        _app.MapFallback((HttpContext context) => HttpMethods.IsGet(context.Request.Method) || HttpMethods.IsHead(context.Request.Method)
+            ? Results.Text("not found\n", statusCode: 404)
+            : Results.Text("method not allowed: the endpoints are read-only\n", statusCode: 405));
         await _app.StartAsync(cancellationToken);
     }
 

@@ -127,5 +127,9 @@ document.getElementById("runs-prev").onclick = () => { runsOffset = Math.max(0, 
 document.getElementById("runs-next").onclick = () => { runsOffset += PAGE; refresh(); };
 document.getElementById("events-prev").onclick = () => { eventsOffset = Math.max(0, eventsOffset - PAGE); refresh(); };
 document.getElementById("events-next").onclick = () => { eventsOffset += PAGE; refresh(); };
-refresh();
-setInterval(refresh, POLL_MS);
+// The next poll is scheduled when this one has ended: a slow silo gets one request at a time from a tab, not a queue.
+async function loop() {
+  await refresh();
+  setTimeout(loop, POLL_MS);
+}
+loop();

@@ -28,7 +28,8 @@ public sealed partial class WebPageTests : IDisposable
         "backprop_steps_total", "backprop_samples_total", "backprop_wire_bytes_total", "backprop_recoveries_total", "backprop_redos_total",
         "backprop_resumes_total", "backprop_worker_failures_total", "backprop_step_duration_seconds", "backprop_step_compute_duration_seconds",
         "backprop_step_transfer_duration_seconds", "backprop_step_reduce_and_step_duration_seconds", "backprop_step_server_call_duration_seconds",
-        "backprop_step_barrier_wait_duration_seconds", "backprop_worker_compute_duration_seconds", "backprop_checkpoint_duration_seconds",
+        "backprop_step_barrier_wait_duration_seconds", "backprop_worker_compute_duration_seconds", "backprop_worker_compute_median_seconds",
+        "backprop_checkpoint_duration_seconds",
         "backprop_epoch_test_accuracy", "backprop_epoch_test_loss", "backprop_runs", "backprop_silos",
     ];
 
@@ -109,6 +110,12 @@ public sealed partial class WebPageTests : IDisposable
             Assert.Contains("href=\"dashboard/\"", dom);
             Assert.Contains("<script", await Text(url + "/dashboard/"));
             Assert.StartsWith("{", (await Text(url + "/dashboard/DashboardCounters")).TrimStart());
+            // Not served: the dashboard's page that calls methods of any grain; unknown paths are one line.
+            var grainState = await Http.GetAsync(url + "/dashboard/GrainState?grainId=x&grainType=Backprop.Grains.RunGrain");
+            Assert.Equal(HttpStatusCode.NotFound, grainState.StatusCode);
+            var nowhere = await Http.GetAsync(url + "/api/runs/a/b");
+            Assert.Equal(HttpStatusCode.NotFound, nowhere.StatusCode);
+            Assert.Equal("not found\n", await nowhere.Content.ReadAsStringAsync());
         }
         finally
         {
