@@ -59,21 +59,7 @@ public static class ClusterBench
 
     public static async Task<int> Run(string[] args)
     {
-        if (args.Contains("--help") || args.Contains("-h"))
-        {
-            Console.WriteLine(Usage);
-            return 0;
-        }
-        Options options;
-        try
-        {
-            options = Options.Parse(args);
-        }
-        catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-        {
-            Console.Error.WriteLine($"error: {e.Message} (see cluster --help)");
-            return 2;
-        }
+        if (!BenchArgs.TryParse(args, "cluster", Usage, Options.Parse, out var options, out int exitCode)) return exitCode;
         var mnist = DatasetCatalog.DirectoryOf(options.DataDir, "mnist");
         if (!DatasetCatalog.IsPresent(mnist))
         {

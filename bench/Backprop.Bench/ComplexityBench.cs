@@ -51,23 +51,8 @@ public static class ComplexityBench
 
     public static int Run(string[] args)
     {
-        if (args.Contains("--help") || args.Contains("-h"))
-        {
-            Console.Error.WriteLine(Usage);
-            return 0;
-        }
-        bool quick, json;
-        string? outPath;
-        int[] threads;
-        try
-        {
-            (quick, json, outPath, threads) = Parse(args);
-        }
-        catch (ArgumentException e)
-        {
-            Console.Error.WriteLine(e.Message);
-            return 2;
-        }
+        if (!BenchArgs.TryParse(args, "complexity", Usage, Parse, out var parsed, out int exitCode)) return exitCode;
+        var (quick, json, outPath, threads) = parsed;
 
         var points = Sweep(quick, threads);
         // Short repeats on a loaded machine: the best of several is the machine's speed, the median what a run sees.
@@ -168,7 +153,7 @@ public static class ComplexityBench
                         : throw new ArgumentException($"--threads: '{t}' is not a thread count in 1..{ResourceLimits.MaxThreadsPerWorker}")).ToArray();
                     break;
                 default:
-                    throw new ArgumentException(args[i] is "--out" or "--threads" ? $"{args[i]}: needs a value" : $"complexity: unknown argument '{args[i]}' (see --help)");
+                    throw new ArgumentException(args[i] is "--out" or "--threads" ? $"{args[i]}: needs a value" : $"unknown argument '{args[i]}'");
             }
         }
         if (outPath is not null && !outPath.EndsWith(".png", StringComparison.OrdinalIgnoreCase))

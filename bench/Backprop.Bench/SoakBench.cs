@@ -50,21 +50,7 @@ public static class SoakBench
 
     public static async Task<int> Run(string[] args)
     {
-        if (args.Contains("--help") || args.Contains("-h"))
-        {
-            Console.WriteLine(Usage);
-            return 0;
-        }
-        SoakOptions options;
-        try
-        {
-            options = SoakOptions.Parse(args);
-        }
-        catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
-        {
-            Console.Error.WriteLine($"error: {e.Message} (see soak --help)");
-            return 2;
-        }
+        if (!BenchArgs.TryParse(args, "soak", Usage, SoakOptions.Parse, out var options, out int exitCode)) return exitCode;
         var paths = new SoakPaths();
         foreach (var path in new[] { paths.Cli, paths.Silo })
             if (!File.Exists(path)) { Console.Error.WriteLine($"error: {path} is not built; run the bench with `dotnet run -c Release --project bench/Backprop.Bench`"); return 2; }
