@@ -166,14 +166,16 @@ public static class Presets
         BatchSize: 64, ChunkSize: 16, Epochs: 5, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
 
     /// <summary>
-    /// 98% on MNIST fast: 784-512-10 ReLU (the libtorch anchor's network), AdamW lr 0.002 with decoupled weight decay
-    /// 0.01 on PyTorch's one-cycle schedule, batch 128, training images shifted by up to ±2 px, 6 epochs.
+    /// 98% on MNIST fast, and 89% on Fashion-MNIST with the same flags: 784-256-256-10 ReLU, AdamW lr 0.004 with
+    /// decoupled weight decay 0.01 on PyTorch's one-cycle schedule, batch 512, 14 epochs, no augmentation (±2 px shifts
+    /// cost Fashion-MNIST about 2 points at this length). Batch 512 spreads the per-step cost of the
+    /// parameter servers over 4x the samples of batch 128, which buys the epochs Fashion-MNIST needs.
     /// </summary>
     public static RunSpec Fast98 => new(
-        new ModelSpec([784, 512, 10], Activation.Relu, Loss.CrossEntropy),
+        new ModelSpec([784, 256, 256, 10], Activation.Relu, Loss.CrossEntropy),
         InitScheme.PyTorch,
-        new OptimizerSettings(OptimizerKind.AdamW, 0.002f, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
-        BatchSize: 128, ChunkSize: 32, Epochs: 6, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0, Augment: RunSpec.Shift2);
+        new OptimizerSettings(OptimizerKind.AdamW, 0.004f, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
+        BatchSize: 512, ChunkSize: 128, Epochs: 14, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
 
     public static readonly IReadOnlyList<string> Names = ["nielsen", "pytorch-mlp", "fast-98"];
 
