@@ -168,7 +168,7 @@ public static class Presets
     /// <summary>
     /// 98% on MNIST fast, and 89% on Fashion-MNIST with the same flags: 784-256-256-10 ReLU, AdamW lr 0.004 with
     /// decoupled weight decay 0.01 on PyTorch's one-cycle schedule, batch 512, 14 epochs, no augmentation (±2 px shifts
-    /// cost Fashion-MNIST about 2 points at this length). Batch 512 spreads the per-step cost of the
+    /// cost Fashion-MNIST about 2 points in a short run). Batch 512 spreads the per-step cost of the
     /// parameter servers over 4x the samples of batch 128, which buys the epochs Fashion-MNIST needs.
     /// </summary>
     public static RunSpec Fast98 => new(
