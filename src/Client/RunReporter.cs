@@ -44,8 +44,8 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         o.Schedule switch
         {
             ScheduleKind.Step => $", x{o.LrGamma} every {o.LrStepEpochs} epochs",
-            ScheduleKind.Cosine => $", cosine to {o.LrMin}",
-            ScheduleKind.OneCycle => $", one-cycle to {o.LrMin}",
+            ScheduleKind.Cosine => $", cosine to {o.LrEnd}",
+            ScheduleKind.OneCycle => $", one-cycle to {o.LrEnd}",
             _ => "",
         } +
         (o.WarmupSteps > 0 ? $", warm-up {o.WarmupSteps} steps" : "");

@@ -155,14 +155,14 @@ public static class Presets
     public static RunSpec Nielsen => new(
         new ModelSpec([784, 30, 10], Activation.Sigmoid, Loss.Quadratic),
         InitScheme.Normal,
-        new OptimizerSettings(OptimizerKind.Sgd, 3.0f, 0f),
+        new OptimizerSettings(OptimizerKind.Sgd, 3.0, 0f),
         BatchSize: 10, ChunkSize: 5, Epochs: 5, Workers: 2, Seed: 1, Dataset: "mnist", TrainLimit: 50_000);
 
     /// <summary>The seed's PyTorch run: 784-128-64-10 ReLU, softmax cross-entropy, SGD lr 0.01 momentum 0.9, batch 64.</summary>
     public static RunSpec PyTorchMlp => new(
         new ModelSpec([784, 128, 64, 10], Activation.Relu, Loss.CrossEntropy),
         InitScheme.PyTorch,
-        new OptimizerSettings(OptimizerKind.Momentum, 0.01f, 0.9f),
+        new OptimizerSettings(OptimizerKind.Momentum, 0.01, 0.9f),
         BatchSize: 64, ChunkSize: 16, Epochs: 5, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
 
     /// <summary>
@@ -172,7 +172,7 @@ public static class Presets
     public static RunSpec Fast98 => new(
         new ModelSpec([784, 512, 10], Activation.Relu, Loss.CrossEntropy),
         InitScheme.PyTorch,
-        new OptimizerSettings(OptimizerKind.AdamW, 0.002f, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
+        new OptimizerSettings(OptimizerKind.AdamW, 0.002, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
         BatchSize: 128, ChunkSize: 32, Epochs: 6, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0, Augment: RunSpec.Shift2);
 
     public static readonly IReadOnlyList<string> Names = ["nielsen", "pytorch-mlp", "fast-98"];
