@@ -1,3 +1,4 @@
+using Backprop.Core;
 using Backprop.Core.Data;
 using Backprop.Core.Model;
 using Backprop.Core.Numerics;
@@ -22,19 +23,52 @@ public sealed class OwnDatasetTests : IDisposable
     }
 
     [Fact]
-    public void A_csv_folder_loads_with_a_header_and_its_classes_from_the_largest_label()
+    public void A_csv_folder_loads_with_a_header_and_its_classes_from_the_largest_training_label()
     {
-        var dir = Folder("csv", "label,a,b,c\r\n0,0,128,255\r\n2,1,2,3\r\n", "1,9,8,7\n3,255,0,0\n");
+        var dir = Folder("csv", "label,a,b,c\r\n0,0,128,255\r\n2,1,2,3\r\n", "1,9,8,7\n0,255,0,0\n");
         var data = DatasetCatalog.LoadOwn(dir);
         Assert.Equal(2, data.Train.Count);
         Assert.Equal(2, data.Test.Count);
         Assert.Equal(3, data.Train.Features);
         Assert.Equal((1, 3), (data.Train.Rows, data.Train.Cols));
-        Assert.Equal(4, data.Train.Classes);   // label 3 in the test file
-        Assert.Equal(4, data.Test.Classes);
+        Assert.Equal(3, data.Train.Classes);   // label 2 in the training file
+        Assert.Equal(3, data.Test.Classes);
         Assert.Equal(new byte[] { 0, 128, 255, 1, 2, 3 }, data.Train.Pixels);
         Assert.Equal(new byte[] { 0, 2 }, data.Train.Labels);
-        Assert.Equal(new byte[] { 1, 3 }, data.Test.Labels);
+        Assert.Equal(new byte[] { 1, 0 }, data.Test.Labels);
+    }
+
+    [Fact]
+    public void A_test_label_outside_the_training_labels_classes_is_one_line_naming_the_test_file()
+    {
+        var csv = Folder("test-label", "label,a\n0,1\n2,3\n", "label,a\n1,9\n3,255\n");
+        var e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(csv));
+        Assert.Equal(Path.Combine(csv, "test.csv: line 3: label 3 is outside the training file's classes 0..2"), e.Message);
+
+        var data = SyntheticDigits.Create(trainCount: 30, testCount: 10, seed: 3, side: 5, classes: 3);
+        var idx = Path.Combine(_dir, "idx-test-label");
+        IdxWriter.WriteDataset(idx, data);
+        byte[] labels = (byte[])data.Test.Labels.Clone();
+        labels[7] = 3;
+        IdxWriter.WriteLabels(Path.Combine(idx, DatasetCatalog.TestLabels), labels);
+        e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(idx));
+        Assert.Equal(Path.Combine(idx, DatasetCatalog.TestLabels + ": label 3 at index 7 is outside 0..2"), e.Message);
+    }
+
+    [Fact]
+    public void A_csv_line_longer_than_the_cap_is_refused_with_its_line_before_it_is_read_whole()
+    {
+        // A row of the widest input fits; a line of 1 Mi + 1 characters (no line break) does not.
+        string widest = "1," + string.Join(',', Enumerable.Repeat("255", ResourceLimits.MaxLayerWidth)) + "\n";
+        Assert.True(widest.Length < CsvReader.MaxLineChars);
+        var dir = Folder("long", "0,1\n1,2\n" + new string('7', CsvReader.MaxLineChars + 1), "0,1\n");
+        var e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(dir));
+        Assert.Equal(Path.Combine(dir, $"train.csv: line 3: longer than {CsvReader.MaxLineChars} characters"), e.Message);
+        File.WriteAllText(Path.Combine(dir, DatasetCatalog.TrainCsv), "0,1\n1,2\n" + new string('7', CsvReader.MaxLineChars));
+        Assert.Contains("train.csv: line 3: a label and no values", Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(dir)).Message);
+
+        var wide = Folder("wide", widest + widest, widest);
+        Assert.Equal(ResourceLimits.MaxLayerWidth, DatasetCatalog.LoadOwn(wide).Train.Features);
     }
 
     [Fact]
