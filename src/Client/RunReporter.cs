@@ -33,7 +33,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         OptimizerDetails(s.Optimizer) +
         $"; batch {s.BatchSize}, chunk {s.ChunkSize}; {s.Workers} worker{(s.Workers == 1 ? "" : "s")}; {s.Epochs} epochs; dataset {s.Dataset}" +
         (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
-        (s.Validation > 0 ? $"; last {s.Validation} training images held out for validation" : "") +
+        (s.Validation > 0 ? $"; {s.Validation} training images held out for validation (drawn from the seed)" : "") +
         (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
         (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + $"; seed {s.Seed}";
 

@@ -41,7 +41,7 @@ public static class TrainCommand
     private static readonly ClusterAddressOptions Address = new("Run on a running cluster through these gateways instead of an embedded silo");
     private static readonly Option<int?> Validation = new("--validation")
     {
-        Description = "Hold out the last N training images (never trained on) and report validation loss and accuracy after every epoch [default: 0, none]",
+        Description = "Hold out N training images drawn from the seed (fixed for the run, never trained on) and report validation loss and accuracy after every epoch [default: 0, none]",
     };
     private static readonly Option<int?> EarlyStop = new("--early-stop")
     {

@@ -12,7 +12,7 @@ namespace Backprop.Core.Training;
 public sealed class LocalTrainer : IDisposable
 {
     private readonly Dataset _train;
-    private readonly Dataset _all;
+    private readonly Dataset _validation;
     private readonly RunSpec _spec;
     private readonly StepGradient _gradient;
     private readonly Optimizer _optimizer;
@@ -27,8 +27,8 @@ public sealed class LocalTrainer : IDisposable
         spec.Validate(threads);
         if (spec.Validation >= train.Count)
             throw new ArgumentException($"validation: {spec.Validation} held-out images leave none of the {train.Count} training images to train on");
-        (_spec, _all) = (spec, train);
-        _train = train.Take(spec.TrainCount(train.Count));
+        _spec = spec;
+        (_train, _validation) = spec.Split(train);
         spec = spec.Resolve(_train.Count);
         _gradient = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads);
         Parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
@@ -63,8 +63,8 @@ public sealed class LocalTrainer : IDisposable
         return loss / samples;
     }
 
-    /// <summary>The held-out validation images (the last <see cref="RunSpec.Validation"/> training images) under the current parameters.</summary>
-    public Evaluation EvaluateValidation() => Evaluate(_all, _spec.ValidationStart(_all.Count), _all.Count);
+    /// <summary>The held-out validation images (<see cref="RunSpec.Split"/>) under the current parameters.</summary>
+    public Evaluation EvaluateValidation() => Evaluate(_validation, 0, _validation.Count);
 
     /// <summary>Samples [start, end) of a set as the cluster evaluates them: blocks of <see cref="Evaluation.Block"/>, added in order.</summary>
     public Evaluation Evaluate(Dataset data, int start, int end)

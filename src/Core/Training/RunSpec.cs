@@ -125,17 +125,50 @@ public sealed record RunSpec(
     /// <summary>Chunks of a full step (the last step of an epoch may have fewer).</summary>
     public int ChunksPerStep => (int)((BatchSize + (long)ChunkSize - 1) / ChunkSize);
 
-    /// <summary>
-    /// The training images a run trains on: the first ones, up to the train limit, never the last
-    /// <see cref="Validation"/> (held out for validation, as Nielsen's images 50,000..59,999).
-    /// </summary>
+    /// <summary>How many images a run trains on: those not held out (see <see cref="Split"/>), up to the train limit.</summary>
     public int TrainCount(int available) => TrainLimit == 0 ? available - Validation : Math.Min(TrainLimit, available - Validation);
+
+    /// <summary>
+    /// The run's training and validation sets, cut from the <paramref name="available"/> training images: <see cref="Validation"/>
+    /// held out (<see cref="HeldOut"/>), the others in their original order up to the train limit (<see cref="TrainCount"/>).
+    /// The one cut that the local trainer and every worker use.
+    /// </summary>
+    public (Dataset Train, Dataset Validation) Split(Dataset available)
+    {
+        if (Validation >= available.Count)
+            throw new ArgumentException($"validation: {Validation} held-out images leave none of the {available.Count} training images of {Dataset} to train on");
+        int[] held = HeldOut(Seed, available.Count, Validation);
+        var rest = new int[TrainCount(available.Count)];
+        for (int i = 0, h = 0, r = 0; r < rest.Length; i++)
+        {
+            if (h < held.Length && held[h] == i) h++;
+            else rest[r++] = i;
+        }
+        return (available.Select(rest), available.Select(held));
+    }
+
+    /// <summary>
+    /// The validation images of a run: <paramref name="count"/> of the <paramref name="available"/> training images, the
+    /// first places of a permutation drawn from the run's seed (a partial Fisher–Yates), ascending. Fixed by
+    /// (seed, available, count) alone, so every silo and every resume holds out the same images.
+    /// </summary>
+    public static int[] HeldOut(long seed, int available, int count)
+    {
+        var order = new int[available];
+        for (int i = 0; i < available; i++) order[i] = i;
+        var rng = Rng.For(seed, "validation");
+        for (int i = 0; i < count; i++)
+        {
+            int j = i + rng.NextInt(available - i);
+            (order[i], order[j]) = (order[j], order[i]);
+        }
+        var held = order[..count];
+        Array.Sort(held);
+        return held;
+    }
 
     /// <summary>What epoch <paramref name="epoch"/> trains on: the training images, shifted with --augment shift2 (never the validation or test images).</summary>
     public Dataset TrainingInput(Dataset train, int epoch) => Augment == Shift2 ? train.Shifted(Seed, epoch) : train;
-
-    /// <summary>The first held-out validation image of a training set of <paramref name="available"/> images.</summary>
-    public int ValidationStart(int available) => available - Validation;
 
     /// <summary>The spec with its input and output layers fitted to the data (a user's folder may have any image size and class count).</summary>
     public RunSpec FittedTo(Dataset train)

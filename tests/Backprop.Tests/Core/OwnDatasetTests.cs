@@ -205,18 +205,48 @@ public sealed class OwnDatasetTests : IDisposable
         BatchSize: 16, ChunkSize: 4, Epochs: 2, Workers: 1, Seed: 5, Dataset: "/own", TrainLimit: 0, Validation: validation);
 
     [Fact]
-    public void Validation_holds_out_the_last_images_which_are_never_trained_on()
+    public void Validation_holds_out_images_drawn_from_the_seed_which_are_never_trained_on()
     {
         var data = SyntheticDigits.Create(trainCount: 100, testCount: 10, seed: 4, side: 5, classes: 3);
-        using var held = new LocalTrainer(Spec(validation: 30), data.Train);
-        using var cut = new LocalTrainer(Spec(validation: 0), data.Train.Take(70));
-        for (int e = 0; e < 2; e++) Assert.Equal(cut.TrainEpoch(e), held.TrainEpoch(e));
-        Assert.Equal(cut.Parameters, held.Parameters);
+        int[] held = RunSpec.HeldOut(seed: 5, available: 100, count: 30);
+        // Fixed by (seed, size, count): the same again, another for another seed, and not the last 30 (nor any 30 in a row).
+        Assert.Equal(held, RunSpec.HeldOut(5, 100, 30));
+        Assert.NotEqual(held, RunSpec.HeldOut(6, 100, 30));
+        Assert.NotEqual(Enumerable.Range(70, 30), held);
+        Assert.True(held[^1] - held[0] > 29, string.Join(',', held));
+        Assert.Equal(30, held.Distinct().Count());
+        Assert.All(held, i => Assert.InRange(i, 0, 99));
 
-        // The validation images evaluated in the cluster's blocks: the same counts as evaluating them directly.
-        var validation = held.EvaluateValidation();
-        var direct = new ChunkRunner(Spec(0).Model, 4).Evaluate(data.Train, held.Parameters, 70, 100);
-        Assert.Equal((30, direct.Correct, direct.LossSum), (validation.Count, validation.Correct, validation.LossSum));
+        // Training on the others, in their order, is training without validation on exactly those images.
+        int[] rest = [.. Enumerable.Range(0, 100).Except(held)];
+        using var withHeld = new LocalTrainer(Spec(validation: 30), data.Train);
+        using var without = new LocalTrainer(Spec(validation: 0), data.Train.Select(rest));
+        for (int e = 0; e < 2; e++) Assert.Equal(without.TrainEpoch(e), withHeld.TrainEpoch(e));
+        Assert.Equal(without.Parameters, withHeld.Parameters);
+        var (train, validation) = Spec(30).Split(data.Train);
+        Assert.Equal(rest.Select(i => data.Train.Labels[i]), train.Labels);
+        Assert.Equal(held.Select(i => data.Train.Labels[i]), validation.Labels);
+
+        // The validation images evaluated in the cluster's blocks: the same counts as evaluating those images directly.
+        var evaluated = withHeld.EvaluateValidation();
+        var direct = new ChunkRunner(Spec(0).Model, 4).Evaluate(data.Train.Select(held), withHeld.Parameters, 0, 30);
+        Assert.Equal((30, direct.Correct, direct.LossSum), (evaluated.Count, evaluated.Correct, evaluated.LossSum));
+        var inputs = new float[2 * 25];
+        validation.CopyInputs([0, 29], inputs);
+        var expected = new float[2 * 25];
+        data.Train.CopyInputs([held[0], held[29]], expected);
+        Assert.Equal(expected, inputs);
+    }
+
+    [Fact]
+    public void The_train_limit_takes_the_first_images_that_are_not_held_out()
+    {
+        var data = SyntheticDigits.Create(trainCount: 50, testCount: 5, seed: 4, side: 5, classes: 3);
+        var (train, validation) = (Spec(10) with { TrainLimit = 20 }).Split(data.Train);
+        int[] held = RunSpec.HeldOut(5, 50, 10);
+        Assert.Equal(Enumerable.Range(0, 50).Except(held).Take(20).Select(i => data.Train.Labels[i]), train.Labels);
+        Assert.Equal(10, validation.Count);
+        Assert.Equal(20, (Spec(10) with { TrainLimit = 20 }).TrainCount(50));
     }
 
     [Theory]
