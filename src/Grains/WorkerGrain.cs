@@ -242,11 +242,15 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     {
         // Checked once per spec and hash, not on every step.
         if (_data is { } known && known.Spec == spec && known.Sha256 == expectedSha256) return known.Data;
-        string sha = await datasets.Sha256(spec.Dataset);
-        if (sha != expectedSha256)
-            throw new DataMismatchException(
-                $"silo {silo.SiloAddress.Endpoint}: its data set '{spec.Dataset}' (sha256 {sha[..12]}...) differs from the run's ({expectedSha256}); check {datasets.DataDir}");
-        var data = await datasets.Get(spec.Dataset);
+        Backprop.Core.Data.TrainTest data;
+        try
+        {
+            data = await datasets.Get(spec.Dataset, expectedSha256);
+        }
+        catch (DataMismatchException e)
+        {
+            throw new DataMismatchException($"silo {silo.SiloAddress.Endpoint}: {e.Message}");
+        }
         spec.ValidateAgainst(data.Train);
         var (train, validation) = spec.Split(data.Train);
         _data = (spec, expectedSha256, new RunData(train, validation, data.Test));

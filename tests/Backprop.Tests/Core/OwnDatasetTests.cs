@@ -200,6 +200,40 @@ public sealed class OwnDatasetTests : IDisposable
         Assert.Equal(1f, other[12]);
     }
 
+    [Fact]
+    public async Task A_silo_holds_a_folder_by_path_and_content_and_reads_it_again_when_its_files_change()
+    {
+        var cache = new Backprop.Grains.Hosting.DatasetCache(Path.Combine(_dir, "data"), allowFetch: false,
+            Microsoft.Extensions.Logging.Abstractions.NullLogger<Backprop.Grains.Hosting.DatasetCache>.Instance);
+        var dir = Path.Combine(_dir, "versions");
+        var first = SyntheticDigits.Create(trainCount: 20, testCount: 5, seed: 8, side: 4, classes: 2);
+        var second = SyntheticDigits.Create(trainCount: 24, testCount: 5, seed: 9, side: 4, classes: 2);
+        IdxWriter.WriteDataset(dir, first);
+        var (loaded, sha1) = await cache.Current(dir);
+        Assert.Equal(first.Train.Pixels, loaded.Train.Pixels);
+
+        // The files change while the silo runs: a run of the first version keeps its copy, a new run gets the second.
+        IdxWriter.WriteDataset(dir, second);
+        Assert.Equal(first.Train.Pixels, (await cache.Get(dir, sha1)).Train.Pixels);
+        var (now, sha2) = await cache.Current(dir);
+        Assert.NotEqual(sha1, sha2);
+        Assert.Equal(second.Train.Pixels, now.Train.Pixels);
+        Assert.Equal(sha2, await cache.Sha256(dir));
+        Assert.Equal(second.Train.Pixels, (await cache.Get(dir, sha2)).Train.Pixels);
+
+        // The first version is no longer on disk: its runs get one line naming the folder and both hashes.
+        var e = await Assert.ThrowsAsync<Backprop.Grains.DataMismatchException>(() => cache.Get(dir, sha1));
+        Assert.Equal($"{dir}: its files hash to sha256 {sha2}, which differs from the run's {sha1} (changed since the run started?)", e.Message);
+        var other = new Backprop.Grains.Hosting.DatasetCache(Path.Combine(_dir, "data"), allowFetch: false,
+            Microsoft.Extensions.Logging.Abstractions.NullLogger<Backprop.Grains.Hosting.DatasetCache>.Instance);
+        Assert.Contains(sha1, (await Assert.ThrowsAsync<Backprop.Grains.DataMismatchException>(() => other.Get(dir, sha1))).Message);
+
+        // Put back, the first version is read again for the run that asks for it.
+        IdxWriter.WriteDataset(dir, first);
+        Assert.Equal(first.Train.Pixels, (await cache.Get(dir, sha1)).Train.Pixels);
+        Assert.Equal(sha1, await cache.Sha256(dir));
+    }
+
     private static RunSpec Spec(int validation) => new(
         new ModelSpec([25, 8, 3], Activation.Relu, Loss.CrossEntropy), InitScheme.PyTorch, new OptimizerSettings(OptimizerKind.Momentum, 0.05f, 0.9f),
         BatchSize: 16, ChunkSize: 4, Epochs: 2, Workers: 1, Seed: 5, Dataset: "/own", TrainLimit: 0, Validation: validation);
