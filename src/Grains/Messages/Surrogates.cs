@@ -36,6 +36,7 @@ public struct RunSpecSurrogate
     [Id(23)] public double LrMin;
     [Id(24)] public int WarmupSteps;
     [Id(25)] public int StepsPerEpoch;
+    [Id(26)] public double ClipNorm;
     [Id(30)] public int Validation;
     [Id(31)] public int EarlyStop;
     [Id(32)] public bool KeepBest;
@@ -48,7 +49,7 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
     public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
         new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRate, s.Momentum, s.WeightDecay, s.Beta1, s.Beta2, s.Eps, s.Schedule, s.LrStepEpochs, s.LrGamma, s.LrMin, s.WarmupSteps),
         s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards, s.StepsPerEpoch,
-        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment);
+        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment, s.ClipNorm);
 
     public RunSpecSurrogate ConvertToSurrogate(in RunSpec v) => new()
     {
@@ -59,7 +60,7 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
         WeightDecay = v.Optimizer.WeightDecay, Beta1 = v.Optimizer.Beta1, Beta2 = v.Optimizer.Beta2, Eps = v.Optimizer.Eps,
         Schedule = v.Optimizer.Schedule, LrStepEpochs = v.Optimizer.LrStepEpochs, LrGamma = v.Optimizer.LrGamma, LrMin = v.Optimizer.LrMin,
         WarmupSteps = v.Optimizer.WarmupSteps, StepsPerEpoch = v.StepsPerEpoch,
-        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment,
+        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment, ClipNorm = v.ClipNorm,
     };
 }
 
