@@ -35,7 +35,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
         (s.Validation > 0 ? $"; {s.Validation} training images held out for validation (drawn from the seed)" : "") +
         (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
-        (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + $"; seed {s.Seed}";
+        (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + (s.ClipNorm > 0 ? $"; clip-norm {s.ClipNorm:R}" : "") + $"; seed {s.Seed}";
 
     private static string OptimizerDetails(OptimizerSettings o) =>
         (o.Kind is OptimizerKind.Momentum or OptimizerKind.Nesterov ? $" momentum {o.Momentum}" : "") +

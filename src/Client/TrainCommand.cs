@@ -30,6 +30,10 @@ public static class TrainCommand
     private static readonly Option<double?> LrGamma = new("--lr-gamma") { Description = "Step schedule: the factor applied every --lr-step-epochs [default: 0.1]" };
     private static readonly Option<double?> LrMin = new("--lr-min") { Description = "Cosine and one-cycle: the rate at the last step [default: cosine 0, one-cycle lr/25/1e4 as PyTorch's OneCycleLR]" };
     private static readonly Option<int?> WarmupSteps = new("--warmup-steps") { Description = "Linear warm-up over the first N steps (any schedule; one-cycle: its rising phase, default 30% of the run) [default: 0]" };
+    private static readonly Option<double?> ClipNorm = new("--clip-norm")
+    {
+        Description = "Clip the step's mean gradient to this global 2-norm, as torch.nn.utils.clip_grad_norm_ (the same bits for any worker or shard count; slices of the server are then cut on 1024-float tiles) [default: 0, none]",
+    };
     private static readonly Option<int?> BatchSize = new("--batch-size") { Description = "Global batch size B (independent of the worker count)" };
     private static readonly Option<int?> ChunkSize = new("--chunk-size") { Description = "Samples per chunk, the unit of work and reduction [default: B/4 rounded up]" };
     private static readonly Option<int?> Epochs = new("--epochs") { Description = "Epochs to train" };
@@ -79,7 +83,7 @@ public static class TrainCommand
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, WeightDecay, Beta1, Beta2, Eps,
-            Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, BatchSize, ChunkSize, Epochs, Workers, Seed,
+            Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, ClipNorm, BatchSize, ChunkSize, Epochs, Workers, Seed,
             TrainLimit, Dataset, DataDir, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards, HttpPort,
             Validation, EarlyStop, Keep, Augment,
         };
@@ -126,6 +130,7 @@ public static class TrainCommand
         if (parse.GetValue(LrMin) is { } lrMin) optimizer = optimizer with { LrMin = lrMin };
         if (parse.GetValue(WarmupSteps) is { } warmup) optimizer = optimizer with { WarmupSteps = warmup };
         spec = spec with { Optimizer = optimizer };
+        if (parse.GetValue(ClipNorm) is { } clip) spec = spec with { ClipNorm = clip };
 
         if (parse.GetValue(BatchSize) is { } b) spec = spec with { BatchSize = b, ChunkSize = RunSpec.DefaultChunkSize(b) };
         if (parse.GetValue(ChunkSize) is { } c) spec = spec with { ChunkSize = c };

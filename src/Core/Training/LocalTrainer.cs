@@ -19,6 +19,8 @@ public sealed class LocalTrainer : IDisposable
     private readonly float[] _optimizerState;
     private readonly GradientBlock _update;
     private readonly EpochPlan _plan;
+    private readonly double[] _normSums;
+    private readonly float[] _clipScratch;
     private int _stepSamples;
     private long _step;
 
@@ -35,6 +37,8 @@ public sealed class LocalTrainer : IDisposable
         _optimizer = spec.CreateOptimizer();
         _optimizerState = new float[checked(_optimizer.StateVectors * Parameters.Length)];
         _plan = new EpochPlan(_train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
+        bool clips = spec.ClipNorm > 0;
+        (_normSums, _clipScratch) = (new double[clips ? GradientClip.Tiles(Parameters.Length) : 0], new float[clips ? GradientClip.Tile : 0]);
         // The step is element-wise: each backprop thread updates the entries whose gradient sum it just finished.
         _update = (start, gradient) =>
         {
@@ -57,10 +61,26 @@ public sealed class LocalTrainer : IDisposable
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
             (_stepSamples, _step) = (plan.StepSize(step), (long)epoch * plan.Steps + step);
-            loss += _gradient.SumStep(input, plan, step, Parameters, _update);
+            loss += _spec.ClipNorm > 0 ? ClippedStep(input, plan, step) : _gradient.SumStep(input, plan, step, Parameters, _update);
             samples += _stepSamples;
         }
         return loss / samples;
+    }
+
+    /// <summary>
+    /// A step whose gradient is clipped: the norm needs the whole sum before any parameter changes, so the sum is
+    /// finished first and then scaled and applied (the shards do the same, each over its slice).
+    /// </summary>
+    private double ClippedStep(Dataset input, EpochPlan plan, int step)
+    {
+        double loss = _gradient.SumBlock(input, plan, step, 0, plan.ChunkCount(step), Parameters, nextStepChunk: 0);
+        var gradient = _gradient.Result.Span;
+        GradientClip.SquaredSums(gradient, _normSums);
+        double total = GradientClip.Total(_normSums);
+        // A non-finite gradient is stepped as it is, as without clipping: LocalTrainer does not judge divergence.
+        float scale = double.IsFinite(total) ? GradientClip.Scale(total, _stepSamples, _spec.ClipNorm) : 1f;
+        GradientClip.Step(_optimizer, _step, scale, _stepSamples, Parameters, gradient, _optimizerState, Parameters, _optimizerState, _clipScratch);
+        return loss;
     }
 
     /// <summary>The held-out validation images (<see cref="RunSpec.Split"/>) under the current parameters.</summary>

@@ -26,7 +26,8 @@ public sealed record RunSpec(
     int Validation = 0,
     int EarlyStop = 0,
     bool KeepBest = false,
-    string Augment = RunSpec.NoAugment)
+    string Augment = RunSpec.NoAugment,
+    double ClipNorm = 0)
 {
     public const string NoAugment = "none";
     /// <summary>Training images shifted by up to ±2 pixels, drawn from (seed, epoch, sample index); see <see cref="Data.Dataset.Shifted"/>.</summary>
@@ -60,6 +61,7 @@ public sealed record RunSpec(
         if (EarlyStop > 0 && Validation == 0) throw new ArgumentException("early-stop: needs --validation (the test set is never used for a decision)");
         if (Augment is not (NoAugment or Shift2)) throw new ArgumentException($"augment: '{Augment}' is not one of {NoAugment}, {Shift2}");
         if (KeepBest && Validation == 0) throw new ArgumentException("keep: best needs --validation (the test set is never used for a decision)");
+        if (!(ClipNorm >= 0) || double.IsInfinity(ClipNorm)) throw new ArgumentException($"clip-norm: {ClipNorm} is not a non-negative finite number (0: no clipping)");
         if (!Enum.IsDefined(Init)) throw new ArgumentException($"init: {(int)Init} is not a known scheme");
         Shards.Validate();
         // A step's chunk sums, all of them, could come from one process in one message.
@@ -120,7 +122,8 @@ public sealed record RunSpec(
     public double EpochLearningRate(int epoch) =>
         new LearningRateSchedule(Optimizer, Epochs, StepsPerEpoch).At((long)(epoch - 1) * StepsPerEpoch);
 
-    public ShardLayout Shards => new((int)Model.ParameterCount, ServerShards);
+    /// <summary>The cut of the parameters over the server's shards: on norm tiles when the gradient is clipped (see <see cref="GradientClip"/>).</summary>
+    public ShardLayout Shards => new((int)Model.ParameterCount, ServerShards, ClipNorm > 0 ? GradientClip.Tile : ShardLayout.CacheLine);
 
     /// <summary>Chunks of a full step (the last step of an epoch may have fewer).</summary>
     public int ChunksPerStep => (int)((BatchSize + (long)ChunkSize - 1) / ChunkSize);

@@ -37,6 +37,7 @@ public struct RunSpecSurrogate
     [Id(23)] public double LrMin;
     [Id(24)] public int WarmupSteps;
     [Id(25)] public int StepsPerEpoch;
+    [Id(26)] public double ClipNorm;
     /// <summary>The rate as a double (PyTorch's Python float); 0 in a record of an earlier version, which has <see cref="LearningRate"/> only.</summary>
     [Id(27)] public double LearningRateDouble;
     /// <summary>Whether <see cref="LrMin"/> was given: false in a record of an earlier version, whose lr-min 0 was meant (its default then).</summary>
@@ -53,7 +54,7 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
     public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
         new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRateDouble != 0 ? s.LearningRateDouble : s.LearningRate, s.Momentum, s.WeightDecay, s.Beta1, s.Beta2, s.Eps, s.Schedule, s.LrStepEpochs, s.LrGamma, LrMinOf(s), s.WarmupSteps),
         s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards, s.StepsPerEpoch,
-        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment);
+        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment, s.ClipNorm);
 
     /// <summary>An earlier version's record always holds lr-min (0 by default), and its runs ended there: it stays given.</summary>
     private static double? LrMinOf(in RunSpecSurrogate s) => s.LrMinGiven || s.LearningRateDouble == 0 ? s.LrMin : null;
@@ -67,7 +68,7 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
         WeightDecay = v.Optimizer.WeightDecay, Beta1 = v.Optimizer.Beta1, Beta2 = v.Optimizer.Beta2, Eps = v.Optimizer.Eps,
         Schedule = v.Optimizer.Schedule, LrStepEpochs = v.Optimizer.LrStepEpochs, LrGamma = v.Optimizer.LrGamma, LrMin = v.Optimizer.LrMin ?? 0, LrMinGiven = v.Optimizer.LrMin is not null,
         WarmupSteps = v.Optimizer.WarmupSteps, StepsPerEpoch = v.StepsPerEpoch,
-        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment,
+        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment, ClipNorm = v.ClipNorm,
     };
 }
 

@@ -118,23 +118,34 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     private static readonly OptimizerSettings AdamW = new(OptimizerKind.AdamW, 2e-3f, 0, WeightDecay: 0.01, Schedule: ScheduleKind.Cosine, WarmupSteps: 5, LrMin: 1e-4);
 
     [Theory]
-    [InlineData(1, false)]
-    [InlineData(2, false)]
-    [InlineData(3, false)]
-    [InlineData(7, false)]
-    [InlineData(1, true)]
-    [InlineData(2, true)]
-    [InlineData(3, true)]
-    public async Task Any_shard_and_worker_count_gives_the_bits_of_a_single_process(int shards, bool adamW)
+    [InlineData(1, false, 0)]
+    [InlineData(2, false, 0)]
+    [InlineData(3, false, 0)]
+    [InlineData(7, false, 0)]
+    [InlineData(1, true, 0)]
+    [InlineData(2, true, 0)]
+    [InlineData(3, true, 0)]
+    // Clipped: the shards' norm parts added up by shard 0 (a bound of 0.05 clips steps of this run: checked against the run without it).
+    [InlineData(1, false, 0.05)]
+    [InlineData(2, true, 0.05)]
+    [InlineData(3, false, 0.05)]
+    [InlineData(7, true, 0.05)]
+    public async Task Any_shard_and_worker_count_gives_the_bits_of_a_single_process(int shards, bool adamW, double clipNorm)
     {
-        var spec = Spec(1) with { Epochs = 1, Seed = 11, ServerShards = shards };
+        var spec = Spec(1) with { Epochs = 1, Seed = 11, ServerShards = shards, ClipNorm = clipNorm };
         if (adamW) spec = spec with { Optimizer = AdamW };
         using var local = new LocalTrainer(spec, fixture.Data.Train);
         local.TrainEpoch(0);
         string expected = ParameterHash.Sha256(local.Parameters);
+        if (clipNorm > 0)
+        {
+            using var unclipped = new LocalTrainer(spec with { ClipNorm = 0 }, fixture.Data.Train);
+            unclipped.TrainEpoch(0);
+            Assert.NotEqual(expected, ParameterHash.Sha256(unclipped.Parameters));
+        }
         foreach (int workers in new[] { 1, 3, 4 })
         {
-            var status = await RunToEnd($"shards-{shards}-workers-{workers}{(adamW ? "-adamw" : "")}", spec with { Workers = workers });
+            var status = await RunToEnd($"shards-{shards}-workers-{workers}{(adamW ? "-adamw" : "")}{(clipNorm > 0 ? "-clip" : "")}", spec with { Workers = workers });
             Assert.Equal(expected, status.Epochs[^1].ParameterSha256);
             Assert.Equal(shards, status.ShardSilos.Length);
             // Spread by shard number over the three silos.
