@@ -28,7 +28,8 @@ public sealed record OptimizerSettings(
     public void Validate()
     {
         if (!Enum.IsDefined(Kind)) throw new ArgumentException($"optimizer: {(int)Kind} is not a known optimizer");
-        if (!(LearningRate > 0) || double.IsInfinity(LearningRate))
+        // The kernels take it as a float: a rate past float's range would be infinite there.
+        if (!(LearningRate > 0 && LearningRate <= float.MaxValue))
             throw new ArgumentException($"lr: {LearningRate} is not a positive finite number");
         if (!(WeightDecay >= 0) || double.IsInfinity(WeightDecay))
             throw new ArgumentException($"weight-decay: {WeightDecay} is not a non-negative finite number");
