@@ -51,6 +51,8 @@ public sealed class ParameterShardGrain(
     private const int Tile = 4096;
     /// <summary>How long a push waits for the rest of its step; well under the response timeout, so a redo queued behind a waiting worker is not held up long.</summary>
     private static readonly TimeSpan PushWait = TimeSpan.FromSeconds(2);
+    /// <summary>How much longer a push waits once its step has every block and only the norm is missing (normally a few ms).</summary>
+    private static readonly TimeSpan NormPendingWait = TimeSpan.FromSeconds(5);
     /// <summary>How long shard 0 holds a norm part's call for the other parts, well under the response timeout; the caller asks again.</summary>
     private static readonly TimeSpan NormWait = TimeSpan.FromSeconds(5);
     /// <summary>How long a shard waits for a step's norm before it gives the step up (its pushes fail, the coordinator attaches again).</summary>
@@ -89,6 +91,9 @@ public sealed class ParameterShardGrain(
     private double[] _tileSums = [];
     // Shard 0 of a run that clips: the parts of the step whose norm is being added up, and the last total.
     private NormGather? _norm;
+    /// <summary>The waiter of a step whose blocks are all here and whose norm is being added up; the pass's time before the wait.</summary>
+    private Task<PushReply>? _normPending;
+    private double _reduceSeconds;
     private (long Session, long Step, double Total)? _lastNorm;
 
     private ReadOnlyMemory<float>[] _leaves = [];
@@ -223,7 +228,16 @@ public sealed class ParameterShardGrain(
         }
         try
         {
-            return await reply.WaitAsync(PushWait);
+            try
+            {
+                return await reply.WaitAsync(PushWait);
+            }
+            catch (TimeoutException) when (reply == _normPending)
+            {
+                // Every block is here and the step waits only for the other shards' norm parts: a worker that gave up now
+                // would stop its window on a step that is about to be applied.
+                return await reply.WaitAsync(NormPendingWait);
+            }
         }
         catch (TimeoutException)
         {
@@ -382,20 +396,25 @@ public sealed class ParameterShardGrain(
         for (int b = 0; b < count; b++) stepLoss += _blockLoss[b];   // block order: the coordinator adds them the same way
         if (!double.IsFinite(stepLoss))
         {
-            Finish($"training loss is {stepLoss}", stepLoss, start);
+            Finish($"training loss is {stepLoss}", stepLoss, Stopwatch.GetElapsedTime(start).TotalSeconds);
             return;
         }
         if (spec.ClipNorm > 0)
         {
             Reduce(clip: true, count, chunks, lastBlock, last);
-            _ = ClipAndStep(spec, _applied, stepLoss, start);
+            (_normPending, _reduceSeconds) = (_applied.Task, Stopwatch.GetElapsedTime(start).TotalSeconds);
+            _ = ClipAndStep(spec, _applied, stepLoss);
             return;
         }
-        Finish(Reduce(clip: false, count, chunks, lastBlock, last) ? null : "the gradient has non-finite values", stepLoss, start);
+        bool finite = Reduce(clip: false, count, chunks, lastBlock, last);
+        Finish(finite ? null : "the gradient has non-finite values", stepLoss, Stopwatch.GetElapsedTime(start).TotalSeconds);
     }
 
-    /// <summary>The step is decided: swaps in the version it made (none when it diverged) and answers every waiting push.</summary>
-    private void Finish(string? divergence, double stepLoss, long start)
+    /// <summary>
+    /// The step is decided: swaps in the version it made (none when it diverged) and answers every waiting push.
+    /// <paramref name="seconds"/>: the shard's own pass (reduce and step), without a wait for the norm.
+    /// </summary>
+    private void Finish(string? divergence, double stepLoss, double seconds)
     {
         if (divergence is null)
         {
@@ -409,7 +428,6 @@ public sealed class ParameterShardGrain(
         {
             _hasPrevious = false;   // the refused step wrote part of its tiles over the version before
         }
-        double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
         var waiter = _applied;
         EndGather(null);
         waiter.TrySetResult(Reply(divergence is null ? Current() : null, divergence, seconds));
@@ -506,7 +524,7 @@ public sealed class ParameterShardGrain(
     /// the scale, and the step into the spare buffers. Runs past the push that completed the step; a shard attached or
     /// moved meanwhile has ended the gather, and then nothing here changes the shard.
     /// </summary>
-    private async Task ClipAndStep(RunSpec spec, TaskCompletionSource<PushReply> waiter, double stepLoss, long start)
+    private async Task ClipAndStep(RunSpec spec, TaskCompletionSource<PushReply> waiter, double stepLoss)
     {
         try
         {
@@ -515,12 +533,13 @@ public sealed class ParameterShardGrain(
             if (waiter != _applied) return;
             if (!double.IsFinite(total))
             {
-                Finish("the gradient has non-finite values", stepLoss, start);
+                Finish("the gradient has non-finite values", stepLoss, _reduceSeconds);
                 return;
             }
+            long start = Stopwatch.GetTimestamp();
             GradientClip.Step(_optimizer!, _step, GradientClip.Scale(total, samples, spec.ClipNorm), samples, _parameters, _gradient,
                 _state, _previous, _previousState, _tile);
-            Finish(null, stepLoss, start);
+            Finish(null, stepLoss, _reduceSeconds + Stopwatch.GetElapsedTime(start).TotalSeconds);
         }
         catch (Exception e)
         {
@@ -592,9 +611,8 @@ public sealed class ParameterShardGrain(
             gather.Parts[shard] = tileSums;
             if (++gather.Count == gather.Parts.Length)
             {
-                // Shard order is tile order: the same additions as over the whole vector.
-                double total = 0;
-                foreach (var part in gather.Parts) total += GradientClip.Total(part);
+                // Shard order is tile order: one run of additions over all tiles, as over the whole vector.
+                double total = GradientClip.Total(gather.Parts!);
                 _lastNorm = (session, step, total);
                 _norm = null;
                 gather.Total.TrySetResult(total);
@@ -618,7 +636,7 @@ public sealed class ParameterShardGrain(
     {
         var waiter = _applied;
         _applied = NewWaiter();
-        (_cut, _arrivedCount) = (null, 0);
+        (_cut, _arrivedCount, _normPending) = (null, 0, null);
         Array.Clear(_arrived);
         Array.Clear(_nodeEnd);
         Array.Fill(_nodeFirst, -1);

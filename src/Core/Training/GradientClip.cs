@@ -36,9 +36,21 @@ public static class GradientClip
     }
 
     /// <summary>The tiles' sums added left to right: the squared norm of the gradient sum.</summary>
-    public static double Total(ReadOnlySpan<double> sums)
+    public static double Total(ReadOnlySpan<double> sums) => Add(0, sums);
+
+    /// <summary>
+    /// The tiles' sums of every shard's slice, in shard order, added left to right as one run of tiles: the same
+    /// additions as <see cref="Total"/> over the whole vector's tiles (never a subtotal per shard, which rounds otherwise).
+    /// </summary>
+    public static double Total(IEnumerable<double[]> shardTileSums)
     {
         double total = 0;
+        foreach (var sums in shardTileSums) total = Add(total, sums);
+        return total;
+    }
+
+    private static double Add(double total, ReadOnlySpan<double> sums)
+    {
         foreach (double s in sums) total += s;
         return total;
     }

@@ -23,6 +23,6 @@ public readonly record struct ShardLayout(int Parameters, int Shards, int Align 
         if (Shards < 1 || Shards > MaxShards) throw new ArgumentException($"server-shards: {Shards} is outside 1..{MaxShards}");
         for (int j = 0; j < Shards; j++)
             if (Length(j) < 1)
-                throw new ArgumentException($"server-shards: {Shards} shards of {Parameters} parameters leave shard {j} empty (slices are cut on multiples of {Align})");
+                throw new ArgumentException($"server-shards: {Shards} shards of {Parameters} parameters leave shard {j} empty (slices are cut on multiples of {Align}{(Align == GradientClip.Tile ? " floats, the norm tiles of --clip-norm" : "")})");
     }
 }

@@ -27,16 +27,17 @@ public class GradientClipTests
 
         var layout = new ShardLayout(length, shards, GradientClip.Tile);
         layout.Validate();
-        var parts = new List<double>();
+        var parts = new List<double[]>();
         for (int j = 0; j < shards; j++)
         {
             Assert.Equal(0, layout.Start(j) % GradientClip.Tile);
             var sums = new double[GradientClip.Tiles(layout.Length(j))];
             GradientClip.SquaredSums(gradient.AsSpan(layout.Start(j), layout.Length(j)), sums);
-            parts.AddRange(sums);
+            parts.Add(sums);
         }
-        Assert.Equal(whole, parts.ToArray());
-        Assert.Equal(BitConverter.DoubleToInt64Bits(expected), BitConverter.DoubleToInt64Bits(GradientClip.Total(parts.ToArray())));
+        Assert.Equal(whole, parts.SelectMany(p => p).ToArray());
+        // What shard 0 computes from the shards' parts: the bits of the whole vector's total.
+        Assert.Equal(BitConverter.DoubleToInt64Bits(expected), BitConverter.DoubleToInt64Bits(GradientClip.Total(parts)));
         // And it is the squared norm: against a sum in decimal.
         decimal exact = gradient.Aggregate(0m, (sum, g) => sum + (decimal)((double)g * g));
         Assert.Equal((double)exact, expected, (double)exact * 1e-12);
