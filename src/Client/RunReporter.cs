@@ -33,9 +33,9 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         OptimizerDetails(s.Optimizer) +
         $"; batch {s.BatchSize}, chunk {s.ChunkSize}; {s.Workers} worker{(s.Workers == 1 ? "" : "s")}; {s.Epochs} epochs; dataset {s.Dataset}" +
         (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
-        (s.Validation > 0 ? $"; last {s.Validation} training images held out for validation" : "") +
+        (s.Validation > 0 ? $"; {s.Validation} training images held out for validation (drawn from the seed)" : "") +
         (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
-        (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + $"; seed {s.Seed}";
+        (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + (s.ClipNorm > 0 ? $"; clip-norm {s.ClipNorm:R}" : "") + $"; seed {s.Seed}";
 
     private static string OptimizerDetails(OptimizerSettings o) =>
         (o.Kind is OptimizerKind.Momentum or OptimizerKind.Nesterov ? $" momentum {o.Momentum}" : "") +
@@ -44,8 +44,8 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         o.Schedule switch
         {
             ScheduleKind.Step => $", x{o.LrGamma} every {o.LrStepEpochs} epochs",
-            ScheduleKind.Cosine => $", cosine to {o.LrMin}",
-            ScheduleKind.OneCycle => $", one-cycle to {o.LrMin}",
+            ScheduleKind.Cosine => $", cosine to {o.LrEnd}",
+            ScheduleKind.OneCycle => $", one-cycle to {o.LrEnd}",
             _ => "",
         } +
         (o.WarmupSteps > 0 ? $", warm-up {o.WarmupSteps} steps" : "");

@@ -19,17 +19,21 @@ public static class TrainCommand
     private static readonly Option<string?> LossOpt = Choice("--loss", "Output and cost: quadratic (sigmoid outputs) or cross-entropy (softmax)", ["quadratic", "cross-entropy"]);
     private static readonly Option<string?> InitOpt = Choice("--init", "Weight initialisation", ["normal", "pytorch", "he", "xavier"]);
     private static readonly Option<string?> OptimizerOpt = Choice("--optimizer", "Optimizer, as torch.optim writes it: sgd, momentum, nesterov (SGD with Nesterov momentum), adam, adamw (decoupled weight decay)", ["sgd", "momentum", "nesterov", "adam", "adamw"]);
-    private static readonly Option<float?> Lr = new("--lr") { Description = "Learning rate (eta); the peak rate of a schedule" };
+    private static readonly Option<double?> Lr = new("--lr") { Description = "Learning rate (eta), a double as PyTorch's; the peak rate of a schedule" };
     private static readonly Option<float?> MomentumOpt = new("--momentum") { Description = "Momentum (PyTorch's formulation); implies --optimizer momentum when > 0 (nesterov: default 0.9)" };
     private static readonly Option<double?> WeightDecay = new("--weight-decay") { Description = "Weight decay: L2 added to the gradient (sgd, momentum, nesterov, adam), decoupled for adamw [default: 0]" };
     private static readonly Option<double?> Beta1 = new("--beta1") { Description = "Adam's beta1, in [0, 1) [default: 0.9]" };
     private static readonly Option<double?> Beta2 = new("--beta2") { Description = "Adam's beta2, in [0, 1) [default: 0.999]" };
     private static readonly Option<double?> Eps = new("--eps") { Description = "Adam's eps, added to the root of the second moment [default: 1e-8]" };
-    private static readonly Option<string?> Schedule = Choice("--lr-schedule", "Learning-rate schedule over the run's steps: constant, step (x --lr-gamma every --lr-step-epochs), cosine (to --lr-min at the last step), one-cycle (PyTorch's OneCycleLR, peak --lr after the warm-up)", ["constant", "step", "cosine", "one-cycle"]);
+    private static readonly Option<string?> Schedule = Choice("--lr-schedule", "Learning-rate schedule over the run's steps: constant, step (x --lr-gamma every --lr-step-epochs), cosine (to --lr-min at the last step), one-cycle (PyTorch's OneCycleLR: from lr/25 up to --lr over the warm-up, pct_start = warm-up / steps, then down to --lr-min)", ["constant", "step", "cosine", "one-cycle"]);
     private static readonly Option<int?> LrStepEpochs = new("--lr-step-epochs") { Description = "Step schedule: multiply the rate by --lr-gamma every N epochs; implies --lr-schedule step" };
     private static readonly Option<double?> LrGamma = new("--lr-gamma") { Description = "Step schedule: the factor applied every --lr-step-epochs [default: 0.1]" };
-    private static readonly Option<double?> LrMin = new("--lr-min") { Description = "Cosine and one-cycle: the rate at the last step [default: 0]" };
+    private static readonly Option<double?> LrMin = new("--lr-min") { Description = "Cosine and one-cycle: the rate at the last step [default: cosine 0, one-cycle lr/25/1e4 as PyTorch's OneCycleLR]" };
     private static readonly Option<int?> WarmupSteps = new("--warmup-steps") { Description = "Linear warm-up over the first N steps (any schedule; one-cycle: its rising phase, default 30% of the run) [default: 0]" };
+    private static readonly Option<double?> ClipNorm = new("--clip-norm")
+    {
+        Description = "Clip the step's mean gradient to this global 2-norm, as torch.nn.utils.clip_grad_norm_ (the same bits for any worker or shard count; slices of the server are then cut on 1024-float tiles) [default: 0, none]",
+    };
     private static readonly Option<int?> BatchSize = new("--batch-size") { Description = "Global batch size B (independent of the worker count)" };
     private static readonly Option<int?> ChunkSize = new("--chunk-size") { Description = "Samples per chunk, the unit of work and reduction [default: B/4 rounded up]" };
     private static readonly Option<int?> Epochs = new("--epochs") { Description = "Epochs to train" };
@@ -41,7 +45,7 @@ public static class TrainCommand
     private static readonly ClusterAddressOptions Address = new("Run on a running cluster through these gateways instead of an embedded silo");
     private static readonly Option<int?> Validation = new("--validation")
     {
-        Description = "Hold out the last N training images (never trained on) and report validation loss and accuracy after every epoch [default: 0, none]",
+        Description = "Hold out N training images drawn from the seed (fixed for the run, never trained on) and report validation loss and accuracy after every epoch [default: 0, none]",
     };
     private static readonly Option<int?> EarlyStop = new("--early-stop")
     {
@@ -79,7 +83,7 @@ public static class TrainCommand
         var command = new Command("train", "Train a network and report test accuracy after every epoch")
         {
             Preset, Layers, ActivationOpt, LossOpt, InitOpt, OptimizerOpt, Lr, MomentumOpt, WeightDecay, Beta1, Beta2, Eps,
-            Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, BatchSize, ChunkSize, Epochs, Workers, Seed,
+            Schedule, LrStepEpochs, LrGamma, LrMin, WarmupSteps, ClipNorm, BatchSize, ChunkSize, Epochs, Workers, Seed,
             TrainLimit, Dataset, DataDir, RunId, ThreadsPerWorker, CheckpointEvery, ServerShards, HttpPort,
             Validation, EarlyStop, Keep, Augment,
         };
@@ -126,6 +130,7 @@ public static class TrainCommand
         if (parse.GetValue(LrMin) is { } lrMin) optimizer = optimizer with { LrMin = lrMin };
         if (parse.GetValue(WarmupSteps) is { } warmup) optimizer = optimizer with { WarmupSteps = warmup };
         spec = spec with { Optimizer = optimizer };
+        if (parse.GetValue(ClipNorm) is { } clip) spec = spec with { ClipNorm = clip };
 
         if (parse.GetValue(BatchSize) is { } b) spec = spec with { BatchSize = b, ChunkSize = RunSpec.DefaultChunkSize(b) };
         if (parse.GetValue(ChunkSize) is { } c) spec = spec with { ChunkSize = c };

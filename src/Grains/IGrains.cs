@@ -53,6 +53,13 @@ public interface IParameterShardGrain : IGrainWithStringKey
     /// </summary>
     [AlwaysInterleave]
     Task<PushReply> Push(GradientPush push);
+    /// <summary>
+    /// Shard 0 of a run that clips its gradient: takes another shard's part of step <see cref="NormPart.Step"/>'s
+    /// squared norm and answers the total over every shard once all parts are in (the same number for every shard),
+    /// or null after a short wait (ask again). Only from a shard attached to the same coordinator and session.
+    /// </summary>
+    [AlwaysInterleave]
+    Task<double?> GradientNorm(NormPart part);
     /// <summary>This shard's slice of version <paramref name="step"/>, the current one or the one before it.</summary>
     [AlwaysInterleave]
     Task<ParameterVersion> Pull(long session, long step);

@@ -51,6 +51,12 @@ public sealed class ParameterShardGrain(
     private const int Tile = 4096;
     /// <summary>How long a push waits for the rest of its step; well under the response timeout, so a redo queued behind a waiting worker is not held up long.</summary>
     private static readonly TimeSpan PushWait = TimeSpan.FromSeconds(2);
+    /// <summary>How much longer a push waits once its step has every block and only the norm is missing (normally a few ms).</summary>
+    private static readonly TimeSpan NormPendingWait = TimeSpan.FromSeconds(5);
+    /// <summary>How long shard 0 holds a norm part's call for the other parts, well under the response timeout; the caller asks again.</summary>
+    private static readonly TimeSpan NormWait = TimeSpan.FromSeconds(5);
+    /// <summary>How long a shard waits for a step's norm before it gives the step up (its pushes fail, the coordinator attaches again).</summary>
+    private static readonly TimeSpan NormGiveUp = TimeSpan.FromMinutes(2);
 
     private RunSpec? _spec;
     private Optimizer? _optimizer;
@@ -79,6 +85,16 @@ public sealed class ParameterShardGrain(
     private int _samples, _arrivedCount;
     private double _lossBefore;
     private TaskCompletionSource<PushReply> _applied = NewWaiter();
+
+    // A run that clips: the step's reduced gradient (the norm needs all of it before a tile is stepped) and Σ g² of its norm tiles.
+    private float[] _gradient = [];
+    private double[] _tileSums = [];
+    // Shard 0 of a run that clips: the parts of the step whose norm is being added up, and the last total.
+    private NormGather? _norm;
+    /// <summary>The waiter of a step whose blocks are all here and whose norm is being added up; the pass's time before the wait.</summary>
+    private Task<PushReply>? _normPending;
+    private double _reduceSeconds;
+    private (long Session, long Step, double Total)? _lastNorm;
 
     private ReadOnlyMemory<float>[] _leaves = [];
     private readonly float[] _tile = new float[Tile];
@@ -212,7 +228,16 @@ public sealed class ParameterShardGrain(
         }
         try
         {
-            return await reply.WaitAsync(PushWait);
+            try
+            {
+                return await reply.WaitAsync(PushWait);
+            }
+            catch (TimeoutException) when (reply == _normPending)
+            {
+                // Every block is here and the step waits only for the other shards' norm parts: a worker that gave up now
+                // would stop its window on a step that is about to be applied.
+                return await reply.WaitAsync(NormPendingWait);
+            }
         }
         catch (TimeoutException)
         {
@@ -369,8 +394,28 @@ public sealed class ParameterShardGrain(
         int count = _cut!.Length, chunks = (_samples + spec.ChunkSize - 1) / spec.ChunkSize;
         double stepLoss = 0;
         for (int b = 0; b < count; b++) stepLoss += _blockLoss[b];   // block order: the coordinator adds them the same way
-        string? divergence = !double.IsFinite(stepLoss) ? $"training loss is {stepLoss}"
-            : !StepFused(spec, count, chunks, lastBlock, last) ? "the gradient has non-finite values" : null;
+        if (!double.IsFinite(stepLoss))
+        {
+            Finish($"training loss is {stepLoss}", stepLoss, Stopwatch.GetElapsedTime(start).TotalSeconds);
+            return;
+        }
+        if (spec.ClipNorm > 0)
+        {
+            Reduce(clip: true, count, chunks, lastBlock, last);
+            (_normPending, _reduceSeconds) = (_applied.Task, Stopwatch.GetElapsedTime(start).TotalSeconds);
+            _ = ClipAndStep(spec, _applied, stepLoss);
+            return;
+        }
+        bool finite = Reduce(clip: false, count, chunks, lastBlock, last);
+        Finish(finite ? null : "the gradient has non-finite values", stepLoss, Stopwatch.GetElapsedTime(start).TotalSeconds);
+    }
+
+    /// <summary>
+    /// The step is decided: swaps in the version it made (none when it diverged) and answers every waiting push.
+    /// <paramref name="seconds"/>: the shard's own pass (reduce and step), without a wait for the norm.
+    /// </summary>
+    private void Finish(string? divergence, double stepLoss, double seconds)
+    {
         if (divergence is null)
         {
             (_parameters, _previous) = (_previous, _parameters);
@@ -383,7 +428,6 @@ public sealed class ParameterShardGrain(
         {
             _hasPrevious = false;   // the refused step wrote part of its tiles over the version before
         }
-        double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
         var waiter = _applied;
         EndGather(null);
         waiter.TrySetResult(Reply(divergence is null ? Current() : null, divergence, seconds));
@@ -431,11 +475,12 @@ public sealed class ParameterShardGrain(
         hi - lo >= 2 && PairwiseSum.IsNode(lo, hi, chunks) && mid == lo + PairwiseSum.LeftSize(hi - lo);
 
     /// <summary>
-    /// The blocks' slices combined with the tree above them a tile at a time, the total checked, and the optimizer's
-    /// step written to the spare buffers. False, with the current version untouched, when the gradient has a
-    /// non-finite value (an overflow to infinity in a tile's sum counts too).
+    /// The blocks' slices combined with the tree above them a tile at a time. Without <paramref name="clip"/> each tile
+    /// is checked and the optimizer's step written to the spare buffers while it is in L1: false, with the current
+    /// version untouched, when the gradient has a non-finite value (an overflow to infinity in a tile's sum counts too).
+    /// With it each tile goes to <see cref="_gradient"/> with its norm tiles' Σ g² (true): the step waits for the norm.
     /// </summary>
-    private bool StepFused(RunSpec spec, int count, int chunks, int lastBlock, ReadOnlyMemory<float> last)
+    private bool Reduce(bool clip, int count, int chunks, int lastBlock, ReadOnlyMemory<float> last)
     {
         if (_leaves.Length != count) _leaves = new ReadOnlyMemory<float>[count];
         // The nodes gathered so far and the last block, in chunk order: a cut of the tree, coarser than the blocks'.
@@ -452,8 +497,16 @@ public sealed class ParameterShardGrain(
             for (int start = 0; start < _length; start += Tile)
             {
                 int n = Math.Min(Tile, _length - start);
-                ReadOnlySpan<float> gradient = count == 1 ? _leaves[0].Span.Slice(start, n) : _tile.AsSpan(0, n);
-                if (count > 1) PairwiseSum.SumNodes(_leaves.AsSpan(0, count), frontStarts, chunks, start, _tile.AsSpan(0, n), _scratch);
+                var dest = clip ? _gradient.AsSpan(start, n) : _tile.AsSpan(0, n);
+                ReadOnlySpan<float> gradient = count == 1 ? _leaves[0].Span.Slice(start, n) : dest;
+                if (count > 1) PairwiseSum.SumNodes(_leaves.AsSpan(0, count), frontStarts, chunks, start, dest, _scratch);
+                if (clip)
+                {
+                    if (count == 1) gradient.CopyTo(dest);   // the last block's buffer goes back to the pool when its push returns
+                    // Tile is a multiple of the norm tile, and the slice starts on one: these are whole norm tiles of the run's.
+                    GradientClip.SquaredSums(dest, _tileSums.AsSpan(start / GradientClip.Tile, GradientClip.Tiles(n)));
+                    continue;
+                }
                 if (!float.IsFinite(TensorPrimitives.Sum(gradient))) return false;
                 _optimizer!.Step(_step, _parameters.AsSpan(start, n), gradient, _samples, new StateTile(_state, _length, start, n),
                     _previous.AsSpan(start, n), new StateTile(_previousState, _length, start, n));
@@ -466,16 +519,133 @@ public sealed class ParameterShardGrain(
         }
     }
 
+    /// <summary>
+    /// The rest of a clipped step, once every block is reduced: the norm over all shards (shard 0 adds up their parts),
+    /// the scale, and the step into the spare buffers. Runs past the push that completed the step; a shard attached or
+    /// moved meanwhile has ended the gather, and then nothing here changes the shard.
+    /// </summary>
+    private async Task ClipAndStep(RunSpec spec, TaskCompletionSource<PushReply> waiter, double stepLoss)
+    {
+        try
+        {
+            int samples = _samples;
+            double total = await NormTotal(waiter, _session, _step);
+            if (waiter != _applied) return;
+            if (!double.IsFinite(total))
+            {
+                Finish("the gradient has non-finite values", stepLoss, _reduceSeconds);
+                return;
+            }
+            long start = Stopwatch.GetTimestamp();
+            GradientClip.Step(_optimizer!, _step, GradientClip.Scale(total, samples, spec.ClipNorm), samples, _parameters, _gradient,
+                _state, _previous, _previousState, _tile);
+            Finish(null, stepLoss, _reduceSeconds + Stopwatch.GetElapsedTime(start).TotalSeconds);
+        }
+        catch (Exception e)
+        {
+            // The pushes waiting for this step fail; the coordinator attaches again and the step is redone.
+            if (waiter == _applied)
+                EndGather(e is StaleCoordinatorException or ShardMovedException ? e : new ShardMovedException($"shard {Shard}: step {_step}'s gradient norm: {e.Message}"));
+        }
+    }
+
+    /// <summary>The squared norm of the step's whole gradient: this shard's tiles alone, or every shard's added up by shard 0.</summary>
+    private async Task<double> NormTotal(TaskCompletionSource<PushReply> waiter, long session, long step)
+    {
+        if (_spec!.ServerShards == 1) return GradientClip.Total(_tileSums);
+        var sums = (double[])_tileSums.Clone();   // the part's own array: the next step rewrites the shard's
+        if (Shard == 0) return await Deposit(session, step, 0, sums).Task.WaitAsync(NormGiveUp);
+        var zero = GrainFactory.GetGrain<IParameterShardGrain>($"{RunIdOfKey()}/0");
+        var part = new NormPart(_incarnation, session, step, Shard, sums);
+        long asked = Stopwatch.GetTimestamp();
+        while (true)
+        {
+            if (await zero.GradientNorm(part) is { } total) return total;
+            if (waiter != _applied) return double.NaN;   // given up on meanwhile: the caller drops it
+            if (Stopwatch.GetElapsedTime(asked) > NormGiveUp)
+                throw new ShardMovedException($"shard {Shard}: shard 0 did not have every shard's part of step {step}'s gradient norm within {NormGiveUp.TotalMinutes:0} minutes");
+        }
+    }
+
+    public async Task<double?> GradientNorm(NormPart part)
+    {
+        if (part is null) throw new ArgumentException("no norm part");
+        CheckPositioned();
+        CheckOwner(part.Incarnation);
+        var spec = _spec!;
+        if (Shard != 0) throw new ArgumentException($"shard {Shard} is not shard 0: parts of a gradient norm go to shard 0");
+        if (spec.ClipNorm <= 0) throw new ArgumentException("the run does not clip its gradient: there is no norm to add up");
+        if (part.Shard < 1 || part.Shard >= spec.ServerShards)
+            throw new ArgumentException($"a norm part of shard {part.Shard}: the run's other shards are 1..{spec.ServerShards - 1}");
+        int tiles = GradientClip.Tiles(spec.Shards.Length(part.Shard));
+        if (part.TileSums is null || part.TileSums.Length != tiles)
+            throw new ArgumentException($"{part.TileSums?.Length ?? 0} tile sums for the {tiles} norm tiles of shard {part.Shard}");
+        foreach (double sum in part.TileSums)
+            if (sum < 0) throw new ArgumentException($"a tile's sum of squares {sum} is negative");
+        if (part.Session != _session) throw new ShardMovedException($"shard 0 was attached again since step {part.Step}'s norm was sent");
+        if (_lastNorm is { } last && last.Session == part.Session && last.Step == part.Step) return last.Total;
+        try
+        {
+            return await Deposit(part.Session, part.Step, part.Shard, part.TileSums).Task.WaitAsync(NormWait);
+        }
+        catch (TimeoutException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>Shard 0: takes shard <paramref name="shard"/>'s part of step <paramref name="step"/>'s norm; the total is set once every shard's is in.</summary>
+    private TaskCompletionSource<double> Deposit(long session, long step, int shard, double[] tileSums)
+    {
+        // Shard 0 moves past a step only once its norm is complete, so a part of any other step is left over from a redo given up on.
+        if (session != _session || step != _step)
+            throw new ShardMovedException($"shard 0 is at version {_step}; a part of step {step}'s gradient norm arrived");
+        if (_norm is not { } gather || gather.Session != session || gather.Step != step)
+        {
+            _norm?.Total.TrySetException(new ShardMovedException($"shard 0 went on to step {step}'s gradient norm"));
+            _norm = gather = new NormGather(session, step, _spec!.ServerShards);
+        }
+        // A part sent again (its call timed out) holds the same numbers: the first is kept.
+        if (gather.Parts[shard] is null)
+        {
+            gather.Parts[shard] = tileSums;
+            if (++gather.Count == gather.Parts.Length)
+            {
+                // Shard order is tile order: one run of additions over all tiles, as over the whole vector.
+                double total = GradientClip.Total(gather.Parts!);
+                _lastNorm = (session, step, total);
+                _norm = null;
+                gather.Total.TrySetResult(total);
+            }
+        }
+        return gather.Total;
+    }
+
+    /// <summary>The parts of one step's gradient norm that shard 0 holds so far.</summary>
+    private sealed class NormGather(long session, long step, int shards)
+    {
+        public long Session { get; } = session;
+        public long Step { get; } = step;
+        public double[]?[] Parts { get; } = new double[shards][];
+        public int Count { get; set; }
+        public TaskCompletionSource<double> Total { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
     /// <summary>Forgets the step being gathered; pushes still waiting for it get <paramref name="error"/> (none: the caller answers them).</summary>
     private void EndGather(Exception? error)
     {
         var waiter = _applied;
         _applied = NewWaiter();
-        (_cut, _arrivedCount) = (null, 0);
+        (_cut, _arrivedCount, _normPending) = (null, 0, null);
         Array.Clear(_arrived);
         Array.Clear(_nodeEnd);
         Array.Fill(_nodeFirst, -1);
-        if (error is not null) waiter.TrySetException(error);
+        if (error is not null)
+        {
+            waiter.TrySetException(error);
+            _norm?.Total.TrySetException(error);
+            _norm = null;
+        }
     }
 
     /// <summary>Attached and moved to a version: what pushes and pulls need.</summary>
@@ -530,6 +700,8 @@ public sealed class ParameterShardGrain(
         (_parameters, _previous) = (new float[_length], new float[_length]);
         (_state, _previousState) = (new float[stateLength], new float[stateLength]);
         _scratch = new float[PairwiseSum.ScratchFor(Tile, spec.ChunksPerStep)];
+        bool clips = spec.ClipNorm > 0;
+        (_gradient, _tileSums) = (clips ? new float[_length] : [], new double[clips ? GradientClip.Tiles(_length) : 0]);
         (_step, _hasPrevious) = (-1, false);
     }
 

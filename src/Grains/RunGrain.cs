@@ -127,10 +127,9 @@ public sealed class RunGrain(
             if (Record.State != RunState.NotStarted) return Status(0);
         }
         spec.Validate();
-        var data = await datasets.Get(spec.Dataset);
+        var (data, sha) = await datasets.Current(spec.Dataset);
         spec.ValidateAgainst(data.Train);
         spec = spec.Resolve(spec.TrainCount(data.Train.Count));
-        string sha = await datasets.Sha256(spec.Dataset);
 
         // Stored before it is registered (the registry lists only stored runs), but as running only once registered:
         // a run the registry does not know would not be continued after its silo dies.
@@ -420,9 +419,7 @@ public sealed class RunGrain(
     private async Task TrainFromServer(RunSpec spec, int incarnation, bool resumed, Stopwatch failing, CancellationToken cancel)
     {
         // The step and evaluation plans come from this silo's copy of the data: it must be the run's.
-        if (await datasets.Sha256(spec.Dataset) != Record.DatasetSha256)
-            throw new DataMismatchException($"silo {SiloEndpoint}: its data set '{spec.Dataset}' differs from the run's; check {datasets.DataDir}");
-        var data = await datasets.Get(spec.Dataset);
+        var data = await datasets.Get(spec.Dataset, Record.DatasetSha256!);
         var shards = new ParameterShards(GrainFactory, RunId, spec, Record.CoordinatorKey);
         var position = await shards.Attach(incarnation);
         var run = new Attachment(spec, incarnation, shards, spec.TrainCount(data.Train.Count));
@@ -544,7 +541,7 @@ public sealed class RunGrain(
     private async Task FinishEpoch(Attachment run, EpochEnd end, CancellationToken cancel)
     {
         var (spec, epoch) = (run.Spec, end.Epoch);
-        var test = (await datasets.Get(spec.Dataset)).Test;
+        var test = (await datasets.Get(spec.Dataset, Record.DatasetSha256!)).Test;
         var workers = await Workers.For(spec, run.Incarnation);
         var work = new EvalWork(spec, run.Incarnation, end.Version, 0, 0, Record.DatasetSha256!, run.Shards.Session);
         var eval = await Workers.Evaluate(workers, work, test.Count, cancel);

@@ -24,7 +24,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private RunSpec? _planSpec;
     private RunSpec? _validSpec;
     private string? _siloName;
-    private (RunSpec Spec, string Sha256, Backprop.Core.Data.TrainTest Data)? _data;
+    private (RunSpec Spec, string Sha256, RunData Data)? _data;
     /// <summary>The full parameter vector of version <see cref="_version"/> of the coordinator's attach <see cref="_session"/>; −1: none.</summary>
     private float[] _parameters = [];
     private long _version = -1, _session;
@@ -41,7 +41,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var spec = CheckSpec(work.Spec);
         var train = (await DataFor(spec, work.DatasetSha256)).Train;
         if (work.Epoch < 0 || work.Epoch >= spec.Epochs) throw new ArgumentException($"epoch {work.Epoch} is outside 0..{spec.Epochs - 1}");
-        var plan = PlanFor(spec, work.Epoch, spec.TrainCount(train.Count));
+        var plan = PlanFor(spec, work.Epoch, train.Count);
         if (work.Step < 0 || work.Step >= plan.Steps) throw new ArgumentException($"step {work.Step} is outside 0..{plan.Steps - 1}");
         if (work.Steps < 1 || work.Steps > plan.Steps - work.Step)
             throw new ArgumentException($"{work.Steps} steps from step {work.Step} are not within the epoch's {plan.Steps} steps");
@@ -207,16 +207,14 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         if (work is null) throw new ArgumentException("no work");
         var spec = CheckSpec(work.Spec);
         var data = await DataFor(spec, work.DatasetSha256);
-        // Validation samples are the last of the training set, held out of every epoch's plan.
-        var (set, offset, count, kind) = work.Validation
-            ? (data.Train, spec.ValidationStart(data.Train.Count), spec.Validation, "validation")
-            : (data.Test, 0, data.Test.Count, "test");
+        var (set, kind) = work.Validation ? (data.Validation, "validation") : (data.Test, "test");
+        int count = set.Count;
         if (work.Start < 0 || work.Start >= work.End || work.End > count)
             throw new ArgumentException($"evaluation range [{work.Start}, {work.End}) is not within the {count} {kind} samples");
         if (work.Version < 0) throw new ArgumentException($"version {work.Version} is negative");
         var runner = GradientFor(spec).Runner;
         await EnsureParameters(spec, work.Session, work.Version);
-        return runner.Evaluate(set, _parameters, offset + work.Start, offset + work.End);
+        return runner.Evaluate(set, _parameters, work.Start, work.End);
     }
 
     public override Task OnDeactivateAsync(DeactivationReason reason, CancellationToken cancellationToken)
@@ -237,18 +235,26 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     }
 
     /// <summary>This silo's copy of the run's data set; refuses to compute on other samples than the run's.</summary>
-    private async ValueTask<Backprop.Core.Data.TrainTest> DataFor(RunSpec spec, string expectedSha256)
+    /// <summary>A run's cut of a silo's data set: what it trains on, what it holds out (<see cref="RunSpec.Split"/>), and the test set.</summary>
+    private sealed record RunData(Backprop.Core.Data.Dataset Train, Backprop.Core.Data.Dataset Validation, Backprop.Core.Data.Dataset Test);
+
+    private async ValueTask<RunData> DataFor(RunSpec spec, string expectedSha256)
     {
         // Checked once per spec and hash, not on every step.
         if (_data is { } known && known.Spec == spec && known.Sha256 == expectedSha256) return known.Data;
-        string sha = await datasets.Sha256(spec.Dataset);
-        if (sha != expectedSha256)
-            throw new DataMismatchException(
-                $"silo {silo.SiloAddress.Endpoint}: its data set '{spec.Dataset}' (sha256 {sha[..12]}...) differs from the run's ({expectedSha256}); check {datasets.DataDir}");
-        var data = await datasets.Get(spec.Dataset);
+        Backprop.Core.Data.TrainTest data;
+        try
+        {
+            data = await datasets.Get(spec.Dataset, expectedSha256);
+        }
+        catch (DataMismatchException e)
+        {
+            throw new DataMismatchException($"silo {silo.SiloAddress.Endpoint}: {e.Message}");
+        }
         spec.ValidateAgainst(data.Train);
-        _data = (spec, expectedSha256, data);
-        return data;
+        var (train, validation) = spec.Split(data.Train);
+        _data = (spec, expectedSha256, new RunData(train, validation, data.Test));
+        return _data.Value.Data;
     }
 
     private StepGradient GradientFor(RunSpec spec)

@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Text;
 
 namespace Backprop.Core.Data;
 
@@ -6,23 +7,29 @@ namespace Backprop.Core.Data;
 /// Reads a CSV data file: one sample a line, <c>label,v1,v2,...</c>, the label an integer 0..255 and each value an
 /// integer 0..255 (like the bytes of an IDX image). A first line whose first field starts with a letter is a header
 /// (Kaggle's <c>label,pixel0,...</c>) and is skipped. Every defect names the file and its 1-based line number.
+/// A line is at most <see cref="MaxLineChars"/> characters, so that a file without line breaks cannot make the reader
+/// allocate without bound.
 /// </summary>
 public static class CsvReader
 {
+    /// <summary>1 Mi characters: a row of the widest input a model takes (65,536 values of up to "255,") fits 4 times.</summary>
+    public const int MaxLineChars = 1 << 20;
+
     public sealed record Samples(int Features, byte[] Pixels, byte[] Labels);
 
     /// <param name="features">The values a row must have (another file's), or null to take them from the first row.</param>
-    public static Samples Read(string path, int? features = null)
+    /// <param name="classes">Labels must be below this (the training file's classes), or null for any byte.</param>
+    public static Samples Read(string path, int? features = null, int? classes = null)
     {
         if (!File.Exists(path)) throw new DataFileException(path, "file not found");
-        using var reader = new StreamReader(path);
+        using var reader = new LineReader(new StreamReader(path), path);
         var labels = new List<byte>();
         var pixels = new byte[1 << 16];
         long filled = 0;
         int line = 0;
         int? width = features;
         int widthLine = 0;
-        while (reader.ReadLine() is { } text)
+        while (reader.Next(line + 1) is { } text)
         {
             line++;
             var row = text.AsSpan().TrimEnd('\r');
@@ -53,6 +60,8 @@ public static class CsvReader
                     throw new DataFileException(path, column == 0
                         ? $"line {line}: label {value} is outside 0..255"
                         : $"line {line}: value {value} in column {column + 1} is outside 0..255");
+                if (column == 0 && value >= classes)
+                    throw new DataFileException(path, $"line {line}: label {value} is outside the training file's classes 0..{classes - 1}");
                 if (column == 0) labels.Add((byte)value);
                 else pixels[filled + column - 1] = (byte)value;
                 column++;
@@ -61,6 +70,39 @@ public static class CsvReader
         }
         if (labels.Count == 0) throw new DataFileException(path, line == 0 ? "empty file" : "no samples (only a header)");
         return new Samples(width!.Value, pixels.AsSpan(0, (int)filled).ToArray(), labels.ToArray());
+    }
+
+    /// <summary>Lines as StreamReader.ReadLine splits them at '\n', but refused past <see cref="MaxLineChars"/>.</summary>
+    private sealed class LineReader(StreamReader reader, string path) : IDisposable
+    {
+        private readonly char[] _buffer = new char[1 << 16];
+        private readonly StringBuilder _line = new();
+        private int _start, _end;
+
+        /// <summary>Line <paramref name="number"/> (1-based, for the message), without its '\n'; null at the end of the file.</summary>
+        public string? Next(int number)
+        {
+            _line.Clear();
+            while (true)
+            {
+                if (_start == _end)
+                {
+                    (_start, _end) = (0, reader.Read(_buffer, 0, _buffer.Length));
+                    if (_end == 0) return _line.Length > 0 ? _line.ToString() : null;
+                }
+                int newline = Array.IndexOf(_buffer, '\n', _start, _end - _start);
+                int take = (newline < 0 ? _end : newline) - _start;
+                if (_line.Length + take > MaxLineChars)
+                    throw new DataFileException(path, $"line {number}: longer than {MaxLineChars} characters");
+                _line.Append(_buffer, _start, take);
+                _start += take;
+                if (newline < 0) continue;
+                _start++;
+                return _line.ToString();
+            }
+        }
+
+        public void Dispose() => reader.Dispose();
     }
 
     /// <summary>A field as it appears in a message: short, and printable on one line.</summary>

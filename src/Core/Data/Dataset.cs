@@ -24,12 +24,37 @@ public sealed class Dataset
     /// <summary>A view of <paramref name="source"/> whose images are shifted (see <see cref="Shifted"/>).</summary>
     private Dataset(Dataset source, ulong shiftKey)
     {
-        (Name, Rows, Cols, Pixels, Labels, Classes) = (source.Name, source.Rows, source.Cols, source.Pixels, source.Labels, source.Classes);
+        (Name, Rows, Cols, Pixels, Labels, Classes, _rows) = (source.Name, source.Rows, source.Cols, source.Pixels, source.Labels, source.Classes, source._rows);
         (_shifted, _shiftKey) = (true, shiftKey);
+    }
+
+    /// <summary>A view of the samples of <paramref name="source"/> at <paramref name="samples"/> (see <see cref="Select"/>).</summary>
+    private Dataset(Dataset source, int[] samples)
+    {
+        (Name, Rows, Cols, Pixels, Classes) = (source.Name, source.Rows, source.Cols, source.Pixels, source.Classes);
+        Labels = new byte[samples.Length];
+        _rows = new int[samples.Length];
+        for (int i = 0; i < samples.Length; i++)
+        {
+            if ((uint)samples[i] >= (uint)source.Count) throw new ArgumentOutOfRangeException(nameof(samples), $"sample {samples[i]} is outside {Name}'s {source.Count}");
+            (Labels[i], _rows[i]) = (source.Labels[samples[i]], source.RowOf(samples[i]));
+        }
     }
 
     private readonly bool _shifted;
     private readonly ulong _shiftKey;
+    /// <summary>The image in <see cref="Pixels"/> of each sample of a <see cref="Select"/> view; null: sample i is image i.</summary>
+    private readonly int[]? _rows;
+
+    private int RowOf(int sample) => _rows is null ? sample : _rows[sample];
+
+    /// <summary>
+    /// The samples at <paramref name="samples"/>, in that order, as a set of their own: the labels copied, the images shared
+    /// (a run's training and validation sets, cut once per run). Not of a shifted set: its shifts follow the sample index.
+    /// </summary>
+    public Dataset Select(int[] samples) => _shifted
+        ? throw new InvalidOperationException($"{Name}: a shifted set is not cut further")
+        : new Dataset(this, samples);
 
     /// <summary>
     /// The same samples, each image shifted by up to ±2 pixels in each direction (zeros shifted in), the shift drawn
@@ -50,6 +75,7 @@ public sealed class Dataset
     public int Features => Rows * Cols;
     public int Count => Labels.Length;
     public int Classes { get; }
+    /// <summary>The images, each Features bytes; of a <see cref="Select"/> view, those of the whole set it was cut from.</summary>
     public byte[] Pixels { get; }
     public byte[] Labels { get; }
 
@@ -72,7 +98,7 @@ public sealed class Dataset
         {
             for (int r = 0; r < indices.Length; r++)
             {
-                byte* src = pixels + (long)indices[r] * f;
+                byte* src = pixels + (long)RowOf(indices[r]) * f;
                 float* dst = output + r * f;
                 int k = 0;
                 // Same operation per element on every path (u8 → float, times 1/255), so results do not depend on the path.
@@ -93,7 +119,7 @@ public sealed class Dataset
         for (int r = 0; r < indices.Length; r++)
         {
             var (dx, dy) = ShiftOf(_shiftKey, indices[r]);
-            var src = Pixels.AsSpan(indices[r] * f, f);
+            var src = Pixels.AsSpan(RowOf(indices[r]) * f, f);
             var dst = rows.Slice(r * f, f);
             for (int y = 0; y < Rows; y++)
             {
@@ -117,7 +143,7 @@ public sealed class Dataset
         {
             foreach (int index in indices)
             {
-                byte* row = pixels + (long)index * f;
+                byte* row = pixels + (long)RowOf(index) * f;
                 for (int k = 0; k < f; k += 64) Sse.Prefetch1(row + k);
             }
         }
@@ -129,9 +155,7 @@ public sealed class Dataset
     }
 
     /// <summary>The first <paramref name="count"/> samples (the seed's Nielsen run trains on the first 50,000).</summary>
-    public Dataset Take(int count) => count >= Count
-        ? this
-        : new Dataset(Name, Rows, Cols, Pixels.AsSpan(0, count * Features).ToArray(), Labels.AsSpan(0, count).ToArray(), Classes);
+    public Dataset Take(int count) => count >= Count ? this : Select([.. Enumerable.Range(0, count)]);
 }
 
 public sealed record TrainTest(Dataset Train, Dataset Test);

@@ -82,8 +82,8 @@ public static class DatasetCatalog
     public static bool IsCsvFolder(string dir) => File.Exists(Path.Combine(dir, TrainCsv)) || File.Exists(Path.Combine(dir, TestCsv));
 
     /// <summary>
-    /// Loads a user's folder. The number of classes is the largest label (training or test) plus one, so it follows
-    /// from the files alone.
+    /// Loads a user's folder. The number of classes is the largest training label plus one, so it follows from the files
+    /// alone and not from the test set; a test label outside them is an error naming the test file.
     /// </summary>
     public static TrainTest LoadOwn(string dir)
     {
@@ -91,8 +91,8 @@ public static class DatasetCatalog
         if (IsCsvFolder(dir))
         {
             var train = CsvReader.Read(Path.Combine(dir, TrainCsv));
-            var test = CsvReader.Read(Path.Combine(dir, TestCsv), train.Features);
-            int classes = Math.Max(train.Labels.Max(), test.Labels.Max()) + 1;
+            int classes = train.Labels.Max() + 1;
+            var test = CsvReader.Read(Path.Combine(dir, TestCsv), train.Features, classes);
             // A square row is an image (for display); anything else one row of values.
             int side = (int)Math.Round(Math.Sqrt(train.Features));
             var (rows, cols) = side * side == train.Features ? (side, side) : (1, train.Features);
@@ -101,10 +101,10 @@ public static class DatasetCatalog
         if (!IsPresent(dir))
             throw new DataFileException(dir, $"neither {TrainCsv} and {TestCsv} nor the four IDX files ({string.Join(", ", FileNames)}, raw or .gz)");
         var (trainImages, trainLabels) = ReadPair(dir, TrainImages, TrainLabels, 256);
-        var (testImages, testLabels) = ReadPair(dir, TestImages, TestLabels, 256);
+        int count = trainLabels.Max() + 1;
+        var (testImages, testLabels) = ReadPair(dir, TestImages, TestLabels, count);
         if (testImages.Rows != trainImages.Rows || testImages.Cols != trainImages.Cols)
             throw new DataFileException(Find(dir, TestImages)!, $"{testImages.Rows}x{testImages.Cols} images, but the training images are {trainImages.Rows}x{trainImages.Cols}");
-        int count = Math.Max(trainLabels.Max(), testLabels.Max()) + 1;
         return new(new Dataset(dir, trainImages.Rows, trainImages.Cols, trainImages.Pixels, trainLabels, count),
             new Dataset(dir, testImages.Rows, testImages.Cols, testImages.Pixels, testLabels, count));
     }

@@ -8,8 +8,8 @@ namespace Backprop.Core.Numerics;
 /// <item>constant: lr.</item>
 /// <item>step: lr · γ^⌊epoch / lr-step-epochs⌋ (PyTorch's StepLR stepped once an epoch).</item>
 /// <item>cosine: after the warm-up, from lr down to lr-min at the last step: lr-min + (lr − lr-min)(1 + cos πp)/2.</item>
-/// <item>one-cycle: PyTorch's OneCycleLR with cosine annealing, pct_start = W/T (W = warm-up steps, default 30% of
-/// the run), div_factor 25, ending at lr-min; its momentum is not cycled.</item>
+/// <item>one-cycle: PyTorch's OneCycleLR (two phases, cosine annealing), pct_start = W/T (W = warm-up steps) or 0.3,
+/// div_factor 25, final_div_factor 1e4 unless lr-min is given; its momentum is not cycled.</item>
 /// </list>
 /// A linear warm-up of W steps multiplies constant and step schedules by (t + 1)/W for t &lt; W; cosine starts after it.
 /// </summary>
@@ -42,18 +42,20 @@ public sealed class LearningRateSchedule
                 return lr * warm;
             case ScheduleKind.Cosine:
                 if (step < warmup) return lr * warm;
-                return Anneal(lr, _s.LrMin, (step - warmup) / (double)Math.Max(1, _total - 1 - warmup));
+                return Anneal(lr, _s.LrEnd, (step - warmup) / (double)Math.Max(1, _total - 1 - warmup));
             case ScheduleKind.OneCycle:
-                // The peak is step W − 1, as PyTorch's phase end pct_start · total − 1.
-                long peak = Math.Max(1, warmup > 0 ? warmup : (long)Math.Round(0.3 * _total)) - 1;
+                // As OneCycleLR.get_lr: phase one ends at float(pct_start · total) − 1, a fraction in general; phase two at
+                // total − 1 at its min_lr (LrEnd).
+                double pctStart = warmup > 0 ? warmup / (double)_total : 0.3;
+                double initial = lr / 25.0, peak = pctStart * _total - 1, last = _total - 1;
                 return step <= peak
-                    ? Anneal(lr / 25, lr, peak == 0 ? 1 : step / (double)peak)
-                    : Anneal(lr, _s.LrMin, (step - peak) / (double)Math.Max(1, _total - 1 - peak));
+                    ? Anneal(initial, lr, step / peak)
+                    : Anneal(lr, _s.LrEnd, (step - peak) / (last - peak));
             default:
                 return lr * warm;
         }
     }
 
     /// <summary>PyTorch's _annealing_cos: from <paramref name="start"/> at p = 0 to <paramref name="end"/> at p = 1.</summary>
-    private static double Anneal(double start, double end, double p) => end + (start - end) / 2.0 * (Math.Cos(Math.PI * Math.Min(1, p)) + 1);
+    private static double Anneal(double start, double end, double p) => end + (start - end) / 2.0 * (Math.Cos(Math.PI * p) + 1);
 }

@@ -7,11 +7,12 @@ public enum ScheduleKind { Constant, Step, Cosine, OneCycle }
 /// <summary>
 /// The optimizer of a run as the user chose it, and its learning-rate schedule; <see cref="Optimizer.For"/> makes the
 /// one that steps. The hyperparameters that PyTorch keeps as Python floats (betas, eps, weight decay, the schedule's)
-/// are doubles here, so that the per-step scalars are computed from the same values; lr stays a float as it always was.
+/// are doubles here, lr too, so that the per-step scalars are computed from the same values (each optimizer rounds them to
+/// float where PyTorch's kernel does). <see cref="LrMin"/> null: the schedule's own end (cosine 0, one-cycle lr/25/1e4).
 /// </summary>
 public sealed record OptimizerSettings(
     OptimizerKind Kind,
-    float LearningRate,
+    double LearningRate,
     float Momentum,
     double WeightDecay = 0,
     double Beta1 = 0.9,
@@ -20,14 +21,15 @@ public sealed record OptimizerSettings(
     ScheduleKind Schedule = ScheduleKind.Constant,
     int LrStepEpochs = 0,
     double LrGamma = 0.1,
-    double LrMin = 0,
+    double? LrMin = null,
     int WarmupSteps = 0)
 {
     /// <summary>Ranges only; what depends on the run's length is checked by <see cref="Training.RunSpec.Validate()"/>.</summary>
     public void Validate()
     {
         if (!Enum.IsDefined(Kind)) throw new ArgumentException($"optimizer: {(int)Kind} is not a known optimizer");
-        if (!(LearningRate > 0) || float.IsInfinity(LearningRate))
+        // The kernels take it as a float: a rate past float's range would be infinite there.
+        if (!(LearningRate > 0 && LearningRate <= float.MaxValue))
             throw new ArgumentException($"lr: {LearningRate} is not a positive finite number");
         if (!(WeightDecay >= 0) || double.IsInfinity(WeightDecay))
             throw new ArgumentException($"weight-decay: {WeightDecay} is not a non-negative finite number");
@@ -48,9 +50,15 @@ public sealed record OptimizerSettings(
             if (LrStepEpochs < 1) throw new ArgumentException($"lr-step-epochs: {LrStepEpochs} is not a positive number of epochs");
             if (!(LrGamma > 0) || double.IsInfinity(LrGamma)) throw new ArgumentException($"lr-gamma: {LrGamma} is not a positive finite number");
         }
-        if (Schedule is ScheduleKind.Cosine or ScheduleKind.OneCycle && !(LrMin >= 0 && LrMin <= LearningRate))
-            throw new ArgumentException($"lr-min: {LrMin} is outside [0, lr {LearningRate}]");
+        if (Schedule is ScheduleKind.Cosine or ScheduleKind.OneCycle && LrMin is { } min && !(min >= 0 && min <= LearningRate))
+            throw new ArgumentException($"lr-min: {min} is outside [0, lr {LearningRate}]");
+        // PyTorch divides by the first phase's length, float(pct_start · total) − 1, which is 0 for one step.
+        if (Schedule == ScheduleKind.OneCycle && WarmupSteps == 1)
+            throw new ArgumentException("warmup-steps: one-cycle needs a rising phase of at least 2 steps (or 0 for 30% of the run)");
     }
+
+    /// <summary>The rate at a cosine or one-cycle schedule's last step: lr-min, else 0 (cosine) or PyTorch's min_lr = (lr / div_factor) / final_div_factor.</summary>
+    public double LrEnd => LrMin ?? (Schedule == ScheduleKind.OneCycle ? LearningRate / 25.0 / 1e4 : 0);
 
     /// <summary>Whether the rate depends on the run's length (steps per epoch, total steps), so that the run must resolve it at its start.</summary>
     public bool NeedsRunLength => Schedule != ScheduleKind.Constant || WarmupSteps > 0;

@@ -12,13 +12,15 @@ namespace Backprop.Core.Training;
 public sealed class LocalTrainer : IDisposable
 {
     private readonly Dataset _train;
-    private readonly Dataset _all;
+    private readonly Dataset _validation;
     private readonly RunSpec _spec;
     private readonly StepGradient _gradient;
     private readonly Optimizer _optimizer;
     private readonly float[] _optimizerState;
     private readonly GradientBlock _update;
     private readonly EpochPlan _plan;
+    private readonly double[] _normSums;
+    private readonly float[] _clipScratch;
     private int _stepSamples;
     private long _step;
 
@@ -27,14 +29,16 @@ public sealed class LocalTrainer : IDisposable
         spec.Validate(threads);
         if (spec.Validation >= train.Count)
             throw new ArgumentException($"validation: {spec.Validation} held-out images leave none of the {train.Count} training images to train on");
-        (_spec, _all) = (spec, train);
-        _train = train.Take(spec.TrainCount(train.Count));
+        _spec = spec;
+        (_train, _validation) = spec.Split(train);
         spec = spec.Resolve(_train.Count);
         _gradient = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads);
         Parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
         _optimizer = spec.CreateOptimizer();
         _optimizerState = new float[checked(_optimizer.StateVectors * Parameters.Length)];
         _plan = new EpochPlan(_train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
+        bool clips = spec.ClipNorm > 0;
+        (_normSums, _clipScratch) = (new double[clips ? GradientClip.Tiles(Parameters.Length) : 0], new float[clips ? GradientClip.Tile : 0]);
         // The step is element-wise: each backprop thread updates the entries whose gradient sum it just finished.
         _update = (start, gradient) =>
         {
@@ -57,14 +61,30 @@ public sealed class LocalTrainer : IDisposable
         for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
         {
             (_stepSamples, _step) = (plan.StepSize(step), (long)epoch * plan.Steps + step);
-            loss += _gradient.SumStep(input, plan, step, Parameters, _update);
+            loss += _spec.ClipNorm > 0 ? ClippedStep(input, plan, step) : _gradient.SumStep(input, plan, step, Parameters, _update);
             samples += _stepSamples;
         }
         return loss / samples;
     }
 
-    /// <summary>The held-out validation images (the last <see cref="RunSpec.Validation"/> training images) under the current parameters.</summary>
-    public Evaluation EvaluateValidation() => Evaluate(_all, _spec.ValidationStart(_all.Count), _all.Count);
+    /// <summary>
+    /// A step whose gradient is clipped: the norm needs the whole sum before any parameter changes, so the sum is
+    /// finished first and then scaled and applied (the shards do the same, each over its slice).
+    /// </summary>
+    private double ClippedStep(Dataset input, EpochPlan plan, int step)
+    {
+        double loss = _gradient.SumBlock(input, plan, step, 0, plan.ChunkCount(step), Parameters, nextStepChunk: 0);
+        var gradient = _gradient.Result.Span;
+        GradientClip.SquaredSums(gradient, _normSums);
+        double total = GradientClip.Total(_normSums);
+        // A non-finite gradient is stepped as it is, as without clipping: LocalTrainer does not judge divergence.
+        float scale = double.IsFinite(total) ? GradientClip.Scale(total, _stepSamples, _spec.ClipNorm) : 1f;
+        GradientClip.Step(_optimizer, _step, scale, _stepSamples, Parameters, gradient, _optimizerState, Parameters, _optimizerState, _clipScratch);
+        return loss;
+    }
+
+    /// <summary>The held-out validation images (<see cref="RunSpec.Split"/>) under the current parameters.</summary>
+    public Evaluation EvaluateValidation() => Evaluate(_validation, 0, _validation.Count);
 
     /// <summary>Samples [start, end) of a set as the cluster evaluates them: blocks of <see cref="Evaluation.Block"/>, added in order.</summary>
     public Evaluation Evaluate(Dataset data, int start, int end)

@@ -26,7 +26,8 @@ public sealed record RunSpec(
     int Validation = 0,
     int EarlyStop = 0,
     bool KeepBest = false,
-    string Augment = RunSpec.NoAugment)
+    string Augment = RunSpec.NoAugment,
+    double ClipNorm = 0)
 {
     public const string NoAugment = "none";
     /// <summary>Training images shifted by up to ±2 pixels, drawn from (seed, epoch, sample index); see <see cref="Data.Dataset.Shifted"/>.</summary>
@@ -60,6 +61,7 @@ public sealed record RunSpec(
         if (EarlyStop > 0 && Validation == 0) throw new ArgumentException("early-stop: needs --validation (the test set is never used for a decision)");
         if (Augment is not (NoAugment or Shift2)) throw new ArgumentException($"augment: '{Augment}' is not one of {NoAugment}, {Shift2}");
         if (KeepBest && Validation == 0) throw new ArgumentException("keep: best needs --validation (the test set is never used for a decision)");
+        if (!(ClipNorm >= 0) || double.IsInfinity(ClipNorm)) throw new ArgumentException($"clip-norm: {ClipNorm} is not a non-negative finite number (0: no clipping)");
         if (!Enum.IsDefined(Init)) throw new ArgumentException($"init: {(int)Init} is not a known scheme");
         Shards.Validate();
         // A step's chunk sums, all of them, could come from one process in one message.
@@ -120,22 +122,56 @@ public sealed record RunSpec(
     public double EpochLearningRate(int epoch) =>
         new LearningRateSchedule(Optimizer, Epochs, StepsPerEpoch).At((long)(epoch - 1) * StepsPerEpoch);
 
-    public ShardLayout Shards => new((int)Model.ParameterCount, ServerShards);
+    /// <summary>The cut of the parameters over the server's shards: on norm tiles when the gradient is clipped (see <see cref="GradientClip"/>).</summary>
+    public ShardLayout Shards => new((int)Model.ParameterCount, ServerShards, ClipNorm > 0 ? GradientClip.Tile : ShardLayout.CacheLine);
 
     /// <summary>Chunks of a full step (the last step of an epoch may have fewer).</summary>
     public int ChunksPerStep => (int)((BatchSize + (long)ChunkSize - 1) / ChunkSize);
 
-    /// <summary>
-    /// The training images a run trains on: the first ones, up to the train limit, never the last
-    /// <see cref="Validation"/> (held out for validation, as Nielsen's images 50,000..59,999).
-    /// </summary>
+    /// <summary>How many images a run trains on: those not held out (see <see cref="Split"/>), up to the train limit.</summary>
     public int TrainCount(int available) => TrainLimit == 0 ? available - Validation : Math.Min(TrainLimit, available - Validation);
+
+    /// <summary>
+    /// The run's training and validation sets, cut from the <paramref name="available"/> training images: <see cref="Validation"/>
+    /// held out (<see cref="HeldOut"/>), the others in their original order up to the train limit (<see cref="TrainCount"/>).
+    /// The one cut that the local trainer and every worker use.
+    /// </summary>
+    public (Dataset Train, Dataset Validation) Split(Dataset available)
+    {
+        if (Validation >= available.Count)
+            throw new ArgumentException($"validation: {Validation} held-out images leave none of the {available.Count} training images of {Dataset} to train on");
+        int[] held = HeldOut(Seed, available.Count, Validation);
+        var rest = new int[TrainCount(available.Count)];
+        for (int i = 0, h = 0, r = 0; r < rest.Length; i++)
+        {
+            if (h < held.Length && held[h] == i) h++;
+            else rest[r++] = i;
+        }
+        return (available.Select(rest), available.Select(held));
+    }
+
+    /// <summary>
+    /// The validation images of a run: <paramref name="count"/> of the <paramref name="available"/> training images, the
+    /// first places of a permutation drawn from the run's seed (a partial Fisher–Yates), ascending. Fixed by
+    /// (seed, available, count) alone, so every silo and every resume holds out the same images.
+    /// </summary>
+    public static int[] HeldOut(long seed, int available, int count)
+    {
+        var order = new int[available];
+        for (int i = 0; i < available; i++) order[i] = i;
+        var rng = Rng.For(seed, "validation");
+        for (int i = 0; i < count; i++)
+        {
+            int j = i + rng.NextInt(available - i);
+            (order[i], order[j]) = (order[j], order[i]);
+        }
+        var held = order[..count];
+        Array.Sort(held);
+        return held;
+    }
 
     /// <summary>What epoch <paramref name="epoch"/> trains on: the training images, shifted with --augment shift2 (never the validation or test images).</summary>
     public Dataset TrainingInput(Dataset train, int epoch) => Augment == Shift2 ? train.Shifted(Seed, epoch) : train;
-
-    /// <summary>The first held-out validation image of a training set of <paramref name="available"/> images.</summary>
-    public int ValidationStart(int available) => available - Validation;
 
     /// <summary>The spec with its input and output layers fitted to the data (a user's folder may have any image size and class count).</summary>
     public RunSpec FittedTo(Dataset train)
@@ -155,14 +191,14 @@ public static class Presets
     public static RunSpec Nielsen => new(
         new ModelSpec([784, 30, 10], Activation.Sigmoid, Loss.Quadratic),
         InitScheme.Normal,
-        new OptimizerSettings(OptimizerKind.Sgd, 3.0f, 0f),
+        new OptimizerSettings(OptimizerKind.Sgd, 3.0, 0f),
         BatchSize: 10, ChunkSize: 5, Epochs: 5, Workers: 2, Seed: 1, Dataset: "mnist", TrainLimit: 50_000);
 
     /// <summary>The seed's PyTorch run: 784-128-64-10 ReLU, softmax cross-entropy, SGD lr 0.01 momentum 0.9, batch 64.</summary>
     public static RunSpec PyTorchMlp => new(
         new ModelSpec([784, 128, 64, 10], Activation.Relu, Loss.CrossEntropy),
         InitScheme.PyTorch,
-        new OptimizerSettings(OptimizerKind.Momentum, 0.01f, 0.9f),
+        new OptimizerSettings(OptimizerKind.Momentum, 0.01, 0.9f),
         BatchSize: 64, ChunkSize: 16, Epochs: 5, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
 
     /// <summary>
@@ -174,7 +210,7 @@ public static class Presets
     public static RunSpec Fast98 => new(
         new ModelSpec([784, 256, 256, 10], Activation.Relu, Loss.CrossEntropy),
         InitScheme.PyTorch,
-        new OptimizerSettings(OptimizerKind.AdamW, 0.004f, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
+        new OptimizerSettings(OptimizerKind.AdamW, 0.004, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
         BatchSize: 512, ChunkSize: 128, Epochs: 14, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
 
     public static readonly IReadOnlyList<string> Names = ["nielsen", "pytorch-mlp", "fast-98"];

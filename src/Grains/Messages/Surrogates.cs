@@ -14,6 +14,7 @@ public struct RunSpecSurrogate
     [Id(2)] public Loss Loss;
     [Id(3)] public InitScheme Init;
     [Id(4)] public OptimizerKind Optimizer;
+    /// <summary>The rate as versions before <see cref="LearningRateDouble"/> stored it; still written, rounded, for them.</summary>
     [Id(5)] public float LearningRate;
     [Id(6)] public float Momentum;
     [Id(7)] public int BatchSize;
@@ -36,6 +37,11 @@ public struct RunSpecSurrogate
     [Id(23)] public double LrMin;
     [Id(24)] public int WarmupSteps;
     [Id(25)] public int StepsPerEpoch;
+    [Id(26)] public double ClipNorm;
+    /// <summary>The rate as a double (PyTorch's Python float); 0 in a record of an earlier version, which has <see cref="LearningRate"/> only.</summary>
+    [Id(27)] public double LearningRateDouble;
+    /// <summary>Whether <see cref="LrMin"/> was given: false in a record of an earlier version, whose lr-min 0 was meant (its default then).</summary>
+    [Id(28)] public bool LrMinGiven;
     [Id(30)] public int Validation;
     [Id(31)] public int EarlyStop;
     [Id(32)] public bool KeepBest;
@@ -46,20 +52,23 @@ public struct RunSpecSurrogate
 public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
 {
     public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
-        new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRate, s.Momentum, s.WeightDecay, s.Beta1, s.Beta2, s.Eps, s.Schedule, s.LrStepEpochs, s.LrGamma, s.LrMin, s.WarmupSteps),
+        new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRateDouble != 0 ? s.LearningRateDouble : s.LearningRate, s.Momentum, s.WeightDecay, s.Beta1, s.Beta2, s.Eps, s.Schedule, s.LrStepEpochs, s.LrGamma, LrMinOf(s), s.WarmupSteps),
         s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards, s.StepsPerEpoch,
-        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment);
+        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment, s.ClipNorm);
+
+    /// <summary>An earlier version's record always holds lr-min (0 by default), and its runs ended there: it stays given.</summary>
+    private static double? LrMinOf(in RunSpecSurrogate s) => s.LrMinGiven || s.LearningRateDouble == 0 ? s.LrMin : null;
 
     public RunSpecSurrogate ConvertToSurrogate(in RunSpec v) => new()
     {
         Layers = v.Model.Layers, Activation = v.Model.Activation, Loss = v.Model.Loss, Init = v.Init,
-        Optimizer = v.Optimizer.Kind, LearningRate = v.Optimizer.LearningRate, Momentum = v.Optimizer.Momentum,
+        Optimizer = v.Optimizer.Kind, LearningRate = (float)v.Optimizer.LearningRate, LearningRateDouble = v.Optimizer.LearningRate, Momentum = v.Optimizer.Momentum,
         BatchSize = v.BatchSize, ChunkSize = v.ChunkSize, Epochs = v.Epochs, Workers = v.Workers, Seed = v.Seed,
         Dataset = v.Dataset, TrainLimit = v.TrainLimit, CheckpointEvery = v.CheckpointEvery, ServerShards = v.ServerShards,
         WeightDecay = v.Optimizer.WeightDecay, Beta1 = v.Optimizer.Beta1, Beta2 = v.Optimizer.Beta2, Eps = v.Optimizer.Eps,
-        Schedule = v.Optimizer.Schedule, LrStepEpochs = v.Optimizer.LrStepEpochs, LrGamma = v.Optimizer.LrGamma, LrMin = v.Optimizer.LrMin,
+        Schedule = v.Optimizer.Schedule, LrStepEpochs = v.Optimizer.LrStepEpochs, LrGamma = v.Optimizer.LrGamma, LrMin = v.Optimizer.LrMin ?? 0, LrMinGiven = v.Optimizer.LrMin is not null,
         WarmupSteps = v.Optimizer.WarmupSteps, StepsPerEpoch = v.StepsPerEpoch,
-        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment,
+        Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment, ClipNorm = v.ClipNorm,
     };
 }
 

@@ -99,6 +99,19 @@ public sealed record GradientPush(
     [property: Id(8)] long Session);
 
 /// <summary>
+/// Shard <see cref="Shard"/>'s part of the squared norm of step <see cref="Step"/>'s gradient, for a run that clips it:
+/// Σ g² of each norm tile of its slice, in tile order (<see cref="Backprop.Core.Training.GradientClip"/>). Sent to
+/// shard 0, which adds up every shard's tiles in shard order.
+/// </summary>
+[GenerateSerializer, Immutable]
+public sealed record NormPart(
+    [property: Id(0)] int Incarnation,
+    [property: Id(1)] long Session,
+    [property: Id(2)] long Step,
+    [property: Id(3)] int Shard,
+    [property: Id(4)] double[] TileSums);
+
+/// <summary>
 /// A shard's answer to a push: its slice of the next version once the step is applied (null when the other blocks
 /// did not arrive within the wait: the worker pulls it when it needs it) with the step's loss sum and the epoch's
 /// after it, or why the step was refused as diverged; with the time the reduce-and-step took and the shard's

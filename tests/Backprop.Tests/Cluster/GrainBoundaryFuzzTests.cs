@@ -161,7 +161,8 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
         public const long SandboxSession = 1;
         public const long SandboxKey = 3;
 
-        public RunSpec VictimSpec { get; } = Presets.PyTorchMlp with { Epochs = 3, Workers = 3, ServerShards = 3, Seed = 53, CheckpointEvery = 5 };
+        // It clips its gradient: its shards send their parts of each step's norm to shard 0, which hostile parts must not reach.
+        public RunSpec VictimSpec { get; } = Presets.PyTorchMlp with { Epochs = 3, Workers = 3, ServerShards = 3, Seed = 53, CheckpointEvery = 5, ClipNorm = 0.05 };
         public RunSpec DoneSpec { get; } = Presets.PyTorchMlp with { Epochs = 1, Workers = 2, ServerShards = 2, Seed = 51 };
         public RunSpec SandboxSpec { get; } = Presets.PyTorchMlp with { Epochs = 2, Workers = 2, ServerShards = 2, Seed = 52 };
         public RunSpec WorkbenchSpec { get; } = Presets.PyTorchMlp with { Epochs = 2, Workers = 2, ServerShards = 2, Seed = 55 };
@@ -266,6 +267,7 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
                 ["IParameterShardGrain.MoveTo"] = MoveTo,
                 ["IParameterShardGrain.Push"] = Push,
                 ["IParameterShardGrain.Pull"] = Pull,
+                ["IParameterShardGrain.GradientNorm"] = GradientNorm,
                 ["IParameterShardGrain.GetParameters"] = (r, say) => Shard(r, say, out _, out _).GetParameters(),
                 ["IParameterShardGrain.Checkpoint"] = (r, say) =>
                 {
@@ -447,6 +449,24 @@ public sealed class GrainBoundaryFuzzTests(ITestOutputHelper output)
                 6 when r.Next(5) == 0 => new FloatPayload(new float[(int)(ResourceLimits.MaxMessageBytes / sizeof(float)) + 1]),
                 _ => new FloatPayload(Enumerable.Range(0, length).Select(i => (i % 7 - 3) * 0.01f).ToArray()),
             };
+        }
+
+        /// <summary>A part of a step's gradient norm: the tiles of shard 1 or 2 of the victim, or too few, negative, not finite, none.</summary>
+        private async Task GradientNorm(Random r, Action<string> say)
+        {
+            var shard = Shard(r, say, out var run, out _);
+            var spec = _world.SpecOf(run);
+            int from = Say(say, r.Next(4) == 0 ? Pick(r, Ints) : 1 + r.Next(2));
+            int tiles = from >= 0 && from < spec.ServerShards ? GradientClip.Tiles(spec.Shards.Length(from)) : 1;
+            double[]? sums = r.Next(6) switch
+            {
+                0 => null,
+                1 => new double[Math.Max(0, tiles - 1)],
+                2 => Enumerable.Repeat(Pick(r, Doubles), tiles).ToArray(),
+                _ => Enumerable.Repeat(1e6, tiles).ToArray(),
+            };
+            say($"tile sums {(sums is null ? "none" : $"{sums.Length} x {(sums.Length > 0 ? sums[0] : 0)}")}");
+            await shard.GradientNorm(new NormPart(Say(say, OwnerIncarnation(r, run)), Say(say, Session(r, run)), Say(say, Step(r, run, 0)), from, sums!));
         }
 
         private async Task Pull(Random r, Action<string> say)

@@ -118,23 +118,34 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     private static readonly OptimizerSettings AdamW = new(OptimizerKind.AdamW, 2e-3f, 0, WeightDecay: 0.01, Schedule: ScheduleKind.Cosine, WarmupSteps: 5, LrMin: 1e-4);
 
     [Theory]
-    [InlineData(1, false)]
-    [InlineData(2, false)]
-    [InlineData(3, false)]
-    [InlineData(7, false)]
-    [InlineData(1, true)]
-    [InlineData(2, true)]
-    [InlineData(3, true)]
-    public async Task Any_shard_and_worker_count_gives_the_bits_of_a_single_process(int shards, bool adamW)
+    [InlineData(1, false, 0)]
+    [InlineData(2, false, 0)]
+    [InlineData(3, false, 0)]
+    [InlineData(7, false, 0)]
+    [InlineData(1, true, 0)]
+    [InlineData(2, true, 0)]
+    [InlineData(3, true, 0)]
+    // Clipped: the shards' norm parts added up by shard 0 (a bound of 0.05 clips steps of this run: checked against the run without it).
+    [InlineData(1, false, 0.05)]
+    [InlineData(2, true, 0.05)]
+    [InlineData(3, false, 0.05)]
+    [InlineData(7, true, 0.05)]
+    public async Task Any_shard_and_worker_count_gives_the_bits_of_a_single_process(int shards, bool adamW, double clipNorm)
     {
-        var spec = Spec(1) with { Epochs = 1, Seed = 11, ServerShards = shards };
+        var spec = Spec(1) with { Epochs = 1, Seed = 11, ServerShards = shards, ClipNorm = clipNorm };
         if (adamW) spec = spec with { Optimizer = AdamW };
         using var local = new LocalTrainer(spec, fixture.Data.Train);
         local.TrainEpoch(0);
         string expected = ParameterHash.Sha256(local.Parameters);
+        if (clipNorm > 0)
+        {
+            using var unclipped = new LocalTrainer(spec with { ClipNorm = 0 }, fixture.Data.Train);
+            unclipped.TrainEpoch(0);
+            Assert.NotEqual(expected, ParameterHash.Sha256(unclipped.Parameters));
+        }
         foreach (int workers in new[] { 1, 3, 4 })
         {
-            var status = await RunToEnd($"shards-{shards}-workers-{workers}{(adamW ? "-adamw" : "")}", spec with { Workers = workers });
+            var status = await RunToEnd($"shards-{shards}-workers-{workers}{(adamW ? "-adamw" : "")}{(clipNorm > 0 ? "-clip" : "")}", spec with { Workers = workers });
             Assert.Equal(expected, status.Epochs[^1].ParameterSha256);
             Assert.Equal(shards, status.ShardSilos.Length);
             // Spread by shard number over the three silos.
@@ -459,5 +470,94 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         Assert.Equal(RunState.Diverged, status.State);
         Assert.Matches(@"^diverged at step \d+ \(epoch 1\): ", status.Error);
         Assert.Empty(status.Epochs);
+    }
+    /// <summary>
+    /// A clipped run whose step 0 sits on a rounding edge: its tiles' squared sums added as one run (LocalTrainer) and as
+    /// a subtotal per shard give scales one float apart. Shard 0 must add every shard's tiles as one run.
+    /// </summary>
+    [Fact]
+    public async Task A_clipped_run_on_a_rounding_edge_of_the_norm_has_the_bits_of_a_single_process_on_three_shards()
+    {
+        var spec = Presets.PyTorchMlp with { Epochs = 1, Seed = 12, Workers = 1, ServerShards = 3, ClipNorm = 0.09998999008823672 };
+        // The edge: step 0's gradient, its norm as one run of tiles and as three subtotals.
+        using (var gradient = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads: 1))
+        {
+            var plan = new EpochPlan(fixture.Data.Train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
+            gradient.SumBlock(fixture.Data.Train, plan, 0, 0, plan.ChunkCount(0), Backprop.Core.Model.Initializer.Create(spec.Model, spec.Init, spec.Seed));
+            var sum = gradient.Result.ToArray();
+            var layout = spec.Shards;
+            var parts = Enumerable.Range(0, 3).Select(j =>
+            {
+                var tiles = new double[GradientClip.Tiles(layout.Length(j))];
+                GradientClip.SquaredSums(sum.AsSpan(layout.Start(j), layout.Length(j)), tiles);
+                return tiles;
+            }).ToArray();
+            double subtotals = parts.Sum(p => GradientClip.Total(p));
+            Assert.NotEqual(GradientClip.Scale(subtotals, plan.StepSize(0), spec.ClipNorm), GradientClip.Scale(GradientClip.Total(parts), plan.StepSize(0), spec.ClipNorm));
+        }
+        using var local = new LocalTrainer(spec, fixture.Data.Train);
+        local.TrainEpoch(0);
+        var status = await RunToEnd("clip-edge", spec);
+        Assert.Equal(ParameterHash.Sha256(local.Parameters), status.Epochs[^1].ParameterSha256);
+    }
+
+    /// <summary>Two shards of a clipped run attached by hand (incarnation 1, <see cref="Session"/>) at version 0.</summary>
+    private async Task<(IParameterShardGrain Zero, IParameterShardGrain One, RunSpec Spec)> ClippedShards(string runId)
+    {
+        var spec = Spec(2) with { ServerShards = 2, ClipNorm = 0.05 };
+        await StoreRecord(runId, spec, incarnation: 1);
+        var zero = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/0");
+        var one = fixture.Cluster.Client.GetGrain<IParameterShardGrain>($"{runId}/1");
+        await Task.WhenAll(zero.Attach(spec, 1, Key), one.Attach(spec, 1, Key));
+        await Task.WhenAll(zero.MoveTo(1, Key, Session, 0), one.MoveTo(1, Key, Session, 0));
+        return (zero, one, spec);
+    }
+
+    private static FloatPayload Filled(RunSpec spec, int shard, float value) => new(Enumerable.Repeat(value, spec.Shards.Length(shard)).ToArray());
+
+    [Fact]
+    public async Task Bad_norm_parts_are_refused_and_change_nothing_of_the_clipped_step()
+    {
+        var (zero, one, spec) = await ClippedShards("clip-bad-parts");
+        var (cleanZero, cleanOne, _) = await ClippedShards("clip-clean-parts");
+        int tiles = GradientClip.Tiles(spec.Shards.Length(1));
+        NormPart Part(int shard = 1, double[]? sums = null, long step = 0, long session = Session, int incarnation = 1) =>
+            new(incarnation, session, step, shard, sums ?? Enumerable.Repeat(1.0, tiles).ToArray());
+
+        // Shard 1 has its block: it waits at shard 0, which has none yet.
+        var pushOne = one.Push(Push(0, [0], Filled(spec, 1, 0.5f)));
+        var cleanPushOne = cleanOne.Push(Push(0, [0], Filled(spec, 1, 0.5f)));
+        Assert.Contains("tile sums", (await Assert.ThrowsAsync<ArgumentException>(() => zero.GradientNorm(Part(sums: new double[tiles - 1])))).Message);
+        Assert.Contains("negative", (await Assert.ThrowsAsync<ArgumentException>(() => zero.GradientNorm(Part(sums: Enumerable.Repeat(-1.0, tiles).ToArray())))).Message);
+        Assert.Contains("other shards are 1..1", (await Assert.ThrowsAsync<ArgumentException>(() => zero.GradientNorm(Part(shard: 0)))).Message);
+        Assert.Contains("other shards are 1..1", (await Assert.ThrowsAsync<ArgumentException>(() => zero.GradientNorm(Part(shard: 2)))).Message);
+        Assert.Contains("is not shard 0", (await Assert.ThrowsAsync<ArgumentException>(() => one.GradientNorm(Part()))).Message);
+        await Assert.ThrowsAsync<ShardMovedException>(() => zero.GradientNorm(Part(session: Session + 1)));
+        await Assert.ThrowsAsync<ShardMovedException>(() => zero.GradientNorm(Part(step: 5)));
+        await Assert.ThrowsAsync<ShardMovedException>(() => zero.GradientNorm(Part(incarnation: 2)));
+        await Assert.ThrowsAsync<StaleCoordinatorException>(() => zero.GradientNorm(Part(incarnation: 0)));
+        // An unclipped run has no norm to add up.
+        var (plain, _, _) = await Shard("clip-none-parts", shards: 2);
+        Assert.Contains("does not clip", (await Assert.ThrowsAsync<ArgumentException>(() => plain.GradientNorm(Part()))).Message);
+
+        // Shard 0's block completes the step on both shards, as on the pair no bad part was sent to.
+        var replies = await Task.WhenAll(zero.Push(Push(0, [0], Filled(spec, 0, 0.5f))), pushOne);
+        var clean = await Task.WhenAll(cleanZero.Push(Push(0, [0], Filled(spec, 0, 0.5f))), cleanPushOne);
+        Assert.All(replies.Concat(clean), r => Assert.Equal(1, r.Next!.Step));
+        for (int j = 0; j < 2; j++) Assert.Equal(clean[j].Next!.Parameters.Span.ToArray(), replies[j].Next!.Parameters.Span.ToArray());
+        // The clip bound took effect: a mean gradient of 0.5/32 everywhere has a norm of 5.2, clipped to 0.05, and the first
+        // momentum step moves θ by lr·g: 0.01 · 0.05 (to float rounding).
+        var initial = Backprop.Core.Model.Initializer.Create(spec.Model, spec.Init, spec.Seed);
+        var moved = replies.SelectMany((r, j) => r.Next!.Parameters.Span.ToArray().Select((p, i) => (double)p - initial[spec.Shards.Start(j) + i])).ToArray();
+        Assert.Equal(0.01 * 0.05, Math.Sqrt(moved.Sum(d => d * d)), 0.01 * 0.05 * 1e-3);
+    }
+
+    [Fact]
+    public async Task A_non_finite_gradient_on_one_shard_of_a_clipped_run_makes_every_shard_refuse_the_step()
+    {
+        var (zero, one, spec) = await ClippedShards("clip-non-finite");
+        var replies = await Task.WhenAll(zero.Push(Push(0, [0], Filled(spec, 0, 0.5f))), one.Push(Push(0, [0], Filled(spec, 1, float.PositiveInfinity))));
+        Assert.All(replies, r => Assert.Equal("the gradient has non-finite values", r.Divergence));
+        Assert.All(replies, r => Assert.Null(r.Next));
     }
 }

@@ -149,14 +149,67 @@ public sealed class OptimizerTests
         var warm = new LearningRateSchedule(constant with { WarmupSteps = 4 }, 1, 10);
         Assert.Equal([0.25, 0.5, 1, 1], new long[] { 0, 1, 3, 4 }.Select(warm.At));
 
-        // One-cycle over 10 steps, peak at step 3 (warm-up 4): from lr/25 up to lr, then down to lr-min 0.
+        // One-cycle over 10 steps, peak at step 3 (warm-up 4): from lr/25 up to lr, then down to lr/25/1e4.
         var oneCycle = new LearningRateSchedule(constant with { Schedule = ScheduleKind.OneCycle, WarmupSteps = 4 }, 1, 10);
         Assert.Equal(0.04, oneCycle.At(0), 12);
         Assert.Equal(1 - 0.48 * 1.5, oneCycle.At(1), 12);   // 1 + (0.04 − 1)/2 · (cos(π/3) + 1)
         Assert.Equal(1 - 0.48 * 0.5, oneCycle.At(2), 12);
         Assert.Equal(1, oneCycle.At(3), 12);
-        Assert.Equal(0.5, oneCycle.At(6), 12);
-        Assert.Equal(0, oneCycle.At(9), 12);
+        Assert.Equal(0.5 + 2e-6, oneCycle.At(6), 12);
+        Assert.Equal(4e-6, oneCycle.At(9), 12);
+        var toMin = new LearningRateSchedule(constant with { Schedule = ScheduleKind.OneCycle, WarmupSteps = 4, LrMin = 0 }, 1, 10);
+        Assert.Equal(0, toMin.At(9));
+    }
+
+    /// <summary>
+    /// torch.optim.lr_scheduler.OneCycleLR(max_lr=0.1, total_steps=T, pct_start=p), anneal cos, three_phase False, by hand:
+    /// initial = 0.1/25, min = initial/1e4; phase one ends at float(p·T) − 1 (T = 7: 1.1, not a whole step), phase two at
+    /// T − 1; lr = end + (start − end)/2.0 · (cos(π·pct) + 1). The doubles below are Python's for these formulas.
+    /// </summary>
+    [Theory]
+    [InlineData(10, 0, new[] { "0x1.0624dd2f1aa00p-8", "0x1.a9fbe76c8b43ap-5", "0x1.999999999999ap-4", "0x1.8551898fc1ee6p-4", "0x1.4c7db37a37094p-4",
+        "0x1.f4beefeb35d1bp-5", "0x1.3e751a0792377p-5", "0x1.347145fcb3ed5p-6", "0x1.4487b69a2163ap-8", "0x1.ad7f29abcaf48p-22" })]
+    [InlineData(7, 0, new[] { "0x1.0624dd2f1aa00p-8", "0x1.91a2d08a0c2b1p-4", "0x1.7870c99f7119ep-4", "0x1.1388033d2bb9ep-4", "0x1.250f424766bb6p-5",
+        "0x1.45602fb05ffd5p-7", "0x1.ad7f29abcaf48p-22" })]
+    [InlineData(10, 4, new[] { "0x1.0624dd2f1aa00p-8", "0x1.cac083126e978p-6", "0x1.374bc6a7ef9dbp-4", "0x1.999999999999ap-4", "0x1.7e2980338a524p-4",
+        "0x1.33334e0b25cdfp-4", "0x1.999a04f964049p-5", "0x1.999adbb8f8dabp-6", "0x1.b7084c5d9b25cp-8", "0x1.ad7f29abcaf48p-22" })]
+    public void One_cycle_gives_PyTorchs_rates_to_the_last_bit(int steps, int warmup, string[] pytorch)
+    {
+        var settings = new OptimizerSettings(OptimizerKind.Sgd, 0.1, 0, Schedule: ScheduleKind.OneCycle, WarmupSteps: warmup);
+        var schedule = new LearningRateSchedule(settings, epochs: 1, stepsPerEpoch: steps);
+        Assert.Equal(pytorch.Select(Hex), Enumerable.Range(0, steps).Select(t => schedule.At(t)));
+    }
+
+    /// <summary>A C99 hexadecimal double (Python's float.hex()): 0x1.hhhp±e.</summary>
+    private static double Hex(string hex)
+    {
+        int p = hex.IndexOf('p');
+        ulong mantissa = Convert.ToUInt64(hex[4..p], 16);
+        return BitConverter.Int64BitsToDouble((long)((ulong)(int.Parse(hex[(p + 1)..]) + 1023) << 52 | mantissa));
+    }
+
+    [Fact]
+    public void The_rate_is_a_double_as_PyTorchs_and_a_constant_rate_gives_the_kernels_the_float_they_always_had()
+    {
+        // StepLR(lr=0.1, gamma=0.1) after one decay is 0.1 · 0.1 in double; a float lr would give 0.1f · 0.1 = 0.010000000149.
+        var step = new LearningRateSchedule(new OptimizerSettings(OptimizerKind.Sgd, 0.1, 0, Schedule: ScheduleKind.Step, LrStepEpochs: 1), 2, 5);
+        Assert.Equal(0.1 * 0.1, step.At(5));
+        Assert.Equal(0.010000000000000002, step.At(5));
+
+        // SGD and momentum round the rate to float as torch's kernels take it: the same float as the earlier float setting.
+        foreach (string text in new[] { "0.1", "0.01", "0.02", "0.03", "3.0", "0.5", "1e-3", "0.002", "0.05", "0.3" })
+        {
+            double lr = double.Parse(text, System.Globalization.CultureInfo.InvariantCulture);
+            float before = float.Parse(text, System.Globalization.CultureInfo.InvariantCulture);
+            foreach (var kind in new[] { OptimizerKind.Sgd, OptimizerKind.Momentum })
+            {
+                float[] p = [1f, -2f, 0.25f], q = [1f, -2f, 0.25f], state = new float[3], stateBefore = new float[3];
+                float[] g = [0.3f, -7f, 1e-3f];
+                Optimizer.For(new OptimizerSettings(kind, lr, 0.9f)).Step(0, p, g, 3, state);
+                Optimizer.For(new OptimizerSettings(kind, before, 0.9f)).Step(0, q, g, 3, stateBefore);
+                Assert.Equal(q.Select(BitConverter.SingleToInt32Bits), p.Select(BitConverter.SingleToInt32Bits));
+            }
+        }
     }
 
     [Fact]
@@ -185,6 +238,7 @@ public sealed class OptimizerTests
     [InlineData("eps", "eps: 0 is not a positive finite number")]
     [InlineData("weight-decay", "weight-decay: NaN is not a non-negative finite number")]
     [InlineData("lr", "lr: -1 is not a positive finite number")]
+    [InlineData("lr-float", "lr: 1E+39 is not a positive finite number")]
     [InlineData("gamma", "lr-gamma: -1 is not a positive finite number")]
     [InlineData("step-epochs", "lr-step-epochs: 5 is not below the run's 5 epochs")]
     [InlineData("lr-min", "lr-min: 2 is outside [0, lr 1]")]
@@ -199,6 +253,7 @@ public sealed class OptimizerTests
             "eps" => adam with { Eps = 0 },
             "weight-decay" => adam with { WeightDecay = double.NaN },
             "lr" => adam with { LearningRate = -1 },
+            "lr-float" => adam with { LearningRate = 1e39 },
             "gamma" => adam with { Schedule = ScheduleKind.Step, LrStepEpochs = 1, LrGamma = -1 },
             "step-epochs" => adam with { Schedule = ScheduleKind.Step, LrStepEpochs = 5 },
             "lr-min" => adam with { Schedule = ScheduleKind.Cosine, LrMin = 2 },

@@ -1,3 +1,4 @@
+using Backprop.Core;
 using Backprop.Core.Data;
 using Backprop.Core.Model;
 using Backprop.Core.Numerics;
@@ -22,19 +23,52 @@ public sealed class OwnDatasetTests : IDisposable
     }
 
     [Fact]
-    public void A_csv_folder_loads_with_a_header_and_its_classes_from_the_largest_label()
+    public void A_csv_folder_loads_with_a_header_and_its_classes_from_the_largest_training_label()
     {
-        var dir = Folder("csv", "label,a,b,c\r\n0,0,128,255\r\n2,1,2,3\r\n", "1,9,8,7\n3,255,0,0\n");
+        var dir = Folder("csv", "label,a,b,c\r\n0,0,128,255\r\n2,1,2,3\r\n", "1,9,8,7\n0,255,0,0\n");
         var data = DatasetCatalog.LoadOwn(dir);
         Assert.Equal(2, data.Train.Count);
         Assert.Equal(2, data.Test.Count);
         Assert.Equal(3, data.Train.Features);
         Assert.Equal((1, 3), (data.Train.Rows, data.Train.Cols));
-        Assert.Equal(4, data.Train.Classes);   // label 3 in the test file
-        Assert.Equal(4, data.Test.Classes);
+        Assert.Equal(3, data.Train.Classes);   // label 2 in the training file
+        Assert.Equal(3, data.Test.Classes);
         Assert.Equal(new byte[] { 0, 128, 255, 1, 2, 3 }, data.Train.Pixels);
         Assert.Equal(new byte[] { 0, 2 }, data.Train.Labels);
-        Assert.Equal(new byte[] { 1, 3 }, data.Test.Labels);
+        Assert.Equal(new byte[] { 1, 0 }, data.Test.Labels);
+    }
+
+    [Fact]
+    public void A_test_label_outside_the_training_labels_classes_is_one_line_naming_the_test_file()
+    {
+        var csv = Folder("test-label", "label,a\n0,1\n2,3\n", "label,a\n1,9\n3,255\n");
+        var e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(csv));
+        Assert.Equal(Path.Combine(csv, "test.csv: line 3: label 3 is outside the training file's classes 0..2"), e.Message);
+
+        var data = SyntheticDigits.Create(trainCount: 30, testCount: 10, seed: 3, side: 5, classes: 3);
+        var idx = Path.Combine(_dir, "idx-test-label");
+        IdxWriter.WriteDataset(idx, data);
+        byte[] labels = (byte[])data.Test.Labels.Clone();
+        labels[7] = 3;
+        IdxWriter.WriteLabels(Path.Combine(idx, DatasetCatalog.TestLabels), labels);
+        e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(idx));
+        Assert.Equal(Path.Combine(idx, DatasetCatalog.TestLabels + ": label 3 at index 7 is outside 0..2"), e.Message);
+    }
+
+    [Fact]
+    public void A_csv_line_longer_than_the_cap_is_refused_with_its_line_before_it_is_read_whole()
+    {
+        // A row of the widest input fits; a line of 1 Mi + 1 characters (no line break) does not.
+        string widest = "1," + string.Join(',', Enumerable.Repeat("255", ResourceLimits.MaxLayerWidth)) + "\n";
+        Assert.True(widest.Length < CsvReader.MaxLineChars);
+        var dir = Folder("long", "0,1\n1,2\n" + new string('7', CsvReader.MaxLineChars + 1), "0,1\n");
+        var e = Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(dir));
+        Assert.Equal(Path.Combine(dir, $"train.csv: line 3: longer than {CsvReader.MaxLineChars} characters"), e.Message);
+        File.WriteAllText(Path.Combine(dir, DatasetCatalog.TrainCsv), "0,1\n1,2\n" + new string('7', CsvReader.MaxLineChars));
+        Assert.Contains("train.csv: line 3: a label and no values", Assert.Throws<DataFileException>(() => DatasetCatalog.LoadOwn(dir)).Message);
+
+        var wide = Folder("wide", widest + widest, widest);
+        Assert.Equal(ResourceLimits.MaxLayerWidth, DatasetCatalog.LoadOwn(wide).Train.Features);
     }
 
     [Fact]
@@ -166,23 +200,87 @@ public sealed class OwnDatasetTests : IDisposable
         Assert.Equal(1f, other[12]);
     }
 
+    [Fact]
+    public async Task A_silo_holds_a_folder_by_path_and_content_and_reads_it_again_when_its_files_change()
+    {
+        var cache = new Backprop.Grains.Hosting.DatasetCache(Path.Combine(_dir, "data"), allowFetch: false,
+            Microsoft.Extensions.Logging.Abstractions.NullLogger<Backprop.Grains.Hosting.DatasetCache>.Instance);
+        var dir = Path.Combine(_dir, "versions");
+        var first = SyntheticDigits.Create(trainCount: 20, testCount: 5, seed: 8, side: 4, classes: 2);
+        var second = SyntheticDigits.Create(trainCount: 24, testCount: 5, seed: 9, side: 4, classes: 2);
+        IdxWriter.WriteDataset(dir, first);
+        var (loaded, sha1) = await cache.Current(dir);
+        Assert.Equal(first.Train.Pixels, loaded.Train.Pixels);
+
+        // The files change while the silo runs: a run of the first version keeps its copy, a new run gets the second.
+        IdxWriter.WriteDataset(dir, second);
+        Assert.Equal(first.Train.Pixels, (await cache.Get(dir, sha1)).Train.Pixels);
+        var (now, sha2) = await cache.Current(dir);
+        Assert.NotEqual(sha1, sha2);
+        Assert.Equal(second.Train.Pixels, now.Train.Pixels);
+        Assert.Equal(sha2, await cache.Sha256(dir));
+        Assert.Equal(second.Train.Pixels, (await cache.Get(dir, sha2)).Train.Pixels);
+
+        // The first version is no longer on disk: its runs get one line naming the folder and both hashes.
+        var e = await Assert.ThrowsAsync<Backprop.Grains.DataMismatchException>(() => cache.Get(dir, sha1));
+        Assert.Equal($"{dir}: its files hash to sha256 {sha2}, which differs from the run's {sha1} (changed since the run started?)", e.Message);
+        var other = new Backprop.Grains.Hosting.DatasetCache(Path.Combine(_dir, "data"), allowFetch: false,
+            Microsoft.Extensions.Logging.Abstractions.NullLogger<Backprop.Grains.Hosting.DatasetCache>.Instance);
+        Assert.Contains(sha1, (await Assert.ThrowsAsync<Backprop.Grains.DataMismatchException>(() => other.Get(dir, sha1))).Message);
+
+        // Put back, the first version is read again for the run that asks for it.
+        IdxWriter.WriteDataset(dir, first);
+        Assert.Equal(first.Train.Pixels, (await cache.Get(dir, sha1)).Train.Pixels);
+        Assert.Equal(sha1, await cache.Sha256(dir));
+    }
+
     private static RunSpec Spec(int validation) => new(
         new ModelSpec([25, 8, 3], Activation.Relu, Loss.CrossEntropy), InitScheme.PyTorch, new OptimizerSettings(OptimizerKind.Momentum, 0.05f, 0.9f),
         BatchSize: 16, ChunkSize: 4, Epochs: 2, Workers: 1, Seed: 5, Dataset: "/own", TrainLimit: 0, Validation: validation);
 
     [Fact]
-    public void Validation_holds_out_the_last_images_which_are_never_trained_on()
+    public void Validation_holds_out_images_drawn_from_the_seed_which_are_never_trained_on()
     {
         var data = SyntheticDigits.Create(trainCount: 100, testCount: 10, seed: 4, side: 5, classes: 3);
-        using var held = new LocalTrainer(Spec(validation: 30), data.Train);
-        using var cut = new LocalTrainer(Spec(validation: 0), data.Train.Take(70));
-        for (int e = 0; e < 2; e++) Assert.Equal(cut.TrainEpoch(e), held.TrainEpoch(e));
-        Assert.Equal(cut.Parameters, held.Parameters);
+        int[] held = RunSpec.HeldOut(seed: 5, available: 100, count: 30);
+        // Fixed by (seed, size, count): the same again, another for another seed, and not the last 30 (nor any 30 in a row).
+        Assert.Equal(held, RunSpec.HeldOut(5, 100, 30));
+        Assert.NotEqual(held, RunSpec.HeldOut(6, 100, 30));
+        Assert.NotEqual(Enumerable.Range(70, 30), held);
+        Assert.True(held[^1] - held[0] > 29, string.Join(',', held));
+        Assert.Equal(30, held.Distinct().Count());
+        Assert.All(held, i => Assert.InRange(i, 0, 99));
 
-        // The validation images evaluated in the cluster's blocks: the same counts as evaluating them directly.
-        var validation = held.EvaluateValidation();
-        var direct = new ChunkRunner(Spec(0).Model, 4).Evaluate(data.Train, held.Parameters, 70, 100);
-        Assert.Equal((30, direct.Correct, direct.LossSum), (validation.Count, validation.Correct, validation.LossSum));
+        // Training on the others, in their order, is training without validation on exactly those images.
+        int[] rest = [.. Enumerable.Range(0, 100).Except(held)];
+        using var withHeld = new LocalTrainer(Spec(validation: 30), data.Train);
+        using var without = new LocalTrainer(Spec(validation: 0), data.Train.Select(rest));
+        for (int e = 0; e < 2; e++) Assert.Equal(without.TrainEpoch(e), withHeld.TrainEpoch(e));
+        Assert.Equal(without.Parameters, withHeld.Parameters);
+        var (train, validation) = Spec(30).Split(data.Train);
+        Assert.Equal(rest.Select(i => data.Train.Labels[i]), train.Labels);
+        Assert.Equal(held.Select(i => data.Train.Labels[i]), validation.Labels);
+
+        // The validation images evaluated in the cluster's blocks: the same counts as evaluating those images directly.
+        var evaluated = withHeld.EvaluateValidation();
+        var direct = new ChunkRunner(Spec(0).Model, 4).Evaluate(data.Train.Select(held), withHeld.Parameters, 0, 30);
+        Assert.Equal((30, direct.Correct, direct.LossSum), (evaluated.Count, evaluated.Correct, evaluated.LossSum));
+        var inputs = new float[2 * 25];
+        validation.CopyInputs([0, 29], inputs);
+        var expected = new float[2 * 25];
+        data.Train.CopyInputs([held[0], held[29]], expected);
+        Assert.Equal(expected, inputs);
+    }
+
+    [Fact]
+    public void The_train_limit_takes_the_first_images_that_are_not_held_out()
+    {
+        var data = SyntheticDigits.Create(trainCount: 50, testCount: 5, seed: 4, side: 5, classes: 3);
+        var (train, validation) = (Spec(10) with { TrainLimit = 20 }).Split(data.Train);
+        int[] held = RunSpec.HeldOut(5, 50, 10);
+        Assert.Equal(Enumerable.Range(0, 50).Except(held).Take(20).Select(i => data.Train.Labels[i]), train.Labels);
+        Assert.Equal(10, validation.Count);
+        Assert.Equal(20, (Spec(10) with { TrainLimit = 20 }).TrainCount(50));
     }
 
     [Theory]

@@ -30,14 +30,14 @@ public sealed class OptimizerCliTests : IDisposable
         Assert.Contains("adamw lr 0.002 betas 0.9/0.999 eps 1E-08 weight decay 0.01, cosine to 0, warm-up 3 steps", run.Output);
         var lines = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement).ToArray();
         // Epoch 1 starts in the warm-up (1/3 of the rate); epoch 2 at step 10, 7/16 of the way down the cosine from step 3 to step 19.
-        double lr = 0.002f;
+        const double lr = 0.002;
         Assert.Equal(lr / 3, lines[0].GetProperty("lr").GetDouble(), 15);
         Assert.Equal(lr * (1 + Math.Cos(Math.PI * 7 / 16)) / 2, lines[1].GetProperty("lr").GetDouble(), 15);
 
         var spec = Presets.PyTorchMlp with
         {
             Epochs = 2, Workers = 2, Seed = 4,
-            Optimizer = new OptimizerSettings(OptimizerKind.AdamW, 0.002f, 0.9f, WeightDecay: 0.01, Schedule: ScheduleKind.Cosine, WarmupSteps: 3),
+            Optimizer = new OptimizerSettings(OptimizerKind.AdamW, 0.002, 0.9f, WeightDecay: 0.01, Schedule: ScheduleKind.Cosine, WarmupSteps: 3),
         };
         using var local = new LocalTrainer(spec, _data.Train);
         local.TrainEpoch(0);
