@@ -28,9 +28,11 @@ public sealed record OptimizerSettings(
     public void Validate()
     {
         if (!Enum.IsDefined(Kind)) throw new ArgumentException($"optimizer: {(int)Kind} is not a known optimizer");
-        // The kernels take it as a float: a rate past float's range would be infinite there.
-        if (!(LearningRate > 0 && LearningRate <= float.MaxValue))
+        if (!(LearningRate > 0) || double.IsInfinity(LearningRate))
             throw new ArgumentException($"lr: {LearningRate} is not a positive finite number");
+        // The kernels take it as a float: past float's range it would be infinite there, below it 0 (no step at all).
+        if (LearningRate is < float.Epsilon or > float.MaxValue)
+            throw new ArgumentException($"lr: {LearningRate} is outside the range a float holds ({float.Epsilon:G2} .. {float.MaxValue:G2})");
         if (!(WeightDecay >= 0) || double.IsInfinity(WeightDecay))
             throw new ArgumentException($"weight-decay: {WeightDecay} is not a non-negative finite number");
         if (Kind is OptimizerKind.Momentum or OptimizerKind.Nesterov && !(Momentum >= 0 && Momentum < 1))
