@@ -119,7 +119,7 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
     /// <summary>
     /// The sizes and write times of the files a folder's data set is read from. Only those names are looked at, so that a
     /// message naming a huge directory does not make the silo list it. A rewrite that keeps both size and write time
-    /// (cp -p or rsync -a of a same-size file) is not seen: the time is all a cheap, portable check has.
+    /// (cp -p or tar x of a same-size file) is not seen: the time is all a cheap, portable check has.
     /// </summary>
     private static string FilesOf(string folder) => string.Join('/', DataFileNames.Select(name => new FileInfo(Path.Combine(folder, name)))
         .Where(f => f.Exists).Select(f => $"{f.Name}:{f.Length}:{f.LastWriteTimeUtc.Ticks}"));
