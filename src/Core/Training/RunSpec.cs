@@ -206,16 +206,16 @@ public static class Presets
         BatchSize: 64, ChunkSize: 16, Epochs: 5, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
 
     /// <summary>
-    /// 98% on MNIST fast, and 89% on Fashion-MNIST with the same flags: 784-256-256-10 ReLU, AdamW lr 0.004 with
-    /// decoupled weight decay 0.01 on PyTorch's one-cycle schedule, batch 512, 14 epochs, no augmentation (±2 px shifts
-    /// cost Fashion-MNIST about 2 points in a short run). Batch 512 spreads the per-step cost of the
-    /// parameter servers over 4x the samples of batch 128, which buys the epochs Fashion-MNIST needs.
+    /// 98% on MNIST fast: 784-256-10 ReLU, AdamW lr 0.004 with decoupled weight decay 0.01 on PyTorch's one-cycle schedule,
+    /// batch 128, training images shifted by up to ±2 px, 6 epochs, 2 workers (one a core of the 2-core machine it was
+    /// tuned on). The fewest flops to 98% of the recipes tried, which is what beats libtorch's time on the same machine;
+    /// Fashion-MNIST wants the wider, longer, unshifted run in README.
     /// </summary>
     public static RunSpec Fast98 => new(
-        new ModelSpec([784, 256, 256, 10], Activation.Relu, Loss.CrossEntropy),
+        new ModelSpec([784, 256, 10], Activation.Relu, Loss.CrossEntropy),
         InitScheme.PyTorch,
         new OptimizerSettings(OptimizerKind.AdamW, 0.004, 0f, WeightDecay: 0.01, Schedule: ScheduleKind.OneCycle),
-        BatchSize: 512, ChunkSize: 128, Epochs: 14, Workers: 4, Seed: 1, Dataset: "mnist", TrainLimit: 0);
+        BatchSize: 128, ChunkSize: 32, Epochs: 6, Workers: 2, Seed: 1, Dataset: "mnist", TrainLimit: 0, Augment: RunSpec.Shift2);
 
     public static readonly IReadOnlyList<string> Names = ["nielsen", "pytorch-mlp", "fast-98"];
 
