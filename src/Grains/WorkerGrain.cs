@@ -234,10 +234,10 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         return spec;
     }
 
-    /// <summary>This silo's copy of the run's data set; refuses to compute on other samples than the run's.</summary>
     /// <summary>A run's cut of a silo's data set: what it trains on, what it holds out (<see cref="RunSpec.Split"/>), and the test set.</summary>
     private sealed record RunData(Backprop.Core.Data.Dataset Train, Backprop.Core.Data.Dataset Validation, Backprop.Core.Data.Dataset Test);
 
+    /// <summary>This silo's copy of the run's data set; refuses to compute on other samples than the run's.</summary>
     private async ValueTask<RunData> DataFor(RunSpec spec, string expectedSha256)
     {
         // Checked once per spec and hash, not on every step.

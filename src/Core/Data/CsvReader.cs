@@ -32,7 +32,7 @@ public static class CsvReader
         while (reader.Next(line + 1) is { } text)
         {
             line++;
-            var row = text.AsSpan().TrimEnd('\r');
+            var row = text.AsSpan();
             if (line == 1 && row.Length > 0 && char.IsLetter(row[0])) continue;   // a header
             if (row.IsEmpty) throw new DataFileException(path, $"line {line}: empty line");
             int values = row.Count(',');
@@ -72,14 +72,19 @@ public static class CsvReader
         return new Samples(width!.Value, pixels.AsSpan(0, (int)filled).ToArray(), labels.ToArray());
     }
 
-    /// <summary>Lines as StreamReader.ReadLine splits them at '\n', but refused past <see cref="MaxLineChars"/>.</summary>
+    /// <summary>
+    /// Lines as StreamReader.ReadLine splits them, at "\r\n", '\n' or a lone '\r' (old Mac files), but refused past
+    /// <see cref="MaxLineChars"/> whichever ends them.
+    /// </summary>
     private sealed class LineReader(StreamReader reader, string path) : IDisposable
     {
         private readonly char[] _buffer = new char[1 << 16];
         private readonly StringBuilder _line = new();
         private int _start, _end;
+        /// <summary>The last line ended at a '\r': a '\n' right after it is part of that line's end.</summary>
+        private bool _afterCr;
 
-        /// <summary>Line <paramref name="number"/> (1-based, for the message), without its '\n'; null at the end of the file.</summary>
+        /// <summary>Line <paramref name="number"/> (1-based, for the message), without its line end; null at the end of the file.</summary>
         public string? Next(int number)
         {
             _line.Clear();
@@ -90,14 +95,17 @@ public static class CsvReader
                     (_start, _end) = (0, reader.Read(_buffer, 0, _buffer.Length));
                     if (_end == 0) return _line.Length > 0 ? _line.ToString() : null;
                 }
-                int newline = Array.IndexOf(_buffer, '\n', _start, _end - _start);
-                int take = (newline < 0 ? _end : newline) - _start;
+                if (_afterCr && _buffer[_start] == '\n') _start++;
+                _afterCr = false;
+                if (_start == _end) continue;
+                int lineEnd = _buffer.AsSpan(_start, _end - _start).IndexOfAny('\r', '\n');
+                int take = lineEnd < 0 ? _end - _start : lineEnd;
                 if (_line.Length + take > MaxLineChars)
                     throw new DataFileException(path, $"line {number}: longer than {MaxLineChars} characters");
                 _line.Append(_buffer, _start, take);
                 _start += take;
-                if (newline < 0) continue;
-                _start++;
+                if (lineEnd < 0) continue;
+                _afterCr = _buffer[_start++] == '\r';
                 return _line.ToString();
             }
         }
@@ -105,6 +113,15 @@ public static class CsvReader
         public void Dispose() => reader.Dispose();
     }
 
-    /// <summary>A field as it appears in a message: short, and printable on one line.</summary>
-    private static string Shown(ReadOnlySpan<char> field) => field.Length > 20 ? string.Concat(field[..20], "...") : field.ToString();
+    /// <summary>A field as it appears in a message: short, and printable on one line (control characters escaped as \uXXXX).</summary>
+    private static string Shown(ReadOnlySpan<char> field)
+    {
+        var shown = new StringBuilder();
+        foreach (char c in field[..Math.Min(field.Length, 20)])
+        {
+            if (char.IsControl(c)) shown.Append(CultureInfo.InvariantCulture, $"\\u{(int)c:X4}");
+            else shown.Append(c);
+        }
+        return field.Length > 20 ? shown.Append("...").ToString() : shown.ToString();
+    }
 }

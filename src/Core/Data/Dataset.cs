@@ -16,7 +16,7 @@ public sealed class Dataset
         Name = name;
         Rows = rows;
         Cols = cols;
-        Pixels = pixels;
+        _pixels = pixels;
         Labels = labels;
         Classes = classes;
     }
@@ -24,14 +24,14 @@ public sealed class Dataset
     /// <summary>A view of <paramref name="source"/> whose images are shifted (see <see cref="Shifted"/>).</summary>
     private Dataset(Dataset source, ulong shiftKey)
     {
-        (Name, Rows, Cols, Pixels, Labels, Classes, _rows) = (source.Name, source.Rows, source.Cols, source.Pixels, source.Labels, source.Classes, source._rows);
+        (Name, Rows, Cols, _pixels, Labels, Classes, _rows) = (source.Name, source.Rows, source.Cols, source._pixels, source.Labels, source.Classes, source._rows);
         (_shifted, _shiftKey) = (true, shiftKey);
     }
 
     /// <summary>A view of the samples of <paramref name="source"/> at <paramref name="samples"/> (see <see cref="Select"/>).</summary>
     private Dataset(Dataset source, int[] samples)
     {
-        (Name, Rows, Cols, Pixels, Classes) = (source.Name, source.Rows, source.Cols, source.Pixels, source.Classes);
+        (Name, Rows, Cols, _pixels, Classes) = (source.Name, source.Rows, source.Cols, source._pixels, source.Classes);
         Labels = new byte[samples.Length];
         _rows = new int[samples.Length];
         for (int i = 0; i < samples.Length; i++)
@@ -41,9 +41,11 @@ public sealed class Dataset
         }
     }
 
+    /// <summary>The images, each Features bytes; of a view, those of the set it was made from.</summary>
+    private readonly byte[] _pixels;
     private readonly bool _shifted;
     private readonly ulong _shiftKey;
-    /// <summary>The image in <see cref="Pixels"/> of each sample of a <see cref="Select"/> view; null: sample i is image i.</summary>
+    /// <summary>The image in <see cref="_pixels"/> of each sample of a <see cref="Select"/> view; null: sample i is image i.</summary>
     private readonly int[]? _rows;
 
     private int RowOf(int sample) => _rows is null ? sample : _rows[sample];
@@ -75,8 +77,13 @@ public sealed class Dataset
     public int Features => Rows * Cols;
     public int Count => Labels.Length;
     public int Classes { get; }
-    /// <summary>The images, each Features bytes; of a <see cref="Select"/> view, those of the whole set it was cut from.</summary>
-    public byte[] Pixels { get; }
+    /// <summary>
+    /// The images, each Features bytes, sample i at i · Features. Not of a view (<see cref="Select"/>, <see cref="Shifted"/>):
+    /// its array is the source's, whose images are others or unshifted, so what wrote or hashed it would get the wrong images.
+    /// </summary>
+    public byte[] Pixels => _rows is null && !_shifted
+        ? _pixels
+        : throw new InvalidOperationException($"{Name}: a view's images are those of the set it was made from; use that set");
     public byte[] Labels { get; }
 
     /// <summary>Writes the images at <paramref name="indices"/> as rows scaled to [0, 1].</summary>
@@ -93,7 +100,7 @@ public sealed class Dataset
             CopyShifted(indices, rows, scale);
             return;
         }
-        fixed (byte* pixels = Pixels)
+        fixed (byte* pixels = _pixels)
         fixed (float* output = rows)
         {
             for (int r = 0; r < indices.Length; r++)
@@ -119,7 +126,7 @@ public sealed class Dataset
         for (int r = 0; r < indices.Length; r++)
         {
             var (dx, dy) = ShiftOf(_shiftKey, indices[r]);
-            var src = Pixels.AsSpan(RowOf(indices[r]) * f, f);
+            var src = _pixels.AsSpan(RowOf(indices[r]) * f, f);
             var dst = rows.Slice(r * f, f);
             for (int y = 0; y < Rows; y++)
             {
@@ -139,7 +146,7 @@ public sealed class Dataset
     {
         if (!Sse.IsSupported) return;
         int f = Features;
-        fixed (byte* pixels = Pixels)
+        fixed (byte* pixels = _pixels)
         {
             foreach (int index in indices)
             {

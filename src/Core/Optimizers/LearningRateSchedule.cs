@@ -43,6 +43,12 @@ public sealed class LearningRateSchedule
             case ScheduleKind.Cosine:
                 if (step < warmup) return lr * warm;
                 return Anneal(lr, _s.LrEnd, (step - warmup) / (double)Math.Max(1, _total - 1 - warmup));
+            case ScheduleKind.OneCycle when _s.RoundedOneCycle:
+                // As versions before PyTorch's fractional phase end computed it, for the runs they stored.
+                long rounded = Math.Max(1, warmup > 0 ? warmup : (long)Math.Round(0.3 * _total)) - 1;
+                return step <= rounded
+                    ? Clamped(lr / 25, lr, rounded == 0 ? 1 : step / (double)rounded)
+                    : Clamped(lr, _s.LrEnd, (step - rounded) / (double)Math.Max(1, _total - 1 - rounded));
             case ScheduleKind.OneCycle:
                 // As OneCycleLR.get_lr: phase one ends at float(pct_start · total) − 1, a fraction in general; phase two at
                 // total − 1 at its min_lr (LrEnd).
@@ -58,4 +64,6 @@ public sealed class LearningRateSchedule
 
     /// <summary>PyTorch's _annealing_cos: from <paramref name="start"/> at p = 0 to <paramref name="end"/> at p = 1.</summary>
     private static double Anneal(double start, double end, double p) => end + (start - end) / 2.0 * (Math.Cos(Math.PI * p) + 1);
+
+    private static double Clamped(double start, double end, double p) => Anneal(start, end, Math.Min(1, p));
 }

@@ -9,6 +9,8 @@ public enum ScheduleKind { Constant, Step, Cosine, OneCycle }
 /// one that steps. The hyperparameters that PyTorch keeps as Python floats (betas, eps, weight decay, the schedule's)
 /// are doubles here, lr too, so that the per-step scalars are computed from the same values (each optimizer rounds them to
 /// float where PyTorch's kernel does). <see cref="LrMin"/> null: the schedule's own end (cosine 0, one-cycle lr/25/1e4).
+/// <see cref="RoundedOneCycle"/>: a run stored by a version before one-cycle followed PyTorch to the bit keeps the schedule
+/// it started with (its peak at step round(0.3·T) − 1 or W − 1), so that it resumes with the same rates.
 /// </summary>
 public sealed record OptimizerSettings(
     OptimizerKind Kind,
@@ -22,15 +24,18 @@ public sealed record OptimizerSettings(
     int LrStepEpochs = 0,
     double LrGamma = 0.1,
     double? LrMin = null,
-    int WarmupSteps = 0)
+    int WarmupSteps = 0,
+    bool RoundedOneCycle = false)
 {
     /// <summary>Ranges only; what depends on the run's length is checked by <see cref="Training.RunSpec.Validate()"/>.</summary>
     public void Validate()
     {
         if (!Enum.IsDefined(Kind)) throw new ArgumentException($"optimizer: {(int)Kind} is not a known optimizer");
-        // The kernels take it as a float: a rate past float's range would be infinite there.
-        if (!(LearningRate > 0 && LearningRate <= float.MaxValue))
+        if (!(LearningRate > 0) || double.IsInfinity(LearningRate))
             throw new ArgumentException($"lr: {LearningRate} is not a positive finite number");
+        // The kernels take it as a float: past float's range it would be infinite there, below it 0 (no step at all).
+        if (LearningRate is < float.Epsilon or > float.MaxValue)
+            throw new ArgumentException($"lr: {LearningRate} is outside the range a float holds ({float.Epsilon:G2} .. {float.MaxValue:G2})");
         if (!(WeightDecay >= 0) || double.IsInfinity(WeightDecay))
             throw new ArgumentException($"weight-decay: {WeightDecay} is not a non-negative finite number");
         if (Kind is OptimizerKind.Momentum or OptimizerKind.Nesterov && !(Momentum >= 0 && Momentum < 1))
@@ -53,7 +58,7 @@ public sealed record OptimizerSettings(
         if (Schedule is ScheduleKind.Cosine or ScheduleKind.OneCycle && LrMin is { } min && !(min >= 0 && min <= LearningRate))
             throw new ArgumentException($"lr-min: {min} is outside [0, lr {LearningRate}]");
         // PyTorch divides by the first phase's length, float(pct_start · total) − 1, which is 0 for one step.
-        if (Schedule == ScheduleKind.OneCycle && WarmupSteps == 1)
+        if (Schedule == ScheduleKind.OneCycle && WarmupSteps == 1 && !RoundedOneCycle)
             throw new ArgumentException("warmup-steps: one-cycle needs a rising phase of at least 2 steps (or 0 for 30% of the run)");
     }
 

@@ -27,7 +27,8 @@ public sealed record RunSpec(
     int EarlyStop = 0,
     bool KeepBest = false,
     string Augment = RunSpec.NoAugment,
-    double ClipNorm = 0)
+    double ClipNorm = 0,
+    bool ValidationLast = false)
 {
     public const string NoAugment = "none";
     /// <summary>Training images shifted by up to ±2 pixels, drawn from (seed, epoch, sample index); see <see cref="Data.Dataset.Shifted"/>.</summary>
@@ -134,13 +135,16 @@ public sealed record RunSpec(
     /// <summary>
     /// The run's training and validation sets, cut from the <paramref name="available"/> training images: <see cref="Validation"/>
     /// held out (<see cref="HeldOut"/>), the others in their original order up to the train limit (<see cref="TrainCount"/>).
-    /// The one cut that the local trainer and every worker use.
+    /// The one cut that the local trainer and every worker use. <see cref="ValidationLast"/>: a run stored by a version before
+    /// the seeded draw held out the last images, and resumes on that split.
     /// </summary>
     public (Dataset Train, Dataset Validation) Split(Dataset available)
     {
         if (Validation >= available.Count)
             throw new ArgumentException($"validation: {Validation} held-out images leave none of the {available.Count} training images of {Dataset} to train on");
-        int[] held = HeldOut(Seed, available.Count, Validation);
+        int[] held = Validation == 0 ? []
+            : ValidationLast ? Enumerable.Range(available.Count - Validation, Validation).ToArray()
+            : HeldOut(Seed, available.Count, Validation);
         var rest = new int[TrainCount(available.Count)];
         for (int i = 0, h = 0, r = 0; r < rest.Length; i++)
         {

@@ -1,4 +1,3 @@
-using System.Collections.Concurrent;
 using System.Security.Cryptography;
 using Backprop.Core.Data;
 using Microsoft.Extensions.Logging;
@@ -10,15 +9,24 @@ namespace Backprop.Grains.Hosting;
 /// A silo that lacks a built-in dataset fetches it (and verifies it) the first time it is asked for it; a user's own
 /// folder (an absolute path) is read where it is and never fetched.
 /// Each loaded set is identified by the SHA-256 of its contents, so a run can tell whether two silos
-/// train on the same samples. A user's folder may change while the silo runs: it is kept with the names, sizes and
-/// times of its files, and read again when they differ and a caller wants the folder as it is now, or a version
-/// (a run's hash) other than the one held.
+/// train on the same samples. A user's folder may change while the silo runs: each version read is kept with the sizes and
+/// write times of its data files, the newest <see cref="VersionsPerFolder"/> of them, so that a running run keeps its copy
+/// while a new run gets the files as they are now. The folder is read again when those sizes or times changed and a caller
+/// wants the folder as it is now, or a version (a run's hash) that is not held; a read that fails keeps what is held.
 /// </summary>
 public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<DatasetCache> logger)
 {
+    /// <summary>The versions of one folder held at once: the current one and the one before, for the runs that started on it.</summary>
+    public const int VersionsPerFolder = 2;
+
     private sealed record Entry(TrainTest Data, string Sha256, string? Files);
 
-    private readonly ConcurrentDictionary<string, Lazy<Task<Entry>>> _sets = new();
+    private readonly Dictionary<string, Lazy<Task<Entry>>> _builtIn = new();
+    private readonly Lock _gate = new();
+    /// <summary>A user's folder's versions, newest first; only folders that loaded: messages naming others must not grow it.</summary>
+    private readonly Dictionary<string, Entry[]> _folders = new();
+    /// <summary>The read of a folder in flight, one for all the callers that found its files changed.</summary>
+    private readonly Dictionary<string, Task<Entry>> _reading = new();
 
     public string DataDir { get; } = dataDir;
 
@@ -31,20 +39,27 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
     /// <summary>The data set as it is now and its hash, from one load: what a run records when it starts.</summary>
     public async Task<(TrainTest Data, string Sha256)> Current(string dataset)
     {
-        var (held, entry) = await Held(dataset);
-        if (entry.Files is not null && entry.Files != FilesOf(dataset)) entry = await Reload(dataset, held);
+        DatasetCatalog.Validate(dataset);   // only known names and absolute folder paths reach the file system
+        var entry = DatasetCatalog.IsBuiltIn(dataset) ? await BuiltIn(dataset) : await Now(dataset);
         return (entry.Data, entry.Sha256);
     }
 
     /// <summary>
     /// A run's data set: the copy whose hash is <paramref name="sha256"/>. Throws <see cref="DataMismatchException"/> naming
-    /// the folder and both hashes when this silo's files are another version.
+    /// the folder and both hashes when this silo holds no such copy and its files are another version.
     /// </summary>
     public async Task<TrainTest> Get(string dataset, string sha256)
     {
-        var (held, entry) = await Held(dataset);
-        // Read again only when the files changed: a message naming a wrong hash must not make the silo reread a folder.
-        if (entry.Sha256 != sha256 && entry.Files is not null && entry.Files != FilesOf(dataset)) entry = await Reload(dataset, held);
+        DatasetCatalog.Validate(dataset);
+        Entry entry;
+        if (DatasetCatalog.IsBuiltIn(dataset)) entry = await BuiltIn(dataset);
+        else
+        {
+            lock (_gate)
+                if (_folders.GetValueOrDefault(dataset)?.FirstOrDefault(v => v.Sha256 == sha256) is { } held) return held.Data;
+            // Read again only when the files changed: a message naming a wrong hash must not make the silo reread a folder.
+            entry = await Now(dataset);
+        }
         if (entry.Sha256 != sha256)
             throw new DataMismatchException(DatasetCatalog.IsBuiltIn(dataset)
                 ? $"data set '{dataset}' in {DatasetCatalog.DirectoryOf(DataDir, dataset)}: sha256 {entry.Sha256} differs from the run's {sha256}; check the data directory"
@@ -52,46 +67,65 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
         return entry.Data;
     }
 
-    private async Task<(Lazy<Task<Entry>> Held, Entry Entry)> Held(string dataset)
+    /// <summary>A built-in set, loaded (or fetched) once; one that failed stays failed: no fetch on every call.</summary>
+    private Task<Entry> BuiltIn(string name)
     {
-        DatasetCatalog.Validate(dataset);   // only known names and absolute folder paths reach the file system
-        var held = _sets.GetOrAdd(dataset, name => new Lazy<Task<Entry>>(() => LoadOrForget(name)));
-        return (held, await held.Value);
+        Lazy<Task<Entry>> held;
+        lock (_gate)
+            if (!_builtIn.TryGetValue(name, out held!))
+                _builtIn.Add(name, held = new Lazy<Task<Entry>>(() => Task.Run(() => LoadBuiltIn(name))));
+        return held.Value;
     }
 
-    /// <summary>One load for all the callers that found the same outdated copy.</summary>
-    private Task<Entry> Reload(string dataset, Lazy<Task<Entry>> outdated)
+    /// <summary>A user's folder as it is now: the newest version held while its files are unchanged, else read again.</summary>
+    private Task<Entry> Now(string folder)
     {
-        var next = new Lazy<Task<Entry>>(() => LoadOrForget(dataset));
-        return (_sets.TryUpdate(dataset, next, outdated) ? next : _sets.GetOrAdd(dataset, next)).Value;
+        Entry? newest;
+        lock (_gate) newest = _folders.GetValueOrDefault(folder)?[0];
+        if (newest is not null && newest.Files == FilesOf(folder)) return Task.FromResult(newest);
+        lock (_gate)
+        {
+            if (_reading.TryGetValue(folder, out var inFlight)) return inFlight;
+            // Listed in the table before it starts, so that its end always finds itself there to remove.
+            var read = new Task<Entry>(() => ReadAndKeep(folder));
+            _reading.Add(folder, read);
+            read.Start(TaskScheduler.Default);
+            return read;
+        }
     }
 
     /// <summary>
-    /// A folder of the user's that failed to load is not kept: it may be put in place later, and messages naming folders
-    /// that do not exist must not grow this cache. (A built-in set that failed stays failed: no fetch on every call.)
+    /// Reads a folder and keeps it as its newest version, dropping the oldest past <see cref="VersionsPerFolder"/>. A read
+    /// that fails (a folder being copied, one not there yet) changes nothing held: its error goes to the callers that asked.
     /// </summary>
-    private async Task<Entry> LoadOrForget(string name)
+    private Entry ReadAndKeep(string folder)
     {
         try
         {
-            return await Task.Run(() => Load(name));
+            var entry = LoadOwn(folder);
+            lock (_gate)
+            {
+                var older = _folders.GetValueOrDefault(folder) ?? [];
+                _folders[folder] = [entry, .. older.Where(v => v.Sha256 != entry.Sha256).Take(VersionsPerFolder - 1)];
+            }
+            return entry;
         }
-        catch when (!DatasetCatalog.IsBuiltIn(name))
+        finally
         {
-            _sets.TryRemove(name, out _);
-            throw;
+            lock (_gate) _reading.Remove(folder);
         }
     }
 
-    /// <summary>The names, sizes and write times of a user's folder's files (null for a built-in set, which never changes under a run).</summary>
-    private static string? FilesOf(string dataset)
-    {
-        if (DatasetCatalog.IsBuiltIn(dataset)) return null;
-        var dir = new DirectoryInfo(dataset);
-        return dir.Exists
-            ? string.Join('/', dir.EnumerateFiles().OrderBy(f => f.Name, StringComparer.Ordinal).Select(f => $"{f.Name}:{f.Length}:{f.LastWriteTimeUtc.Ticks}"))
-            : "";
-    }
+    /// <summary>
+    /// The sizes and write times of the files a folder's data set is read from. Only those names are looked at, so that a
+    /// message naming a huge directory does not make the silo list it. A rewrite that keeps both size and write time
+    /// (cp -p or tar x of a same-size file) is not seen: the time is all a cheap, portable check has.
+    /// </summary>
+    private static string FilesOf(string folder) => string.Join('/', DataFileNames.Select(name => new FileInfo(Path.Combine(folder, name)))
+        .Where(f => f.Exists).Select(f => $"{f.Name}:{f.Length}:{f.LastWriteTimeUtc.Ticks}"));
+
+    private static readonly string[] DataFileNames =
+        [DatasetCatalog.TrainCsv, DatasetCatalog.TestCsv, .. DatasetCatalog.FileNames.SelectMany(f => new[] { f, f + ".gz" })];
 
     public static string Sha256Of(TrainTest data)
     {
@@ -106,18 +140,19 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
         return Convert.ToHexStringLower(hash.GetHashAndReset());
     }
 
-    private Entry Load(string name)
+    private Entry LoadOwn(string folder)
     {
-        if (!DatasetCatalog.IsBuiltIn(name))
-        {
-            // Listed before reading: a change during the read shows as a change next time.
-            string? files = FilesOf(name);
-            var own = DatasetCatalog.LoadOwn(name);
-            string ownSha = Sha256Of(own);
-            logger.LogInformation("Loaded {Dataset}: {Train} training and {Test} test samples of {Features} values, {Classes} classes, sha256 {Sha}",
-                name, own.Train.Count, own.Test.Count, own.Train.Features, own.Train.Classes, ownSha[..12]);
-            return new(own, ownSha, files);
-        }
+        // Looked at before reading: a change during the read shows as a change next time.
+        string files = FilesOf(folder);
+        var own = DatasetCatalog.LoadOwn(folder);
+        string sha = Sha256Of(own);
+        logger.LogInformation("Loaded {Dataset}: {Train} training and {Test} test samples of {Features} values, {Classes} classes, sha256 {Sha}",
+            folder, own.Train.Count, own.Test.Count, own.Train.Features, own.Train.Classes, sha[..12]);
+        return new(own, sha, files);
+    }
+
+    private Entry LoadBuiltIn(string name)
+    {
         var dir = DatasetCatalog.DirectoryOf(DataDir, name);
         if (!DatasetCatalog.IsPresent(dir))
         {

@@ -42,22 +42,33 @@ public struct RunSpecSurrogate
     [Id(27)] public double LearningRateDouble;
     /// <summary>Whether <see cref="LrMin"/> was given: false in a record of an earlier version, whose lr-min 0 was meant (its default then).</summary>
     [Id(28)] public bool LrMinGiven;
+    /// <summary>One-cycle as versions before PyTorch's fractional phase end: set for their records (<see cref="OptimizerSettings.RoundedOneCycle"/>).</summary>
+    [Id(29)] public bool RoundedOneCycle;
     [Id(30)] public int Validation;
     [Id(31)] public int EarlyStop;
     [Id(32)] public bool KeepBest;
     [Id(33)] public string? Augment;
+    /// <summary>The last images held out, as versions before the seeded draw did: set for their records (<see cref="RunSpec.ValidationLast"/>).</summary>
+    [Id(34)] public bool ValidationLast;
 }
 
 [RegisterConverter]
 public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
 {
     public RunSpec ConvertFromSurrogate(in RunSpecSurrogate s) => new(
-        new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRateDouble != 0 ? s.LearningRateDouble : s.LearningRate, s.Momentum, s.WeightDecay, s.Beta1, s.Beta2, s.Eps, s.Schedule, s.LrStepEpochs, s.LrGamma, LrMinOf(s), s.WarmupSteps),
+        new ModelSpec(s.Layers, s.Activation, s.Loss), s.Init, new OptimizerSettings(s.Optimizer, s.LearningRateDouble != 0 ? s.LearningRateDouble : s.LearningRate, s.Momentum, s.WeightDecay, s.Beta1, s.Beta2, s.Eps, s.Schedule, s.LrStepEpochs, s.LrGamma, LrMinOf(s), s.WarmupSteps,
+            s.RoundedOneCycle || (Earlier(s) && s.Schedule == ScheduleKind.OneCycle)),
         s.BatchSize, s.ChunkSize, s.Epochs, s.Workers, s.Seed, s.Dataset, s.TrainLimit, s.CheckpointEvery, s.ServerShards, s.StepsPerEpoch,
-        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment, s.ClipNorm);
+        s.Validation, s.EarlyStop, s.KeepBest, s.Augment ?? RunSpec.NoAugment, s.ClipNorm, s.ValidationLast || (Earlier(s) && s.Validation > 0));
+
+    /// <summary>
+    /// A record of a version before the double rate (every later one writes <see cref="RunSpecSurrogate.LearningRateDouble"/>,
+    /// a positive rate): its run keeps the semantics it started with.
+    /// </summary>
+    private static bool Earlier(in RunSpecSurrogate s) => s.LearningRateDouble == 0;
 
     /// <summary>An earlier version's record always holds lr-min (0 by default), and its runs ended there: it stays given.</summary>
-    private static double? LrMinOf(in RunSpecSurrogate s) => s.LrMinGiven || s.LearningRateDouble == 0 ? s.LrMin : null;
+    private static double? LrMinOf(in RunSpecSurrogate s) => s.LrMinGiven || Earlier(s) ? s.LrMin : null;
 
     public RunSpecSurrogate ConvertToSurrogate(in RunSpec v) => new()
     {
@@ -67,8 +78,9 @@ public sealed class RunSpecConverter : IConverter<RunSpec, RunSpecSurrogate>
         Dataset = v.Dataset, TrainLimit = v.TrainLimit, CheckpointEvery = v.CheckpointEvery, ServerShards = v.ServerShards,
         WeightDecay = v.Optimizer.WeightDecay, Beta1 = v.Optimizer.Beta1, Beta2 = v.Optimizer.Beta2, Eps = v.Optimizer.Eps,
         Schedule = v.Optimizer.Schedule, LrStepEpochs = v.Optimizer.LrStepEpochs, LrGamma = v.Optimizer.LrGamma, LrMin = v.Optimizer.LrMin ?? 0, LrMinGiven = v.Optimizer.LrMin is not null,
-        WarmupSteps = v.Optimizer.WarmupSteps, StepsPerEpoch = v.StepsPerEpoch,
+        WarmupSteps = v.Optimizer.WarmupSteps, RoundedOneCycle = v.Optimizer.RoundedOneCycle, StepsPerEpoch = v.StepsPerEpoch,
         Validation = v.Validation, EarlyStop = v.EarlyStop, KeepBest = v.KeepBest, Augment = v.Augment, ClipNorm = v.ClipNorm,
+        ValidationLast = v.ValidationLast,
     };
 }
 

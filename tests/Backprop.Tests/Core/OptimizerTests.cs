@@ -238,7 +238,8 @@ public sealed class OptimizerTests
     [InlineData("eps", "eps: 0 is not a positive finite number")]
     [InlineData("weight-decay", "weight-decay: NaN is not a non-negative finite number")]
     [InlineData("lr", "lr: -1 is not a positive finite number")]
-    [InlineData("lr-float", "lr: 1E+39 is not a positive finite number")]
+    [InlineData("lr-float", "lr: 1E+39 is outside the range a float holds (1.4E-45 .. 3.4E+38)")]
+    [InlineData("lr-float-zero", "lr: 1E-46 is outside the range a float holds (1.4E-45 .. 3.4E+38)")]
     [InlineData("gamma", "lr-gamma: -1 is not a positive finite number")]
     [InlineData("step-epochs", "lr-step-epochs: 5 is not below the run's 5 epochs")]
     [InlineData("lr-min", "lr-min: 2 is outside [0, lr 1]")]
@@ -254,6 +255,7 @@ public sealed class OptimizerTests
             "weight-decay" => adam with { WeightDecay = double.NaN },
             "lr" => adam with { LearningRate = -1 },
             "lr-float" => adam with { LearningRate = 1e39 },
+            "lr-float-zero" => adam with { LearningRate = 1e-46 },
             "gamma" => adam with { Schedule = ScheduleKind.Step, LrStepEpochs = 1, LrGamma = -1 },
             "step-epochs" => adam with { Schedule = ScheduleKind.Step, LrStepEpochs = 5 },
             "lr-min" => adam with { Schedule = ScheduleKind.Cosine, LrMin = 2 },

@@ -48,6 +48,8 @@ public sealed class OptimizerCliTests : IDisposable
     [Theory]
     [InlineData("beta1: 1 is outside [0, 1)", "--optimizer", "adam", "--beta1", "1")]
     [InlineData("eps: 0 is not a positive finite number", "--optimizer", "adam", "--eps", "0")]
+    [InlineData("lr: 1E+39 is outside the range a float holds (1.4E-45 .. 3.4E+38)", "--lr", "1e39")]
+    [InlineData("lr: 1E-46 is outside the range a float holds (1.4E-45 .. 3.4E+38)", "--lr", "1e-46")]
     [InlineData("weight-decay: -0.1 is not a non-negative finite number", "--weight-decay", "-0.1")]
     [InlineData("lr-step-epochs: 2 is not below the run's 2 epochs", "--lr-step-epochs", "2", "--epochs", "2")]
     [InlineData("warmup-steps: 20 is not below the run's 20 steps (2 epochs of 10)", "--warmup-steps", "20", "--epochs", "2")]

@@ -53,7 +53,7 @@ public sealed class OwnDataRunTests : IDisposable
         var data = DatasetCatalog.LoadOwn(dir);
         var spec = Presets.PyTorchMlp with
         {
-            BatchSize = 16, ChunkSize = 4, Epochs = 3, Workers = 2, Seed = 3, Dataset = dir, Optimizer = Presets.PyTorchMlp.Optimizer with { LearningRate = 0.1f },
+            BatchSize = 16, ChunkSize = 4, Epochs = 3, Workers = 2, Seed = 3, Dataset = dir, Optimizer = Presets.PyTorchMlp.Optimizer with { LearningRate = 0.1 },
         };
         spec = spec.FittedTo(data.Train);
         using var local = new LocalTrainer(spec, data.Train);
@@ -84,7 +84,7 @@ public sealed class OwnDataRunTests : IDisposable
         var spec = Presets.PyTorchMlp with
         {
             BatchSize = 20, ChunkSize = 5, Epochs = epochs, Workers = 3, Seed = 2, Dataset = dir, Validation = validation, EarlyStop = patience, KeepBest = true,
-            Optimizer = Presets.PyTorchMlp.Optimizer with { LearningRate = 0.02f },
+            Optimizer = Presets.PyTorchMlp.Optimizer with { LearningRate = 0.02 },
         };
         var loaded = DatasetCatalog.LoadOwn(dir);
         spec = spec.FittedTo(loaded.Train);
