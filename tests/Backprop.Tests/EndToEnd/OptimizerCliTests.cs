@@ -7,7 +7,7 @@ using static Backprop.Tests.EndToEnd.Processes;
 
 namespace Backprop.Tests.EndToEnd;
 
-/// <summary>The optimizer and schedule flags as a user gives them: the run they make, its rates in the metrics, and one-line errors.</summary>
+/// <summary>The optimizer, schedule and clipping flags as a user gives them: the run they make, its rates in the metrics, and one-line errors.</summary>
 [Collection("cluster")]
 public sealed class OptimizerCliTests : IDisposable
 {
@@ -54,6 +54,39 @@ public sealed class OptimizerCliTests : IDisposable
     [InlineData("lr-step-epochs: 2 is not below the run's 2 epochs", "--lr-step-epochs", "2", "--epochs", "2")]
     [InlineData("warmup-steps: 20 is not below the run's 20 steps (2 epochs of 10)", "--warmup-steps", "20", "--epochs", "2")]
     public void Bad_optimizer_and_schedule_flags_get_a_one_line_error_and_exit_2(string message, params string[] flags)
+    {
+        var run = Cli(["train", .. flags, "--data-dir", DataDir]);
+        Assert.True(run.Code == 2, run.Output + run.Error);
+        Assert.Contains(message, Assert.Single(run.Error.Trim().Split('\n')));
+    }
+
+    [Fact]
+    public void A_clipped_run_on_three_shards_has_the_bits_of_a_single_process_and_differs_from_the_unclipped_one()
+    {
+        string metrics = Path.Combine(_work, "metrics.jsonl");
+        var run = Cli("train", "--clip-norm", "0.05", "--server-shards", "3", "--epochs", "2", "--workers", "2", "--seed", "4",
+            "--data-dir", DataDir, "--metrics-out", metrics);
+        Assert.True(run.Code == 0, run.Output + run.Error);
+        Assert.Contains("clip-norm 0.05", run.Output);
+        string sha = JsonDocument.Parse(File.ReadAllLines(metrics)[^1]).RootElement.GetProperty("parameterSha256").GetString()!;
+
+        var spec = Presets.PyTorchMlp with { Epochs = 2, Workers = 2, Seed = 4, ServerShards = 3, ClipNorm = 0.05 };
+        string Local(RunSpec s)
+        {
+            using var local = new LocalTrainer(s, _data.Train);
+            local.TrainEpoch(0);
+            local.TrainEpoch(1);
+            return ParameterHash.Sha256(local.Parameters);
+        }
+        Assert.Equal(Local(spec), sha);
+        Assert.NotEqual(Local(spec with { ClipNorm = 0 }), sha);
+    }
+
+    [Theory]
+    [InlineData("clip-norm: -1 is not a non-negative finite number", "--clip-norm", "-1")]
+    [InlineData("clip-norm: NaN is not a non-negative finite number", "--clip-norm", "NaN")]
+    [InlineData("server-shards: 200 shards of 109386 parameters leave shard", "--clip-norm", "1", "--server-shards", "200")]
+    public void Bad_clip_flags_get_a_one_line_error_and_exit_2(string message, params string[] flags)
     {
         var run = Cli(["train", .. flags, "--data-dir", DataDir]);
         Assert.True(run.Code == 2, run.Output + run.Error);
