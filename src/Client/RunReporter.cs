@@ -33,7 +33,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         OptimizerDetails(s.Optimizer) +
         $"; batch {s.BatchSize}, chunk {s.ChunkSize}; {s.Workers} worker{(s.Workers == 1 ? "" : "s")}; {s.Epochs} epochs; dataset {s.Dataset}" +
         (s.TrainLimit > 0 ? $" (first {s.TrainLimit} training images)" : "") +
-        (s.Validation > 0 ? $"; {s.Validation} training images held out for validation (drawn from the seed)" : "") +
+        (s.Validation > 0 ? $"; {s.Validation} training images held out for validation ({(s.ValidationLast ? "the last ones, as an earlier version stored the run" : "drawn from the seed")})" : "") +
         (s.EarlyStop > 0 ? $"; early stop after {s.EarlyStop} epochs without improvement" : "") +
         (s.KeepBest ? "; keeps the best epoch" : "") + (s.Augment != RunSpec.NoAugment ? $"; augment {s.Augment}" : "") + (s.ClipNorm > 0 ? $"; clip-norm {s.ClipNorm:R}" : "") + $"; seed {s.Seed}";
 
@@ -45,7 +45,7 @@ public sealed class RunReporter(TextWriter output, string? metricsPath, int metr
         {
             ScheduleKind.Step => $", x{o.LrGamma} every {o.LrStepEpochs} epochs",
             ScheduleKind.Cosine => $", cosine to {o.LrEnd}",
-            ScheduleKind.OneCycle => $", one-cycle to {o.LrEnd}",
+            ScheduleKind.OneCycle => $", one-cycle to {o.LrEnd}" + (o.RoundedOneCycle ? " (its phase end rounded, as an earlier version stored the run)" : ""),
             _ => "",
         } +
         (o.WarmupSteps > 0 ? $", warm-up {o.WarmupSteps} steps" : "");

@@ -406,8 +406,11 @@ public sealed class RunGrain(
         return true;
     }
 
-    /// <summary>What a coordinator trains against once attached: the run, its incarnation, the shards and the training set's size.</summary>
-    private sealed record Attachment(RunSpec Spec, int Incarnation, ParameterShards Shards, int TrainCount)
+    /// <summary>
+    /// What a coordinator trains against once attached: the run, its incarnation, the shards and the sizes of the training
+    /// and test sets (taken once: a user's folder may have moved on since, and the silo keeps only its last versions).
+    /// </summary>
+    private sealed record Attachment(RunSpec Spec, int Incarnation, ParameterShards Shards, int TrainCount, int TestCount)
     {
         public BlockWork Window(int epoch, int step, int steps, long version, double lossBefore, string datasetSha256) =>
             new(Spec, Incarnation, epoch, step, version, Block: 0, BlockStarts: [], lossBefore, datasetSha256, Shards.Session, steps);
@@ -422,7 +425,7 @@ public sealed class RunGrain(
         var data = await datasets.Get(spec.Dataset, Record.DatasetSha256!);
         var shards = new ParameterShards(GrainFactory, RunId, spec, Record.CoordinatorKey);
         var position = await shards.Attach(incarnation);
-        var run = new Attachment(spec, incarnation, shards, spec.TrainCount(data.Train.Count));
+        var run = new Attachment(spec, incarnation, shards, spec.TrainCount(data.Train.Count), data.Test.Count);
         // Cancelled when a step fails: its other calls stop retrying, and end, before the shards are attached again.
         using var stepCalls = CancellationTokenSource.CreateLinkedTokenSource(cancel);
         var resumeClock = Stopwatch.StartNew();
@@ -541,10 +544,9 @@ public sealed class RunGrain(
     private async Task FinishEpoch(Attachment run, EpochEnd end, CancellationToken cancel)
     {
         var (spec, epoch) = (run.Spec, end.Epoch);
-        var test = (await datasets.Get(spec.Dataset, Record.DatasetSha256!)).Test;
         var workers = await Workers.For(spec, run.Incarnation);
         var work = new EvalWork(spec, run.Incarnation, end.Version, 0, 0, Record.DatasetSha256!, run.Shards.Session);
-        var eval = await Workers.Evaluate(workers, work, test.Count, cancel);
+        var eval = await Workers.Evaluate(workers, work, run.TestCount, cancel);
         var validation = spec.Validation > 0 ? await Workers.Evaluate(workers, work with { Validation = true }, spec.Validation, cancel) : null;
         await run.Shards.Checkpoint(run.Incarnation, end.Version);
         // The whole vector comes to the coordinator once an epoch, for its hash.

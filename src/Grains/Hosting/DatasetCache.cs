@@ -27,6 +27,8 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
     private readonly Dictionary<string, Entry[]> _folders = new();
     /// <summary>The read of a folder in flight, one for all the callers that found its files changed.</summary>
     private readonly Dictionary<string, Task<Entry>> _reading = new();
+    /// <summary>A folder's last failed read and the files it was read from: given again, without a read, while they are unchanged.</summary>
+    private readonly Dictionary<string, (string Files, Exception Error)> _failed = new();
 
     public string DataDir { get; } = dataDir;
 
@@ -82,10 +84,13 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
     {
         Entry? newest;
         lock (_gate) newest = _folders.GetValueOrDefault(folder)?[0];
-        if (newest is not null && newest.Files == FilesOf(folder)) return Task.FromResult(newest);
+        string files = FilesOf(folder);
+        if (newest is not null && newest.Files == files) return Task.FromResult(newest);
         lock (_gate)
         {
             if (_reading.TryGetValue(folder, out var inFlight)) return inFlight;
+            // A folder whose files are as they were when its read failed (a broken file, a copy not finished) is not read again for every message.
+            if (_failed.TryGetValue(folder, out var failed) && failed.Files == files) return Task.FromException<Entry>(failed.Error);
             // Listed in the table before it starts, so that its end always finds itself there to remove.
             var read = new Task<Entry>(() => ReadAndKeep(folder));
             _reading.Add(folder, read);
@@ -96,19 +101,30 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
 
     /// <summary>
     /// Reads a folder and keeps it as its newest version, dropping the oldest past <see cref="VersionsPerFolder"/>. A read
-    /// that fails (a folder being copied, one not there yet) changes nothing held: its error goes to the callers that asked.
+    /// that fails (a folder being copied, one not there yet) changes nothing held: its error goes to the callers that asked,
+    /// and to those that ask until the files change. Content already held (a touched file, a gzip copy beside the raw one)
+    /// keeps the copy held, so that the runs on it share one.
     /// </summary>
     private Entry ReadAndKeep(string folder)
     {
+        // Looked at before reading: a change during the read shows as a change next time.
+        string files = FilesOf(folder);
         try
         {
-            var entry = LoadOwn(folder);
+            var entry = LoadOwn(folder, files);
             lock (_gate)
             {
                 var older = _folders.GetValueOrDefault(folder) ?? [];
+                if (older.FirstOrDefault(v => v.Sha256 == entry.Sha256) is { } same) entry = entry with { Data = same.Data };
                 _folders[folder] = [entry, .. older.Where(v => v.Sha256 != entry.Sha256).Take(VersionsPerFolder - 1)];
+                _failed.Remove(folder);
             }
             return entry;
+        }
+        catch (Exception e)
+        {
+            lock (_gate) _failed[folder] = (files, e);
+            throw;
         }
         finally
         {
@@ -140,10 +156,8 @@ public sealed class DatasetCache(string dataDir, bool allowFetch, ILogger<Datase
         return Convert.ToHexStringLower(hash.GetHashAndReset());
     }
 
-    private Entry LoadOwn(string folder)
+    private Entry LoadOwn(string folder, string files)
     {
-        // Looked at before reading: a change during the read shows as a change next time.
-        string files = FilesOf(folder);
         var own = DatasetCatalog.LoadOwn(folder);
         string sha = Sha256Of(own);
         logger.LogInformation("Loaded {Dataset}: {Train} training and {Test} test samples of {Features} values, {Classes} classes, sha256 {Sha}",

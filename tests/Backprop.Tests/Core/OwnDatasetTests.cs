@@ -274,6 +274,9 @@ public sealed class OwnDatasetTests : IDisposable
         File.WriteAllBytes(labels, File.ReadAllBytes(labels)[..10]);
         var e = await Assert.ThrowsAsync<DataFileException>(() => cache.Current(dir));
         Assert.StartsWith(labels, e.Message);
+        // (and the files, unchanged since, are not read again for every message that asks: the same error, no read)
+        Assert.Same(e, await Assert.ThrowsAsync<DataFileException>(() => cache.Current(dir)));
+        Assert.Same(e, await Assert.ThrowsAsync<DataFileException>(() => cache.Get(dir, "0000")));
         // ...while the run that started on the earlier files keeps its copy, at every epoch end and worker activation.
         Assert.Same(loaded, await cache.Get(dir, sha));
         Assert.Same(loaded, await cache.Get(dir, sha));
@@ -304,7 +307,8 @@ public sealed class OwnDatasetTests : IDisposable
         using (var gz = new System.IO.Compression.GZipStream(File.Create(images + ".gz"), System.IO.Compression.CompressionLevel.Fastest))
             gz.Write(File.ReadAllBytes(images));
         var (reread, same) = await cache.Current(dir);
-        Assert.NotSame(loaded, reread);
+        // Read again, the same content: the copy held stays the one every run shares, not a second copy.
+        Assert.Same(loaded, reread);
         Assert.Equal(sha, same);
     }
 
