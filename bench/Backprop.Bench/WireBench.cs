@@ -13,7 +13,8 @@ namespace Backprop.Bench;
 /// `bench wire`: what moving a parameter vector costs below the cluster. The payload codec alone (Orleans'
 /// serializer with <see cref="FloatPayloadCodec"/>: a <see cref="ParameterVersion"/> written to a reused buffer
 /// and read back into a pooled array, one thread), and the floor under any transport on this machine: the same
-/// bytes sent over a loopback TCP connection and echoed back (a push and its reply). Medians of timed rounds.
+/// bytes sent over a loopback TCP connection and echoed back (a push and its reply); and what Orleans makes of that
+/// floor, the same round trip as a grain call between two silos (<see cref="OrleansWire"/>). Medians of timed rounds.
 /// </summary>
 public static class WireBench
 {
@@ -22,7 +23,9 @@ public static class WireBench
 
         Serialize + deserialize GB/s (the vector's bytes through both, per second) of a parameter vector (784-128-64-10: 109,386 floats; 784-1024-1024-10:
         1,863,690) through this project's payload codec on one thread, and the raw TCP round trip of the same bytes
-        on 127.0.0.1 (send, echo back; GB/s counts both directions). --rounds: timed rounds each (default 200).
+        on 127.0.0.1 (send, echo back; GB/s counts both directions), and the same round trip between two silos in this
+        process through Orleans (a grain call from the first to an echo grain on the second, the path of a push and its
+        reply), with the product's connection blocks and with Orleans' own, in turn. --rounds: timed rounds each (default 200).
         """;
 
     public static async Task<int> Run(string[] args)
@@ -37,6 +40,8 @@ public static class WireBench
         if (Array.IndexOf(args, "--rounds") is var r and >= 0)
             rounds = r + 1 < args.Length && int.TryParse(args[r + 1], out int n) && n > 0 ? n : throw new ArgumentException("--rounds: needs a positive integer");
 
+        await using var orleans = await OrleansWire.Start(largeBlocks: true);
+        await using var orleansDefault = await OrleansWire.Start(largeBlocks: false);
         using var services = new ServiceCollection().AddSerializer(b => b.AddAssembly(typeof(FloatPayload).Assembly)).BuildServiceProvider();
         var serializer = services.GetRequiredService<Serializer<ParameterVersion>>();
         foreach (var (model, floats) in new[] { ("784-128-64-10", 109_386), ("784-1024-1024-10", 1_863_690) })
@@ -57,17 +62,30 @@ public static class WireBench
                 back.Parameters.Release();
             });
             double[] tcp = await EchoRoundTrips(bytes, rounds);
+            // The two silo pairs take turns, so that drift of the machine hits both alike.
+            var (grains, grainsDefault) = (new List<double>(), new List<double>());
+            for (int part = 0; part < 4; part++)
+            {
+                grains.AddRange(await orleans.RoundTrips(floats, rounds / 4, Warmup));
+                grainsDefault.AddRange(await orleansDefault.RoundTrips(floats, rounds / 4, Warmup));
+            }
             double codecGbps = bytes / Median(codec) / 1e9, tcpGbps = 2.0 * bytes / Median(tcp) / 1e9;
+            double orleansGbps = 2.0 * bytes / Median(grains) / 1e9, orleansDefaultGbps = 2.0 * bytes / Median(grainsDefault) / 1e9;
             if (json)
                 Console.WriteLine(JsonSerializer.Serialize(new
                 {
                     bench = "wire", model, floats, bytes, rounds,
                     codecSerializeDeserializeMicroseconds = Median(codec) * 1e6, codecGBps = codecGbps,
                     tcpEchoRoundTripMicroseconds = Median(tcp) * 1e6, tcpGBps = tcpGbps,
+                    orleansEchoRoundTripMicroseconds = Median(grains) * 1e6, orleansGBps = orleansGbps,
+                    orleansDefaultBlocksEchoRoundTripMicroseconds = Median(grainsDefault) * 1e6, orleansDefaultBlocksGBps = orleansDefaultGbps,
+                    vectorWidth = System.Numerics.Vector<float>.Count * 32,
                 }));
             else
                 Console.WriteLine($"{model} ({bytes / 1024.0:F0} KB): codec serialize+deserialize {Median(codec) * 1e6:F0} us = {codecGbps:F2} GB/s on one thread; "
-                    + $"raw TCP loopback send+echo {Median(tcp) * 1e6:F0} us = {tcpGbps:F2} GB/s (both directions)");
+                    + $"raw TCP loopback send+echo {Median(tcp) * 1e6:F0} us = {tcpGbps:F2} GB/s (both directions); "
+                    + $"silo to silo through Orleans {Median(grains) * 1e6:F0} us = {orleansGbps:F2} GB/s ({orleansGbps / tcpGbps:F2}x raw TCP; "
+                    + $"with Orleans' 4 KB blocks {Median(grainsDefault) * 1e6:F0} us = {orleansDefaultGbps:F2} GB/s)");
         }
         return 0;
     }
@@ -122,7 +140,7 @@ public static class WireBench
         return times;
     }
 
-    private static double Median(double[] values)
+    private static double Median(IReadOnlyCollection<double> values)
     {
         var sorted = values.Order().ToArray();
         return sorted[sorted.Length / 2];

@@ -37,6 +37,7 @@ public static class SiloSetup
         silo.Services.AddSingleton(new WorkerSettings(threadsPerWorker, keepRunsGoing, role));
         silo.Services.AddSingleton(retention);
         silo.Services.AddBackpropExceptions();
+        silo.Services.AddLargeConnectionBlocks();
         silo.Services.AddSingleton<WorkerSilos>();
         silo.ApplyRole(role);
         BackpropMetrics.SiloStarted(role);
