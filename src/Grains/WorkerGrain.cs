@@ -1,4 +1,5 @@
 using Backprop.Core.Model;
+using Backprop.Core.Numerics;
 using Backprop.Core.Training;
 using Backprop.Grains.Hosting;
 using Backprop.Grains.Messages;
@@ -59,32 +60,56 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         var input = spec.TrainingInput(train, work.Epoch);
 
         long allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
-        var losses = new List<double>(work.Steps);
-        double lossBefore = work.EpochLossBefore, compute = 0, pull = 0, push = 0, reduce = 0;
-        long wire = 0;
-        bool pulledAny = false;
-        string? divergence = null;
-        for (int k = 0; k < work.Steps; k++)
+        var window = new Window(this, spec, work, settings.ComputeDelayPerChunk * (end - first));
+        await StepLoop.Run(gradient, input, plan, work.Step, work.Steps, work.Version, (first, end), window);
+        return new BlockDone(first, window.Losses.ToArray(), SiloName, window.Compute, window.Pull, window.Push, window.Reduce, window.PulledAny,
+            GC.GetTotalAllocatedBytes(precise: false), window.Wire, window.Divergence, allocatedAtStart);
+    }
+
+    /// <summary>
+    /// A window of steps as this worker runs it in <see cref="StepLoop"/>: each step's parameters held or pulled from the
+    /// shards, each block sum pushed to them; the steps' losses and where the time went, for the coordinator.
+    /// </summary>
+    /// <param name="delay">Tests only: extra compute time per step (<see cref="WorkerSettings.ComputeDelayPerChunk"/> × the block's chunks).</param>
+    private sealed class Window(WorkerGrain worker, RunSpec spec, BlockWork work, TimeSpan delay) : IStepTarget
+    {
+        public List<double> Losses { get; } = new(work.Steps);
+        public double Compute { get; private set; }
+        public double Pull { get; private set; }
+        public double Push { get; private set; }
+        public double Reduce { get; private set; }
+        public long Wire { get; private set; }
+        public bool PulledAny { get; private set; }
+        public string? Divergence { get; private set; }
+        private double _lossBefore = work.EpochLossBefore;
+
+        public GradientBlock? FusedUpdate => null;
+
+        public async ValueTask<float[]> Begin(StepStart step)
         {
-            int step = work.Step + k;
-            long version = work.Version + k;
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            var (pulled, pulledBytes) = await EnsureParameters(spec, work.Session, version);
-            long computing = System.Diagnostics.Stopwatch.GetTimestamp();
-            // The same block of the next step is this worker's too while the worker count stays: fetch its samples meanwhile.
-            double loss = gradient.SumBlock(input, plan, step, first, end, _parameters, nextStepChunk: first);
-            if (settings.ComputeDelayPerChunk > TimeSpan.Zero) await Task.Delay(settings.ComputeDelayPerChunk * (end - first));
-            long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
-            var pushed = await PushStep(spec, work, step, version, plan.StepSize(step), lossBefore, loss, gradient.Result);
-            long done = System.Diagnostics.Stopwatch.GetTimestamp();
-            (compute, pull, push, reduce) = (compute + Seconds(pushing - computing), pull + Seconds(computing - start), push + Seconds(done - pushing), reduce + pushed.Reduce);
-            (wire, pulledAny) = (wire + pulledBytes + pushed.WireBytes, pulledAny || pulled);
-            divergence = pushed.Divergence;
-            if (pushed.StepLoss is not { } stepLoss) break;
-            losses.Add(stepLoss);
-            lossBefore = pushed.EpochLossSum;
+            var (pulled, bytes) = await worker.EnsureParameters(spec, work.Session, step.Version);
+            (Pull, Wire, PulledAny) = (Pull + Seconds(System.Diagnostics.Stopwatch.GetTimestamp() - start), Wire + bytes, PulledAny || pulled);
+            return worker._parameters;
         }
-        return new BlockDone(first, losses.ToArray(), SiloName, compute, pull, push, reduce, pulledAny, GC.GetTotalAllocatedBytes(precise: false), wire, divergence, allocatedAtStart);
+
+        public async ValueTask<bool> Apply(StepBlock block)
+        {
+            Compute += block.ComputeSeconds;
+            if (delay > TimeSpan.Zero)
+            {
+                long delaying = System.Diagnostics.Stopwatch.GetTimestamp();
+                await Task.Delay(delay);
+                Compute += Seconds(System.Diagnostics.Stopwatch.GetTimestamp() - delaying);
+            }
+            long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
+            var pushed = await worker.PushStep(spec, work, block.Step, block.Version, block.Samples, _lossBefore, block.Loss, block.Sum);
+            (Push, Reduce, Wire, Divergence) = (Push + Seconds(System.Diagnostics.Stopwatch.GetTimestamp() - pushing), Reduce + pushed.Reduce, Wire + pushed.WireBytes, pushed.Divergence);
+            if (pushed.StepLoss is not { } stepLoss) return false;
+            Losses.Add(stepLoss);
+            _lossBefore = pushed.EpochLossSum;
+            return true;
+        }
     }
 
     /// <summary>

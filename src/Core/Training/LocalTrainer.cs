@@ -9,7 +9,7 @@ namespace Backprop.Core.Training;
 /// optimizer as the cluster. The cluster's parameters must equal these bit for bit. Allocates nothing
 /// per step once constructed.
 /// </summary>
-public sealed class LocalTrainer : IDisposable
+public sealed class LocalTrainer : IDisposable, IStepTarget
 {
     private readonly Dataset _train;
     private readonly Dataset _validation;
@@ -23,6 +23,8 @@ public sealed class LocalTrainer : IDisposable
     private readonly float[] _clipScratch;
     private int _stepSamples;
     private long _step;
+    private double _lossSum;
+    private int _samples;
 
     public LocalTrainer(RunSpec spec, Dataset train, int threads = 1)
     {
@@ -55,32 +57,41 @@ public sealed class LocalTrainer : IDisposable
     {
         var plan = _plan;
         if (plan.Epoch != epoch) plan.MoveTo(epoch);
-        var input = _spec.TrainingInput(_train, epoch);
-        double loss = 0;
-        int samples = 0;
-        for (int step = 0; step < Math.Min(plan.Steps, maxSteps); step++)
-        {
-            (_stepSamples, _step) = (plan.StepSize(step), (long)epoch * plan.Steps + step);
-            loss += _spec.ClipNorm > 0 ? ClippedStep(input, plan, step) : _gradient.SumStep(input, plan, step, Parameters, _update);
-            samples += _stepSamples;
-        }
-        return loss / samples;
+        (_lossSum, _samples) = (0, 0);
+        // Every call of this target completes at once: the loop runs synchronously to its end.
+        var steps = StepLoop.Run(_gradient, _spec.TrainingInput(_train, epoch), plan, 0, Math.Min(plan.Steps, maxSteps), (long)epoch * plan.Steps, block: null, this);
+        if (!steps.IsCompleted) throw new InvalidOperationException("the local step loop did not complete synchronously");
+        steps.GetAwaiter().GetResult();
+        return _lossSum / _samples;
+    }
+
+    ValueTask<float[]> IStepTarget.Begin(StepStart step)
+    {
+        (_stepSamples, _step) = (step.Samples, step.Version);
+        return new(Parameters);
+    }
+
+    /// <summary>Without clipping each step is applied in place as its last chunk's sums come out of the backprop threads.</summary>
+    GradientBlock? IStepTarget.FusedUpdate => _spec.ClipNorm > 0 ? null : _update;
+
+    ValueTask<bool> IStepTarget.Apply(StepBlock block)
+    {
+        if (_spec.ClipNorm > 0) ClippedStep(block.Sum.Span);
+        (_lossSum, _samples) = (_lossSum + block.Loss, _samples + block.Samples);
+        return new(true);
     }
 
     /// <summary>
     /// A step whose gradient is clipped: the norm needs the whole sum before any parameter changes, so the sum is
     /// finished first and then scaled and applied (the shards do the same, each over its slice).
     /// </summary>
-    private double ClippedStep(Dataset input, EpochPlan plan, int step)
+    private void ClippedStep(ReadOnlySpan<float> gradient)
     {
-        double loss = _gradient.SumBlock(input, plan, step, 0, plan.ChunkCount(step), Parameters, nextStepChunk: 0);
-        var gradient = _gradient.Result.Span;
         GradientClip.SquaredSums(gradient, _normSums);
         double total = GradientClip.Total(_normSums);
         // A non-finite gradient is stepped as it is, as without clipping: LocalTrainer does not judge divergence.
         float scale = double.IsFinite(total) ? GradientClip.Scale(total, _stepSamples, _spec.ClipNorm) : 1f;
         GradientClip.Step(_optimizer, _step, scale, _stepSamples, Parameters, gradient, _optimizerState, Parameters, _optimizerState, _clipScratch);
-        return loss;
     }
 
     /// <summary>The held-out validation images (<see cref="RunSpec.Split"/>) under the current parameters.</summary>
