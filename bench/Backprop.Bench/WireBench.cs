@@ -90,6 +90,9 @@ public static class WireBench
         return 0;
     }
 
+    /// <summary>The raw-TCP floor for a vector of <paramref name="bytes"/>: GB/s of the median loopback round trip, both directions counted.</summary>
+    internal static async Task<double> TcpFloorGBps(long bytes, int rounds) => 2.0 * bytes / Median(await EchoRoundTrips(bytes, rounds)) / 1e9;
+
     /// <summary>Round trips of <paramref name="bytes"/> each way over one loopback connection: sent, echoed back, fully read.</summary>
     private static async Task<double[]> EchoRoundTrips(long bytes, int rounds)
     {
