@@ -18,6 +18,9 @@ public sealed class RunStoreOptions
         command.Add(DataDir);
     }
 
+    /// <summary>Whether these options name no cluster: the commands act on the runs stored under --data-dir.</summary>
+    public bool IsEmbedded(ParseResult parse) => Address.Parse(parse, fallbackGateway: null) is null;
+
     /// <summary>A client of the cluster given, else an embedded silo over the stored runs whose workers use <paramref name="threads"/> threads.</summary>
     public Task<ClusterConnection> Open(ParseResult parse, int threads, CancellationToken cancel) =>
         Address.Parse(parse, fallbackGateway: null) is { } cluster

@@ -24,6 +24,8 @@ public static class StoredRunCommands
         command.SetAction((parse, cancel) => Cli.Guard(async () =>
         {
             int threadCount = parse.GetValue(threads) is { } t ? Cli.CheckThreadsPerWorker(t) : 1;
+            // Without a cluster this process becomes the run's coordinator: only if no other process is.
+            using var runLock = store.IsEmbedded(parse) ? RunLock.Take(ClusterConnection.StateDirectory(parse.GetValue(store.DataDir)!), parse.GetValue(run)!) : null;
             await using var cluster = await store.Open(parse, threadCount, cancel);
             var grain = cluster.Client.GetGrain<IRunGrain>(parse.GetValue(run)!);
             var before = await grain.GetStatus();

@@ -158,6 +158,7 @@ public static class TrainCommand
         var address = Address.Parse(parse, fallbackGateway: null);
 
         ClusterConnection cluster;
+        using var runLock = address is null ? RunLock.Take(ClusterConnection.StateDirectory(dataDir), runId) : null;
         if (address is null)
         {
             int threads = Cli.CheckThreadsPerWorker(parse.GetValue(ThreadsPerWorker) ?? Math.Max(1, Environment.ProcessorCount / spec.Workers));

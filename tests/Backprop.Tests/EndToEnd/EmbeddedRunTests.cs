@@ -56,6 +56,44 @@ public sealed class EmbeddedRunTests : IDisposable
     }
 
     [Fact]
+    public void A_run_that_one_cli_process_is_running_is_refused_to_a_second_until_the_first_has_ended()
+    {
+        // Far more epochs than the test lasts: the first process runs until it is interrupted.
+        var first = CliProcess.Start("train", "--epochs", "100000", "--seed", "4", "--workers", "2", "--run-id", "busy", "--data-dir", DataDir, "--no-progress");
+        try
+        {
+            first.WaitForLine(line => line.TrimStart().StartsWith("1 "), TimeSpan.FromSeconds(60));
+            var resume = Cli("resume", "busy", "--data-dir", DataDir);
+            Assert.True(resume.Code == 1, resume.Output + resume.Error);
+            Assert.Contains("run 'busy' is being run by another backprop process on this machine", resume.Error);
+            var train = Cli("train", "--epochs", "2", "--run-id", "busy", "--data-dir", DataDir);
+            Assert.True(train.Code == 1, train.Output + train.Error);
+            Assert.Contains("run 'busy' is being run by another backprop process", train.Error);
+            // Another run of the same store is not held up.
+            var other = Cli("train", "--epochs", "1", "--run-id", "other", "--data-dir", DataDir, "--no-progress");
+            Assert.True(other.Code == 0, other.Output + other.Error);
+        }
+        finally
+        {
+            first.Interrupt();
+            Assert.Equal(130, first.Finish(TimeSpan.FromSeconds(60)).Code);
+        }
+        // Ended (cancelled with a checkpoint): the run is free again, and a resume goes on with it.
+        var status = Cli("runs", "--data-dir", DataDir);
+        Assert.Matches(@"busy\s+cancelled", status.Output);
+        var again = CliProcess.Start("resume", "busy", "--data-dir", DataDir, "--no-progress");
+        try
+        {
+            again.WaitForLine(line => line.Contains("run busy resumed on embedded cluster"), TimeSpan.FromSeconds(60));
+        }
+        finally
+        {
+            again.Interrupt();
+            Assert.Equal(130, again.Finish(TimeSpan.FromSeconds(60)).Code);
+        }
+    }
+
+    [Fact]
     public void The_fast_98_preset_trains_to_the_same_bits_on_1_and_4_workers_as_a_single_process()
     {
         // Its recipe (AdamW, one-cycle, batch 128 in chunks of 32, shifted images) on generated digits, 2 epochs: what matters is that every worker
