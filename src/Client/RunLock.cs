@@ -17,13 +17,17 @@ public sealed class RunLock : IDisposable
     {
         Backprop.Core.RunIds.Validate(runId);
         string folder = Path.Combine(stateDirectory, "locks");
-        Directory.CreateDirectory(folder);
         string path = Path.Combine(folder, runId + ".lock");
         try
         {
+            Directory.CreateDirectory(folder);
             return new RunLock(new FileStream(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None));
         }
-        catch (IOException e) when (e is not FileNotFoundException and not DirectoryNotFoundException and not PathTooLongException)
+        catch (UnauthorizedAccessException e)
+        {
+            throw new IOException($"run '{runId}': cannot create its lock {path}: {e.Message}");
+        }
+        catch (IOException e) when (e is not FileNotFoundException and not DirectoryNotFoundException and not PathTooLongException && File.Exists(path))
         {
             throw new InvalidOperationException($"run '{runId}' is being run by another backprop process on this machine (it holds {path}); follow or stop that one, or resume once it has ended");
         }
