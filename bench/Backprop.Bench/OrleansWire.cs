@@ -37,7 +37,8 @@ public sealed class WireEchoGrain : Grain, IWireEchoGrain
 /// Two silos in this process on 127.0.0.1, the cluster's silo-to-silo path: a call from the first silo's grain
 /// factory to an echo grain on the second carries the vector each way through Orleans' connection (message framing,
 /// the payload codec, its pipes and socket), measured the way the raw-TCP floor is: one connection, round trips in turn.
-/// With <c>largeBlocks</c> the silos' connections read into the product's blocks (<see cref="ConnectionBlocks"/>), else Orleans' own.
+/// With <c>largeBlocks</c> the silos are configured as the product's (<see cref="ConnectionBlocks"/>), else with Orleans' own pool; either way
+/// the second silo dialled the first to join and the first accepted, so only the first silo's reads (the replies) use the blocks.
 /// </summary>
 internal sealed class OrleansWire : IAsyncDisposable
 {

@@ -121,7 +121,6 @@ public sealed class ClusterConnection : IAsyncDisposable
         builder.UseOrleansClient(client =>
         {
             client.Services.AddBackpropExceptions();
-            client.Services.AddLargeConnectionBlocks();
             // A gateway certificate this client refuses will not change on a retry: give up at once.
             if (address.Tls is { } tls) client.UseBackpropTls(tls, reason =>
             {

@@ -6,12 +6,15 @@ using Orleans.Networking.Shared;
 namespace Backprop.Grains.Hosting;
 
 /// <summary>
-/// Larger buffers under Orleans' TCP connections. Orleans receives into one block of its memory pool per socket read,
-/// and its pool's blocks are 4 KB: a 437 KB push arrives in ~100 reads, each a wake-up of the connection's reader,
-/// and a 7.5 MB one in ~1,800. With 256 KB blocks a read takes what the socket holds. Measured with `bench wire`
+/// Larger buffers under the TCP connections a silo accepts. Orleans receives into one block of its memory pool per
+/// socket read, and its pool's blocks are 4 KB: a 437 KB push arrives in ~100 reads, each a wake-up of the connection's
+/// reader, and a 7.5 MB one in ~1,800. With 256 KB blocks a read takes what the socket holds. Measured with `bench wire`
 /// (silo to silo on loopback, bench/README "Wire"): ~1.3x the round trips' GB/s for both models.
 /// Orleans 10.4.2 lets only its own code choose the pool (<c>SocketConnectionOptions.MemoryPoolFactory</c> is
 /// internal), so it is set by name; <see cref="Install"/> throws when that property is gone, and a test keeps it honest.
+/// The option reaches only Orleans' listeners (silo and gateway ports): a connection Orleans dials, silo to silo or a
+/// client's to its gateway, reads into Orleans' own shared pool. Two silos share one connection, dialled by the one that
+/// called first, so one direction of each pair's traffic is read into these blocks and the other is not.
 /// </summary>
 public static class ConnectionBlocks
 {
@@ -21,7 +24,7 @@ public static class ConnectionBlocks
     private static readonly PropertyInfo? Factory =
         typeof(SocketConnectionOptions).GetProperty("MemoryPoolFactory", BindingFlags.Instance | BindingFlags.NonPublic);
 
-    /// <summary>Makes every Orleans socket connection of these services (silo or client) use <see cref="BlockPool"/>.</summary>
+    /// <summary>Makes the socket connections that a silo of these services accepts use <see cref="BlockPool"/> (not the ones it dials).</summary>
     public static IServiceCollection AddLargeConnectionBlocks(this IServiceCollection services) =>
         services.Configure<SocketConnectionOptions>(Install);
 
