@@ -60,21 +60,37 @@ internal sealed class OrleansWire : IAsyncDisposable
             })
             .Build();
         var first = Silo(primary.Port, Port());
+        try
+        {
+            await first.StartAsync();
+        }
+        catch
+        {
+            first.Dispose();
+            throw;
+        }
         var second = Silo(Port(), Port());
-        await first.StartAsync();
         try
         {
             await second.StartAsync();
         }
         catch
         {
-            await first.StopAsync();
-            first.Dispose();
+            second.Dispose();
+            try { await first.StopAsync(); } finally { first.Dispose(); }
             throw;
         }
         var wire = new OrleansWire(first, second);
-        // Activated from the second silo, so on it: every call from the first crosses the connection.
-        await Grains(second).GetGrain<IWireEchoGrain>("echo").Echo(new FloatPayload([0f]));
+        try
+        {
+            // Activated from the second silo, so on it: every call from the first crosses the connection.
+            await Grains(second).GetGrain<IWireEchoGrain>("echo").Echo(new FloatPayload([0f]));
+        }
+        catch
+        {
+            await wire.DisposeAsync();
+            throw;
+        }
         return wire;
     }
 
@@ -99,10 +115,14 @@ internal sealed class OrleansWire : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
-        foreach (var host in new[] { _second, _first })
+        try
         {
-            await host.StopAsync();
-            host.Dispose();
+            await _second.StopAsync();
+        }
+        finally
+        {
+            _second.Dispose();
+            try { await _first.StopAsync(); } finally { _first.Dispose(); }
         }
     }
 }
