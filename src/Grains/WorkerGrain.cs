@@ -85,6 +85,8 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
 
         public GradientBlock? FusedUpdate => null;
 
+        // Pooled: these run once a step and usually suspend (a pull, a push), which would box a state machine each time.
+        [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
         public async ValueTask<float[]> Begin(StepStart step)
         {
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
@@ -93,6 +95,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             return worker._parameters;
         }
 
+        [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
         public async ValueTask<bool> Apply(StepBlock block)
         {
             Compute += block.ComputeSeconds;
