@@ -1,58 +1,102 @@
 using System.Buffers;
+using System.Collections.Concurrent;
 using System.Reflection;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.DependencyInjection.Extensions;
 using Orleans.Networking.Shared;
 
 namespace Backprop.Grains.Hosting;
 
 /// <summary>
-/// Larger buffers under the TCP connections a silo accepts. Orleans receives into one block of its memory pool per
-/// socket read, and its pool's blocks are 4 KB: a 437 KB push arrives in ~100 reads, each a wake-up of the connection's
-/// reader, and a 7.5 MB one in ~1,800. With 256 KB blocks a read takes what the socket holds. Measured with `bench wire`
-/// (silo to silo on loopback, bench/README "Wire"): ~1.3x the round trips' GB/s for both models.
-/// Orleans 10.4.2 lets only its own code choose the pool (<c>SocketConnectionOptions.MemoryPoolFactory</c> is
-/// internal), so it is set by name; <see cref="Install"/> throws when that property is gone, and a test keeps it honest.
-/// The option reaches only Orleans' listeners (silo and gateway ports): a connection Orleans dials, silo to silo or a
-/// client's to its gateway, reads into Orleans' own shared pool. Two silos share one connection, dialled by the one that
-/// called first, so one direction of each pair's traffic is read into these blocks and the other is not.
+/// Larger buffers under a silo's TCP connections. Orleans receives into one block of its memory pool per socket read,
+/// and its pools' blocks are 4 KB: a 437 KB push arrives in ~100 reads, each a wake-up of the connection's reader, and
+/// a 7.5 MB one in ~1,800. With 256 KB blocks a read takes what the socket holds. Measured with `bench wire` (silo to
+/// silo on loopback, bench/README "Wire"): ~2.5x the round trips' GB/s for both models.
+/// Orleans 10.4.2 has two pools and lets only its own code choose either, so both are set by name: the connections a
+/// silo accepts take theirs from <c>SocketConnectionOptions.MemoryPoolFactory</c> (internal), the ones it dials (and
+/// Orleans' message writer) from the <c>SharedMemoryPool</c> singleton (an internal class). <see cref="AddLargeConnectionBlocks"/>
+/// throws when either is gone, and <c>ConnectionBlocksTests</c> checks both ends of a connection between two running silos.
 /// </summary>
 public static class ConnectionBlocks
 {
     /// <summary>One block: big enough that a read rarely stops at its end, small enough that an idle connection holding one costs little.</summary>
     public const int BlockBytes = 256 * 1024;
 
-    private static readonly PropertyInfo? Factory =
-        typeof(SocketConnectionOptions).GetProperty("MemoryPoolFactory", BindingFlags.Instance | BindingFlags.NonPublic);
+    /// <summary>Blocks kept for reuse by one pool (16 MB); more in use at once are allocated and left to the GC.</summary>
+    public const int KeptBlocks = 64;
 
-    /// <summary>Makes the socket connections that a silo of these services accepts use <see cref="BlockPool"/> (not the ones it dials).</summary>
-    public static IServiceCollection AddLargeConnectionBlocks(this IServiceCollection services) =>
-        services.Configure<SocketConnectionOptions>(Install);
+    private const BindingFlags Internal = BindingFlags.Instance | BindingFlags.NonPublic;
 
-    /// <summary>Sets the options' pool to <see cref="BlockPool"/>; throws when this Orleans has no pool to set.</summary>
-    public static void Install(SocketConnectionOptions options)
+    private static readonly PropertyInfo? Factory = typeof(SocketConnectionOptions).GetProperty("MemoryPoolFactory", Internal);
+
+    private static readonly Type? SharedPoolType = typeof(SocketConnectionOptions).Assembly.GetType("Orleans.Networking.Shared.SharedMemoryPool");
+
+    private static readonly FieldInfo? SharedPoolField = SharedPoolType?.GetField("<Pool>k__BackingField", Internal);
+
+    /// <summary>Makes every socket connection of a silo of these services, accepted or dialled, read and write <see cref="BlockPool"/>'s blocks.</summary>
+    public static IServiceCollection AddLargeConnectionBlocks(this IServiceCollection services)
     {
         if (Factory?.PropertyType != typeof(Func<MemoryPool<byte>>))
             throw new InvalidOperationException("this Orleans version's SocketConnectionOptions has no MemoryPoolFactory: see ConnectionBlocks");
-        Factory.SetValue(options, (Func<MemoryPool<byte>>)(() => new BlockPool()));
+        if (SharedPoolType is null || SharedPoolField?.FieldType != typeof(MemoryPool<byte>) || SharedPoolType.GetConstructor(Internal | BindingFlags.Public, Type.EmptyTypes) is null)
+            throw new InvalidOperationException("this Orleans version has no SharedMemoryPool with a settable pool: see ConnectionBlocks");
+        services.Configure<SocketConnectionOptions>(o => Factory.SetValue(o, (Func<MemoryPool<byte>>)(() => new BlockPool())));
+        // Registered by Orleans before a silo's configuration runs: this one replaces it.
+        services.Replace(ServiceDescriptor.Singleton(SharedPoolType, _ =>
+        {
+            var shared = Activator.CreateInstance(SharedPoolType, nonPublic: true)!;
+            ((IDisposable?)SharedPoolField.GetValue(shared))?.Dispose();   // Orleans' own slab pool, never used
+            SharedPoolField.SetValue(shared, new BlockPool());
+            return shared;
+        }));
+        return services;
     }
 
-    /// <summary>The pool an options object will give its connections (null: not this class's).</summary>
+    /// <summary>The pool an options object will give the connections a silo accepts (null: not this class's).</summary>
     public static MemoryPool<byte>? PoolOf(SocketConnectionOptions options) =>
         (Factory?.GetValue(options) as Func<MemoryPool<byte>>)?.Invoke();
 
+    /// <summary>The pool of the connections a silo dials and of Orleans' message writer, in these services.</summary>
+    public static MemoryPool<byte>? SharedPoolOf(IServiceProvider services) =>
+        SharedPoolType is null ? null : SharedPoolField?.GetValue(services.GetRequiredService(SharedPoolType)) as MemoryPool<byte>;
+
     /// <summary>
-    /// Blocks of at least <see cref="BlockBytes"/> from the shared array pool. Socket reads and writes pin a block only while
-    /// they run; arrays this large live in the large object heap, which the GC does not move.
+    /// Blocks of <see cref="BlockBytes"/>, up to <see cref="KeptBlocks"/> of them kept for reuse (a larger request gets an
+    /// array of its size, not kept). Arrays this large live in the large object heap, which the GC does not move, and a
+    /// socket pins a block only while a read or write runs. The blocks are this pool's alone: what a connection read
+    /// (decrypted bytes too, under TLS) is never lent to other code of the process.
     /// </summary>
     public sealed class BlockPool : MemoryPool<byte>
     {
+        private readonly ConcurrentBag<byte[]> _kept = [];
+        private int _keptCount;
+
         public override int MaxBufferSize => int.MaxValue;
 
-        public override IMemoryOwner<byte> Rent(int minBufferSize = -1) => new Block(ArrayPool<byte>.Shared.Rent(Math.Max(BlockBytes, minBufferSize)));
+        public override IMemoryOwner<byte> Rent(int minBufferSize = -1)
+        {
+            if (minBufferSize > BlockBytes) return new Block(this, new byte[minBufferSize]);
+            if (_kept.TryTake(out var array))
+            {
+                Interlocked.Decrement(ref _keptCount);
+                return new Block(this, array);
+            }
+            return new Block(this, GC.AllocateUninitializedArray<byte>(BlockBytes));
+        }
+
+        /// <summary>Blocks waiting for reuse now.</summary>
+        public int Kept => Volatile.Read(ref _keptCount);
+
+        private void Return(byte[] array)
+        {
+            if (array.Length != BlockBytes) return;
+            if (Interlocked.Increment(ref _keptCount) <= KeptBlocks) _kept.Add(array);
+            else Interlocked.Decrement(ref _keptCount);
+        }
 
         protected override void Dispose(bool disposing) { }
 
-        private sealed class Block(byte[] array) : IMemoryOwner<byte>
+        private sealed class Block(BlockPool pool, byte[] array) : IMemoryOwner<byte>
         {
             private byte[]? _array = array;
 
@@ -60,7 +104,7 @@ public static class ConnectionBlocks
 
             public void Dispose()
             {
-                if (Interlocked.Exchange(ref _array, null) is { } array) ArrayPool<byte>.Shared.Return(array);
+                if (Interlocked.Exchange(ref _array, null) is { } array) pool.Return(array);
             }
         }
     }

@@ -14,9 +14,9 @@ using System.Buffers;
 namespace Backprop.Tests.Cluster;
 
 /// <summary>
-/// The connections a silo accepts read into the large blocks of <see cref="ConnectionBlocks"/>: the property it sets
-/// by name exists in this Orleans, a silo built as the product builds one gets the pool, and two running silos' accepted
-/// connections use it (the ones they dial keep Orleans' own pool, which the options do not reach).
+/// A silo's connections read into the large blocks of <see cref="ConnectionBlocks"/>: the internals it sets by name exist
+/// in this Orleans, a silo built as the product builds one gets the pools, and both ends of a connection between two
+/// running silos (the one that accepted it and the one that dialled it) use them.
 /// </summary>
 public sealed class ConnectionBlocksTests
 {
@@ -32,6 +32,7 @@ public sealed class ConnectionBlocksTests
             var options = host.Services.GetRequiredService<IOptions<SocketConnectionOptions>>().Value;
             using var pool = ConnectionBlocks.PoolOf(options);
             Assert.IsType<ConnectionBlocks.BlockPool>(pool);
+            Assert.IsType<ConnectionBlocks.BlockPool>(ConnectionBlocks.SharedPoolOf(host.Services));
             var block = pool!.Rent(2048);
             Assert.True(block.Memory.Length >= ConnectionBlocks.BlockBytes, $"a block of {block.Memory.Length} bytes");
             block.Dispose();
@@ -62,7 +63,24 @@ public sealed class ConnectionBlocksTests
     }
 
     [Fact]
-    public async Task Between_two_silos_the_accepting_end_reads_into_large_blocks_and_the_dialling_end_into_orleans_own()
+    public void A_returned_block_is_lent_again_and_the_pool_keeps_no_more_than_its_limit()
+    {
+        using var pool = new ConnectionBlocks.BlockPool();
+        var first = pool.Rent();
+        var array = first.Memory;
+        first.Dispose();
+        first.Dispose();   // a second dispose returns nothing twice
+        Assert.Equal(1, pool.Kept);
+        using (var again = pool.Rent()) Assert.True(again.Memory.Span == array.Span, "the kept block was not lent again");
+        var many = Enumerable.Range(0, ConnectionBlocks.KeptBlocks + 10).Select(_ => pool.Rent()).ToList();
+        many.ForEach(b => b.Dispose());
+        Assert.Equal(ConnectionBlocks.KeptBlocks, pool.Kept);
+        using (pool.Rent(ConnectionBlocks.BlockBytes * 2)) { }   // an outsize block is not kept
+        Assert.Equal(ConnectionBlocks.KeptBlocks, pool.Kept);
+    }
+
+    [Fact]
+    public async Task Between_two_silos_both_the_accepting_and_the_dialling_end_read_into_large_blocks()
     {
         var dataDir = Directory.CreateTempSubdirectory("blocks-").FullName;
         var ports = Enumerable.Range(0, 4).Select(_ => LocalClustering.FreePort()).ToArray();
@@ -95,7 +113,7 @@ public sealed class ConnectionBlocksTests
             Assert.Equal((ports[0], dialled.LocalPort), (accepted.LocalPort, accepted.RemotePort));
             Assert.Equal(ports[0], dialled.RemotePort);
             Assert.IsType<ConnectionBlocks.BlockPool>(accepted.Pool);
-            Assert.IsNotType<ConnectionBlocks.BlockPool>(dialled.Pool);
+            Assert.IsType<ConnectionBlocks.BlockPool>(dialled.Pool);
         }
         finally
         {
