@@ -22,9 +22,6 @@ public static class ConnectionBlocks
     /// <summary>One block: big enough that a read rarely stops at its end, small enough that an idle connection holding one costs little.</summary>
     public const int BlockBytes = 256 * 1024;
 
-    /// <summary>Blocks kept for reuse by one pool (16 MB); more in use at once are allocated and left to the GC.</summary>
-    public const int KeptBlocks = 64;
-
     private const BindingFlags Internal = BindingFlags.Instance | BindingFlags.NonPublic;
 
     private static readonly PropertyInfo? Factory = typeof(SocketConnectionOptions).GetProperty("MemoryPoolFactory", Internal);
@@ -61,42 +58,23 @@ public static class ConnectionBlocks
         SharedPoolType is null ? null : SharedPoolField?.GetValue(services.GetRequiredService(SharedPoolType)) as MemoryPool<byte>;
 
     /// <summary>
-    /// Blocks of <see cref="BlockBytes"/>, up to <see cref="KeptBlocks"/> of them kept for reuse (a larger request gets an
-    /// array of its size, not kept). Arrays this large live in the large object heap, which the GC does not move, and a
-    /// socket pins a block only while a read or write runs. The blocks are this pool's alone: what a connection read
-    /// (decrypted bytes too, under TLS) is never lent to other code of the process.
+    /// Blocks of <see cref="BlockBytes"/> from a <see cref="BlockStore"/> (by default the process's, shared by all its pools);
+    /// a larger request gets an array of its size, not kept. Arrays this large live in the large object heap, which the GC
+    /// does not move, and a socket pins a block only while a read or write runs. The blocks are these pools' alone: what a
+    /// connection read (decrypted bytes too, under TLS) is never lent to other code of the process.
     /// </summary>
-    public sealed class BlockPool : MemoryPool<byte>
+    public sealed class BlockPool(BlockStore? store = null) : MemoryPool<byte>
     {
-        private readonly ConcurrentBag<byte[]> _kept = [];
-        private int _keptCount;
+        private readonly BlockStore _store = store ?? BlockStore.Process;
 
         public override int MaxBufferSize => int.MaxValue;
 
-        public override IMemoryOwner<byte> Rent(int minBufferSize = -1)
-        {
-            if (minBufferSize > BlockBytes) return new Block(this, new byte[minBufferSize]);
-            if (_kept.TryTake(out var array))
-            {
-                Interlocked.Decrement(ref _keptCount);
-                return new Block(this, array);
-            }
-            return new Block(this, GC.AllocateUninitializedArray<byte>(BlockBytes));
-        }
-
-        /// <summary>Blocks waiting for reuse now.</summary>
-        public int Kept => Volatile.Read(ref _keptCount);
-
-        private void Return(byte[] array)
-        {
-            if (array.Length != BlockBytes) return;
-            if (Interlocked.Increment(ref _keptCount) <= KeptBlocks) _kept.Add(array);
-            else Interlocked.Decrement(ref _keptCount);
-        }
+        public override IMemoryOwner<byte> Rent(int minBufferSize = -1) =>
+            new Block(_store, minBufferSize > BlockBytes ? new byte[minBufferSize] : _store.Take());
 
         protected override void Dispose(bool disposing) { }
 
-        private sealed class Block(BlockPool pool, byte[] array) : IMemoryOwner<byte>
+        private sealed class Block(BlockStore store, byte[] array) : IMemoryOwner<byte>
         {
             private byte[]? _array = array;
 
@@ -104,8 +82,38 @@ public static class ConnectionBlocks
 
             public void Dispose()
             {
-                if (Interlocked.Exchange(ref _array, null) is { } array) pool.Return(array);
+                if (Interlocked.Exchange(ref _array, null) is { } array) store.Return(array);
             }
+        }
+    }
+
+    /// <summary>Blocks of <see cref="BlockBytes"/> kept for reuse, at most <c>keep</c>; more in use at once are allocated and left to the GC.</summary>
+    public sealed class BlockStore(int keep)
+    {
+        /// <summary>
+        /// The process's: 128 blocks (32 MB), as a 7.5 MB vector each way through a silo has ~90 in use at once (the message
+        /// writer's, the output pipe's and the input pipe's).
+        /// </summary>
+        public static readonly BlockStore Process = new(128);
+
+        private readonly ConcurrentBag<byte[]> _kept = [];
+        private int _count;
+
+        /// <summary>Blocks waiting for reuse now.</summary>
+        public int Kept => Volatile.Read(ref _count);
+
+        public byte[] Take()
+        {
+            if (!_kept.TryTake(out var array)) return GC.AllocateUninitializedArray<byte>(BlockBytes);
+            Interlocked.Decrement(ref _count);
+            return array;
+        }
+
+        public void Return(byte[] array)
+        {
+            if (array.Length != BlockBytes) return;
+            if (Interlocked.Increment(ref _count) <= keep) _kept.Add(array);
+            else Interlocked.Decrement(ref _count);
         }
     }
 }

@@ -63,20 +63,21 @@ public sealed class ConnectionBlocksTests
     }
 
     [Fact]
-    public void A_returned_block_is_lent_again_and_the_pool_keeps_no_more_than_its_limit()
+    public void A_returned_block_is_lent_again_and_the_store_keeps_no_more_than_its_limit()
     {
-        using var pool = new ConnectionBlocks.BlockPool();
+        var store = new ConnectionBlocks.BlockStore(keep: 4);
+        using var pool = new ConnectionBlocks.BlockPool(store);
         var first = pool.Rent();
         var array = first.Memory;
         first.Dispose();
         first.Dispose();   // a second dispose returns nothing twice
-        Assert.Equal(1, pool.Kept);
+        Assert.Equal(1, store.Kept);
         using (var again = pool.Rent()) Assert.True(again.Memory.Span == array.Span, "the kept block was not lent again");
-        var many = Enumerable.Range(0, ConnectionBlocks.KeptBlocks + 10).Select(_ => pool.Rent()).ToList();
+        var many = Enumerable.Range(0, 10).Select(_ => pool.Rent()).ToList();
         many.ForEach(b => b.Dispose());
-        Assert.Equal(ConnectionBlocks.KeptBlocks, pool.Kept);
+        Assert.Equal(4, store.Kept);
         using (pool.Rent(ConnectionBlocks.BlockBytes * 2)) { }   // an outsize block is not kept
-        Assert.Equal(ConnectionBlocks.KeptBlocks, pool.Kept);
+        Assert.Equal(4, store.Kept);
     }
 
     [Fact]
