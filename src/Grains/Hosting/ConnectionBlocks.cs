@@ -67,7 +67,8 @@ public static class ConnectionBlocks
     {
         private readonly BlockStore _store = store ?? BlockStore.Process;
 
-        public override int MaxBufferSize => int.MaxValue;
+        /// <summary>What a caller may ask of one block: Orleans' writers and pipes ask no more (a larger request still gets an array of its own).</summary>
+        public override int MaxBufferSize => BlockBytes;
 
         public override IMemoryOwner<byte> Rent(int minBufferSize = -1) =>
             new Block(_store, minBufferSize > BlockBytes ? new byte[minBufferSize] : _store.Take());

@@ -57,7 +57,9 @@ public sealed class ConnectionBlocksTests
     [Fact]
     public void A_request_larger_than_a_block_gets_what_it_asked_for()
     {
-        using var pool = new ConnectionBlocks.BlockPool();
+        using var pool = new ConnectionBlocks.BlockPool(new ConnectionBlocks.BlockStore(keep: 1));
+        // Orleans' writers and pipes ask for at most this much, so a large message is written into blocks, not one array.
+        Assert.Equal(ConnectionBlocks.BlockBytes, pool.MaxBufferSize);
         using var block = pool.Rent(ConnectionBlocks.BlockBytes + 1);
         Assert.True(block.Memory.Length > ConnectionBlocks.BlockBytes);
     }
