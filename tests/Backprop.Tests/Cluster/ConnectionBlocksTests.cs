@@ -33,6 +33,7 @@ public sealed class ConnectionBlocksTests
             using var pool = ConnectionBlocks.PoolOf(options);
             Assert.IsType<ConnectionBlocks.BlockPool>(pool);
             Assert.IsType<ConnectionBlocks.BlockPool>(ConnectionBlocks.SharedPoolOf(host.Services));
+            Assert.IsType<ConnectionBlocks.BlockPool>(MessageWriterPool(host.Services));
             var block = pool!.Rent(2048);
             Assert.True(block.Memory.Length >= ConnectionBlocks.BlockBytes, $"a block of {block.Memory.Length} bytes");
             block.Dispose();
@@ -58,7 +59,7 @@ public sealed class ConnectionBlocksTests
     public void A_request_larger_than_a_block_gets_what_it_asked_for()
     {
         using var pool = new ConnectionBlocks.BlockPool(new ConnectionBlocks.BlockStore(keep: 1));
-        // Orleans' writers and pipes ask for at most this much, so a large message is written into blocks, not one array.
+        // Orleans' message writer asks for at most this much, so it writes a large message into blocks, not one array.
         Assert.Equal(ConnectionBlocks.BlockBytes, pool.MaxBufferSize);
         using var block = pool.Rent(ConnectionBlocks.BlockBytes + 1);
         Assert.True(block.Memory.Length > ConnectionBlocks.BlockBytes);
@@ -80,6 +81,24 @@ public sealed class ConnectionBlocksTests
         Assert.Equal(4, store.Kept);
         using (pool.Rent(ConnectionBlocks.BlockBytes * 2)) { }   // an outsize block is not kept
         Assert.Equal(4, store.Kept);
+    }
+
+    [Fact]
+    public unsafe void A_block_stays_where_it_is_when_the_gc_compacts()
+    {
+        // The silo and the CLI keep arrays under 4 MB out of the large object heap (LOHThreshold), so a block must not rely
+        // on it: a gap left before the block, then a full compacting collection, would move a block that can move.
+        var store = new ConnectionBlocks.BlockStore(keep: 1);
+        var gap = new byte[4 * ConnectionBlocks.BlockBytes];
+        var block = store.Take();
+        GC.KeepAlive(gap);
+        gap = null;
+        nint before;
+        fixed (byte* start = block) before = (nint)start;
+        System.Runtime.GCSettings.LargeObjectHeapCompactionMode = System.Runtime.GCLargeObjectHeapCompactionMode.CompactOnce;
+        GC.Collect(2, GCCollectionMode.Forced, blocking: true, compacting: true);
+        fixed (byte* start = block) Assert.Equal(before, (nint)start);
+        store.Return(block);
     }
 
     [Fact]
@@ -124,6 +143,16 @@ public sealed class ConnectionBlocksTests
             await first.StopAsync();
             Directory.Delete(dataDir, recursive: true);
         }
+    }
+
+    /// <summary>The pool Orleans' message writer (<c>MessageSerializer</c>, one per connection and direction) takes its overflow blocks from.</summary>
+    private static MemoryPool<byte>? MessageWriterPool(IServiceProvider services)
+    {
+        const BindingFlags Any = BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic;
+        var serializerType = typeof(SocketConnectionOptions).Assembly.GetType("Orleans.Runtime.Messaging.MessageSerializer", throwOnError: true)!;
+        using var scope = services.CreateScope();
+        var writer = serializerType.GetField("_bufferWriter", Any)!.GetValue(scope.ServiceProvider.GetRequiredService(serializerType))!;
+        return writer.GetType().GetField("memoryPool", Any)!.GetValue(writer) as MemoryPool<byte>;
     }
 
     /// <summary>
