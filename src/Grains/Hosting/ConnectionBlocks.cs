@@ -91,28 +91,32 @@ public static class ConnectionBlocks
     }
 
     /// <summary>
-    /// Blocks of <see cref="BlockBytes"/> kept for reuse, at most <c>keep</c>; more in use at once are allocated and left to the GC.
-    /// They live in the pinned object heap: the GC never moves them, so a socket pinning one for a read or write fragments
-    /// nothing, and a block in use is not copied from generation to generation (the silo and the CLI raise the large object
-    /// threshold to 4 MB, so a plain 256 KB array would start in generation 0).
+    /// Blocks of <see cref="BlockBytes"/> kept for reuse: as many as were ever in use at once, and at least <c>keep</c>
+    /// (Orleans' own pool also keeps what it once needed). A shard taking pushes from many workers at once holds ~30 blocks
+    /// per 7.5 MB in flight: dropping those after every step would leave ~90 MB a step to the full GCs that the pinned
+    /// object heap waits for. They live in the pinned object heap: the GC never moves them, so a socket pinning one for a
+    /// read or write fragments nothing, and a block in use is not copied from generation to generation (the silo and the
+    /// CLI raise the large object threshold to 4 MB, so a plain 256 KB array would start in generation 0).
     /// </summary>
     public sealed class BlockStore(int keep)
     {
-        /// <summary>
-        /// The process's: 128 blocks (32 MB). A 7.5 MB vector each way through a silo has ~60 in use at once (~30 in the input
-        /// pipe until the message is whole, ~30 in the message writer while it writes); a silo receiving from many peers at
-        /// once needs ~30 per 7.5 MB in flight, and allocates what the store does not hold.
-        /// </summary>
+        /// <summary>The process's, keeping at least 128 blocks (32 MB) once they have been in use.</summary>
         public static readonly BlockStore Process = new(128);
 
         private readonly ConcurrentBag<byte[]> _kept = [];
-        private int _count;
+        private int _count, _inUse, _peak;
 
         /// <summary>Blocks waiting for reuse now.</summary>
         public int Kept => Volatile.Read(ref _count);
 
+        /// <summary>The most blocks lent at once so far.</summary>
+        public int Peak => Volatile.Read(ref _peak);
+
         public byte[] Take()
         {
+            int inUse = Interlocked.Increment(ref _inUse);
+            for (int peak = Volatile.Read(ref _peak); inUse > peak; peak = Volatile.Read(ref _peak))
+                if (Interlocked.CompareExchange(ref _peak, inUse, peak) == peak) break;
             if (!_kept.TryTake(out var array)) return GC.AllocateUninitializedArray<byte>(BlockBytes, pinned: true);
             Interlocked.Decrement(ref _count);
             return array;
@@ -121,7 +125,8 @@ public static class ConnectionBlocks
         public void Return(byte[] array)
         {
             if (array.Length != BlockBytes) return;
-            if (Interlocked.Increment(ref _count) <= keep) _kept.Add(array);
+            Interlocked.Decrement(ref _inUse);
+            if (Interlocked.Increment(ref _count) <= Math.Max(keep, Peak)) _kept.Add(array);
             else Interlocked.Decrement(ref _count);
         }
     }

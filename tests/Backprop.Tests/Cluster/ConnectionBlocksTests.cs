@@ -66,7 +66,7 @@ public sealed class ConnectionBlocksTests
     }
 
     [Fact]
-    public void A_returned_block_is_lent_again_and_the_store_keeps_no_more_than_its_limit()
+    public void A_returned_block_is_lent_again_and_the_store_keeps_what_was_once_in_use_at_once()
     {
         var store = new ConnectionBlocks.BlockStore(keep: 4);
         using var pool = new ConnectionBlocks.BlockPool(store);
@@ -76,11 +76,17 @@ public sealed class ConnectionBlocksTests
         first.Dispose();   // a second dispose returns nothing twice
         Assert.Equal(1, store.Kept);
         using (var again = pool.Rent()) Assert.True(again.Memory.Span == array.Span, "the kept block was not lent again");
+        // Ten in use at once (a burst of pushes): all ten are kept for the next burst, not dropped down to `keep`.
         var many = Enumerable.Range(0, 10).Select(_ => pool.Rent()).ToList();
+        Assert.Equal(10, store.Peak);
         many.ForEach(b => b.Dispose());
-        Assert.Equal(4, store.Kept);
+        Assert.Equal(10, store.Kept);
+        // Beyond what was ever in use at once nothing is kept (a block that was not the store's, returned to it).
+        store.Return(new byte[ConnectionBlocks.BlockBytes]);
+        Assert.Equal(10, store.Kept);
         using (pool.Rent(ConnectionBlocks.BlockBytes * 2)) { }   // an outsize block is not kept
-        Assert.Equal(4, store.Kept);
+        Assert.Equal(10, store.Kept);
+        Assert.Equal(10, store.Peak);
     }
 
     [Fact]
