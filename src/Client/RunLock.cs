@@ -21,7 +21,8 @@ public sealed class RunLock : IDisposable
         try
         {
             Directory.CreateDirectory(folder);
-            return new RunLock(new FileStream(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None));
+            // Deleted when let go (not when the process is killed: the file is then empty and unlocked, and the next taker reuses it).
+            return new RunLock(new FileStream(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, bufferSize: 1, FileOptions.DeleteOnClose));
         }
         catch (UnauthorizedAccessException e)
         {

@@ -15,8 +15,12 @@ public sealed class RunLockTests : IDisposable
         var held = RunLock.Take(_store, "run-1");
         var refused = Assert.Throws<InvalidOperationException>(() => RunLock.Take(_store, "run-1"));
         Assert.Contains("run 'run-1' is being run by another backprop process", refused.Message);
+        // The refused taker leaves the holder's file where it is: a third taker must be refused too.
+        Assert.True(File.Exists(Path.Combine(_store, "locks", "run-1.lock")), "a refused taker removed the held lock's file");
+        Assert.Throws<InvalidOperationException>(() => RunLock.Take(_store, "run-1"));
         using (RunLock.Take(_store, "run-2")) { }   // another run of the same store
         held.Dispose();
+        Assert.False(File.Exists(Path.Combine(_store, "locks", "run-1.lock")), "a lock let go leaves its file behind");
         using var again = RunLock.Take(_store, "run-1");
     }
 
