@@ -158,6 +158,7 @@ public static class TrainCommand
         var address = Address.Parse(parse, fallbackGateway: null);
 
         ClusterConnection cluster;
+        Task<bool> warming = Task.FromResult(false);
         using var runLock = address is null ? RunLock.Take(ClusterConnection.StateDirectory(dataDir), runId) : null;
         if (address is null)
         {
@@ -165,6 +166,8 @@ public static class TrainCommand
             spec.Validate(threads);
             if (parse.GetValue(HttpPort) is < 1 or > 65535) throw new ArgumentException($"--http-port: {parse.GetValue(HttpPort)} is outside 1..65535");
             DataCommand.Ensure(spec.Dataset, dataDir);
+            // On the core the silo's start leaves idle; awaited before the run starts, so that it never competes with it.
+            warming = Task.Run(() => Warmup.Run(spec, threads), cancel);
             cluster = await ClusterConnection.StartEmbedded(dataDir, threads, cancel, parse.GetValue(HttpPort));
         }
         else
@@ -204,8 +207,24 @@ public static class TrainCommand
             var run = cluster.Client.GetGrain<IRunGrain>(runId);
             Console.WriteLine($"run {runId} on {cluster.Description}");
             Console.WriteLine($"  {RunReporter.Describe(spec)}");
+            await Warmed(warming);
             await run.Start(spec);
             return await Follow.FollowAndSave(parse, cluster, run, cancel);
+        }
+    }
+
+    /// <summary>
+    /// Waits for the warm-up (<see cref="Warmup"/>). It only saves time: one that failed (a spec it could not build a
+    /// trainer for, say) changes nothing of the run, which reports its own errors.
+    /// </summary>
+    private static async Task Warmed(Task<bool> warming)
+    {
+        try
+        {
+            await warming;
+        }
+        catch (Exception e) when (e is ArgumentException or InvalidOperationException or OperationCanceledException)
+        {
         }
     }
 
