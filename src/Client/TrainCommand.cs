@@ -215,7 +215,7 @@ public static class TrainCommand
 
     /// <summary>
     /// Waits for the warm-up (<see cref="Warmup"/>). It only saves time: one that failed (a spec it could not build a
-    /// trainer for, say) changes nothing of the run, which reports its own errors.
+    /// trainer for, say) changes nothing of the run, which reports its own errors. Ctrl+C meanwhile ends the command.
     /// </summary>
     private static async Task Warmed(Task<bool> warming)
     {
@@ -223,7 +223,7 @@ public static class TrainCommand
         {
             await warming;
         }
-        catch (Exception e) when (e is ArgumentException or InvalidOperationException or OperationCanceledException)
+        catch (Exception e) when (e is ArgumentException or InvalidOperationException)
         {
         }
     }
