@@ -45,7 +45,7 @@ public sealed class ParameterShardGrain(
     [PersistentState("fence", SiloSetup.StorageName)] IPersistentState<ShardFence> fence,
     [PersistentState("checkpoint-a", SiloSetup.StorageName)] IPersistentState<ShardCheckpoint> slotA,
     [PersistentState("checkpoint-b", SiloSetup.StorageName)] IPersistentState<ShardCheckpoint> slotB,
-    ILocalSiloDetails silo) : Grain, IParameterShardGrain
+    ILocalSiloDetails silo, DataLane lane) : Grain, IParameterShardGrain
 {
     /// <summary>Entries reduced, checked and stepped together, while they are in L1.</summary>
     private const int Tile = 4096;
@@ -708,7 +708,7 @@ public sealed class ParameterShardGrain(
     private ParameterVersion Current() => new(_step, new FloatPayload(_parameters));
 
     private PushReply Reply(ParameterVersion? next, string? divergence, double seconds) =>
-        new(next, divergence, seconds, GC.GetTotalAllocatedBytes(precise: false), SiloName, next is null ? 0 : _lastStep!.Value.Loss, next is null ? 0 : _epochLossSum);
+        new(next, divergence, seconds, GC.GetTotalAllocatedBytes(precise: false), SiloName, next is null ? 0 : _lastStep!.Value.Loss, next is null ? 0 : _epochLossSum, lane.Endpoint);
 
     private static TaskCompletionSource<PushReply> NewWaiter() => new(TaskCreationOptions.RunContinuationsAsynchronously);
 }

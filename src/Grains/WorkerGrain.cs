@@ -18,7 +18,7 @@ namespace Backprop.Grains;
 // Caches only, and a worker grain per run generation: a finished run's workers let their buffers go after minutes,
 // not Orleans' default quarter of an hour (a window call keeps a live one busy; one collected early only reloads).
 [SpreadPlacement, CollectionAgeLimit(Minutes = 2)]
-public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, ILocalSiloDetails silo) : Grain, IWorkerGrain
+public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, ILocalSiloDetails silo, DataLane lane) : Grain, IWorkerGrain
 {
     private StepGradient? _gradient;
     private EpochPlan? _plan;
@@ -30,7 +30,9 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private float[] _parameters = [];
     private long _version = -1, _session;
     private IParameterShardGrain[] _shards = [];
-    private string?[] _shardSilos = [];
+    private string[] _shardKeys = [];
+    /// <summary>Each shard's silo and, on another silo, its data lane, as its last reply said.</summary>
+    private string?[] _shardSilos = [], _shardLanes = [];
     private Task<PushReply>[] _pushes = [];
     private Task<ParameterVersion>[] _pulls = [];
 
@@ -126,8 +128,12 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         // Each shard copies its slice of the sum before it answers, so the buffer is free again once all have.
         var layout = spec.Shards;
         for (int j = 0; j < _shards.Length; j++)
-            _pushes[j] = _shards[j].Push(new GradientPush(work.Incarnation, version, work.Block, work.BlockStarts, samples,
-                lossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j))), work.Session));
+        {
+            var push = new GradientPush(work.Incarnation, version, work.Block, work.BlockStarts, samples,
+                lossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j))), work.Session);
+            var shard = _shards[j];
+            _pushes[j] = _shardLanes[j] is { } shardLane ? lane.Push(shardLane, _shardKeys[j], push, () => shard.Push(push)) : shard.Push(push);
+        }
         double reduce = 0;
         long wire = 0;
         string? divergence = null;
@@ -139,7 +145,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             for (int j = 0; j < _pushes.Length; j++)
             {
                 var reply = await _pushes[j];
-                _shardSilos[j] = reply.Silo;
+                (_shardSilos[j], _shardLanes[j]) = (reply.Silo, reply.Silo == SiloName ? null : reply.Lane);
                 if (reply.Silo != SiloName) wire += 4L * layout.Length(j);
                 reduce = Math.Max(reduce, reply.ReduceAndStepSeconds);
                 divergence ??= reply.Divergence;
@@ -189,14 +195,20 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         if (_shards.Length != layout.Shards || _parameters.Length != layout.Parameters)
         {
             string run = RunId();
-            _shards = Enumerable.Range(0, layout.Shards).Select(j => GrainFactory.GetGrain<IParameterShardGrain>($"{run}/{j}")).ToArray();
-            (_shardSilos, _pushes, _pulls) = (new string?[layout.Shards], new Task<PushReply>[layout.Shards], new Task<ParameterVersion>[layout.Shards]);
+            _shardKeys = Enumerable.Range(0, layout.Shards).Select(j => $"{run}/{j}").ToArray();
+            _shards = _shardKeys.Select(key => GrainFactory.GetGrain<IParameterShardGrain>(key)).ToArray();
+            (_shardSilos, _shardLanes) = (new string?[layout.Shards], new string?[layout.Shards]);
+            (_pushes, _pulls) = (new Task<PushReply>[layout.Shards], new Task<ParameterVersion>[layout.Shards]);
             (_parameters, _version) = (new float[layout.Parameters], -1);
         }
         if (_version == version && _session == session) return (false, 0);
         _version = -1;
         long wire = 0;
-        for (int j = 0; j < _shards.Length; j++) _pulls[j] = _shards[j].Pull(session, version);
+        for (int j = 0; j < _shards.Length; j++)
+        {
+            var shard = _shards[j];
+            _pulls[j] = _shardLanes[j] is { } shardLane ? lane.Pull(shardLane, _shardKeys[j], session, version, () => shard.Pull(session, version)) : shard.Pull(session, version);
+        }
         try
         {
             await WhenAllEnded(_pulls);

@@ -15,6 +15,7 @@ using Orleans.Dashboard;
 var clusterId = Opt("--cluster-id", "BACKPROP_CLUSTER_ID", LocalClustering.DefaultClusterId, "Cluster id; silos and clients must agree");
 var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (on --host)");
 var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (on --host)");
+var lanePort = Opt("--lane-port", "BACKPROP_LANE_PORT", 0, "Port of the data lane (on --host): other silos' workers push gradients to this silo's parameter-server shards and pull parameters through it, beside Orleans' connection; 0 = any free port (announced in the shards' replies), -1 = none (all through Orleans; always so with TLS)");
 var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Localhost clustering: silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
 var redis = Opt("--redis", "BACKPROP_REDIS", "", "Redis (host:port) for membership, grain storage and reminders; empty = localhost clustering");
 var redisPasswordFile = Opt("--redis-password-file", RedisPassword.FileEnv, "", $"Redis AUTH: file whose first line is the password (a mounted Secret); or the password itself in [env {RedisPassword.Env}]; never printed");
@@ -44,7 +45,7 @@ var tlsPeerName = Opt("--tls-peer-name", TlsFiles.PeerNameEnv, "", "TLS: DNS nam
 
 var root = new RootCommand("Backprop.Distributed silo: hosts run coordinators, parameter servers and workers")
 {
-    clusterId, siloPort, gatewayPort, primary, redis, redisPasswordFile, redisTls, redisCa, redisWait, hostAddress, kubernetes, shutdownTimeout, dataDir, name,
+    clusterId, siloPort, gatewayPort, lanePort, primary, redis, redisPasswordFile, redisTls, redisCa, redisWait, hostAddress, kubernetes, shutdownTimeout, dataDir, name,
     probeTimeout, missedProbes, deathVotes, role, httpPort, httpBind, dataset, workerThreads, keepFinishedRuns, keepFinishedDays, keepFinishedMinAge, tlsCert, tlsKey, tlsCa, tlsPeerName,
 };
 root.SetAction(async (parse, cancel) =>
@@ -65,6 +66,7 @@ root.SetAction(async (parse, cancel) =>
     {
         siloRole = SiloRoles.Parse(parse.GetValue(role)!);
         if (silo is < 1 or > 65535 || gateway is < 1 or > 65535) throw new ArgumentException("ports must be in 1..65535");
+        if (parse.GetValue(lanePort) is < -1 or > 65535) throw new ArgumentException("--lane-port must be in -1..65535 (0: any free port, -1: none)");
         if (parse.GetValue(probeTimeout) is <= 0 or > 600) throw new ArgumentException("--probe-timeout must be in (0, 600] seconds");
         if (parse.GetValue(missedProbes) < 1 || parse.GetValue(deathVotes) < 1) throw new ArgumentException("--missed-probes and --death-votes must be at least 1");
         if (parse.GetValue(httpPort) is < 0 or > 65535) throw new ArgumentException("--http-port must be in 0..65535");
@@ -136,7 +138,8 @@ root.SetAction(async (parse, cancel) =>
                 o.GrainStorageSerializer = new Orleans.Storage.OrleansGrainStorageSerializer(services.GetRequiredService<Orleans.Serialization.Serializer>())));
         }
         s.Configure<SiloOptions>(o => o.SiloName = siloName);
-        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole, retention: retention);
+        s.AddBackpropGrains(parse.GetValue(dataDir)!, threadsPerWorker: parse.GetValue(workerThreads), role: siloRole, retention: retention,
+            lanePort: parse.GetValue(lanePort));
         if (tls is not null) s.UseBackpropTls(tls);
         // The dashboard profiles every grain call: only where its page is served.
         if (parse.GetValue(httpPort) > 0) s.AddDashboard();

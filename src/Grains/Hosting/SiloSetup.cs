@@ -22,14 +22,16 @@ public static class SiloSetup
 
     /// <summary>
     /// What every silo of a Backprop cluster needs, whatever its clustering: its role (which grains it hosts),
-    /// placement, datasets, the run watchdog, how long finished runs are kept (<see cref="Retention"/>), and how many threads each worker may use for one chunk (1 by default, so that several workers
-    /// sharing a machine do not oversubscribe its cores; results do not depend on it).
+    /// placement, datasets, the run watchdog, how long finished runs are kept (<see cref="Retention"/>), how many threads each worker may use for one chunk (1 by default, so that several workers
+    /// sharing a machine do not oversubscribe its cores; results do not depend on it), and the port of its data lane
+    /// (<see cref="DataLane"/>; 0: any free port, −1: none).
     /// Grain storage is not registered here: the caller registers one named <see cref="StorageName"/> that
     /// suits its clustering (files for the embedded silo and test clusters, Redis for a Redis cluster).
     /// </summary>
     public static ISiloBuilder AddBackpropGrains(this ISiloBuilder silo, string dataDir, bool allowFetch = true, int threadsPerWorker = 1,
-        bool keepRunsGoing = true, SiloRole role = SiloRole.All, Retention? retention = null)
+        bool keepRunsGoing = true, SiloRole role = SiloRole.All, Retention? retention = null, int lanePort = 0)
     {
+        if (lanePort is < -1 or > 65535) throw new ArgumentException($"data lane port: {lanePort} is outside -1..65535 (0: any free port, -1: off)");
         if (threadsPerWorker < 1 || threadsPerWorker > Backprop.Core.ResourceLimits.MaxThreadsPerWorker)
             throw new ArgumentException($"threads per worker: {threadsPerWorker} is outside 1..{Backprop.Core.ResourceLimits.MaxThreadsPerWorker}");
         retention ??= new Retention();
@@ -38,6 +40,9 @@ public static class SiloSetup
         silo.Services.AddSingleton(retention);
         silo.Services.AddBackpropExceptions();
         silo.Services.AddLargeConnectionBlocks();
+        silo.Services.Configure<LaneOptions>(o => (o.Port, o.Off) = (Math.Max(lanePort, 0), lanePort < 0 ? "its port is -1" : null));
+        silo.Services.AddSingleton<DataLane>();
+        silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<DataLane>());
         silo.Services.AddSingleton<WorkerSilos>();
         silo.ApplyRole(role);
         BackpropMetrics.SiloStarted(role);

@@ -302,6 +302,7 @@ public static class TlsHosting
     public static ISiloBuilder UseBackpropTls(this ISiloBuilder silo, TlsFiles tls)
     {
         var certificate = tls.Certificate ?? throw new ArgumentException("a silo needs its own certificate");
+        silo.Services.PostConfigure<LaneOptions>(o => o.Off ??= "TLS: the lane has no TLS of its own yet");
         // Orleans logs only that a handshake failed; this says whose certificate and why.
         var log = new RejectionLog();
         silo.Services.AddSingleton(log);

@@ -51,6 +51,12 @@ public sealed class FloatPayload
 
     /// <summary>The rented array behind a payload being read, to fill.</summary>
     internal Span<float> Filling => _rented is null ? Span<float>.Empty : _rented.AsSpan(0, _values.Length);
+
+    /// <summary>The bytes of <see cref="Filling"/>, for a socket to read into.</summary>
+    internal Memory<byte> FillingBytes => _rented is null ? Memory<byte>.Empty : FloatBytes.Of(_rented, 0, _values.Length);
+
+    /// <summary>The values' bytes, for a socket to write from.</summary>
+    internal ReadOnlyMemory<byte> Bytes => FloatBytes.Of(_values);
 }
 
 [RegisterSerializer]

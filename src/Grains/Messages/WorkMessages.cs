@@ -115,7 +115,8 @@ public sealed record NormPart(
 /// A shard's answer to a push: its slice of the next version once the step is applied (null when the other blocks
 /// did not arrive within the wait: the worker pulls it when it needs it) with the step's loss sum and the epoch's
 /// after it, or why the step was refused as diverged; with the time the reduce-and-step took and the shard's
-/// process' allocation counter, for the step profile.
+/// process' allocation counter, for the step profile; and where the shard's silo takes pushes and pulls beside
+/// Orleans (<see cref="Lane"/>: its data lane's "address:port", null when it has none).
 /// </summary>
 [GenerateSerializer, Immutable]
 public sealed record PushReply(
@@ -125,7 +126,8 @@ public sealed record PushReply(
     [property: Id(3)] long AllocatedBytes,
     [property: Id(4)] string Silo,
     [property: Id(5)] double StepLoss,
-    [property: Id(6)] double EpochLossSum);
+    [property: Id(6)] double EpochLossSum,
+    [property: Id(7)] string? Lane = null);
 
 /// <summary>
 /// Where a shard stands when a coordinator attaches: the versions it can move to (in memory, or stored
@@ -137,3 +139,11 @@ public sealed record ShardPosition(
     [property: Id(1)] double[] EpochLossSums,
     [property: Id(2)] long CheckpointStep,
     [property: Id(3)] string Silo);
+
+/// <summary>A push to shard <see cref="Shard"/> (its grain key) through a data lane; the gradient travels after it, as raw bytes.</summary>
+[GenerateSerializer, Immutable]
+public sealed record LanePush([property: Id(0)] string Shard, [property: Id(1)] GradientPush Push);
+
+/// <summary>A pull of shard <see cref="Shard"/>'s slice of version <see cref="Step"/> through a data lane.</summary>
+[GenerateSerializer, Immutable]
+public sealed record LanePull([property: Id(0)] string Shard, [property: Id(1)] long Session, [property: Id(2)] long Step);

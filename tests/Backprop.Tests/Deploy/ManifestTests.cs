@@ -111,12 +111,15 @@ public sealed class ManifestTests
         var objects = Cluster;
         var settings = SiloSettings(objects);
         int siloPort = int.Parse(settings["BACKPROP_SILO_PORT"]), gatewayPort = int.Parse(settings["BACKPROP_GATEWAY_PORT"]),
-            httpPort = int.Parse(settings["BACKPROP_HTTP_PORT"]);
+            httpPort = int.Parse(settings["BACKPROP_HTTP_PORT"]), lanePort = int.Parse(settings["BACKPROP_LANE_PORT"]);
+        // A fixed lane port: the network policy can only allow a port it knows (0 would be any free one).
+        Assert.InRange(lanePort, 1, 65535);
         var silos = SiloDeployments(objects);
         Assert.Equal(["backprop-server", "backprop-worker"], silos.Select(Name).Order());
         foreach (var silo in silos)
         {
             Assert.Equal(siloPort, ContainerPort(silo, "silo"));
+            Assert.Equal(lanePort, ContainerPort(silo, "lane"));
             Assert.Equal(gatewayPort, ContainerPort(silo, "gateway"));
             Assert.Equal(httpPort, ContainerPort(silo, "http"));
             var container = Container(silo);
@@ -360,7 +363,7 @@ public sealed class ManifestTests
         {
             var settings = SiloSettings(objects);
             int silo = int.Parse(settings["BACKPROP_SILO_PORT"]), gateway = int.Parse(settings["BACKPROP_GATEWAY_PORT"]),
-                http = int.Parse(settings["BACKPROP_HTTP_PORT"]), redisPort = int.Parse(Map(ConfigMap(objects, "backprop-cluster")["data"])["BACKPROP_REDIS"].Split(':')[1]);
+                lane = int.Parse(settings["BACKPROP_LANE_PORT"]), http = int.Parse(settings["BACKPROP_HTTP_PORT"]), redisPort = int.Parse(Map(ConfigMap(objects, "backprop-cluster")["data"])["BACKPROP_REDIS"].Split(':')[1]);
             var policies = objects.Where(o => Kind(o) == "NetworkPolicy").ToList();
             var server = PodLabels(SiloDeployments(objects).Single(d => Name(d) == "backprop-server"));
             var worker = PodLabels(SiloDeployments(objects).Single(d => Name(d) == "backprop-worker"));
@@ -379,6 +382,10 @@ public sealed class ManifestTests
                 Check(false, client, target, silo);
                 Check(false, other, target, silo);
                 Check(false, redis, target, silo);
+                Check(true, worker, target, lane);
+                Check(true, server, target, lane);
+                Check(false, client, target, lane);
+                Check(false, other, target, lane);
                 Check(true, client, target, gateway);
                 Check(false, other, target, gateway);
                 Check(false, redis, target, gateway);

@@ -1,0 +1,185 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.Collections.Concurrent;
+using System.Net.Sockets;
+using Backprop.Grains.Messages;
+
+namespace Backprop.Grains.Hosting;
+
+/// <summary>A frame read from a data lane: its kind, request id, header (a message in Orleans' format) and vector (rented: its reader releases it).</summary>
+internal sealed record LaneFrame(byte Kind, long Id, byte[] Header, FloatPayload? Payload);
+
+/// <summary>
+/// One TCP connection of a <see cref="DataLane"/>. Frames are written whole, one at a time; one reader reads them. On
+/// the dialling end the reader hands each answer to the call waiting for its id; on the accepting end the lane reads requests.
+/// </summary>
+internal sealed class LaneConnection
+{
+    private const int PrefixBytes = 17;   // kind (1), request id (8), header bytes (4), payload bytes (4); little-endian
+    /// <summary>A header holds a push without its vector (the cut: a few ints per block) or an exception.</summary>
+    internal const int MaxHeaderBytes = 1 << 20;
+
+    private readonly Socket _socket;
+    private readonly SemaphoreSlim _writing = new(1, 1);
+    private readonly byte[] _prefix = new byte[PrefixBytes];
+    private readonly ConcurrentDictionary<long, TaskCompletionSource<LaneFrame>> _waiting = new();
+    private long _lastId;
+    private int _closed;
+    private Exception? _why;
+
+    public LaneConnection(Socket socket, string peer) => (_socket, Peer) = (socket, peer);
+
+    public string Peer { get; }
+    public bool IsOpen => Volatile.Read(ref _closed) == 0;
+
+    /// <summary>A connection this end dialled: its reader takes answers from now on.</summary>
+    public static LaneConnection Dialled(Socket socket, string peer)
+    {
+        var connection = new LaneConnection(socket, peer);
+        _ = connection.ReadAnswers();
+        return connection;
+    }
+
+    /// <summary>Sends a request and waits for its answer, at most <paramref name="timeout"/> (as a grain call would).</summary>
+    public async Task<LaneFrame> Call(byte kind, byte[] header, ReadOnlyMemory<byte> payload, TimeSpan timeout)
+    {
+        long id = Interlocked.Increment(ref _lastId);
+        var answer = new TaskCompletionSource<LaneFrame>(TaskCreationOptions.RunContinuationsAsynchronously);
+        _waiting[id] = answer;
+        using var deadline = new CancellationTokenSource(timeout);
+        try
+        {
+            // Close sets the flag before it fails the waiting calls: a call added after that sees the flag here.
+            if (!IsOpen) throw Closed();
+            await Write(kind, id, header, payload, deadline.Token);
+            return await answer.Task.WaitAsync(deadline.Token);
+        }
+        catch (OperationCanceledException) when (deadline.IsCancellationRequested)
+        {
+            throw new TimeoutException($"data lane to {Peer}: no answer within {timeout.TotalSeconds:0.#} s");
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            throw new IOException($"data lane to {Peer}: {e.Message}", e);
+        }
+        finally
+        {
+            _waiting.TryRemove(id, out _);
+        }
+    }
+
+    /// <summary>Writes the answer to request <paramref name="id"/>.</summary>
+    public Task Answer(byte kind, long id, byte[] header, ReadOnlyMemory<byte> payload) => Write(kind, id, header, payload, CancellationToken.None);
+
+    private async Task Write(byte kind, long id, byte[] header, ReadOnlyMemory<byte> payload, CancellationToken cancel)
+    {
+        if (header.Length > MaxHeaderBytes || payload.Length > Backprop.Core.ResourceLimits.MaxMessageBytes)
+            throw new InvalidDataException($"a frame of {header.Length} header and {payload.Length} payload bytes is over the data lane's limits");
+        int length = PrefixBytes + header.Length;
+        var head = ArrayPool<byte>.Shared.Rent(length);
+        try
+        {
+            head[0] = kind;
+            BinaryPrimitives.WriteInt64LittleEndian(head.AsSpan(1), id);
+            BinaryPrimitives.WriteInt32LittleEndian(head.AsSpan(9), header.Length);
+            BinaryPrimitives.WriteInt32LittleEndian(head.AsSpan(13), payload.Length);
+            header.CopyTo(head, PrefixBytes);
+            await _writing.WaitAsync(cancel);
+            try
+            {
+                await Send(head.AsMemory(0, length), cancel);
+                await Send(payload, cancel);
+            }
+            catch (Exception e)
+            {
+                // Part of a frame may be out: the stream cannot be read past it.
+                Close(e);
+                throw;
+            }
+            finally
+            {
+                _writing.Release();
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(head);
+        }
+    }
+
+    private async ValueTask Send(ReadOnlyMemory<byte> bytes, CancellationToken cancel)
+    {
+        while (!bytes.IsEmpty) bytes = bytes[await _socket.SendAsync(bytes, SocketFlags.None, cancel)..];
+    }
+
+    /// <summary>The next frame; its sizes are checked before anything is allocated for it.</summary>
+    public async Task<LaneFrame> Read()
+    {
+        await Receive(_prefix);
+        byte kind = _prefix[0];
+        long id = BinaryPrimitives.ReadInt64LittleEndian(_prefix.AsSpan(1));
+        uint headerBytes = BinaryPrimitives.ReadUInt32LittleEndian(_prefix.AsSpan(9));
+        uint payloadBytes = BinaryPrimitives.ReadUInt32LittleEndian(_prefix.AsSpan(13));
+        if (headerBytes > MaxHeaderBytes) throw new InvalidDataException($"a header of {headerBytes} bytes (at most {MaxHeaderBytes})");
+        if (payloadBytes > Backprop.Core.ResourceLimits.MaxMessageBytes || payloadBytes % sizeof(float) != 0)
+            throw new InvalidDataException($"a payload of {payloadBytes} bytes (a float vector of at most {Backprop.Core.ResourceLimits.MaxMessageBytes} bytes)");
+        var header = new byte[headerBytes];
+        await Receive(header);
+        if (payloadBytes == 0) return new LaneFrame(kind, id, header, null);
+        var payload = FloatPayload.Rent((int)(payloadBytes / sizeof(float)));
+        try
+        {
+            await Receive(payload.FillingBytes);
+        }
+        catch
+        {
+            payload.Release();
+            throw;
+        }
+        return new LaneFrame(kind, id, header, payload);
+    }
+
+    private async ValueTask Receive(Memory<byte> into)
+    {
+        while (!into.IsEmpty)
+        {
+            int read = await _socket.ReceiveAsync(into, SocketFlags.None);
+            if (read == 0) throw new IOException("closed by the peer");
+            into = into[read..];
+        }
+    }
+
+    private async Task ReadAnswers()
+    {
+        try
+        {
+            while (true)
+            {
+                var frame = await Read();
+                if (frame.Kind is not (DataLane.AnswerKind or DataLane.ErrorKind))
+                {
+                    frame.Payload?.Release();
+                    throw new InvalidDataException($"an answer of kind {frame.Kind}");
+                }
+                // An answer whose call gave up (timed out) has no one to take it.
+                if (!(_waiting.TryRemove(frame.Id, out var waiter) && waiter.TrySetResult(frame))) frame.Payload?.Release();
+            }
+        }
+        catch (Exception e)
+        {
+            Close(e);
+        }
+    }
+
+    /// <summary>Closes the connection and fails every call waiting on it; once.</summary>
+    public void Close(Exception? why)
+    {
+        if (Interlocked.Exchange(ref _closed, 1) == 1) return;
+        _why = why;
+        _socket.Dispose();
+        foreach (var id in _waiting.Keys)
+            if (_waiting.TryRemove(id, out var waiter)) waiter.TrySetException(Closed());
+    }
+
+    private IOException Closed() => new($"data lane to {Peer} closed{(_why is null ? "" : $": {_why.Message}")}");
+}

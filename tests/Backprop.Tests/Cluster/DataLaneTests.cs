@@ -1,0 +1,143 @@
+using System.Buffers.Binary;
+using System.Net;
+using System.Net.Sockets;
+using Backprop.Core;
+using Backprop.Core.Numerics;
+using Backprop.Core.Training;
+using Backprop.Grains;
+using Backprop.Grains.Hosting;
+using Backprop.Grains.Messages;
+using Microsoft.Extensions.DependencyInjection;
+
+namespace Backprop.Tests.Cluster;
+
+/// <summary>
+/// The data lanes of the three in-process silos (each listens on 127.0.0.1): a worker's pushes and pulls to a shard
+/// on another silo go through them, with the same bits, and they fail safe (a broken connection redoes steps, an
+/// unreachable lane falls back to Orleans, a bad frame closes only its connection).
+/// </summary>
+[Collection("cluster")]
+public sealed class DataLaneTests(ClusterFixture fixture)
+{
+    private static RunSpec Spec(int workers, int shards, int epochs = 1) =>
+        Presets.PyTorchMlp with { Epochs = epochs, Workers = workers, Seed = 17, ServerShards = shards };
+
+    private DataLane[] Lanes => fixture.Cluster.Silos.Select(s => s.ServiceProvider.GetRequiredService<DataLane>()).ToArray();
+
+    private async Task<RunStatus> RunToEnd(string runId, RunSpec spec, Func<Task>? whileRunning = null)
+    {
+        var run = fixture.Cluster.Client.GetGrain<IRunGrain>(runId);
+        var status = await run.Start(spec);
+        if (whileRunning is not null) await whileRunning();
+        var deadline = DateTime.UtcNow.AddSeconds(90);
+        while (!status.IsFinished && DateTime.UtcNow < deadline)
+            status = await run.WaitForFinish(TimeSpan.FromSeconds(5));
+        Assert.True(status.State == RunState.Completed, $"run {runId} ended {status.State}: {status.Error}");
+        return status;
+    }
+
+    private string Expected(RunSpec spec)
+    {
+        using var local = new LocalTrainer(spec, fixture.Data.Train);
+        for (int epoch = 0; epoch < spec.Epochs; epoch++) local.TrainEpoch(epoch);
+        return ParameterHash.Sha256(local.Parameters);
+    }
+
+    [Fact]
+    public async Task Every_silo_listens_on_its_own_address_and_shards_on_other_silos_are_reached_through_the_lanes_with_the_same_bits()
+    {
+        foreach (var (silo, lane) in fixture.Cluster.Silos.Zip(Lanes))
+            Assert.Equal(silo.SiloAddress.Endpoint.Address, IPEndPoint.Parse(lane.Endpoint!).Address);
+        var spec = Spec(workers: 3, shards: 3);
+        long servedBefore = Lanes.Sum(l => l.Served), calledBefore = Lanes.Sum(l => l.Called);
+
+        var status = await RunToEnd("lane-bits", spec);
+
+        Assert.Equal(Expected(spec), status.Epochs[^1].ParameterSha256);
+        long served = Lanes.Sum(l => l.Served) - servedBefore, called = Lanes.Sum(l => l.Called) - calledBefore;
+        // 19 steps: every worker pushes to the two shards on other silos after its first push told it where they are.
+        long steps = status.Epochs[^1].Steps;
+        Assert.True(served >= 3 * 2 * (steps - 1), $"{served} requests served by the lanes for {steps} steps of 3 workers and 3 shards");
+        Assert.Equal(called, served);
+    }
+
+    [Fact]
+    public async Task Breaking_every_lane_connection_mid_run_redoes_the_steps_and_ends_with_the_same_bits()
+    {
+        var spec = Spec(workers: 3, shards: 3, epochs: 3);
+        long servedBefore = Lanes.Sum(l => l.Served);
+        long servedAtBreak = 0;
+        var status = await RunToEnd("lane-broken", spec, async () =>
+        {
+            // Polls the lanes' counters (not a sleep): break them once a few steps went through them.
+            var deadline = DateTime.UtcNow.AddSeconds(60);
+            while (Lanes.Sum(l => l.Served) - servedBefore < 20 && DateTime.UtcNow < deadline) await Task.Delay(5);
+            servedAtBreak = Lanes.Sum(l => l.Served);
+            foreach (var lane in Lanes) lane.BreakConnectionsForTests();
+        });
+
+        Assert.True(servedAtBreak - servedBefore >= 20, "the run ended before its pushes went through the lanes");
+        Assert.Equal(Expected(spec), status.Epochs[^1].ParameterSha256);
+        // Dialled again after the break.
+        Assert.True(Lanes.Sum(l => l.Served) > servedAtBreak);
+    }
+
+    [Fact]
+    public async Task A_shard_error_comes_back_through_the_lane_as_the_grain_calls_exception()
+    {
+        var (from, to) = (Lanes[0], Lanes[1]);
+        var error = await Assert.ThrowsAsync<ShardMovedException>(() =>
+            from.Pull(to.Endpoint!, "lane-no-such-run/0", session: 1, step: 0, () => throw new InvalidOperationException("went through Orleans")));
+        Assert.Contains("shard", error.Message);
+    }
+
+    [Fact]
+    public async Task A_lane_that_cannot_be_dialled_leaves_the_call_to_orleans()
+    {
+        using var closed = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        closed.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        string nobody = closed.LocalEndPoint!.ToString()!;   // bound, never listening: connections are refused
+        bool viaOrleans = false;
+        var version = await Lanes[0].Pull(nobody, "lane-fallback/0", 1, 0, () =>
+        {
+            viaOrleans = true;
+            return Task.FromResult(new ParameterVersion(0, new FloatPayload([1f, 2f])));
+        });
+        Assert.True(viaOrleans);
+        Assert.Equal([1f, 2f], version.Parameters.Span.ToArray());
+    }
+
+    [Theory]
+    [InlineData(1, 1u << 30, 0u)]                // a header over the limit
+    [InlineData(1, 8u, 3u)]                      // a payload that is not a float vector
+    [InlineData(1, 8u, (64u << 20) + 4)]         // a payload over the message cap
+    [InlineData(9, 0u, 0u)]                      // no such request
+    public async Task A_frame_out_of_bounds_closes_only_its_connection(byte kind, uint headerBytes, uint payloadBytes)
+    {
+        var lane = IPEndPoint.Parse(Lanes[1].Endpoint!);
+        using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await socket.ConnectAsync(lane);
+        // The prefix (kind, request id, header and payload byte counts) and, where it is small, a header of zeros, in one send.
+        var frame = new byte[17 + (headerBytes < 1024 ? headerBytes : 0)];
+        frame[0] = kind;
+        BinaryPrimitives.WriteInt64LittleEndian(frame.AsSpan(1), 1);
+        BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(9), headerBytes);
+        BinaryPrimitives.WriteUInt32LittleEndian(frame.AsSpan(13), payloadBytes);
+        await socket.SendAsync(frame);
+
+        // The lane closes the connection without answering: a read ends the stream (0 bytes), or is reset where the
+        // lane closed with bytes of ours still unread.
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        try
+        {
+            Assert.Equal(0, await socket.ReceiveAsync(new byte[64], SocketFlags.None, timeout.Token));
+        }
+        catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionReset)
+        {
+        }
+
+        // Another connection is still served.
+        await Assert.ThrowsAsync<ShardMovedException>(() =>
+            Lanes[0].Pull(Lanes[1].Endpoint!, "lane-after-bad-frame/0", 1, 0, () => throw new InvalidOperationException("went through Orleans")));
+    }
+}
