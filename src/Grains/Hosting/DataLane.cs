@@ -132,7 +132,10 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
                 (!known.Dialling.IsCompleted || known.Dialling.Result is { IsOpen: true } || (known.Dialling.Result is null && Environment.TickCount64 < known.RetryAfter)))
                 return known.Dialling;
             if (_stopping.IsCancellationRequested) return Task.FromResult<LaneConnection?>(null);
-            var dialling = Connect(lane);
+            // On the thread pool, not the calling worker grain's scheduler: the connection's reader loop (started in
+            // Connect) would otherwise run every answer of every worker on this silo in that one activation's turns.
+            // Connect's failure path takes this lock, so it cannot overwrite the entry before it is set here.
+            var dialling = Task.Run(() => Connect(lane));
             _dialled[lane] = (dialling, 0);
             return dialling;
         }
@@ -140,7 +143,6 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
 
     private async Task<LaneConnection?> Connect(string lane)
     {
-        await Task.Yield();   // out of the lock
         Socket? socket = null;
         try
         {
@@ -186,7 +188,9 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
 
     private async Task Serve(LaneConnection connection)
     {
-        using var inFlight = new SemaphoreSlim(MaxInFlight);
+        // Not disposed: answers still running when the connection ends release it afterwards (Release on a disposed
+        // SemaphoreSlim throws ObjectDisposedException, which would fault those fire-and-forget tasks unobserved).
+        var inFlight = new SemaphoreSlim(MaxInFlight);
         try
         {
             while (true)
