@@ -23,6 +23,8 @@ internal sealed class LaneConnection
     private readonly SemaphoreSlim _writing = new(1, 1);
     private readonly byte[] _prefix = new byte[PrefixBytes];
     private readonly ConcurrentDictionary<long, TaskCompletionSource<LaneFrame>> _waiting = new();
+    /// <summary>Tests only: the task schedulers that dialled connections' readers ran on (the thread pool's, never a grain's).</summary>
+    internal static readonly ConcurrentDictionary<string, byte> ReaderSchedulers = new();
     private long _lastId;
     private int _closed;
     private Exception? _why;
@@ -156,6 +158,7 @@ internal sealed class LaneConnection
             while (true)
             {
                 var frame = await Read();
+                ReaderSchedulers.TryAdd(TaskScheduler.Current.GetType().Name, 0);
                 if (frame.Kind is not (DataLane.AnswerKind or DataLane.ErrorKind))
                 {
                     frame.Payload?.Release();

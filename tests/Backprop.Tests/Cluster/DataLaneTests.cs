@@ -59,6 +59,9 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         long steps = status.Epochs[^1].Steps;
         Assert.True(served >= 3 * 2 * (steps - 1), $"{served} requests served by the lanes for {steps} steps of 3 workers and 3 shards");
         Assert.Equal(called, served);
+        // The answers are read on the thread pool: a reader on the dialling worker's activation scheduler would wait
+        // out that worker's synchronous compute before any other worker on its silo got its reply.
+        Assert.Equal(["ThreadPoolTaskScheduler"], LaneConnection.ReaderSchedulers.Keys.ToArray());
     }
 
     [Fact]
