@@ -58,7 +58,8 @@ public sealed class ClusterConnection : IAsyncDisposable
         {
             silo.UseLocalCluster("backprop-embedded-" + Environment.ProcessId, siloPort, gatewayPort, null, MembershipSettings.Fast)
                 .AddFileGrainStorage(SiloSetup.StorageName, StateDirectory(dataDir))
-                .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded);
+                // One silo: its workers reach its shards by reference, so it opens no data lane.
+                .AddBackpropGrains(dataDir, threadsPerWorker: threadsPerWorker, keepRunsGoing: false, retention: Backprop.Grains.Retention.Embedded, lanePort: -1);
             if (httpPort is not null) silo.AddDashboard();
         });
         var host = builder.Build();

@@ -25,27 +25,50 @@ public sealed class LaneOptions
 /// a local one where the shard lives, and writes back the reply or the exception, so fencing, sessions, duplicates and
 /// redos are the grain's as before. A frame is a 17-byte prefix (kind, request id, header and payload byte counts),
 /// the header (the message without its vector, in Orleans' format) and the vector as raw little-endian floats, read
-/// straight into a pooled payload array. A worker dials a lane only where a shard's reply named one; when it cannot
-/// connect it uses the grain call. A connection that breaks fails the calls waiting on it (the coordinator redoes
-/// their blocks); one that sends a frame out of bounds is closed before anything is allocated for it.
-/// Off under TLS (the lane has none of its own yet) and with <see cref="LaneOptions.Port"/> −1.
+/// straight into a pooled payload array.
+/// <list type="bullet">
+/// <item>A worker uses a lane only where a shard's reply named one and it is connected; until then (dialling in the
+/// background, or backing off after a failed dial: 1 s doubling to a minute) the call goes through Orleans.</item>
+/// <item>A lane accepts only connections from the addresses of its cluster's silos (and greets them with one byte
+/// first, so that a refused dialler falls back instead of failing calls); it holds at most 1 GiB of requests its
+/// shards have not taken yet, reads a frame's bytes only once they fit, and closes a connection whose frame is out of
+/// bounds or does not arrive within the response timeout.</item>
+/// <item>A connection that breaks fails the calls waiting on it (the coordinator redoes their blocks); a call gives up
+/// after the response timeout, but a frame once started is sent whole (within twice that).</item>
+/// <item>Off under TLS (the lane has none of its own yet), with <see cref="LaneOptions.Port"/> −1, and on the CLI's
+/// embedded silo (one silo: every shard is local).</item>
+/// </list>
 /// </summary>
 public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails silo, IGrainFactory grains, Serializer serializer,
-    IOptions<SiloMessagingOptions> messaging, ILogger<DataLane> logger) : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
+    IOptions<SiloMessagingOptions> messaging, IClusterMembershipService membership, ILogger<DataLane> logger) : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
 {
     internal const byte PushKind = 1, PullKind = 2, AnswerKind = 3, ErrorKind = 4;
-    /// <summary>Requests a connection's reader takes in before it waits for their answers: a peer cannot pile up unbounded payloads.</summary>
-    private const int MaxInFlight = 256;
+    /// <summary>The byte a lane sends a silo it accepts: a dialler that reads anything else (or nothing) falls back to Orleans.</summary>
+    internal const byte Accepted = 0x42;
+    /// <summary>Bytes of requests this silo holds before their shards took them (a peer cannot pile up more; legal ones stay far below).</summary>
+    private const long BudgetBytes = 1L << 30;
     private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(2);
-    /// <summary>How long a lane that could not be dialled is passed over (its calls go through Orleans) before it is tried again.</summary>
-    private static readonly TimeSpan RetryDialAfter = TimeSpan.FromSeconds(5);
+    /// <summary>How long a lane that could not be dialled is passed over (its calls go through Orleans) the first time; doubled up to a minute.</summary>
+    private static readonly TimeSpan RetryDialAfter = TimeSpan.FromSeconds(1);
+    private static readonly TimeSpan MaxRetryDialAfter = TimeSpan.FromMinutes(1);
     private static readonly FloatPayload NoValues = new(Array.Empty<float>());
 
     private readonly CancellationTokenSource _stopping = new();
+    private readonly ByteBudget _budget = new(BudgetBytes);
     private Socket? _listener;
     private readonly ConcurrentDictionary<LaneConnection, byte> _accepted = new();
-    private readonly Dictionary<string, (Task<LaneConnection?> Dialling, long RetryAfter)> _dialled = new();
+    private readonly Dictionary<string, Dialled> _dialled = new();
     private long _served, _called;
+
+    /// <summary>A lane this silo dials: its connection once made (or being made), and when to try again after failures.</summary>
+    private sealed class Dialled
+    {
+        public Task<LaneConnection?> Connecting = Task.FromResult<LaneConnection?>(null);
+        public long RetryAt;
+        public int Failures;
+    }
+
+    private TimeSpan SendLimit => 2 * messaging.Value.ResponseTimeout;
 
     /// <summary>Where this silo's lane listens, "address:port"; null while it has none.</summary>
     public string? Endpoint { get; private set; }
@@ -86,7 +109,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     /// <summary>Shard <paramref name="shard"/>'s push through the lane at <paramref name="lane"/>, or <paramref name="viaOrleans"/> when it cannot be dialled.</summary>
     public async Task<PushReply> Push(string lane, string shard, GradientPush push, Func<Task<PushReply>> viaOrleans)
     {
-        if (await Dial(lane) is not { } connection) return await viaOrleans();
+        if (Dial(lane) is not { } connection) return await viaOrleans();
         var header = serializer.SerializeToArray(new LanePush(shard, push with { Gradient = NoValues }));
         var answer = await Call(connection, PushKind, header, push.Gradient.Bytes);
         var reply = Read<PushReply>(answer.Header);
@@ -98,7 +121,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     /// <summary>Shard <paramref name="shard"/>'s slice of version <paramref name="step"/> through the lane at <paramref name="lane"/>, or <paramref name="viaOrleans"/>.</summary>
     public async Task<ParameterVersion> Pull(string lane, string shard, long session, long step, Func<Task<ParameterVersion>> viaOrleans)
     {
-        if (await Dial(lane) is not { } connection) return await viaOrleans();
+        if (Dial(lane) is not { } connection) return await viaOrleans();
         var answer = await Call(connection, PullKind, serializer.SerializeToArray(new LanePull(shard, session, step)), ReadOnlyMemory<byte>.Empty);
         return Read<ParameterVersion>(answer.Header) with { Parameters = answer.Payload ?? NoValues };
     }
@@ -124,24 +147,35 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         }
     }
 
-    private Task<LaneConnection?> Dial(string lane)
+    /// <summary>
+    /// The open connection to <paramref name="lane"/>, or null while there is none: then a dial is started in the
+    /// background (unless the last one failed too recently) and the caller goes through Orleans, so a lane that is slow
+    /// to answer or gone never holds a step up.
+    /// </summary>
+    private LaneConnection? Dial(string lane)
     {
         lock (_dialled)
         {
-            if (_dialled.TryGetValue(lane, out var known) &&
-                (!known.Dialling.IsCompleted || known.Dialling.Result is { IsOpen: true } || (known.Dialling.Result is null && Environment.TickCount64 < known.RetryAfter)))
-                return known.Dialling;
-            if (_stopping.IsCancellationRequested) return Task.FromResult<LaneConnection?>(null);
-            // On the thread pool, not the calling worker grain's scheduler: the connection's reader loop (started in
-            // Connect) would otherwise run every answer of every worker on this silo in that one activation's turns.
-            // Connect's failure path takes this lock, so it cannot overwrite the entry before it is set here.
-            var dialling = Task.Run(() => Connect(lane));
-            _dialled[lane] = (dialling, 0);
-            return dialling;
+            if (!_dialled.TryGetValue(lane, out var known)) _dialled[lane] = known = new Dialled();
+            if (known.Connecting.IsCompletedSuccessfully && known.Connecting.Result is { IsOpen: true } open) return open;
+            if (known.Connecting.IsCompleted && Environment.TickCount64 >= known.RetryAt && !_stopping.IsCancellationRequested)
+                // On the thread pool, not the calling worker grain's scheduler: the connection's reader loop (started in
+                // Connect) would otherwise run every answer of every worker on this silo in that one activation's turns.
+                known.Connecting = Task.Run(() => Connect(lane, known));
+            return null;
         }
     }
 
-    private async Task<LaneConnection?> Connect(string lane)
+    /// <summary>Tests only: dials <paramref name="lane"/> now and says whether it is open.</summary>
+    internal async Task<bool> DialForTests(string lane)
+    {
+        Dial(lane);
+        Task<LaneConnection?> connecting;
+        lock (_dialled) connecting = _dialled[lane].Connecting;
+        return await connecting is { IsOpen: true };
+    }
+
+    private async Task<LaneConnection?> Connect(string lane, Dialled known)
     {
         Socket? socket = null;
         try
@@ -151,13 +185,29 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token);
             timeout.CancelAfter(ConnectTimeout);
             await socket.ConnectAsync(endpoint, timeout.Token);
-            return LaneConnection.Dialled(Configure(socket), lane);
+            // The lane says it accepts this silo (a member of its cluster) before anything is sent.
+            var accepted = new byte[1];
+            if (await socket.ReceiveAsync(accepted, SocketFlags.None, timeout.Token) != 1 || accepted[0] != Accepted)
+                throw new SocketException((int)SocketError.ConnectionRefused);
+            var connection = LaneConnection.Dialled(Configure(socket), lane, SendLimit);
+            lock (_dialled)
+            {
+                known.Failures = 0;
+                // Stopped meanwhile: DisposeAsync closed the connections it saw, not this one.
+                if (_stopping.IsCancellationRequested) connection.Close(new IOException("the silo's data lane stopped"));
+            }
+            return connection;
         }
         catch (Exception e) when (e is SocketException or OperationCanceledException or FormatException)
         {
             socket?.Dispose();
-            lock (_dialled) _dialled[lane] = (Task.FromResult<LaneConnection?>(null), Environment.TickCount64 + (long)RetryDialAfter.TotalMilliseconds);
-            logger.LogWarning("Data lane: cannot connect to {Lane} ({Error}); its calls go through Orleans for {Seconds} s", lane, e.Message, RetryDialAfter.TotalSeconds);
+            TimeSpan wait;
+            lock (_dialled)
+            {
+                wait = TimeSpan.FromTicks(Math.Min(MaxRetryDialAfter.Ticks, RetryDialAfter.Ticks << Math.Min(known.Failures++, 10)));
+                known.RetryAt = Environment.TickCount64 + (long)wait.TotalMilliseconds;
+            }
+            logger.LogWarning("Data lane: cannot connect to {Lane} ({Error}); its calls go through Orleans for {Seconds} s", lane, e.Message, wait.TotalSeconds);
             return null;
         }
     }
@@ -177,32 +227,47 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             }
             catch (SocketException e)
             {
+                // Out of file descriptors and the like: not a reason to spin.
                 logger.LogWarning("Data lane: accept failed ({Error})", e.Message);
+                await Task.Delay(100);
                 continue;
             }
-            var connection = new LaneConnection(Configure(socket), socket.RemoteEndPoint?.ToString() ?? "?");
+            var remote = (socket.RemoteEndPoint as IPEndPoint)?.Address;
+            if (remote is null || !IsMember(remote))
+            {
+                logger.LogWarning("Data lane: refused a connection from {Remote}, not a silo of this cluster", socket.RemoteEndPoint);
+                socket.Dispose();
+                continue;
+            }
+            var connection = new LaneConnection(Configure(socket), socket.RemoteEndPoint!.ToString()!, SendLimit);
             _accepted[connection] = 0;
             _ = Serve(connection);
         }
     }
 
+    /// <summary>Whether <paramref name="address"/> is that of a silo of this cluster that is not dead, as this silo knows it now.</summary>
+    private bool IsMember(IPAddress address)
+    {
+        if (address.IsIPv4MappedToIPv6) address = address.MapToIPv4();
+        return membership.CurrentSnapshot.Members.Values.Any(m => m.Status is SiloStatus.Active or SiloStatus.Joining or SiloStatus.Created
+            && m.SiloAddress.Endpoint.Address.Equals(address));
+    }
+
     private async Task Serve(LaneConnection connection)
     {
-        // Not disposed: answers still running when the connection ends release it afterwards (Release on a disposed
-        // SemaphoreSlim throws ObjectDisposedException, which would fault those fire-and-forget tasks unobserved).
-        var inFlight = new SemaphoreSlim(MaxInFlight);
         try
         {
+            await connection.Greet(Accepted);
             while (true)
             {
-                var frame = await connection.Read();
+                var frame = await connection.Read(_budget, messaging.Value.ResponseTimeout, _stopping.Token);
                 if (frame.Kind is not (PushKind or PullKind))
                 {
                     frame.Payload?.Release();
+                    _budget.Give(frame.Budgeted);
                     throw new InvalidDataException($"a request of kind {frame.Kind}");
                 }
-                await inFlight.WaitAsync(_stopping.Token);
-                _ = Answer(connection, frame, inFlight);
+                _ = Answer(connection, frame);
             }
         }
         catch (Exception e)
@@ -217,8 +282,16 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     }
 
     /// <summary>Makes the request's grain call here and writes back its reply or exception.</summary>
-    private async Task Answer(LaneConnection connection, LaneFrame request, SemaphoreSlim inFlight)
+    private async Task Answer(LaneConnection connection, LaneFrame request)
     {
+        // The request's bytes go back to the budget once the shard has taken its vector in (it gives the array back
+        // at once, before it waits for the rest of the step), or when the call ends, whichever comes first.
+        int given = 0;
+        void GiveBack()
+        {
+            if (Interlocked.Exchange(ref given, 1) == 0) _budget.Give(request.Budgeted);
+        }
+        request.Payload?.OnRelease(GiveBack);
         try
         {
             byte[] header;
@@ -253,9 +326,11 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             }
             catch (Exception e)
             {
+                GiveBack();
                 await connection.Answer(ErrorKind, request.Id, ErrorHeader(e), ReadOnlyMemory<byte>.Empty);
                 return;
             }
+            GiveBack();
             try
             {
                 await connection.Answer(AnswerKind, request.Id, header, values?.Bytes ?? ReadOnlyMemory<byte>.Empty);
@@ -270,10 +345,6 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         {
             // The connection broke while answering: its reader ends it, the caller's call fails.
             logger.LogDebug("Data lane: answering {Peer} failed ({Error})", connection.Peer, e.Message);
-        }
-        finally
-        {
-            inFlight.Release();
         }
     }
 
@@ -307,21 +378,23 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     {
         foreach (var connection in _accepted.Keys) connection.Close(new IOException("broken by a test"));
         lock (_dialled)
-            foreach (var (dialling, _) in _dialled.Values)
-                if (dialling.IsCompletedSuccessfully) dialling.Result?.Close(new IOException("broken by a test"));
+            foreach (var known in _dialled.Values)
+                if (known.Connecting.IsCompletedSuccessfully) known.Connecting.Result?.Close(new IOException("broken by a test"));
     }
 
     public ValueTask DisposeAsync()
     {
         if (_stopping.IsCancellationRequested) return ValueTask.CompletedTask;
-        _stopping.Cancel();
         _listener?.Dispose();
         Endpoint = null;
         var closed = new IOException("the silo's data lane stopped");
         foreach (var connection in _accepted.Keys) connection.Close(closed);
         lock (_dialled)
-            foreach (var (dialling, _) in _dialled.Values)
-                if (dialling.IsCompletedSuccessfully) dialling.Result?.Close(closed);
+        {
+            _stopping.Cancel();
+            foreach (var known in _dialled.Values)
+                if (known.Connecting.IsCompletedSuccessfully) known.Connecting.Result?.Close(closed);
+        }
         return ValueTask.CompletedTask;
     }
 }

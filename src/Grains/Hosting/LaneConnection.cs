@@ -6,8 +6,11 @@ using Backprop.Grains.Messages;
 
 namespace Backprop.Grains.Hosting;
 
-/// <summary>A frame read from a data lane: its kind, request id, header (a message in Orleans' format) and vector (rented: its reader releases it).</summary>
-internal sealed record LaneFrame(byte Kind, long Id, byte[] Header, FloatPayload? Payload);
+/// <summary>
+/// A frame read from a data lane: its kind, request id, header (a message in Orleans' format) and vector (rented: its
+/// reader releases it); <see cref="Budgeted"/>: the bytes it took from the reading lane's <see cref="ByteBudget"/>.
+/// </summary>
+internal sealed record LaneFrame(byte Kind, long Id, byte[] Header, FloatPayload? Payload, long Budgeted = 0);
 
 /// <summary>
 /// One TCP connection of a <see cref="DataLane"/>. Frames are written whole, one at a time; one reader reads them. On
@@ -20,6 +23,7 @@ internal sealed class LaneConnection
     internal const int MaxHeaderBytes = 1 << 20;
 
     private readonly Socket _socket;
+    private readonly TimeSpan _sendLimit;
     private readonly SemaphoreSlim _writing = new(1, 1);
     private readonly byte[] _prefix = new byte[PrefixBytes];
     private readonly ConcurrentDictionary<long, TaskCompletionSource<LaneFrame>> _waiting = new();
@@ -29,15 +33,16 @@ internal sealed class LaneConnection
     private int _closed;
     private Exception? _why;
 
-    public LaneConnection(Socket socket, string peer) => (_socket, Peer) = (socket, peer);
+    /// <param name="sendLimit">How long a frame may take to go out once started: a peer that stops reading for longer is cut off.</param>
+    public LaneConnection(Socket socket, string peer, TimeSpan sendLimit) => (_socket, Peer, _sendLimit) = (socket, peer, sendLimit);
 
     public string Peer { get; }
     public bool IsOpen => Volatile.Read(ref _closed) == 0;
 
     /// <summary>A connection this end dialled: its reader takes answers from now on.</summary>
-    public static LaneConnection Dialled(Socket socket, string peer)
+    public static LaneConnection Dialled(Socket socket, string peer, TimeSpan sendLimit)
     {
-        var connection = new LaneConnection(socket, peer);
+        var connection = new LaneConnection(socket, peer, sendLimit);
         _ = connection.ReadAnswers();
         return connection;
     }
@@ -70,9 +75,20 @@ internal sealed class LaneConnection
         }
     }
 
+    /// <summary>Sends the one byte that tells a dialler it is accepted, before any frame.</summary>
+    public async Task Greet(byte accepted)
+    {
+        using var limit = new CancellationTokenSource(_sendLimit);
+        await Send(new[] { accepted }, limit.Token);
+    }
+
     /// <summary>Writes the answer to request <paramref name="id"/>.</summary>
     public Task Answer(byte kind, long id, byte[] header, ReadOnlyMemory<byte> payload) => Write(kind, id, header, payload, CancellationToken.None);
 
+    /// <summary>
+    /// Writes a whole frame. <paramref name="cancel"/> stops only the wait for the connection: a frame once started goes
+    /// out whole (cutting it would break the stream for every other call on it), within the send limit.
+    /// </summary>
     private async Task Write(byte kind, long id, byte[] header, ReadOnlyMemory<byte> payload, CancellationToken cancel)
     {
         if (header.Length > MaxHeaderBytes || payload.Length > Backprop.Core.ResourceLimits.MaxMessageBytes)
@@ -89,8 +105,9 @@ internal sealed class LaneConnection
             await _writing.WaitAsync(cancel);
             try
             {
-                await Send(head.AsMemory(0, length), cancel);
-                await Send(payload, cancel);
+                using var limit = new CancellationTokenSource(_sendLimit);
+                await Send(head.AsMemory(0, length), limit.Token);
+                await Send(payload, limit.Token);
             }
             catch (Exception e)
             {
@@ -114,10 +131,16 @@ internal sealed class LaneConnection
         while (!bytes.IsEmpty) bytes = bytes[await _socket.SendAsync(bytes, SocketFlags.None, cancel)..];
     }
 
-    /// <summary>The next frame; its sizes are checked before anything is allocated for it.</summary>
-    public async Task<LaneFrame> Read()
+    /// <summary>
+    /// The next frame; its sizes are checked, and taken from <paramref name="budget"/> where there is one, before anything
+    /// is allocated for it. Once its first byte is in, the rest must follow within <paramref name="deadline"/>.
+    /// </summary>
+    public async Task<LaneFrame> Read(ByteBudget? budget, TimeSpan deadline, CancellationToken cancel)
     {
-        await Receive(_prefix);
+        await Receive(_prefix.AsMemory(0, 1), cancel);
+        using var late = CancellationTokenSource.CreateLinkedTokenSource(cancel);
+        late.CancelAfter(deadline);
+        await Receive(_prefix.AsMemory(1), late.Token);
         byte kind = _prefix[0];
         long id = BinaryPrimitives.ReadInt64LittleEndian(_prefix.AsSpan(1));
         uint headerBytes = BinaryPrimitives.ReadUInt32LittleEndian(_prefix.AsSpan(9));
@@ -125,27 +148,31 @@ internal sealed class LaneConnection
         if (headerBytes > MaxHeaderBytes) throw new InvalidDataException($"a header of {headerBytes} bytes (at most {MaxHeaderBytes})");
         if (payloadBytes > Backprop.Core.ResourceLimits.MaxMessageBytes || payloadBytes % sizeof(float) != 0)
             throw new InvalidDataException($"a payload of {payloadBytes} bytes (a float vector of at most {Backprop.Core.ResourceLimits.MaxMessageBytes} bytes)");
-        var header = new byte[headerBytes];
-        await Receive(header);
-        if (payloadBytes == 0) return new LaneFrame(kind, id, header, null);
-        var payload = FloatPayload.Rent((int)(payloadBytes / sizeof(float)));
+        long budgeted = budget is null ? 0 : headerBytes + (long)payloadBytes;
+        if (budget is not null) await budget.Take(budgeted, late.Token);
+        FloatPayload? payload = null;
         try
         {
-            await Receive(payload.FillingBytes);
+            var header = new byte[headerBytes];
+            await Receive(header, late.Token);
+            if (payloadBytes == 0) return new LaneFrame(kind, id, header, null, budgeted);
+            payload = FloatPayload.Rent((int)(payloadBytes / sizeof(float)));
+            await Receive(payload.FillingBytes, late.Token);
+            return new LaneFrame(kind, id, header, payload, budgeted);
         }
         catch
         {
-            payload.Release();
+            payload?.Release();
+            budget?.Give(budgeted);
             throw;
         }
-        return new LaneFrame(kind, id, header, payload);
     }
 
-    private async ValueTask Receive(Memory<byte> into)
+    private async ValueTask Receive(Memory<byte> into, CancellationToken cancel)
     {
         while (!into.IsEmpty)
         {
-            int read = await _socket.ReceiveAsync(into, SocketFlags.None);
+            int read = await _socket.ReceiveAsync(into, SocketFlags.None, cancel);
             if (read == 0) throw new IOException("closed by the peer");
             into = into[read..];
         }
@@ -157,7 +184,7 @@ internal sealed class LaneConnection
         {
             while (true)
             {
-                var frame = await Read();
+                var frame = await Read(null, _sendLimit, CancellationToken.None);
                 ReaderSchedulers.TryAdd(TaskScheduler.Current.GetType().Name, 0);
                 if (frame.Kind is not (DataLane.AnswerKind or DataLane.ErrorKind))
                 {

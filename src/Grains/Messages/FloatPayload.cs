@@ -23,6 +23,7 @@ public sealed class FloatPayload
 
     private float[]? _rented;
     private ReadOnlyMemory<float> _values;
+    private Action? _released;
 
     public FloatPayload(float[] values) => _values = values;
 
@@ -45,7 +46,11 @@ public sealed class FloatPayload
         if (rented is null) return;
         _values = default;
         Pool.Return(rented);
+        Interlocked.Exchange(ref _released, null)?.Invoke();
     }
+
+    /// <summary>Runs <paramref name="released"/> once this rented payload is given back (a data lane's memory budget).</summary>
+    internal void OnRelease(Action released) => _released = released;
 
     internal static FloatPayload Rent(int length) => length == 0 ? new FloatPayload(Array.Empty<float>()) : new(Pool.Rent(length), length);
 

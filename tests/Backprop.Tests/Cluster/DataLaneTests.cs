@@ -55,9 +55,10 @@ public sealed class DataLaneTests(ClusterFixture fixture)
 
         Assert.Equal(Expected(spec), status.Epochs[^1].ParameterSha256);
         long served = Lanes.Sum(l => l.Served) - servedBefore, called = Lanes.Sum(l => l.Called) - calledBefore;
-        // 19 steps: every worker pushes to the two shards on other silos after its first push told it where they are.
+        // Every worker pushes to the two shards on other silos, through their lanes once a reply named them and the
+        // lane is dialled (meanwhile through Orleans): most of the 19 steps' pushes.
         long steps = status.Epochs[^1].Steps;
-        Assert.True(served >= 3 * 2 * (steps - 1), $"{served} requests served by the lanes for {steps} steps of 3 workers and 3 shards");
+        Assert.True(served >= 3 * 2 * steps / 2, $"{served} requests served by the lanes for {steps} steps of 3 workers and 3 shards");
         Assert.Equal(called, served);
         // The answers are read on the thread pool: a reader on the dialling worker's activation scheduler would wait
         // out that worker's synchronous compute before any other worker on its silo got its reply.
@@ -68,20 +69,34 @@ public sealed class DataLaneTests(ClusterFixture fixture)
     public async Task Breaking_every_lane_connection_mid_run_redoes_the_steps_and_ends_with_the_same_bits()
     {
         var spec = Spec(workers: 3, shards: 3, epochs: 3);
+        var run = fixture.Cluster.Client.GetGrain<IRunGrain>("lane-broken");
         long servedBefore = Lanes.Sum(l => l.Served);
         long servedAtBreak = 0;
+        int breaks = 0;
         var status = await RunToEnd("lane-broken", spec, async () =>
         {
-            // Polls the lanes' counters (not a sleep): break them once a few steps went through them.
+            // Polls the lanes' counters and the run's events (not a sleep): breaks the lanes once pushes go through
+            // them, again until a break caught a worker's window mid-push (its call failed: "worker-failed").
             var deadline = DateTime.UtcNow.AddSeconds(60);
-            while (Lanes.Sum(l => l.Served) - servedBefore < 20 && DateTime.UtcNow < deadline) await Task.Delay(5);
-            servedAtBreak = Lanes.Sum(l => l.Served);
-            foreach (var lane in Lanes) lane.BreakConnectionsForTests();
+            while (DateTime.UtcNow < deadline)
+            {
+                long served = Lanes.Sum(l => l.Served);
+                if (served - servedBefore >= 20 && served > servedAtBreak)
+                {
+                    servedAtBreak = served;
+                    breaks++;
+                    foreach (var lane in Lanes) lane.BreakConnectionsForTests();
+                }
+                var now = await run.GetStatus();
+                if (now.IsFinished || now.Events.Any(e => e.Kind == "worker-failed")) return;
+                await Task.Delay(5);
+            }
         });
 
-        Assert.True(servedAtBreak - servedBefore >= 20, "the run ended before its pushes went through the lanes");
+        Assert.True(breaks > 0, "the run ended before its pushes went through the lanes");
+        Assert.Contains(status.Events, e => e.Kind == "worker-failed" && e.Message.Contains("data lane"));
         Assert.Equal(Expected(spec), status.Epochs[^1].ParameterSha256);
-        // Dialled again after the break.
+        // Dialled again after the breaks.
         Assert.True(Lanes.Sum(l => l.Served) > servedAtBreak);
     }
 
@@ -89,6 +104,7 @@ public sealed class DataLaneTests(ClusterFixture fixture)
     public async Task A_shard_error_comes_back_through_the_lane_as_the_grain_calls_exception()
     {
         var (from, to) = (Lanes[0], Lanes[1]);
+        Assert.True(await from.DialForTests(to.Endpoint!));
         var error = await Assert.ThrowsAsync<ShardMovedException>(() =>
             from.Pull(to.Endpoint!, "lane-no-such-run/0", session: 1, step: 0, () => throw new InvalidOperationException("went through Orleans")));
         Assert.Contains("shard", error.Message);
@@ -120,6 +136,10 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         var lane = IPEndPoint.Parse(Lanes[1].Endpoint!);
         using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
         await socket.ConnectAsync(lane);
+        // From 127.0.0.1, a silo's address: accepted.
+        var greeting = new byte[1];
+        Assert.Equal(1, await socket.ReceiveAsync(greeting));
+        Assert.Equal(DataLane.Accepted, greeting[0]);
         // The prefix (kind, request id, header and payload byte counts) and, where it is small, a header of zeros, in one send.
         var frame = new byte[17 + (headerBytes < 1024 ? headerBytes : 0)];
         frame[0] = kind;
@@ -140,7 +160,47 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         }
 
         // Another connection is still served.
+        Assert.True(await Lanes[0].DialForTests(Lanes[1].Endpoint!));
         await Assert.ThrowsAsync<ShardMovedException>(() =>
             Lanes[0].Pull(Lanes[1].Endpoint!, "lane-after-bad-frame/0", 1, 0, () => throw new InvalidOperationException("went through Orleans")));
+    }
+
+    [Fact]
+    public async Task A_connection_from_an_address_that_is_no_silo_of_the_cluster_is_closed_without_a_greeting()
+    {
+        using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        socket.Bind(new IPEndPoint(IPAddress.Parse("127.0.0.2"), 0));   // loopback, but no silo's address
+        await socket.ConnectAsync(IPEndPoint.Parse(Lanes[1].Endpoint!));
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        try
+        {
+            Assert.Equal(0, await socket.ReceiveAsync(new byte[1], SocketFlags.None, timeout.Token));
+        }
+        catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionReset)
+        {
+        }
+    }
+
+    [Fact]
+    public async Task The_byte_budget_lets_a_frame_in_only_when_its_bytes_are_free_first_come_first_served()
+    {
+        var budget = new ByteBudget(100);
+        Assert.True(budget.Take(60, default).IsCompletedSuccessfully);
+        var second = budget.Take(50, default);
+        var third = budget.Take(10, default);   // would fit, but waits behind the second
+        Assert.False(second.IsCompleted);
+        Assert.False(third.IsCompleted);
+        using var cancel = new CancellationTokenSource();
+        var cancelled = budget.Take(30, cancel.Token);
+        cancel.Cancel();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => cancelled);
+
+        budget.Give(60);
+        await second;
+        await third;
+        // 40 left: a cancelled wait took nothing.
+        Assert.True(budget.Take(40, default).IsCompletedSuccessfully);
+        Assert.False(budget.Take(1, default).IsCompleted);
+        Assert.Throws<ArgumentOutOfRangeException>(() => { _ = budget.Take(101, default); });
     }
 }

@@ -53,6 +53,8 @@ public sealed class RedisClusterTests() : ClusterWorkspace("e2e-redis-")
         var status = Cli("status", "redis-run", "--redis", redis, "--redis-password-file", passwordFile, "--cluster-id", cluster);
         Assert.True(status.Code == 0, status.Output);
         Assert.Contains("run redis-run: completed", status.Output);
+        // Without TLS every silo opens its data lane on its own address.
+        Assert.Contains("Data lane listening on 127.0.0.1:", File.ReadAllText(Path.Combine(State, "silo-0.log")));
         var noPassword = Cli("status", "redis-run", "--redis", redis, "--cluster-id", cluster);
         Assert.Equal(1, noPassword.Code);
         Assert.StartsWith($"error: cannot reach a cluster '{cluster}' through Redis {redis}: ", Assert.Single(noPassword.Error.Trim().Split('\n')));

@@ -52,6 +52,13 @@ public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
         Assert.True(status.Code == 0, status.Output);
         Assert.Contains("run tls-run: completed", status.Output);
         Assert.Contains("workers on 2 silo(s)", status.Output);
+        // The data lane has no TLS of its own: under TLS every payload goes through the silos' TLS connections.
+        foreach (var log in new[] { "silo-0.log", "silo-1.log" })
+        {
+            string text = File.ReadAllText(Path.Combine(State, log));
+            Assert.Contains("Data lane off (TLS", text);
+            Assert.DoesNotContain("Data lane listening", text);
+        }
 
         // Another development CA, with its own client certificate.
         string other = Path.Combine(Work, "other-ca");
