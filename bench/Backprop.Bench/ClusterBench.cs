@@ -237,7 +237,7 @@ public static class ClusterBench
                 var core = merged.FirstOrDefault(r => r.Mode == "core" && r.BatchSize == row.BatchSize);
                 var wired = row with
                 {
-                    OrleansGBps = row is { WireBytesPerStep: > 0, StepMicroseconds.ServerCall: > 0 } ? Math.Round(row.WireBytesPerStep.Value / row.StepMicroseconds.ServerCall / 1e3, 2) : null,
+                    TransferGBps = row is { WireBytesPerStep: > 0, StepMicroseconds.ServerCall: > 0 } ? Math.Round(row.WireBytesPerStep.Value / row.StepMicroseconds.ServerCall / 1e3, 2) : null,
                     TcpLoopbackGBps = row.Mode == "processes" ? tcpFloor : null,
                 };
                 Emit(core is null ? wired : wired with
@@ -386,7 +386,7 @@ public static class ClusterBench
                 + $"{row.SecondsPerEpochMedian:F3} s/epoch (median of {row.Epochs} over {row.Rounds} round(s), best {row.SecondsPerEpochBest:F3}; {row.SecondsSource})"
                 + (row.Ratio is { } r ? $", {r:F2}x core (best/best {row.RatioBest:F2}x)" : "")
                 + (row.WireBytesPerStep is { } w ? $", wire {w / 1e6:F2} MB/step" : "")
-                + (row.OrleansGBps is { } o ? $" through Orleans at {o:F2} GB/s" + (row.TcpLoopbackGBps is { } t ? $" (raw TCP on loopback {t:F2} GB/s)" : "") : "")
+                + (row.TransferGBps is { } o ? $" between processes at {o:F2} GB/s" + (row.TcpLoopbackGBps is { } t ? $" (raw TCP on loopback {t:F2} GB/s)" : "") : "")
                 + (row.StepsPerWorkerCall is { } c ? $", {c:F0} steps/worker call" : "")
                 + (row.AllocatedBytesPerStep is { } a ? $", allocated {a:F0} B/step" : "")
                 + (row.StepMicroseconds is { } s ? $"; per step (us): compute {s.SlowestCompute:F0} slowest / {s.FastestCompute:F0} fastest, transfer {s.Transfer:F0}, reduce+step {s.ReduceAndStep:F0}, server call {s.ServerCall:F0}, barrier {s.BarrierWait:F0}" : ""));
@@ -422,7 +422,7 @@ public static class ClusterBench
         public double? RatioBest { get; init; }
         public double MicrosecondsPerStep { get; init; }
         public double? WireBytesPerStep { get; init; }
-        public double? OrleansGBps { get; init; }
+        public double? TransferGBps { get; init; }
         public double? TcpLoopbackGBps { get; init; }
         public double? StepsPerWorkerCall { get; init; }
         public double? AllocatedBytesPerStep { get; init; }

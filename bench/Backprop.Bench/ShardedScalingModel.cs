@@ -10,7 +10,8 @@ namespace Backprop.Bench;
 ///   pass     (N + 4) · (V/N) / R                R: a shard's fused reduce + optimizer pass, bytes per second
 ///   wire     2 · V·(N−1)/N · 8 / BW             the pushes, then the next versions: each phase moves V·(N−1)/N
 ///                                               through every host's link in each direction (full duplex)
-///   cpu      2 · V·(N−1)/N / T                  T: what one process moves between processes per second (pushes + replies)
+///   cpu      2 · V·(N−1)/N / T                  T: what one process moves between processes per second (pushes + replies;
+///                                               processes rows, beyond the pass and the sibling's wait)
 ///   calls    o · N                              o: one push's own cost beyond the shard's pass and the wait for its
 ///                                               sibling (embedded row; a worker makes N a step)
 /// With one shard (S = 1) the shard's host carries (N−1)·V in each phase: wire 2·(N−1)·V·8/BW, cpu 2·(N−1)·V/T.
@@ -28,7 +29,8 @@ public static class ShardedScalingModel
         var rows = files.SelectMany(File.ReadLines).Where(l => l.TrimStart().StartsWith('{')).Select(Parse).OfType<Row>().ToList();
         var hostRows = rows.Where(r => r.Mode == "hosts").ToList();
         var core = rows.FirstOrDefault(r => r.Mode == "core" && r.Model == hostRows.FirstOrDefault()?.Model);
-        var processes = rows.FirstOrDefault(r => r.Mode == "processes" && r.WireBytes > 0);
+        var processRows = rows.Where(r => r.Mode == "processes" && r.WireBytes > 0).ToList();
+        var processes = processRows.FirstOrDefault();
         var embedded = rows.FirstOrDefault(r => r.Mode == "embedded" && r.Shards > 0);
         if (hostRows.Count == 0 || core is null || processes is null || embedded is null)
         {
@@ -36,13 +38,16 @@ public static class ShardedScalingModel
             return 2;
         }
         double perSampleUs = core.SecondsPerEpoch * 1e6 / core.SamplesPerEpoch;
-        // Through Orleans between processes: the pushes' wire bytes over their time beyond the shards' pass.
-        double orleansBytesPerUs = processes.WireBytes / Math.Max(1, processes.ServerCallUs);
+        // Between processes: each processes row's wire bytes over its push time beyond the shards' pass and the wait for
+        // the sibling block (the model counts those apart), the mean over the rows. The whole push time as well, as
+        // fitted before the data lane (it counts the pass twice).
+        double orleansBytesPerUs = processRows.Average(p => p.WireBytes / Math.Max(1, p.ServerCallUs - p.ReduceUs - (p.ComputeUs - p.FastestComputeUs)));
+        double wholeCallBytesPerUs = processRows.Average(p => p.WireBytes / Math.Max(1, p.ServerCallUs));
         double passBytesPerUs = (embedded.Shards == 0 ? 1 : (embedded.Hosts + 4.0) * embedded.Parameters * 4 / embedded.Shards) / Math.Max(1, embedded.ReduceUs);
         // A push's call time holds the shard's pass (the last block waits for it) and the wait for the sibling block.
         double pushUs = Math.Max(0, embedded.ServerCallUs - embedded.ReduceUs - (embedded.ComputeUs - embedded.FastestComputeUs)) / Math.Max(1, embedded.Shards);
         Console.WriteLine($"Fitted: compute {perSampleUs:F1} µs/sample a machine ({core.Model}, core row); shard pass {passBytesPerUs / 1e3:F1} GB/s; " +
-            $"between processes {orleansBytesPerUs / 1e3:F2} GB/s; {pushUs:F0} µs a push beyond the pass and the sibling's wait (embedded row)");
+            $"between processes {orleansBytesPerUs / 1e3:F2} GB/s ({wholeCallBytesPerUs / 1e3:F2} over the whole push call); {pushUs:F0} µs a push beyond the pass and the sibling's wait (embedded row)");
         Console.WriteLine();
 
         Console.WriteLine("| hosts | link | S | measured ms/step | model, added ms/step | added/measured | model, streamed ms/step | streamed/measured |");
