@@ -32,6 +32,7 @@ public static class BackpropMetrics
     private static readonly Histogram<double> CheckpointDuration = Seconds("backprop.checkpoint.duration", "Writing one shard checkpoint to grain storage");
     // The counters are observed from these totals: each is on /metrics from the start, at 0 until it moves.
     private static long _steps, _samples, _wireBytes, _recoveries, _redos, _resumes, _workerFailures;
+    private static long _laneSent, _laneServed, _laneFallbacks;
 
     private static readonly ConcurrentDictionary<string, (double Accuracy, double Loss)> Epochs = new(StringComparer.Ordinal);
     private static readonly ConcurrentDictionary<string, WorkerStats[]> Stragglers = new(StringComparer.Ordinal);
@@ -46,6 +47,13 @@ public static class BackpropMetrics
         Meter.CreateObservableCounter("backprop.recoveries", () => Interlocked.Read(ref _recoveries), "{recovery}", "Resumed runs whose first step after the resume was applied");
         Meter.CreateObservableCounter("backprop.redos", () => Interlocked.Read(ref _redos), "{redo}", "Blocks or evaluations redone on another worker after a failure");
         Meter.CreateObservableCounter("backprop.resumes", () => Interlocked.Read(ref _resumes), "{resume}", "Runs continued from their last checkpoint by a coordinator");
+        Meter.CreateObservableCounter("backprop.lane.calls", () => new[]
+            {
+                new Measurement<long>(Interlocked.Read(ref _laneSent), new KeyValuePair<string, object?>("direction", "sent")),
+                new Measurement<long>(Interlocked.Read(ref _laneServed), new KeyValuePair<string, object?>("direction", "served")),
+            }, "{call}", "Pushes and pulls through data lanes: sent by this silo's workers, answered by this silo's lane");
+        Meter.CreateObservableCounter("backprop.lane.fallbacks", () => Interlocked.Read(ref _laneFallbacks), "{call}",
+            "Pushes and pulls to a shard on another silo that went through Orleans: its lane was not connected (yet)");
         Meter.CreateObservableCounter("backprop.worker.failures", () => Interlocked.Read(ref _workerFailures), "{failure}", "Worker calls that failed");
         Meter.CreateObservableGauge("backprop.epoch.test_accuracy", () => Epochs.Select(e => new Measurement<double>(e.Value.Accuracy, new KeyValuePair<string, object?>("run", e.Key))),
             "1", "Test accuracy after the last finished epoch of each run this silo coordinates");
@@ -73,6 +81,20 @@ public static class BackpropMetrics
         Meter.CreateHistogram(name, "s", description, tags: null, advice: SecondsBuckets);
 
     public static void SiloStarted(SiloRole role) => _role = role.ToString().ToLowerInvariant();
+
+    /// <summary>A push or pull through a data lane: sent by a worker here, or answered by this silo's lane.</summary>
+    public static void LaneCall(bool served)
+    {
+        if (served) Interlocked.Increment(ref _laneServed);
+        else Interlocked.Increment(ref _laneSent);
+    }
+
+    /// <summary>Tests only: the lane counters of this process (every silo in it).</summary>
+    internal static (long Sent, long Served, long Fallbacks) LaneTotals =>
+        (Interlocked.Read(ref _laneSent), Interlocked.Read(ref _laneServed), Interlocked.Read(ref _laneFallbacks));
+
+    /// <summary>A push or pull to a shard whose lane was not connected: it went through Orleans.</summary>
+    public static void LaneFallback() => Interlocked.Increment(ref _laneFallbacks);
 
     /// <summary>
     /// One call window of the coordinator that applied <paramref name="steps"/> steps of <paramref name="samples"/>

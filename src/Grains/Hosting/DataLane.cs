@@ -109,7 +109,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     /// <summary>Shard <paramref name="shard"/>'s push through the lane at <paramref name="lane"/>, or <paramref name="viaOrleans"/> when it cannot be dialled.</summary>
     public async Task<PushReply> Push(string lane, string shard, GradientPush push, Func<Task<PushReply>> viaOrleans)
     {
-        if (Dial(lane) is not { } connection) return await viaOrleans();
+        if (Dial(lane) is not { } connection) return await Fallback(viaOrleans);
         var header = serializer.SerializeToArray(new LanePush(shard, push with { Gradient = NoValues }));
         var answer = await Call(connection, PushKind, header, push.Gradient.Bytes);
         var reply = Read<PushReply>(answer.Header);
@@ -121,14 +121,21 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     /// <summary>Shard <paramref name="shard"/>'s slice of version <paramref name="step"/> through the lane at <paramref name="lane"/>, or <paramref name="viaOrleans"/>.</summary>
     public async Task<ParameterVersion> Pull(string lane, string shard, long session, long step, Func<Task<ParameterVersion>> viaOrleans)
     {
-        if (Dial(lane) is not { } connection) return await viaOrleans();
+        if (Dial(lane) is not { } connection) return await Fallback(viaOrleans);
         var answer = await Call(connection, PullKind, serializer.SerializeToArray(new LanePull(shard, session, step)), ReadOnlyMemory<byte>.Empty);
         return Read<ParameterVersion>(answer.Header) with { Parameters = answer.Payload ?? NoValues };
+    }
+
+    private static Task<T> Fallback<T>(Func<Task<T>> viaOrleans)
+    {
+        BackpropMetrics.LaneFallback();
+        return viaOrleans();
     }
 
     private async Task<LaneFrame> Call(LaneConnection connection, byte kind, byte[] header, ReadOnlyMemory<byte> payload)
     {
         Interlocked.Increment(ref _called);
+        BackpropMetrics.LaneCall(served: false);
         var answer = await connection.Call(kind, header, payload, messaging.Value.ResponseTimeout);
         if (answer.Kind == AnswerKind) return answer;
         answer.Payload?.Release();
@@ -335,6 +342,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             {
                 await connection.Answer(AnswerKind, request.Id, header, values?.Bytes ?? ReadOnlyMemory<byte>.Empty);
                 Interlocked.Increment(ref _served);
+                BackpropMetrics.LaneCall(served: true);
             }
             finally
             {
