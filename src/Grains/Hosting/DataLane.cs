@@ -205,8 +205,10 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             }
             return connection;
         }
-        catch (Exception e) when (e is SocketException or OperationCanceledException or FormatException)
+        catch (Exception e)
         {
+            // Any failure (not only socket errors: a bad endpoint, a socket option the platform lacks) backs off; one that
+            // escaped would leave RetryAt unset, so every later call would dial again, and fault a task no one observes.
             socket?.Dispose();
             TimeSpan wait;
             lock (_dialled)
