@@ -71,7 +71,11 @@ internal sealed class LaneConnection
         }
         finally
         {
-            _waiting.TryRemove(id, out _);
+            // Taken by Close (or the reader) meanwhile: a failure set after this call stopped waiting (its write failed,
+            // or it timed out) is observed here, not left to the finalizer's unobserved-exception event.
+            if (!_waiting.TryRemove(id, out _) && !answer.Task.IsCompletedSuccessfully)
+                _ = answer.Task.ContinueWith(static t => _ = t.Exception, CancellationToken.None,
+                    TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         }
     }
 
