@@ -10,6 +10,12 @@ internal sealed class ByteBudget(long capacity)
     private readonly long _capacity = capacity;
     private readonly LinkedList<(long Bytes, TaskCompletionSource Ready)> _waiting = new();
 
+    /// <summary>Bytes free now: for tests (every byte taken is given back once its requests are done).</summary>
+    internal long Free
+    {
+        get { lock (_waiting) return _free; }
+    }
+
     public Task Take(long bytes, CancellationToken cancel)
     {
         if (bytes < 0 || bytes > _capacity) throw new ArgumentOutOfRangeException(nameof(bytes), $"{bytes} bytes of a budget of {_capacity}");

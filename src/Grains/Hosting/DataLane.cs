@@ -46,7 +46,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     /// <summary>The byte a lane sends a silo it accepts: a dialler that reads anything else (or nothing) falls back to Orleans.</summary>
     internal const byte Accepted = 0x42;
     /// <summary>Bytes of requests this silo holds before their shards took them (a peer cannot pile up more; legal ones stay far below).</summary>
-    private const long BudgetBytes = 1L << 30;
+    internal const long BudgetBytes = 1L << 30;
     private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(2);
     /// <summary>How long a lane that could not be dialled is passed over (its calls go through Orleans) the first time; doubled up to a minute.</summary>
     private static readonly TimeSpan RetryDialAfter = TimeSpan.FromSeconds(1);
@@ -75,6 +75,9 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     /// <summary>Requests this silo's lane answered, and requests this silo sent through lanes: for tests and the bench.</summary>
     public long Served => Interlocked.Read(ref _served);
     public long Called => Interlocked.Read(ref _called);
+
+    /// <summary>Tests only: bytes of the budget not held by a request now.</summary>
+    internal long BudgetFreeForTests => _budget.Free;
 
     public void Participate(ISiloLifecycle lifecycle) =>
         lifecycle.Subscribe(nameof(DataLane), ServiceLifecycleStage.Active, _ => Start(), _ => DisposeAsync().AsTask());

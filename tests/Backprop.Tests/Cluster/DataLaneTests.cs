@@ -66,6 +66,8 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         var metrics = BackpropMetrics.LaneTotals;
         Assert.True(metrics.Served - metricsBefore.Served >= served && metrics.Sent - metricsBefore.Sent >= called,
             $"metrics counted {metrics.Served - metricsBefore.Served} served and {metrics.Sent - metricsBefore.Sent} sent, the lanes {served} and {called}");
+        // Every request's bytes went back to its lane's budget (the shard released the gradient, or the call ended).
+        Assert.All(Lanes, l => Assert.Equal(DataLane.BudgetBytes, l.BudgetFreeForTests));
         // The answers are read on the thread pool: a reader on the dialling worker's activation scheduler would wait
         // out that worker's synchronous compute before any other worker on its silo got its reply.
         Assert.Equal(["ThreadPoolTaskScheduler"], LaneConnection.ReaderSchedulers.Keys.ToArray());
@@ -122,6 +124,8 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         using var closed = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
         closed.Bind(new IPEndPoint(IPAddress.Loopback, 0));
         string nobody = closed.LocalEndPoint!.ToString()!;   // bound, never listening: connections are refused
+        // Any lane's first call goes through Orleans while it is dialled: this checks a call after the dial failed.
+        Assert.False(await Lanes[0].DialForTests(nobody));
         bool viaOrleans = false;
         var version = await Lanes[0].Pull(nobody, "lane-fallback/0", 1, 0, () =>
         {
@@ -131,6 +135,42 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         Assert.True(viaOrleans);
         Assert.True(BackpropMetrics.LaneTotals.Fallbacks > 0);
         Assert.Equal([1f, 2f], version.Parameters.Span.ToArray());
+    }
+
+    [Fact]
+    public async Task A_dialler_the_lane_does_not_greet_falls_back_to_orleans_and_does_not_dial_again_at_once()
+    {
+        // A listener that accepts and closes without the greeting byte, as a lane does for an address it refuses.
+        using var refusing = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        refusing.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        refusing.Listen();
+        int accepted = 0;
+        _ = Task.Run(async () =>
+        {
+            while (true)
+            {
+                Socket s;
+                try { s = await refusing.AcceptAsync(); } catch { return; }
+                Interlocked.Increment(ref accepted);
+                s.Dispose();
+            }
+        });
+        string lane = refusing.LocalEndPoint!.ToString()!;
+        Assert.False(await Lanes[0].DialForTests(lane));
+        Assert.Equal(1, Volatile.Read(ref accepted));
+        for (int i = 0; i < 3; i++)
+        {
+            bool viaOrleans = false;
+            await Lanes[0].Pull(lane, "lane-refused/0", 1, 0, () =>
+            {
+                viaOrleans = true;
+                return Task.FromResult(new ParameterVersion(0, new FloatPayload([1f])));
+            });
+            Assert.True(viaOrleans);
+        }
+        // Backing off (a second at first): the calls right after the refusal dialled no more.
+        await Task.Delay(100);
+        Assert.Equal(1, Volatile.Read(ref accepted));
     }
 
     [Theory]
@@ -166,6 +206,8 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         {
         }
 
+        // Nothing of the bad frame stays taken from the budget.
+        Assert.Equal(DataLane.BudgetBytes, Lanes[1].BudgetFreeForTests);
         // Another connection is still served.
         Assert.True(await Lanes[0].DialForTests(Lanes[1].Endpoint!));
         await Assert.ThrowsAsync<ShardMovedException>(() =>
