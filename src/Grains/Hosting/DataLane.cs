@@ -192,6 +192,10 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         {
             var endpoint = IPEndPoint.Parse(lane);
             socket = new Socket(endpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+            // From this silo's own address (where its lane listens, so it is local): the peer accepts only members'
+            // addresses, and a host with several addresses would otherwise pick the source by its routes.
+            if (_listener?.LocalEndPoint is IPEndPoint own && own.AddressFamily == endpoint.AddressFamily)
+                socket.Bind(new IPEndPoint(own.Address, 0));
             using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token);
             timeout.CancelAfter(ConnectTimeout);
             await socket.ConnectAsync(endpoint, timeout.Token);
