@@ -402,13 +402,15 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     public ValueTask DisposeAsync()
     {
         if (_stopping.IsCancellationRequested) return ValueTask.CompletedTask;
+        // Stopping first: the accept loop then ends quietly when its listener goes (it took that for a failed accept,
+        // logged it and tried again, or faulted with no one to observe it).
+        lock (_dialled) _stopping.Cancel();
         _listener?.Dispose();
         Endpoint = null;
         var closed = new IOException("the silo's data lane stopped");
         foreach (var connection in _accepted.Keys) connection.Close(closed);
         lock (_dialled)
         {
-            _stopping.Cancel();
             foreach (var known in _dialled.Values)
                 if (known.Connecting.IsCompletedSuccessfully) known.Connecting.Result?.Close(closed);
         }
