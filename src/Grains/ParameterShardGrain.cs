@@ -705,6 +705,10 @@ public sealed class ParameterShardGrain(
         (_step, _hasPrevious) = (-1, false);
     }
 
+    // By reference: a reply is written (serialized by Orleans, or sent by a data lane after the turn) from the live buffer.
+    // It cannot be overwritten before its reader has it while that reader's next push is needed for the next step; a
+    // late answer to a call that gave up may be torn, but its reader only computes a block of a step already applied,
+    // which the shards refuse or ignore.
     private ParameterVersion Current() => new(_step, new FloatPayload(_parameters));
 
     private PushReply Reply(ParameterVersion? next, string? divergence, double seconds) =>

@@ -64,9 +64,20 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     private sealed class Dialled
     {
         public Task<LaneConnection?> Connecting = Task.FromResult<LaneConnection?>(null);
-        public long RetryAt;
+        public long RetryAt, ConnectedAt;
         public int Failures;
+
+        /// <summary>Passes the lane over for 1 s, doubled with each failure in a row up to a minute; returns how long.</summary>
+        public TimeSpan BackOff()
+        {
+            var wait = TimeSpan.FromTicks(Math.Min(MaxRetryDialAfter.Ticks, RetryDialAfter.Ticks << Math.Min(Failures++, 10)));
+            RetryAt = Environment.TickCount64 + (long)wait.TotalMilliseconds;
+            return wait;
+        }
     }
+
+    /// <summary>A connection that ends sooner than this after its greeting counts as a failed dial (a peer that greets and then drops every frame).</summary>
+    private static readonly TimeSpan ShortLived = TimeSpan.FromSeconds(10);
 
     private TimeSpan SendLimit => 2 * messaging.Value.ResponseTimeout;
 
@@ -167,7 +178,16 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         lock (_dialled)
         {
             if (!_dialled.TryGetValue(lane, out var known)) _dialled[lane] = known = new Dialled();
-            if (known.Connecting.IsCompletedSuccessfully && known.Connecting.Result is { IsOpen: true } open) return open;
+            if (known.Connecting.IsCompletedSuccessfully && known.Connecting.Result is { } connection)
+            {
+                if (connection.IsOpen) return connection;
+                // Closed: judged once. A connection that lived is redialled at once; one that died soon after its greeting
+                // is a failure like a refused dial, so a peer that drops every frame is not redialled (and its calls
+                // failed) step after step.
+                known.Connecting = Task.FromResult<LaneConnection?>(null);
+                if (Environment.TickCount64 - known.ConnectedAt < (long)ShortLived.TotalMilliseconds) known.BackOff();
+                else (known.Failures, known.RetryAt) = (0, 0);
+            }
             if (known.Connecting.IsCompleted && Environment.TickCount64 >= known.RetryAt && !_stopping.IsCancellationRequested)
                 // On the thread pool, not the calling worker grain's scheduler: the connection's reader loop (started in
                 // Connect) would otherwise run every answer of every worker on this silo in that one activation's turns.
@@ -206,7 +226,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             var connection = LaneConnection.Dialled(Configure(socket), lane, SendLimit);
             lock (_dialled)
             {
-                known.Failures = 0;
+                known.ConnectedAt = Environment.TickCount64;
                 // Stopped meanwhile: DisposeAsync closed the connections it saw, not this one.
                 if (_stopping.IsCancellationRequested) connection.Close(new IOException("the silo's data lane stopped"));
             }
@@ -218,11 +238,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             // escaped would leave RetryAt unset, so every later call would dial again, and fault a task no one observes.
             socket?.Dispose();
             TimeSpan wait;
-            lock (_dialled)
-            {
-                wait = TimeSpan.FromTicks(Math.Min(MaxRetryDialAfter.Ticks, RetryDialAfter.Ticks << Math.Min(known.Failures++, 10)));
-                known.RetryAt = Environment.TickCount64 + (long)wait.TotalMilliseconds;
-            }
+            lock (_dialled) wait = known.BackOff();
             logger.LogWarning("Data lane: cannot connect to {Lane} ({Error}); its calls go through Orleans for {Seconds} s", lane, e.Message, wait.TotalSeconds);
             return null;
         }
@@ -390,13 +406,28 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         return socket;
     }
 
-    /// <summary>Tests only: breaks every connection this silo dialled or accepted, as a network fault would.</summary>
+    /// <summary>
+    /// Tests only: breaks every connection this silo dialled or accepted, as a network fault would to connections that
+    /// had been up for long (so they are dialled again at once, not backed off as short-lived).
+    /// </summary>
     internal void BreakConnectionsForTests()
     {
         foreach (var connection in _accepted.Keys) connection.Close(new IOException("broken by a test"));
         lock (_dialled)
             foreach (var known in _dialled.Values)
+            {
+                known.ConnectedAt = long.MinValue / 2;
                 if (known.Connecting.IsCompletedSuccessfully) known.Connecting.Result?.Close(new IOException("broken by a test"));
+            }
+    }
+
+    /// <summary>Tests only: whether the lane's connection is open, and whether the lane is passed over for now (backing off).</summary>
+    internal (bool Open, bool BackingOff) StateForTests(string lane)
+    {
+        lock (_dialled)
+            return _dialled.TryGetValue(lane, out var known)
+                ? (known.Connecting.IsCompletedSuccessfully && known.Connecting.Result is { IsOpen: true }, Environment.TickCount64 < known.RetryAt)
+                : (false, false);
     }
 
     public ValueTask DisposeAsync()

@@ -153,7 +153,12 @@ internal sealed class LaneConnection
         if (payloadBytes > Backprop.Core.ResourceLimits.MaxMessageBytes || payloadBytes % sizeof(float) != 0)
             throw new InvalidDataException($"a payload of {payloadBytes} bytes (a float vector of at most {Backprop.Core.ResourceLimits.MaxMessageBytes} bytes)");
         long budgeted = budget is null ? 0 : headerBytes + (long)payloadBytes;
-        if (budget is not null) await budget.Take(budgeted, late.Token);
+        if (budget is not null)
+        {
+            // A wait for the budget is the lane's own (other requests not yet taken by their shards), not a late peer's.
+            await budget.Take(budgeted, cancel);
+            late.CancelAfter(deadline);
+        }
         FloatPayload? payload = null;
         try
         {

@@ -168,8 +168,48 @@ public sealed class DataLaneTests(ClusterFixture fixture)
             });
             Assert.True(viaOrleans);
         }
-        // Backing off (a second at first): the calls right after the refusal dialled no more.
-        await Task.Delay(100);
+        // Backing off (a second at first): the calls right after the refusal started no dial.
+        Assert.True(Lanes[0].StateForTests(lane).BackingOff);
+        Assert.Equal(1, Volatile.Read(ref accepted));
+    }
+
+    [Fact]
+    public async Task A_lane_that_greets_and_then_drops_the_connection_is_passed_over_instead_of_redialled_at_once()
+    {
+        // A peer that accepts, greets and closes at once (as one that drops every frame of a version it cannot read).
+        using var dropping = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        dropping.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        dropping.Listen();
+        int accepted = 0;
+        _ = Task.Run(async () =>
+        {
+            while (true)
+            {
+                Socket s;
+                try { s = await dropping.AcceptAsync(); } catch { return; }
+                Interlocked.Increment(ref accepted);
+                await s.SendAsync(new[] { DataLane.Accepted });
+                s.Dispose();
+            }
+        });
+        string lane = dropping.LocalEndPoint!.ToString()!;
+        await Lanes[0].DialForTests(lane);
+        // The connection is made, then closed by the peer: polled until its reader saw the end.
+        var deadline = DateTime.UtcNow.AddSeconds(30);
+        while (Lanes[0].StateForTests(lane).Open && DateTime.UtcNow < deadline) await Task.Delay(5);
+        Assert.False(Lanes[0].StateForTests(lane).Open);
+        for (int i = 0; i < 3; i++)
+        {
+            bool viaOrleans = false;
+            await Lanes[0].Pull(lane, "lane-dropped/0", 1, 0, () =>
+            {
+                viaOrleans = true;
+                return Task.FromResult(new ParameterVersion(0, new FloatPayload([1f])));
+            });
+            Assert.True(viaOrleans);
+        }
+        // Short-lived: a failure like a refused dial, so the calls after it started no dial.
+        Assert.True(Lanes[0].StateForTests(lane).BackingOff);
         Assert.Equal(1, Volatile.Read(ref accepted));
     }
 
