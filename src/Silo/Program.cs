@@ -15,7 +15,7 @@ using Orleans.Dashboard;
 var clusterId = Opt("--cluster-id", "BACKPROP_CLUSTER_ID", LocalClustering.DefaultClusterId, "Cluster id; silos and clients must agree");
 var siloPort = Opt("--silo-port", "BACKPROP_SILO_PORT", 11111, "Port for silo-to-silo traffic (on --host)");
 var gatewayPort = Opt("--gateway-port", "BACKPROP_GATEWAY_PORT", 30000, "Port clients connect to (on --host)");
-var lanePort = Opt("--lane-port", "BACKPROP_LANE_PORT", 0, "Port of the data lane (on --host): other silos' workers push gradients to this silo's parameter-server shards and pull parameters through it, beside Orleans' connection; 0 = any free port (announced in the shards' replies), -1 = none (all through Orleans; always so with TLS)");
+var lanePort = Opt("--lane-port", "BACKPROP_LANE_PORT", 0, "Port of the data lane (on --host): other silos' workers push gradients to this silo's parameter-server shards and pull parameters through it, beside Orleans' connection; 0 = any free port (announced in the shards' replies), -1 = none (all through Orleans); with --tls-cert the lane is TLS too");
 var primary = Opt("--primary", "BACKPROP_PRIMARY", "", "Localhost clustering: silo endpoint (host:port) of the primary silo; empty = this silo is the primary");
 var redis = Opt("--redis", "BACKPROP_REDIS", "", "Redis (host:port) for membership, grain storage and reminders; empty = localhost clustering");
 var redisPasswordFile = Opt("--redis-password-file", RedisPassword.FileEnv, "", $"Redis AUTH: file whose first line is the password (a mounted Secret); or the password itself in [env {RedisPassword.Env}]; never printed");

@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Net;
+using System.Net.Security;
 using System.Net.Sockets;
 using Backprop.Grains.Messages;
 using Microsoft.Extensions.Logging;
@@ -35,19 +36,21 @@ public sealed class LaneOptions
 /// bounds or does not arrive within the response timeout.</item>
 /// <item>A connection that breaks fails the calls waiting on it (the coordinator redoes their blocks); a call gives up
 /// after the response timeout, but a frame once started is sent whole (within twice that).</item>
-/// <item>Off under TLS (the lane has none of its own yet), with <see cref="LaneOptions.Port"/> −1, and on the CLI's
-/// embedded silo (one silo: every shard is local).</item>
+/// <item>Under TLS (<see cref="LaneTls"/>) every lane connection is TLS with the silo's certificate both ways and the
+/// checks of its silo connections. Off with <see cref="LaneOptions.Port"/> −1 and on the CLI's embedded silo (one silo:
+/// every shard is local).</item>
 /// </list>
 /// </summary>
 public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails silo, IGrainFactory grains, Serializer serializer,
-    IOptions<SiloMessagingOptions> messaging, IClusterMembershipService membership, ILogger<DataLane> logger) : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
+    IOptions<SiloMessagingOptions> messaging, IClusterMembershipService membership, ILogger<DataLane> logger, LaneTls? tls = null) : ILifecycleParticipant<ISiloLifecycle>, IAsyncDisposable
 {
     internal const byte PushKind = 1, PullKind = 2, AnswerKind = 3, ErrorKind = 4;
     /// <summary>The byte a lane sends a silo it accepts: a dialler that reads anything else (or nothing) falls back to Orleans.</summary>
     internal const byte Accepted = 0x42;
     /// <summary>Bytes of requests this silo holds before their shards took them (a peer cannot pile up more; legal ones stay far below).</summary>
     internal const long BudgetBytes = 1L << 30;
-    private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(2);
+    /// <summary>How long a dial (connect, TLS handshake, greeting) or an accepted connection's TLS handshake may take.</summary>
+    private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(5);
     /// <summary>How long a lane that could not be dialled is passed over (its calls go through Orleans) the first time; doubled up to a minute.</summary>
     private static readonly TimeSpan RetryDialAfter = TimeSpan.FromSeconds(1);
     private static readonly TimeSpan MaxRetryDialAfter = TimeSpan.FromMinutes(1);
@@ -208,6 +211,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     private async Task<LaneConnection?> Connect(string lane, Dialled known)
     {
         Socket? socket = null;
+        Stream? stream = null;
         try
         {
             var endpoint = IPEndPoint.Parse(lane);
@@ -219,11 +223,19 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token);
             timeout.CancelAfter(ConnectTimeout);
             await socket.ConnectAsync(endpoint, timeout.Token);
+            stream = new NetworkStream(Configure(socket), ownsSocket: true);
+            if (tls is not null)
+            {
+                var ssl = new SslStream(stream, leaveInnerStreamOpen: false);
+                stream = ssl;
+                await ssl.AuthenticateAsClientAsync(tls.Client(endpoint), timeout.Token);
+            }
             // The lane says it accepts this silo (a member of its cluster) before anything is sent.
             var accepted = new byte[1];
-            if (await socket.ReceiveAsync(accepted, SocketFlags.None, timeout.Token) != 1 || accepted[0] != Accepted)
-                throw new SocketException((int)SocketError.ConnectionRefused);
-            var connection = LaneConnection.Dialled(Configure(socket), lane, SendLimit);
+            if (await stream.ReadAsync(accepted, timeout.Token) != 1 || accepted[0] != Accepted)
+                throw new IOException("the lane did not greet this silo");
+            var connection = LaneConnection.Dialled(stream, lane, SendLimit);
+            logger.LogInformation("Data lane: connected to {Lane}{Tls}", lane, tls is null ? "" : " (TLS)");
             lock (_dialled)
             {
                 known.ConnectedAt = Environment.TickCount64;
@@ -236,6 +248,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         {
             // Any failure (not only socket errors: a bad endpoint, a socket option the platform lacks) backs off; one that
             // escaped would leave RetryAt unset, so every later call would dial again, and fault a task no one observes.
+            stream?.Dispose();
             socket?.Dispose();
             TimeSpan wait;
             lock (_dialled) wait = known.BackOff();
@@ -271,9 +284,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
                 socket.Dispose();
                 continue;
             }
-            var connection = new LaneConnection(Configure(socket), socket.RemoteEndPoint!.ToString()!, SendLimit);
-            _accepted[connection] = 0;
-            _ = Serve(connection);
+            _ = Serve(Configure(socket), socket.RemoteEndPoint!.ToString()!);
         }
     }
 
@@ -285,10 +296,23 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             && m.SiloAddress.Endpoint.Address.Equals(address));
     }
 
-    private async Task Serve(LaneConnection connection)
+    private async Task Serve(Socket socket, string peer)
     {
+        Stream stream = new NetworkStream(socket, ownsSocket: true);
+        LaneConnection? connection = null;
         try
         {
+            if (tls is not null)
+            {
+                var ssl = new SslStream(stream, leaveInnerStreamOpen: false);
+                stream = ssl;
+                using var handshake = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token);
+                handshake.CancelAfter(ConnectTimeout);
+                await ssl.AuthenticateAsServerAsync(tls.Server, handshake.Token);
+            }
+            connection = new LaneConnection(stream, peer, SendLimit);
+            _accepted[connection] = 0;
+            if (_stopping.IsCancellationRequested) return;   // stopped during the handshake: DisposeAsync did not see it
             await connection.Greet(Accepted);
             while (true)
             {
@@ -304,12 +328,20 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         }
         catch (Exception e)
         {
-            if (e is InvalidDataException) logger.LogWarning("Data lane: closed the connection from {Peer}: {Error}", connection.Peer, e.Message);
+            // A refused certificate is logged with its reason by the TLS checks.
+            if (e is InvalidDataException) logger.LogWarning("Data lane: closed the connection from {Peer}: {Error}", peer, e.Message);
         }
         finally
         {
-            _accepted.TryRemove(connection, out _);
-            connection.Close(null);
+            if (connection is null)
+            {
+                stream.Dispose();
+            }
+            else
+            {
+                _accepted.TryRemove(connection, out _);
+                connection.Close(null);
+            }
         }
     }
 

@@ -22,7 +22,7 @@ internal sealed class LaneConnection
     /// <summary>A header holds a push without its vector (the cut: a few ints per block) or an exception.</summary>
     internal const int MaxHeaderBytes = 1 << 20;
 
-    private readonly Socket _socket;
+    private readonly Stream _stream;
     private readonly TimeSpan _sendLimit;
     private readonly SemaphoreSlim _writing = new(1, 1);
     private readonly byte[] _prefix = new byte[PrefixBytes];
@@ -34,15 +34,16 @@ internal sealed class LaneConnection
     private Exception? _why;
 
     /// <param name="sendLimit">How long a frame may take to go out once started: a peer that stops reading for longer is cut off.</param>
-    public LaneConnection(Socket socket, string peer, TimeSpan sendLimit) => (_socket, Peer, _sendLimit) = (socket, peer, sendLimit);
+    /// <param name="stream">The connection's socket as a stream, or a TLS stream over it.</param>
+    public LaneConnection(Stream stream, string peer, TimeSpan sendLimit) => (_stream, Peer, _sendLimit) = (stream, peer, sendLimit);
 
     public string Peer { get; }
     public bool IsOpen => Volatile.Read(ref _closed) == 0;
 
     /// <summary>A connection this end dialled: its reader takes answers from now on.</summary>
-    public static LaneConnection Dialled(Socket socket, string peer, TimeSpan sendLimit)
+    public static LaneConnection Dialled(Stream stream, string peer, TimeSpan sendLimit)
     {
-        var connection = new LaneConnection(socket, peer, sendLimit);
+        var connection = new LaneConnection(stream, peer, sendLimit);
         _ = connection.ReadAnswers();
         return connection;
     }
@@ -132,7 +133,7 @@ internal sealed class LaneConnection
 
     private async ValueTask Send(ReadOnlyMemory<byte> bytes, CancellationToken cancel)
     {
-        while (!bytes.IsEmpty) bytes = bytes[await _socket.SendAsync(bytes, SocketFlags.None, cancel)..];
+        if (!bytes.IsEmpty) await _stream.WriteAsync(bytes, cancel);
     }
 
     /// <summary>
@@ -181,7 +182,7 @@ internal sealed class LaneConnection
     {
         while (!into.IsEmpty)
         {
-            int read = await _socket.ReceiveAsync(into, SocketFlags.None, cancel);
+            int read = await _stream.ReadAsync(into, cancel);
             if (read == 0) throw new IOException("closed by the peer");
             into = into[read..];
         }
@@ -215,7 +216,7 @@ internal sealed class LaneConnection
     {
         if (Interlocked.Exchange(ref _closed, 1) == 1) return;
         _why = why;
-        _socket.Dispose();
+        _stream.Dispose();
         foreach (var id in _waiting.Keys)
             if (_waiting.TryRemove(id, out var waiter)) waiter.TrySetException(Closed());
     }

@@ -177,6 +177,10 @@ public sealed class TlsFiles
         public static readonly Peer GatewayInbound = new("connected to the gateway port", ClientPurposes, IsSilo: false, Dialled: false);
         /// <summary>This silo dialled another silo.</summary>
         public static readonly Peer SiloOutbound = new("a silo this silo dialled", SiloPurposes, IsSilo: true, Dialled: true);
+        /// <summary>Someone connected to this silo's data lane: only a silo may.</summary>
+        public static readonly Peer LaneInbound = new("connected to the data lane, where only silos may", SiloPurposes, IsSilo: true, Dialled: false);
+        /// <summary>This silo dialled another silo's data lane.</summary>
+        public static readonly Peer LaneOutbound = new("a silo's data lane this silo dialled", SiloPurposes, IsSilo: true, Dialled: true);
         /// <summary>This client dialled a gateway (a silo).</summary>
         public static readonly Peer GatewayOutbound = new("the gateway this client dialled", GatewayPurposes, IsSilo: true, Dialled: true);
     }
@@ -302,10 +306,10 @@ public static class TlsHosting
     public static ISiloBuilder UseBackpropTls(this ISiloBuilder silo, TlsFiles tls)
     {
         var certificate = tls.Certificate ?? throw new ArgumentException("a silo needs its own certificate");
-        silo.Services.PostConfigure<LaneOptions>(o => o.Off ??= "TLS: the lane has no TLS of its own yet");
         // Orleans logs only that a handshake failed; this says whose certificate and why.
         var log = new RejectionLog();
         silo.Services.AddSingleton(log);
+        silo.Services.AddSingleton(new LaneTls(tls, log.Rejected));
         silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp =>
         {
             log.Logger = sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backprop.Tls");
@@ -352,5 +356,47 @@ public static class TlsHosting
         options.ClientCertificateMode = RemoteCertificateMode.RequireCertificate;
         options.RemoteCertificateValidation = (certificate, chain, errors) => tls.Accept(certificate, chain, errors, peer, rejected);
         options.OnAuthenticateAsClient = tls.SetTargetHost;
+    }
+}
+
+/// <summary>
+/// TLS of a silo's data lane (<see cref="DataLane"/>): the silo's own certificate both ways, and the checks of its silo
+/// connections (the CA, serverAuth and clientAuth, the peer name or the address dialled), refusals logged the same way.
+/// </summary>
+public sealed class LaneTls
+{
+    private readonly TlsFiles _files;
+    private readonly Action<string>? _rejected;
+
+    internal LaneTls(TlsFiles files, Action<string>? rejected)
+    {
+        if (files.Certificate is null) throw new ArgumentException("a silo needs its own certificate");
+        (_files, _rejected) = (files, rejected);
+    }
+
+    internal SslServerAuthenticationOptions Server => new()
+    {
+        ServerCertificate = _files.Certificate,
+        ClientCertificateRequired = true,
+        CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+        RemoteCertificateValidationCallback = (_, certificate, chain, errors) => Accept(certificate, chain, errors, TlsFiles.Peer.LaneInbound),
+    };
+
+    internal SslClientAuthenticationOptions Client(IPEndPoint dialled) => new()
+    {
+        TargetHost = _files.PeerName ?? dialled.Address.ToString(),
+        ClientCertificates = [_files.Certificate!],
+        CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+        RemoteCertificateValidationCallback = (_, certificate, chain, errors) => Accept(certificate, chain, errors, TlsFiles.Peer.LaneOutbound),
+    };
+
+    private bool Accept(X509Certificate? certificate, X509Chain? chain, SslPolicyErrors errors, TlsFiles.Peer peer)
+    {
+        if (certificate is null)
+        {
+            _rejected?.Invoke($"no certificate ({peer.What})");
+            return false;
+        }
+        return _files.Accept(certificate as X509Certificate2 ?? new X509Certificate2(certificate), chain, errors, peer, _rejected);
     }
 }
