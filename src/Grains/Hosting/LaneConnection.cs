@@ -66,8 +66,10 @@ internal sealed class LaneConnection
         {
             throw new TimeoutException($"data lane to {Peer}: no answer within {timeout.TotalSeconds:0.#} s");
         }
-        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        catch (Exception e) when (e is SocketException or ObjectDisposedException or OperationCanceledException)
         {
+            // A frame over the send limit (its connection is closed) is a broken connection to the coordinator, which
+            // redoes the block; a cancellation would stop the run.
             throw new IOException($"data lane to {Peer}: {e.Message}", e);
         }
         finally
