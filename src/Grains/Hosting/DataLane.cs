@@ -79,7 +79,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         }
     }
 
-    /// <summary>A connection that ends sooner than this after its greeting counts as a failed dial (a peer that greets and then drops every frame).</summary>
+    /// <summary>A connection that ends sooner than this after its greeting, without an answer, counts as a failed dial (a peer that greets and then drops every frame).</summary>
     private static readonly TimeSpan ShortLived = TimeSpan.FromSeconds(10);
 
     private TimeSpan SendLimit => 2 * messaging.Value.ResponseTimeout;
@@ -184,11 +184,11 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             if (known.Connecting.IsCompletedSuccessfully && known.Connecting.Result is { } connection)
             {
                 if (connection.IsOpen) return connection;
-                // Closed: judged once. A connection that lived is redialled at once; one that died soon after its greeting
-                // is a failure like a refused dial, so a peer that drops every frame is not redialled (and its calls
-                // failed) step after step.
+                // Closed: judged once. A connection that carried answers or lived is redialled at once; one that died soon
+                // after its greeting without an answer is a failure like a refused dial, so a peer that drops every frame
+                // is not redialled (and its calls failed) step after step.
                 known.Connecting = Task.FromResult<LaneConnection?>(null);
-                if (Environment.TickCount64 - known.ConnectedAt < (long)ShortLived.TotalMilliseconds) known.BackOff();
+                if (!connection.Answered && Environment.TickCount64 - known.ConnectedAt < (long)ShortLived.TotalMilliseconds) known.BackOff();
                 else (known.Failures, known.RetryAt) = (0, 0);
             }
             if (known.Connecting.IsCompleted && Environment.TickCount64 >= known.RetryAt && !_stopping.IsCancellationRequested)
@@ -199,9 +199,12 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         }
     }
 
-    /// <summary>Tests only: dials <paramref name="lane"/> now and says whether it is open.</summary>
+    /// <summary>Tests only: dials <paramref name="lane"/> now (a back-off left by an earlier test set aside) and says whether it is open.</summary>
     internal async Task<bool> DialForTests(string lane)
     {
+        lock (_dialled)
+            if (_dialled.TryGetValue(lane, out var known))
+                (known.RetryAt, known.Failures) = (0, 0);
         Dial(lane);
         Task<LaneConnection?> connecting;
         lock (_dialled) connecting = _dialled[lane].Connecting;
@@ -438,19 +441,13 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         return socket;
     }
 
-    /// <summary>
-    /// Tests only: breaks every connection this silo dialled or accepted, as a network fault would to connections that
-    /// had been up for long (so they are dialled again at once, not backed off as short-lived).
-    /// </summary>
+    /// <summary>Tests only: breaks every connection this silo dialled or accepted, as a network fault would.</summary>
     internal void BreakConnectionsForTests()
     {
         foreach (var connection in _accepted.Keys) connection.Close(new IOException("broken by a test"));
         lock (_dialled)
             foreach (var known in _dialled.Values)
-            {
-                known.ConnectedAt = long.MinValue / 2;
                 if (known.Connecting.IsCompletedSuccessfully) known.Connecting.Result?.Close(new IOException("broken by a test"));
-            }
     }
 
     /// <summary>Tests only: whether the lane's connection is open, and whether the lane is passed over for now (backing off).</summary>

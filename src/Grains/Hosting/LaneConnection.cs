@@ -39,6 +39,9 @@ internal sealed class LaneConnection
 
     public string Peer { get; }
     public bool IsOpen => Volatile.Read(ref _closed) == 0;
+    /// <summary>Whether an answer came back on this (dialled) connection: one that closes before any did is judged a failed dial.</summary>
+    public bool Answered => Volatile.Read(ref _answered) != 0;
+    private int _answered;
 
     /// <summary>A connection this end dialled: its reader takes answers from now on.</summary>
     public static LaneConnection Dialled(Stream stream, string peer, TimeSpan sendLimit)
@@ -203,6 +206,7 @@ internal sealed class LaneConnection
                     frame.Payload?.Release();
                     throw new InvalidDataException($"an answer of kind {frame.Kind}");
                 }
+                Volatile.Write(ref _answered, 1);
                 // An answer whose call gave up (timed out) has no one to take it.
                 if (!(_waiting.TryRemove(frame.Id, out var waiter) && waiter.TrySetResult(frame))) frame.Payload?.Release();
             }
