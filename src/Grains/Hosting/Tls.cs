@@ -368,6 +368,9 @@ public sealed class LaneTls
     private readonly TlsFiles _files;
     private readonly Action<string>? _rejected;
 
+    /// <summary>The versions Orleans' silo and gateway ports allow (its TlsOptions.SslProtocols default).</summary>
+    internal const System.Security.Authentication.SslProtocols Protocols = System.Security.Authentication.SslProtocols.Tls12 | System.Security.Authentication.SslProtocols.Tls13;
+
     internal LaneTls(TlsFiles files, Action<string>? rejected)
     {
         if (files.Certificate is null) throw new ArgumentException("a silo needs its own certificate");
@@ -378,6 +381,9 @@ public sealed class LaneTls
     {
         ServerCertificate = _files.Certificate,
         ClientCertificateRequired = true,
+        // As the silo port (Orleans' TlsOptions.SslProtocols default), not whatever the platform still allows.
+        EnabledSslProtocols = Protocols,
+        AllowRenegotiation = false,
         CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
         RemoteCertificateValidationCallback = (_, certificate, chain, errors) => Accept(certificate, chain, errors, TlsFiles.Peer.LaneInbound),
     };
@@ -386,6 +392,8 @@ public sealed class LaneTls
     {
         TargetHost = _files.PeerName ?? dialled.Address.ToString(),
         ClientCertificates = [_files.Certificate!],
+        EnabledSslProtocols = Protocols,
+        AllowRenegotiation = false,
         CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
         RemoteCertificateValidationCallback = (_, certificate, chain, errors) => Accept(certificate, chain, errors, TlsFiles.Peer.LaneOutbound),
     };
