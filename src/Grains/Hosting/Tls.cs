@@ -131,6 +131,9 @@ public sealed class TlsFiles
         chain.ChainPolicy.CustomTrustStore.AddRange(authorities);
         // Development CAs publish no revocation lists; revocation is by replacing the CA.
         chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+        // The path is the CA file and what the peer sent: never a fetch of a URL named in a peer's certificate (AIA),
+        // which an unauthenticated dialler of the silo port could point anywhere, inside the handshake.
+        chain.ChainPolicy.DisableCertificateDownloads = true;
         // Intermediates the peer sent with its certificate may complete the path; they are not trusted themselves.
         if (presented is not null)
             foreach (var element in presented.ChainElements)
