@@ -204,7 +204,13 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     {
         lock (_dialled)
             if (_dialled.TryGetValue(lane, out var known))
+            {
+                // A closed connection is set aside too: Dial would judge it first, and one that died young without an
+                // answer would set a new back-off after this reset, so no dial would start.
+                if (known.Connecting.IsCompletedSuccessfully && known.Connecting.Result is { IsOpen: false })
+                    known.Connecting = Task.FromResult<LaneConnection?>(null);
                 (known.RetryAt, known.Failures) = (0, 0);
+            }
         Dial(lane);
         Task<LaneConnection?> connecting;
         lock (_dialled) connecting = _dialled[lane].Connecting;
