@@ -206,7 +206,9 @@ internal sealed class LaneConnection
                     frame.Payload?.Release();
                     throw new InvalidDataException($"an answer of kind {frame.Kind}");
                 }
-                Volatile.Write(ref _answered, 1);
+                // Only an answer to a request this end sent counts (a peer cannot dodge the short-lived judgement, and
+                // so the back-off, with an unsolicited frame right after its greeting).
+                if (frame.Id >= 1 && frame.Id <= Interlocked.Read(ref _lastId)) Volatile.Write(ref _answered, 1);
                 // An answer whose call gave up (timed out) has no one to take it.
                 if (!(_waiting.TryRemove(frame.Id, out var waiter) && waiter.TrySetResult(frame))) frame.Payload?.Release();
             }
