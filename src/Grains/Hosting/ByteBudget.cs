@@ -31,10 +31,13 @@ internal sealed class ByteBudget(long capacity)
             _waiting.AddLast((bytes, ready));
         }
         // A cancelled wait gives its place up; Give passes over it (the bytes were never taken).
-        cancel.Register(() =>
+        var registration = cancel.Register(() =>
         {
             if (ready.TrySetCanceled(cancel)) Give(0);
         });
+        // Let go of the registration once the wait ends: the token is the lane's, alive as long as the silo.
+        _ = ready.Task.ContinueWith(static (_, state) => ((CancellationTokenRegistration)state!).Dispose(), registration,
+            CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
         return ready.Task;
     }
 

@@ -79,7 +79,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         }
     }
 
-    /// <summary>A connection that ends sooner than this after its greeting, without an answer, counts as a failed dial (a peer that greets and then drops every frame).</summary>
+    /// <summary>A connection that ends sooner than this after its greeting, without an answer or with calls waiting, counts as a failed dial.</summary>
     private static readonly TimeSpan ShortLived = TimeSpan.FromSeconds(10);
 
     private TimeSpan SendLimit => 2 * messaging.Value.ResponseTimeout;
@@ -184,11 +184,13 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             if (known.Connecting.IsCompletedSuccessfully && known.Connecting.Result is { } connection)
             {
                 if (connection.IsOpen) return connection;
-                // Closed: judged once. A connection that carried answers or lived is redialled at once; one that died soon
-                // after its greeting without an answer is a failure like a refused dial, so a peer that drops every frame
-                // is not redialled (and its calls failed) step after step.
+                // Closed: judged once, like a dial. A failure (backed off, its calls go through Orleans meanwhile): a peer
+                // that stopped answering, or one that died soon after its greeting without an answer or with calls
+                // waiting (a peer dropping every frame, or all but one, is not redialled and its calls failed step after
+                // step). Otherwise (it lived, or closed idle) it is redialled at once.
                 known.Connecting = Task.FromResult<LaneConnection?>(null);
-                if (!connection.Answered && Environment.TickCount64 - known.ConnectedAt < (long)ShortLived.TotalMilliseconds) known.BackOff();
+                bool young = Environment.TickCount64 - known.ConnectedAt < (long)ShortLived.TotalMilliseconds;
+                if (connection.StoppedAnswering || (young && (!connection.Answered || connection.CutWithCallsWaiting))) known.BackOff();
                 else (known.Failures, known.RetryAt) = (0, 0);
             }
             if (known.Connecting.IsCompleted && Environment.TickCount64 >= known.RetryAt && !_stopping.IsCancellationRequested)
@@ -337,8 +339,11 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         }
         catch (Exception e)
         {
-            // A refused certificate is logged with its reason by the TLS checks.
+            // A refused certificate is logged with its reason by the TLS checks; other ends before serving (a handshake
+            // that failed or timed out, a plaintext dialler of a TLS lane) are named here.
             if (e is InvalidDataException) logger.LogWarning("Data lane: closed the connection from {Peer}: {Error}", peer, e.Message);
+            else if (connection is null && !_stopping.IsCancellationRequested)
+                logger.LogWarning("Data lane: the connection from {Peer} ended before it was served ({Error})", peer, e.Message);
         }
         finally
         {

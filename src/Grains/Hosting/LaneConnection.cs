@@ -42,6 +42,13 @@ internal sealed class LaneConnection
     /// <summary>Whether an answer came back on this (dialled) connection: one that closes before any did is judged a failed dial.</summary>
     public bool Answered => Volatile.Read(ref _answered) != 0;
     private int _answered;
+    private long _lastAnswerAt = Environment.TickCount64;
+
+    /// <summary>Closed because its peer stopped answering (a call timed out with no answer on the connection for as long).</summary>
+    public bool StoppedAnswering => Volatile.Read(ref _closed) != 0 && _why is TimeoutException;
+    /// <summary>Closed with calls still waiting on it (they failed).</summary>
+    public bool CutWithCallsWaiting => Volatile.Read(ref _cutWithCallsWaiting) != 0;
+    private int _cutWithCallsWaiting;
 
     /// <summary>A connection this end dialled: its reader takes answers from now on.</summary>
     public static LaneConnection Dialled(Stream stream, string peer, TimeSpan sendLimit)
@@ -67,6 +74,10 @@ internal sealed class LaneConnection
         }
         catch (OperationCanceledException) when (deadline.IsCancellationRequested)
         {
+            // Nothing came back on this connection for a whole timeout: its peer reads but does not answer (wedged, or
+            // hostile). Closed, so that the next calls go through Orleans while the lane backs off, not to time out too.
+            if (Environment.TickCount64 - Interlocked.Read(ref _lastAnswerAt) >= (long)timeout.TotalMilliseconds)
+                Close(new TimeoutException($"no answer within {timeout.TotalSeconds:0.#} s"));
             throw new TimeoutException($"data lane to {Peer}: no answer within {timeout.TotalSeconds:0.#} s");
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException or OperationCanceledException)
@@ -208,7 +219,11 @@ internal sealed class LaneConnection
                 }
                 // Only an answer to a request this end sent counts (a peer cannot dodge the short-lived judgement, and
                 // so the back-off, with an unsolicited frame right after its greeting).
-                if (frame.Id >= 1 && frame.Id <= Interlocked.Read(ref _lastId)) Volatile.Write(ref _answered, 1);
+                if (frame.Id >= 1 && frame.Id <= Interlocked.Read(ref _lastId))
+                {
+                    Volatile.Write(ref _answered, 1);
+                    Interlocked.Exchange(ref _lastAnswerAt, Environment.TickCount64);
+                }
                 // An answer whose call gave up (timed out) has no one to take it.
                 if (!(_waiting.TryRemove(frame.Id, out var waiter) && waiter.TrySetResult(frame))) frame.Payload?.Release();
             }
@@ -224,6 +239,7 @@ internal sealed class LaneConnection
     {
         if (Interlocked.Exchange(ref _closed, 1) == 1) return;
         _why = why;
+        if (!_waiting.IsEmpty) Volatile.Write(ref _cutWithCallsWaiting, 1);
         _stream.Dispose();
         foreach (var id in _waiting.Keys)
             if (_waiting.TryRemove(id, out var waiter)) waiter.TrySetException(Closed());

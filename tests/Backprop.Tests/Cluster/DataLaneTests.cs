@@ -108,8 +108,15 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         Assert.True(breaks > 0, "the run ended before its pushes went through the lanes");
         Assert.Contains(status.Events, e => e.Kind == "worker-failed" && e.Message.Contains("data lane"));
         Assert.Equal(Expected(spec), status.Epochs[^1].ParameterSha256);
-        // Dialled again after the breaks.
-        Assert.True(Lanes.Sum(l => l.Served) > servedAtBreak);
+        // The lanes work again: every pair dials (a lane cut with calls waiting backs off first) and answers a call (the
+        // shard's own exception, through the lane: a call through Orleans would throw the fallback's).
+        foreach (var from in Lanes)
+            foreach (var to in Lanes.Where(l => l != from))
+            {
+                Assert.True(await from.DialForTests(to.Endpoint!));
+                await Assert.ThrowsAsync<ShardMovedException>(() =>
+                    from.Pull(to.Endpoint!, "lane-broken-after/0", 1, 0, () => throw new InvalidOperationException("went through Orleans")));
+            }
     }
 
     [Fact]
@@ -295,5 +302,30 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         Assert.True(budget.Take(40, default).IsCompletedSuccessfully);
         Assert.False(budget.Take(1, default).IsCompleted);
         Assert.Throws<ArgumentOutOfRangeException>(() => { _ = budget.Take(101, default); });
+    }
+
+    [Fact]
+    public async Task A_connection_whose_peer_reads_but_never_answers_is_closed_at_the_first_call_that_times_out()
+    {
+        // A peer that takes frames and answers none (wedged, or hostile): the call times out, and the connection is
+        // closed as one that stopped answering (the lane then backs off from it instead of timing out every step).
+        using var silent = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        silent.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        silent.Listen();
+        var accepting = silent.AcceptAsync();
+        using var dialled = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await dialled.ConnectAsync(silent.LocalEndPoint!);
+        using var peer = await accepting;
+        _ = Task.Run(async () =>
+        {
+            var sink = new byte[1 << 16];
+            try { while (await peer.ReceiveAsync(sink) > 0) { } } catch (SocketException) { }
+        });
+        var connection = LaneConnection.Dialled(new NetworkStream(dialled, ownsSocket: false), "silent", TimeSpan.FromSeconds(30));
+
+        await Assert.ThrowsAsync<TimeoutException>(() => connection.Call(DataLane.PullKind, new byte[8], ReadOnlyMemory<byte>.Empty, TimeSpan.FromMilliseconds(200)));
+        Assert.False(connection.IsOpen);
+        Assert.True(connection.StoppedAnswering);
+        Assert.False(connection.Answered);
     }
 }
