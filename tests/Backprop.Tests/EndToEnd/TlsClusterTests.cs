@@ -92,6 +92,59 @@ public sealed class TlsClusterTests() : ClusterWorkspace("e2e-tls-")
         Assert.Contains("requires a client certificate", results["TLS without a client certificate"].Error);
         // The silo says whose certificate it refused and why (Orleans only logs that a handshake failed).
         Assert.Contains("TLS: refused a peer: 'CN=backprop client'", File.ReadAllText(Path.Combine(State, "silo-0.log")));
+
+        // The data lane is as strict as the silo port: from a silo's address (127.0.0.1), neither a plaintext dialler, a
+        // client's certificate nor a silo certificate of another CA is greeted; the lane names each refused certificate.
+        string silo1Log = Path.Combine(State, "silo-1.log");
+        int lanePort = int.Parse(System.Text.RegularExpressions.Regex.Match(File.ReadAllText(silo1Log), @"Data lane listening on 127\.0\.0\.1:(\d+)").Groups[1].Value);
+        Assert.False(await LaneGreets(lanePort, null), "a plaintext dialler was greeted");
+        Assert.False(await LaneGreets(lanePort, (Path.Combine(certs, "client.pem"), Path.Combine(certs, "client.key"))), "a client certificate was greeted");
+        Assert.False(await LaneGreets(lanePort, (Path.Combine(other, "silo.pem"), Path.Combine(other, "silo.key"))), "another CA's silo certificate was greeted");
+        // And the cluster's own silo certificate is, so the refusals above are the certificates' doing.
+        Assert.True(await LaneGreets(lanePort, (Path.Combine(certs, "silo.pem"), Path.Combine(certs, "silo.key"))), "the cluster's silo certificate was not greeted");
+        await LogContains(silo1Log, "(connected to the data lane, where only silos may");
+        await LogContains(silo1Log, "ended before it was served");   // the plaintext dialler, named
+    }
+
+    /// <summary>
+    /// Whether a silo's data lane at 127.0.0.1:<paramref name="port"/> greets a dialler that presents <paramref name="certificate"/>
+    /// over TLS (trusting any server certificate: the lane's checks are what is tested), or that speaks plaintext when null.
+    /// </summary>
+    private static async Task<bool> LaneGreets(int port, (string Pem, string Key)? certificate)
+    {
+        using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await socket.ConnectAsync(IPAddress.Loopback, port);
+        Stream stream = new NetworkStream(socket, ownsSocket: false);
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        try
+        {
+            if (certificate is { } c)
+            {
+                var ssl = new SslStream(stream, leaveInnerStreamOpen: false);
+                stream = ssl;
+                using var own = X509Certificate2.CreateFromPemFile(c.Pem, c.Key);
+                await ssl.AuthenticateAsClientAsync(new SslClientAuthenticationOptions
+                {
+                    TargetHost = "127.0.0.1",
+                    ClientCertificates = [X509CertificateLoader.LoadPkcs12(own.Export(X509ContentType.Pkcs12), null)],
+                    RemoteCertificateValidationCallback = (_, _, _, _) => true,
+                }, timeout.Token);
+            }
+            else
+            {
+                await stream.WriteAsync("hello, plaintext\n"u8.ToArray(), timeout.Token);
+            }
+            var greeting = new byte[1];
+            return await stream.ReadAsync(greeting, timeout.Token) == 1 && greeting[0] == 0x42;
+        }
+        catch (Exception e) when (e is AuthenticationException or IOException or SocketException)
+        {
+            return false;
+        }
+        finally
+        {
+            stream.Dispose();
+        }
     }
 
     [Fact]
