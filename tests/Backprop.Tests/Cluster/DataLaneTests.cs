@@ -152,76 +152,69 @@ public sealed class DataLaneTests(ClusterFixture fixture)
     public async Task A_dialler_the_lane_does_not_greet_falls_back_to_orleans_and_does_not_dial_again_at_once()
     {
         // A listener that accepts and closes without the greeting byte, as a lane does for an address it refuses.
-        using var refusing = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        refusing.Bind(new IPEndPoint(IPAddress.Loopback, 0));
-        refusing.Listen();
-        int accepted = 0;
-        _ = Task.Run(async () =>
-        {
-            while (true)
-            {
-                Socket s;
-                try { s = await refusing.AcceptAsync(); } catch { return; }
-                Interlocked.Increment(ref accepted);
-                s.Dispose();
-            }
-        });
-        string lane = refusing.LocalEndPoint!.ToString()!;
-        Assert.False(await Lanes[0].DialForTests(lane));
-        Assert.Equal(1, Volatile.Read(ref accepted));
-        for (int i = 0; i < 3; i++)
-        {
-            bool viaOrleans = false;
-            await Lanes[0].Pull(lane, "lane-refused/0", 1, 0, () =>
-            {
-                viaOrleans = true;
-                return Task.FromResult(new ParameterVersion(0, new FloatPayload([1f])));
-            });
-            Assert.True(viaOrleans);
-        }
-        // Backing off (a second at first): the calls right after the refusal started no dial.
-        Assert.True(Lanes[0].StateForTests(lane).BackingOff);
-        Assert.Equal(1, Volatile.Read(ref accepted));
+        using var refusing = new FakeLane(greets: false);
+        Assert.False(await Lanes[0].DialForTests(refusing.Endpoint));
+        await GoesThroughOrleansWithoutDialling(refusing);
     }
 
     [Fact]
     public async Task A_lane_that_greets_and_then_drops_the_connection_is_passed_over_instead_of_redialled_at_once()
     {
         // A peer that accepts, greets and closes at once (as one that drops every frame of a version it cannot read).
-        using var dropping = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        dropping.Bind(new IPEndPoint(IPAddress.Loopback, 0));
-        dropping.Listen();
-        int accepted = 0;
-        _ = Task.Run(async () =>
-        {
-            while (true)
-            {
-                Socket s;
-                try { s = await dropping.AcceptAsync(); } catch { return; }
-                Interlocked.Increment(ref accepted);
-                await s.SendAsync(new[] { DataLane.Accepted });
-                s.Dispose();
-            }
-        });
-        string lane = dropping.LocalEndPoint!.ToString()!;
-        await Lanes[0].DialForTests(lane);
+        using var dropping = new FakeLane(greets: true);
+        await Lanes[0].DialForTests(dropping.Endpoint);
         // The connection is made, then closed by the peer: polled until its reader saw the end.
         var deadline = DateTime.UtcNow.AddSeconds(30);
-        while (Lanes[0].StateForTests(lane).Open && DateTime.UtcNow < deadline) await Task.Delay(5);
-        Assert.False(Lanes[0].StateForTests(lane).Open);
+        while (Lanes[0].StateForTests(dropping.Endpoint).Open && DateTime.UtcNow < deadline) await Task.Delay(5);
+        Assert.False(Lanes[0].StateForTests(dropping.Endpoint).Open);
+        // Short-lived without an answer: a failure like a refused dial.
+        await GoesThroughOrleansWithoutDialling(dropping);
+    }
+
+    /// <summary>Three calls to <paramref name="lane"/> right after its failure go through Orleans, and the lane, backing off, dials no more.</summary>
+    private async Task GoesThroughOrleansWithoutDialling(FakeLane lane)
+    {
         for (int i = 0; i < 3; i++)
         {
             bool viaOrleans = false;
-            await Lanes[0].Pull(lane, "lane-dropped/0", 1, 0, () =>
+            await Lanes[0].Pull(lane.Endpoint, "lane-fake/0", 1, 0, () =>
             {
                 viaOrleans = true;
                 return Task.FromResult(new ParameterVersion(0, new FloatPayload([1f])));
             });
             Assert.True(viaOrleans);
         }
-        // Short-lived: a failure like a refused dial, so the calls after it started no dial.
-        Assert.True(Lanes[0].StateForTests(lane).BackingOff);
-        Assert.Equal(1, Volatile.Read(ref accepted));
+        Assert.True(Lanes[0].StateForTests(lane.Endpoint).BackingOff);
+        Assert.Equal(1, lane.Accepted);
+    }
+
+    /// <summary>A listener on 127.0.0.1 that accepts every connection, counts it, greets it or not, and closes it at once.</summary>
+    private sealed class FakeLane : IDisposable
+    {
+        private readonly Socket _listener = new(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        private int _accepted;
+
+        public FakeLane(bool greets)
+        {
+            _listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+            _listener.Listen();
+            _ = Task.Run(async () =>
+            {
+                while (true)
+                {
+                    Socket s;
+                    try { s = await _listener.AcceptAsync(); } catch { return; }
+                    Interlocked.Increment(ref _accepted);
+                    if (greets) await s.SendAsync(new[] { DataLane.Accepted });
+                    s.Dispose();
+                }
+            });
+        }
+
+        public string Endpoint => _listener.LocalEndPoint!.ToString()!;
+        public int Accepted => Volatile.Read(ref _accepted);
+
+        public void Dispose() => _listener.Dispose();
     }
 
     [Theory]
