@@ -10,12 +10,10 @@ using Orleans.Serialization;
 
 namespace Backprop.Grains.Hosting;
 
-/// <summary>Where a silo's data lane listens (<see cref="Port"/> 0: any free port), or why it has none.</summary>
+/// <summary>Where a silo's data lane listens: <see cref="Port"/> 0 any free port, −1 none (every push and pull goes through Orleans).</summary>
 public sealed class LaneOptions
 {
     public int Port { get; set; }
-    /// <summary>Why this silo has no data lane (every push and pull goes through Orleans); null: it has one.</summary>
-    public string? Off { get; set; }
 }
 
 /// <summary>
@@ -98,9 +96,9 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
 
     private Task Start()
     {
-        if (options.Value.Off is { } off)
+        if (options.Value.Port < 0)
         {
-            logger.LogInformation("Data lane off ({Why}): payloads go through Orleans", off);
+            logger.LogInformation("Data lane off (its port is -1): payloads go through Orleans");
             return Task.CompletedTask;
         }
         var address = silo.SiloAddress.Endpoint.Address;

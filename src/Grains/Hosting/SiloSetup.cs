@@ -40,7 +40,7 @@ public static class SiloSetup
         silo.Services.AddSingleton(retention);
         silo.Services.AddBackpropExceptions();
         silo.Services.AddLargeConnectionBlocks();
-        silo.Services.Configure<LaneOptions>(o => (o.Port, o.Off) = (Math.Max(lanePort, 0), lanePort < 0 ? "its port is -1" : null));
+        silo.Services.Configure<LaneOptions>(o => o.Port = lanePort);
         silo.Services.AddSingleton<DataLane>();
         silo.Services.AddSingleton<ILifecycleParticipant<ISiloLifecycle>>(sp => sp.GetRequiredService<DataLane>());
         silo.Services.AddSingleton<WorkerSilos>();
