@@ -10,7 +10,7 @@ using Backprop.Core.Training;
 namespace Backprop.Bench;
 
 /// <summary>
-/// `bench cluster`: one run spec (the pytorch-mlp preset, batch and model from the flags, chunk = batch/4) on
+/// `bench cluster`: one run spec (the pytorch-mlp preset, batch and model from the flags, chunk = batch/4 or --chunk) on
 /// <see cref="LocalTrainer"/> in this process (core), on the CLI's embedded silo (a child process), and on a
 /// local cluster of silo processes on loopback (started here with deploy/local/cluster.sh, stopped after);
 /// one JSON row per mode and batch size, each against the core row of its batch size from the same invocation.
@@ -22,10 +22,10 @@ public static class ClusterBench
     public const string Usage = """
         usage: Backprop.Bench cluster [--json] [--epochs N] [--batch 64,256] [--model 784,128,64,10] [--workers N]
                                       [--train-limit N] [--modes core,embedded,processes] [--data-dir DIR]
-                                      [--server-shards LIST] [--rounds R] [--hosts N [--link RATE]]
+                                      [--server-shards LIST] [--rounds R] [--hosts N [--link RATE]] [--chunk C]
 
         Trains the pytorch-mlp preset (ReLU, cross-entropy, SGD momentum 0.9, lr 0.01, seed 1) with the given batch
-        sizes (chunk size = batch/4, the CLI's default) and model, in three modes:
+        sizes (chunk size = batch/4, the CLI's default, or --chunk) and model, in three modes:
           core       LocalTrainer in this process on N threads (warm-up until the JIT is quiet, then N epochs)
           embedded   the CLI's embedded silo (`backprop train`, a child process): N workers x 1 thread
           processes  N silo processes on loopback (deploy/local/cluster.sh, 1 worker thread each) and
@@ -38,6 +38,8 @@ public static class ClusterBench
                             the R x N timed epochs of its mode, their median and best, and ratio (median/median) and
                             ratioBest (best/best) against core
           --batch LIST      global batch sizes (default 64,256)
+          --chunk C         chunk size (at most the batch): a step has batch/C chunks, so up to that many workers get a
+                            block (default batch/4: 4 chunks, so more than 4 workers leave some idle)
           --model LIST      layer sizes (default 784,128,64,10; 784,1024,1024,10 is the big-model row)
           --workers N       workers = silos = core threads (default 2)
           --train-limit N   train on the first N images only (default 0 = all 60,000; for slow models)
@@ -106,7 +108,7 @@ public static class ClusterBench
     }
 
     private sealed record Options(bool Json, int Epochs, int[] Batches, int[] Layers, int Workers, int TrainLimit, string[] Modes, string DataDir,
-        int[] ServerShards, int Rounds, int Hosts, string Link)
+        int[] ServerShards, int Rounds, int Hosts, string Link, int Chunk)
     {
         public static Options Parse(string[] args)
         {
@@ -120,7 +122,7 @@ public static class ClusterBench
                 int.Parse(text) is var v and > 0 ? v : throw new ArgumentException($"{name}: {text} is not a positive integer");
             int[] List(string name, string text) => [.. text.Split(',').Select(t => Positive(name, t.Trim()))];
 
-            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir", "--server-shards", "--rounds", "--hosts", "--link" };
+            var known = new HashSet<string> { "--json", "--epochs", "--batch", "--model", "--workers", "--train-limit", "--modes", "--data-dir", "--server-shards", "--rounds", "--hosts", "--link", "--chunk" };
             for (int i = 0; i < args.Length; i++)
             {
                 if (!known.Contains(args[i])) throw new ArgumentException($"unknown argument '{args[i]}'");
@@ -147,7 +149,8 @@ public static class ClusterBench
                 List("--server-shards", Arg("--server-shards") ?? Arg("--workers") ?? "2"),
                 Positive("--rounds", Arg("--rounds") ?? "2"),
                 hosts,
-                link);
+                link,
+                Arg("--chunk") is { } c ? Positive("--chunk", c) : 0);
         }
     }
 
@@ -178,7 +181,7 @@ public static class ClusterBench
         {
             Model = Presets.PyTorchMlp.Model with { Layers = options.Layers },
             BatchSize = batch,
-            ChunkSize = RunSpec.DefaultChunkSize(batch),
+            ChunkSize = options.Chunk > 0 ? Math.Min(options.Chunk, batch) : RunSpec.DefaultChunkSize(batch),
             Epochs = options.Epochs + 1,
             Workers = options.Workers,
             TrainLimit = options.TrainLimit,
@@ -187,6 +190,17 @@ public static class ClusterBench
 
         public async Task RunAll()
         {
+            // Every spec checked before anything starts: a refused one is a one-line error, not a failure mid-run.
+            foreach (int batch in options.Batches)
+                foreach (int shards in options.ServerShards)
+                    try
+                    {
+                        (SpecFor(batch, shards) with { Workers = Math.Max(options.Workers, options.Hosts) }).Validate(threadsPerWorker: 1);
+                    }
+                    catch (ArgumentException e)
+                    {
+                        throw new BenchException($"batch {batch}, {shards} shards: {e.Message}");
+                    }
             foreach (var path in new[] { paths.Cli, paths.Silo }.Where(_ => options.Modes.Any(m => m != "core")))
                 if (!File.Exists(path)) throw new BenchException($"{path} is not built; run the bench with `dotnet run -c {Paths.Configuration} --project bench/Backprop.Bench`, which builds it");
             if (!options.Json)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# On the lent machine (the device tool, `carry: [".device"]`, command `bash .device/run.sh`): unpacks the bundle of
+# On the lent machine (the device tool, `carry: [".device"]`, command `bash .device/run.sh weak` or `... cluster`): unpacks the bundle of
 # bench/device/bundle.sh and runs the cluster benchmarks there, each bounded; rows and logs under $OUT.
 set -u
 start=$(date +%s)
@@ -9,9 +9,17 @@ cp -a /tmp/b/bins/. . && mkdir -p ~/.cache/backprop-distributed && cp -a /tmp/b/
 echo "nproc $(nproc)"; lscpu | grep -E "Model name"; grep -o -w -E "avx512f|avx2" /proc/cpuinfo | sort | uniq -c
 B="dotnet bench/Backprop.Bench/bin/Release/net10.0/Backprop.Bench.dll"
 step() { local name=$1 limit=$2; shift 2; local t=$(date +%s); timeout "$limit" "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.err"; echo "$name: rc $? in $(( $(date +%s) - t )) s"; tail -1 "$OUT/$name.err"; }
+# Two parts, one call each (a call may run 10 minutes): `bash .device/run.sh weak`, then `bash .device/run.sh cluster`.
+part=${1:-cluster}
+if [ "$part" = cluster ]; then
 step wire 60 $B wire --json
-step cluster 220 $B cluster --epochs 5 --rounds 2 --json
-step cluster4 120 $B cluster --modes core,processes --workers 4 --batch 256 --epochs 5 --rounds 1 --json
-step big2 150 $B cluster --modes core,processes --model 784,1024,1024,10 --batch 256 --train-limit 12000 --workers 2 --epochs 3 --rounds 1 --json
-step big4 150 $B cluster --modes core,processes --model 784,1024,1024,10 --batch 256 --train-limit 12000 --workers 4 --epochs 3 --rounds 1 --json
+step cluster 300 $B cluster --epochs 5 --rounds 2 --json
+else
+# Weak scaling of 784-1024-1024-10 on silo processes: 256 samples per worker a step (chunks of 64), 20 steps an epoch.
+for n in 1 2 4 8; do
+  shards=$n; [ $n -ge 4 ] && shards=1,$n
+  step weak$n 150 $B cluster --modes core,processes --model 784,1024,1024,10 --workers $n --server-shards $shards \
+    --batch $((256 * n)) --chunk 64 --train-limit $((5120 * n)) --epochs 3 --rounds 1 --json
+done
+fi
 echo "total $(( $(date +%s) - start )) s"

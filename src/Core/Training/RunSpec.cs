@@ -65,10 +65,8 @@ public sealed record RunSpec(
         if (!(ClipNorm >= 0) || double.IsInfinity(ClipNorm)) throw new ArgumentException($"clip-norm: {ClipNorm} is not a non-negative finite number (0: no clipping)");
         if (!Enum.IsDefined(Init)) throw new ArgumentException($"init: {(int)Init} is not a known scheme");
         Shards.Validate();
-        // A step's chunk sums, all of them, could come from one process in one message.
-        long chunks = (BatchSize + (long)ChunkSize - 1) / ChunkSize;
-        ResourceLimits.CheckMessageBytes(checked(chunks * Model.ParameterCount * sizeof(float)),
-            $"batch-size {BatchSize} / chunk-size {ChunkSize} = {chunks} chunk gradient sums of {Model.ParameterCount} parameters");
+        // No bound on chunks × parameters: a worker reduces its block's chunk sums before it sends anything (one vector,
+        // cut by shard), holding at most ⌈log2 chunks⌉ ≤ 20 partial sums (PairwiseSum), 1.25 GiB at the largest model.
         BatchBackprop.BufferBytes(Model, ChunkSize, threads: 1);
         WorkBounds.Check(this);
     }

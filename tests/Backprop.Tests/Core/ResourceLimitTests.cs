@@ -44,12 +44,13 @@ public class ResourceLimitTests
     }
 
     [Fact]
-    public void A_step_whose_chunk_sums_overflow_one_message_is_rejected()
+    public void Many_chunks_of_a_big_model_are_accepted_since_a_worker_sends_one_reduced_sum()
     {
-        // 1000 chunk sums of 109386 parameters travel to the parameter server in one call: 417 MiB.
-        var e = Assert.Throws<ArgumentException>(() => (Presets.PyTorchMlp with { BatchSize = 1000, ChunkSize = 1 }).Validate());
-        Assert.Contains("1000 chunk gradient sums of 109386 parameters", e.Message);
-        Assert.Contains("over the 64 MiB limit", e.Message);
+        // 16 chunks of 1,863,690 parameters: 114 MiB of chunk sums, but a worker reduces them first and sends one
+        // vector (a slice per shard), so only the vector has to fit a message.
+        var big = Presets.PyTorchMlp with { Model = Presets.PyTorchMlp.Model with { Layers = [784, 1024, 1024, 10] }, BatchSize = 1024, ChunkSize = 64, Workers = 4 };
+        big.Validate(threadsPerWorker: 1);
+        (Presets.PyTorchMlp with { BatchSize = 1000, ChunkSize = 1 }).Validate();
         Assert.Throws<ArgumentException>(() => (Presets.PyTorchMlp with { Workers = 256 }).Validate(threadsPerWorker: 17));
     }
 
@@ -85,13 +86,13 @@ public class ResourceLimitTests
             }
             accepted++;
             Assert.NotNull(exact);
-            var (parameters, threadBytes, totalBytes, stepBytes) = exact.Value;
+            var (parameters, threadBytes, totalBytes, reductionBytes) = exact.Value;
             Assert.Equal(parameters, spec.Model.ParameterCount);
             Assert.Equal(totalBytes, BatchBackprop.BufferBytes(spec.Model, spec.ChunkSize, threads));
             Assert.True(parameters <= ResourceLimits.MaxParameters);
             Assert.True(threadBytes <= ResourceLimits.MaxThreadBufferBytes);
             Assert.True(totalBytes <= ResourceLimits.MaxWorkerBufferBytes);
-            Assert.True(stepBytes <= ResourceLimits.MaxMessageBytes);
+            Assert.True(reductionBytes <= 20 * ResourceLimits.MaxMessageBytes);
             Assert.True((long)spec.Workers * threads <= ResourceLimits.MaxTotalThreads);
             if (totalBytes < 64_000_000)
             {
@@ -105,12 +106,13 @@ public class ResourceLimitTests
 
     /// <summary>
     /// What the spec needs, in exact integers, when its sizes are in range (null otherwise): parameters,
-    /// bytes of one backprop thread's buffers, of a worker's, and of a step's chunk sums. Written from
+    /// bytes of one backprop thread's buffers, of a worker's, and of its reduction's partial sums (⌈log2 chunks⌉
+    /// vectors, <see cref="PairwiseSum"/>; a worker sends only their root). Written from
     /// <see cref="BatchBackprop"/>'s buffer list: per thread x, xᵀ, actT[l ≥ 2] (actT[1] when it is the
     /// output), act[1..L-1], deltaT[1..L], 2 scratch rows, a gradient block, a loss per sample; shared
     /// actT[1], two index arrays and the labels. Each float buffer has 15 floats of alignment slack.
     /// </summary>
-    private static (long Parameters, long ThreadBytes, long TotalBytes, long StepBytes)? Exact(RunSpec spec, int threads)
+    private static (long Parameters, long ThreadBytes, long TotalBytes, long ReductionBytes)? Exact(RunSpec spec, int threads)
     {
         int[] s = spec.Model.Layers;
         int chunk = spec.ChunkSize, L = s.Length - 1;
@@ -126,10 +128,11 @@ public class ResourceLimitTests
         for (int l = 1; l < L; l++) floats += Pinned(n * s[l]);
         for (int l = 1; l <= L; l++) floats += Pinned(s[l] * mp);
         BigInteger thread = 4 * floats + 8 * n, shared = 4 * Pinned(s[1] * mp) + 9 * n;
-        BigInteger step = (spec.BatchSize + chunk - 1L) / chunk * parameters * 4;
+        long chunks = (spec.BatchSize + chunk - 1L) / chunk;
+        BigInteger reduction = (chunks <= 1 ? 0 : 64 - System.Numerics.BitOperations.LeadingZeroCount((ulong)(chunks - 1))) * parameters * 4;
         bool over = parameters > ResourceLimits.MaxParameters || thread > ResourceLimits.MaxThreadBufferBytes
-            || shared + threads * thread > ResourceLimits.MaxWorkerBufferBytes || step > ResourceLimits.MaxMessageBytes;
-        return over ? null : ((long)parameters, (long)thread, (long)(shared + threads * thread), (long)step);
+            || shared + threads * thread > ResourceLimits.MaxWorkerBufferBytes;
+        return over ? null : ((long)parameters, (long)thread, (long)(shared + threads * thread), (long)reduction);
     }
 
     /// <summary>One gradient sum over a few synthetic samples: the buffers planned are the buffers the kernels use.</summary>
