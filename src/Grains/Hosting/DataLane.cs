@@ -34,6 +34,8 @@ public sealed class LaneOptions
 /// bounds or does not arrive within the response timeout.</item>
 /// <item>A connection that breaks fails the calls waiting on it (the coordinator redoes their blocks); a call gives up
 /// after the response timeout, but a frame once started is sent whole (within twice that).</item>
+/// <item>Lanes of silos the membership declares dead are closed and forgotten, and so are lanes at addresses where no
+/// silo is known once their connection ended: the table of dialled lanes does not grow with the silos that came and went.</item>
 /// <item>Under TLS (<see cref="LaneTls"/>) every lane connection is TLS with the silo's certificate both ways and the
 /// checks of its silo connections. Off with <see cref="LaneOptions.Port"/> −1 and on the CLI's embedded silo (one silo:
 /// every shard is local).</item>
@@ -67,6 +69,8 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         public Task<LaneConnection?> Connecting = Task.FromResult<LaneConnection?>(null);
         public long RetryAt, ConnectedAt;
         public int Failures;
+        /// <summary>Taken out of the table (its silo died): a dial still in flight closes what it makes.</summary>
+        public bool Forgotten;
 
         /// <summary>Passes the lane over for 1 s, doubled with each failure in a row up to a minute; returns how long.</summary>
         public TimeSpan BackOff()
@@ -118,8 +122,54 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         Endpoint = listener.LocalEndPoint!.ToString();
         logger.LogInformation("Data lane listening on {Endpoint}", Endpoint);
         _ = Accept(listener);
+        _ = ForgetLeftSilos();
         return Task.CompletedTask;
     }
+
+    private async Task ForgetLeftSilos()
+    {
+        try
+        {
+            await foreach (var snapshot in membership.MembershipUpdates.WithCancellation(_stopping.Token)) Forget(snapshot);
+        }
+        catch (OperationCanceledException) when (_stopping.IsCancellationRequested)
+        {
+        }
+        catch (Exception e)
+        {
+            logger.LogWarning("Data lane: stopped following the membership ({Error}); lanes of silos that leave are no longer forgotten", e.Message);
+        }
+    }
+
+    /// <summary>
+    /// Closes and forgets the lanes at addresses where a silo died and none lives now (dialled or accepted: a host that
+    /// vanished would hold them until keep-alive gave up), and forgets ended lanes at addresses no silo has.
+    /// A lane at an address not yet in this silo's view is left alone while it is open or being dialled.
+    /// </summary>
+    internal void Forget(ClusterMembershipSnapshot snapshot)
+    {
+        var live = new HashSet<IPAddress>();
+        var dead = new HashSet<IPAddress>();
+        foreach (var member in snapshot.Members.Values)
+            (member.Status == SiloStatus.Dead ? dead : live).Add(Plain(member.SiloAddress.Endpoint.Address));
+        bool Died(IPAddress? address) => address is not null && dead.Contains(address) && !live.Contains(address);
+        lock (_dialled)
+            foreach (var (lane, known) in _dialled.ToList())
+            {
+                var address = IPEndPoint.TryParse(lane, out var endpoint) ? Plain(endpoint.Address) : null;
+                if (address is not null && live.Contains(address)) continue;
+                var connection = known.Connecting.IsCompletedSuccessfully ? known.Connecting.Result : null;
+                if (Died(address)) connection?.Close(new IOException($"the silo at {address} left the cluster"));
+                else if (!known.Connecting.IsCompleted || connection is { IsOpen: true }) continue;
+                known.Forgotten = true;
+                _dialled.Remove(lane);
+            }
+        foreach (var connection in _accepted.Keys)
+            if (Died(IPEndPoint.TryParse(connection.Peer, out var peer) ? Plain(peer.Address) : null))
+                connection.Close(new IOException($"the silo at {connection.Peer} left the cluster"));
+    }
+
+    private static IPAddress Plain(IPAddress address) => address.IsIPv4MappedToIPv6 ? address.MapToIPv4() : address;
 
     /// <summary>Shard <paramref name="shard"/>'s push through the lane at <paramref name="lane"/>, or <paramref name="viaOrleans"/> when it cannot be dialled.</summary>
     public async Task<PushReply> Push(string lane, string shard, GradientPush push, Func<Task<PushReply>> viaOrleans)
@@ -248,8 +298,9 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             lock (_dialled)
             {
                 known.ConnectedAt = Environment.TickCount64;
-                // Stopped meanwhile: DisposeAsync closed the connections it saw, not this one.
+                // Stopped meanwhile: DisposeAsync closed the connections it saw, not this one; forgotten: no one would close it.
                 if (_stopping.IsCancellationRequested) connection.Close(new IOException("the silo's data lane stopped"));
+                else if (known.Forgotten) connection.Close(new IOException($"the silo of {lane} left the cluster"));
             }
             return connection;
         }
@@ -300,7 +351,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     /// <summary>Whether <paramref name="address"/> is that of a silo of this cluster that is not dead, as this silo knows it now.</summary>
     private bool IsMember(IPAddress address)
     {
-        if (address.IsIPv4MappedToIPv6) address = address.MapToIPv4();
+        address = Plain(address);
         return membership.CurrentSnapshot.Members.Values.Any(m => m.Status is SiloStatus.Active or SiloStatus.Joining or SiloStatus.Created
             && m.SiloAddress.Endpoint.Address.Equals(address));
     }
@@ -457,6 +508,12 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         lock (_dialled)
             foreach (var known in _dialled.Values)
                 if (known.Connecting.IsCompletedSuccessfully) known.Connecting.Result?.Close(new IOException("broken by a test"));
+    }
+
+    /// <summary>Tests only: whether this silo knows the lane (has dialled it and not forgotten it).</summary>
+    internal bool KnowsForTests(string lane)
+    {
+        lock (_dialled) return _dialled.ContainsKey(lane);
     }
 
     /// <summary>Tests only: whether the lane's connection is open, and whether the lane is passed over for now (backing off).</summary>

@@ -188,16 +188,21 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         Assert.Equal(1, lane.Accepted);
     }
 
-    /// <summary>A listener on 127.0.0.1 that accepts every connection, counts it, greets it or not, and closes it at once.</summary>
+    /// <summary>
+    /// A listener (on 127.0.0.1 unless told) that accepts every connection, counts it, greets it or not, and closes it at
+    /// once, or, when it <paramref name="holds"/> them, when it is disposed.
+    /// </summary>
     private sealed class FakeLane : IDisposable
     {
         private readonly Socket _listener = new(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        private readonly System.Collections.Concurrent.ConcurrentBag<Socket> _held = [];
         private int _accepted;
 
-        public FakeLane(bool greets)
+        public FakeLane(bool greets, IPAddress? address = null, bool holds = false)
         {
-            _listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+            _listener.Bind(new IPEndPoint(address ?? IPAddress.Loopback, 0));
             _listener.Listen();
+            Endpoint = _listener.LocalEndPoint!.ToString()!;
             _ = Task.Run(async () =>
             {
                 while (true)
@@ -206,15 +211,79 @@ public sealed class DataLaneTests(ClusterFixture fixture)
                     try { s = await _listener.AcceptAsync(); } catch { return; }
                     Interlocked.Increment(ref _accepted);
                     if (greets) await s.SendAsync(new[] { DataLane.Accepted });
-                    s.Dispose();
+                    if (holds) _held.Add(s);
+                    else s.Dispose();
                 }
             });
         }
 
-        public string Endpoint => _listener.LocalEndPoint!.ToString()!;
+        public string Endpoint { get; } = "";
         public int Accepted => Volatile.Read(ref _accepted);
 
-        public void Dispose() => _listener.Dispose();
+        /// <summary>Whether the dialler closed every connection held here: each reads its end within 30 s.</summary>
+        public async Task<bool> AllClosedByDialler()
+        {
+            using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+            var buffer = new byte[64];
+            foreach (var s in _held)
+                while (true)
+                {
+                    int read;
+                    try { read = await s.ReceiveAsync(buffer, SocketFlags.None, timeout.Token); } catch (OperationCanceledException) { return false; }
+                    if (read == 0) break;
+                }
+            return !_held.IsEmpty;
+        }
+
+        public void Dispose()
+        {
+            _listener.Dispose();
+            foreach (var s in _held) s.Dispose();
+        }
+    }
+
+    [Fact]
+    public async Task Lanes_of_a_silo_declared_dead_are_closed_and_forgotten_and_ended_lanes_of_no_silo_too()
+    {
+        var lane = Lanes[0];
+        var membership = fixture.Cluster.Silos[0].ServiceProvider.GetRequiredService<IClusterMembershipService>();
+        var now = membership.CurrentSnapshot;
+
+        // An open lane at an address where no silo is known (127.0.0.2) stays while it is open, and goes once it ended.
+        using (var unknown = new FakeLane(greets: true, IPAddress.Parse("127.0.0.2"), holds: true))
+        {
+            Assert.True(await lane.DialForTests(unknown.Endpoint));
+            lane.Forget(now);
+            Assert.True(lane.KnowsForTests(unknown.Endpoint));
+            Assert.True(lane.StateForTests(unknown.Endpoint).Open);
+            unknown.Dispose();
+            var deadline = DateTime.UtcNow.AddSeconds(30);
+            while (lane.StateForTests(unknown.Endpoint).Open && DateTime.UtcNow < deadline) await Task.Delay(5);
+            Assert.False(lane.StateForTests(unknown.Endpoint).Open);
+            lane.Forget(now);
+            Assert.False(lane.KnowsForTests(unknown.Endpoint));
+        }
+
+        // An open lane at the address of a silo the membership declares dead is closed and forgotten at once; one at
+        // the address of a live silo (the cluster's lanes, 127.0.0.1) is kept, open.
+        using var died = new FakeLane(greets: true, IPAddress.Parse("127.0.0.3"), holds: true);
+        Assert.True(await lane.DialForTests(died.Endpoint));
+        Assert.True(await lane.DialForTests(Lanes[1].Endpoint!));
+        var ghost = SiloAddress.New(IPAddress.Parse("127.0.0.3"), 11111, 1);
+        var withDead = new ClusterMembershipSnapshot(now.Members.Add(ghost, new ClusterMember(ghost, SiloStatus.Dead, "ghost")),
+            new MembershipVersion(now.Version.Value + 1));
+        lane.Forget(withDead);
+        Assert.False(lane.KnowsForTests(died.Endpoint));
+        Assert.True(await died.AllClosedByDialler());
+        Assert.True(lane.StateForTests(Lanes[1].Endpoint!).Open);
+        // What the worker sees: the next call to the forgotten lane goes through Orleans while it is dialled again.
+        bool viaOrleans = false;
+        await lane.Pull(died.Endpoint, "lane-died/0", 1, 0, () =>
+        {
+            viaOrleans = true;
+            return Task.FromResult(new ParameterVersion(0, new FloatPayload([1f])));
+        });
+        Assert.True(viaOrleans);
     }
 
     [Theory]
