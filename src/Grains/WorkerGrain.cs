@@ -63,7 +63,15 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
 
         long allocatedAtStart = GC.GetTotalAllocatedBytes(precise: false);
         var window = new Window(this, spec, work, settings.ComputeDelayPerChunk * (end - first));
-        await StepLoop.Run(gradient, input, plan, work.Step, work.Steps, work.Version, (first, end), window);
+        try
+        {
+            await StepLoop.Run(gradient, input, plan, work.Step, work.Steps, work.Version, (first, end), window);
+        }
+        finally
+        {
+            // Pushes sent while a step was computed, whose step then failed: they read the sum's buffer until they end.
+            await EndPushes();
+        }
         return new BlockDone(first, window.Losses.ToArray(), SiloName, window.Compute, window.Pull, window.Push, window.Reduce, window.PulledAny,
             GC.GetTotalAllocatedBytes(precise: false), window.Wire, window.Divergence, allocatedAtStart);
     }
@@ -87,6 +95,11 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
 
         public GradientBlock? FusedUpdate => null;
 
+        private readonly EarlyPushes _early = new(worker, spec, work);
+        private bool _sendsEarly;
+
+        public BlockProgress? Progress => _sendsEarly ? _early : null;
+
         // Pooled: these run once a step and usually suspend (a pull, a push), which would box a state machine each time.
         [System.Runtime.CompilerServices.AsyncMethodBuilder(typeof(System.Runtime.CompilerServices.PoolingAsyncValueTaskMethodBuilder<>))]
         public async ValueTask<float[]> Begin(StepStart step)
@@ -94,6 +107,14 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
             var (pulled, bytes) = await worker.EnsureParameters(spec, work.Session, step.Version);
             (Pull, Wire, PulledAny) = (Pull + Seconds(System.Diagnostics.Stopwatch.GetTimestamp() - start), Wire + bytes, PulledAny || pulled);
+            if (delay > TimeSpan.Zero)
+            {
+                // Before the compute, so that a slow worker's pushes, early ones too, leave late.
+                long delaying = System.Diagnostics.Stopwatch.GetTimestamp();
+                await Task.Delay(delay);
+                Compute += Seconds(System.Diagnostics.Stopwatch.GetTimestamp() - delaying);
+            }
+            _sendsEarly = _early.Arm(step, _lossBefore);
             return worker._parameters;
         }
 
@@ -101,12 +122,6 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         public async ValueTask<bool> Apply(StepBlock block)
         {
             Compute += block.ComputeSeconds;
-            if (delay > TimeSpan.Zero)
-            {
-                long delaying = System.Diagnostics.Stopwatch.GetTimestamp();
-                await Task.Delay(delay);
-                Compute += Seconds(System.Diagnostics.Stopwatch.GetTimestamp() - delaying);
-            }
             long pushing = System.Diagnostics.Stopwatch.GetTimestamp();
             var pushed = await worker.PushStep(spec, work, block.Step, block.Version, block.Samples, _lossBefore, block.Loss, block.Sum);
             (Push, Reduce, Wire, Divergence) = (Push + Seconds(System.Diagnostics.Stopwatch.GetTimestamp() - pushing), Reduce + pushed.Reduce, Wire + pushed.WireBytes, pushed.Divergence);
@@ -118,7 +133,77 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     }
 
     /// <summary>
-    /// Pushes one step's block sum to every shard and takes the next version from their replies. The step's loss is
+    /// Sends a step's block sum to the shards on other silos slice by slice while it is computed: a shard's push leaves
+    /// as soon as the backprop threads have written the whole of its slice (the sum's last chunk writes it range by
+    /// range), so the bytes cross the network, and the shard may step its slice, while the rest is computed. The
+    /// message is the one <see cref="PushStep"/> would send. Only shards whose last reply named a data lane: a local
+    /// shard's pass would take a core from the compute, and a push through Orleans' connection would queue behind it.
+    /// </summary>
+    private sealed class EarlyPushes(WorkerGrain worker, RunSpec spec, BlockWork work) : BlockProgress
+    {
+        private readonly ShardLayout _layout = spec.Shards;
+        private readonly int[] _left = new int[spec.Shards.Shards];
+        private int[]? _ends;
+        private StepStart _step;
+        private double _lossBefore, _loss;
+
+        /// <summary>Ready for step <paramref name="step"/>; false when no shard is reached through a lane (then nothing is sent early).</summary>
+        public bool Arm(StepStart step, double lossBefore)
+        {
+            bool any = false;
+            for (int j = 0; j < _left.Length; j++)
+            {
+                bool early = j < worker._shardLanes.Length && worker._shardLanes[j] is not null;
+                _left[j] = early ? _layout.Length(j) : -1;
+                any |= early;
+            }
+            (_step, _lossBefore) = (step, lossBefore);
+            return any;
+        }
+
+        protected override void LossKnown(double loss) => _loss = loss;
+
+        protected override void Written(int start, int length)
+        {
+            _ends ??= Enumerable.Range(0, _layout.Shards).Select(_layout.End).ToArray();
+            int end = start + length, j = Array.BinarySearch(_ends, start);
+            for (j = j < 0 ? ~j : j + 1; j < _left.Length && _layout.Start(j) < end; j++)
+            {
+                int part = Math.Min(end, _layout.End(j)) - Math.Max(start, _layout.Start(j));
+                if (_left[j] > 0 && Interlocked.Add(ref _left[j], -part) == 0) worker.SendEarly(j, Push(j));
+            }
+        }
+
+        public GradientPush Push(int j) => worker.Push(work, _step.Version, _step.Samples, _lossBefore, _loss, Sum.Slice(_layout.Start(j), _layout.Length(j)));
+    }
+
+    private GradientPush Push(BlockWork work, long version, int samples, double lossBefore, double loss, ReadOnlyMemory<float> slice) =>
+        new(work.Incarnation, version, work.Block, work.BlockStarts, samples, lossBefore, loss, new FloatPayload(slice), work.Session);
+
+    /// <summary>Shard <paramref name="j"/>'s push, started on the thread pool: the caller is a backprop thread with the rest of the step to compute.</summary>
+    private void SendEarly(int j, GradientPush push)
+    {
+        BackpropMetrics.EarlyPush();
+        Volatile.Write(ref _pushes[j], Task.Run(() => Send(j, push)));
+    }
+
+    private Task<PushReply> Send(int j, GradientPush push)
+    {
+        var shard = _shards[j];
+        return _shardLanes[j] is { } shardLane ? lane.Push(shardLane, _shardKeys[j], push, () => shard.Push(push)) : shard.Push(push);
+    }
+
+    /// <summary>Waits for every push still in flight (their step failed) and lets their replies go.</summary>
+    private async Task EndPushes()
+    {
+        if (Array.TrueForAll(_pushes, p => p is null)) return;
+        await WhenAllEnded([.. _pushes.Where(p => p is not null)]);
+        foreach (var pending in _pushes) if (pending is { IsCompletedSuccessfully: true }) pending.Result.Next?.Parameters.Release();
+        Array.Clear(_pushes);
+    }
+
+    /// <summary>
+    /// Pushes one step's block sum to every shard (those not sent early by <see cref="EarlyPushes"/>) and takes the next version from their replies. The step's loss is
     /// null when a shard refused the step (divergence) or did not confirm it within its wait: this worker stops there,
     /// keeping the version it computed on, still good for a redo.
     /// </summary>
@@ -128,12 +213,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
         // Each shard copies its slice of the sum before it answers, so the buffer is free again once all have.
         var layout = spec.Shards;
         for (int j = 0; j < _shards.Length; j++)
-        {
-            var push = new GradientPush(work.Incarnation, version, work.Block, work.BlockStarts, samples,
-                lossBefore, loss, new FloatPayload(sum.Slice(layout.Start(j), layout.Length(j))), work.Session);
-            var shard = _shards[j];
-            _pushes[j] = _shardLanes[j] is { } shardLane ? lane.Push(shardLane, _shardKeys[j], push, () => shard.Push(push)) : shard.Push(push);
-        }
+            _pushes[j] ??= Send(j, Push(work, version, samples, lossBefore, loss, sum.Slice(layout.Start(j), layout.Length(j))));
         double reduce = 0;
         long wire = 0;
         string? divergence = null;

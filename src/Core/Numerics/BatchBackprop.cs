@@ -253,8 +253,9 @@ public sealed unsafe class BatchBackprop : IDisposable
     /// is final, from the thread that computed it, while it is still in that core's L1 (blocks of up to 4
     /// weight rows, and each thread's run of biases; threads call it at once for disjoint ranges).
     /// </summary>
-    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready) =>
-        Backward(parameters, n, labels, default, ready, updatesInPlace: false);
+    /// <param name="lossKnown">Told the summed cost on the calling thread once the forward pass is done, before any block.</param>
+    public double GradientSum(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, GradientBlock ready, Action<double>? lossKnown = null) =>
+        Backward(parameters, n, labels, default, ready, updatesInPlace: false, lossKnown);
 
     /// <summary>
     /// <see cref="GradientSum(ReadOnlySpan{float}, int, ReadOnlySpan{byte}, GradientBlock)"/> for a callback that
@@ -266,7 +267,8 @@ public sealed unsafe class BatchBackprop : IDisposable
         Backward(parameters, n, labels, default, update, updatesInPlace: true);
 
     /// <summary>The three phases of a gradient sum; see the class summary.</summary>
-    private double Backward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, GradientBlock? ready, bool updatesInPlace)
+    private double Backward(ReadOnlySpan<float> parameters, int n, ReadOnlySpan<byte> labels, Span<float> gradient, GradientBlock? ready, bool updatesInPlace,
+        Action<double>? lossKnown = null)
     {
         var pass = Begin(parameters, n, labels, backward: true);
         int m = _layout.Out(0);
@@ -278,6 +280,7 @@ public sealed unsafe class BatchBackprop : IDisposable
             (pass.Ready, pass.UpdatesInPlace) = (ready, updatesInPlace);
             _parallel.Run(m, pass, _firstLayerRows);
             _parallel.Run(m, pass, _laterLayers);
+            lossKnown?.Invoke(_threadBuffers[0].Loss);   // phase 2 summed the cost; phase 3 reports the blocks
             _parallel.Run(m, pass, _weightGradientRows);
             pass.Ready = null;
             pass.Parameters = pass.Gradient = null;

@@ -31,9 +31,10 @@ public sealed class ChunkRunner : IDisposable
     public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, Span<float> gradient, ReadOnlySpan<int> next = default) =>
         _backprop.GradientSum(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), gradient);
 
-    /// <summary>The same sum, given block by block to <paramref name="ready"/> (see <see cref="BatchBackprop"/>).</summary>
-    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, GradientBlock ready, ReadOnlySpan<int> next = default) =>
-        _backprop.GradientSum(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), ready);
+    /// <summary>The same sum, given block by block to <paramref name="ready"/> (see <see cref="BatchBackprop"/>); the cost to <paramref name="lossKnown"/> first.</summary>
+    public double GradientSum(Dataset data, ReadOnlySpan<float> parameters, ReadOnlySpan<int> indices, GradientBlock ready, ReadOnlySpan<int> next = default,
+        Action<double>? lossKnown = null) =>
+        _backprop.GradientSum(parameters, Load(data, indices, next), _labels.AsSpan(0, indices.Length), ready, lossKnown);
 
     /// <summary>The same blocks, to a callback that updates <paramref name="parameters"/> in place (a step's last chunk).</summary>
     public double GradientSumAndUpdate(Dataset data, Span<float> parameters, ReadOnlySpan<int> indices, GradientBlock update, ReadOnlySpan<int> next = default) =>

@@ -26,6 +26,7 @@ public sealed class PairwiseSum
     private int _leaves, _leaf, _target;
     private bool _last;
     private GradientBlock? _root;
+    private RangeWritten? _written;
     private ReadOnlyMemory<float> _result;
 
     /// <param name="length">Entries of every sum.</param>
@@ -46,17 +47,26 @@ public sealed class PairwiseSum
     public int Length { get; }
     public int MaxLeaves { get; }
 
+    /// <summary>Entries [start, start + length) of a root kept in memory are final (see <see cref="Begin"/>).</summary>
+    public delegate void RangeWritten(int start, int length);
+
     /// <summary>
     /// Starts a sum of <paramref name="leaves"/> leaves. <paramref name="root"/> receives the root block by block
     /// (it may be called from several threads at once, for disjoint ranges); without it the root stays in this
-    /// object's buffer until the next <see cref="Begin"/>.
+    /// object's buffer (<see cref="RootBuffer"/>) until the next <see cref="Begin"/>, and <paramref name="written"/>,
+    /// when given, is told each range of it once final, from the thread that wrote it (the last leaf then comes in
+    /// blocks, one leaf alone too).
     /// </summary>
-    public void Begin(int leaves, GradientBlock? root = null)
+    public void Begin(int leaves, GradientBlock? root = null, RangeWritten? written = null)
     {
         if (leaves < 1 || leaves > MaxLeaves) throw new ArgumentOutOfRangeException(nameof(leaves), $"{leaves} leaves is outside 1..{MaxLeaves}");
-        (_leaves, _leaf, _root, _result) = (leaves, 0, root, default);
+        if (root is not null && written is not null) throw new ArgumentException("a root given to a callback is not written here");
+        (_leaves, _leaf, _root, _written, _result) = (leaves, 0, root, written, default);
         Array.Clear(_waiting);
     }
+
+    /// <summary>Where the root of the sum begun is built when it is kept in memory: final range by range, whole at the end.</summary>
+    public ReadOnlyMemory<float> RootBuffer => _owned[LowestSetBit(_leaves - 1)];
 
     /// <summary>True once every leaf has been given.</summary>
     public bool Done => _leaves > 0 && _leaf == _leaves;
@@ -74,7 +84,7 @@ public sealed class PairwiseSum
         PlanLeaf();
         // A leaf that merges with nothing and waits (or is the root kept here) is written straight into its buffer.
         bool merges = _last ? _leaf != 0 : (_leaf & 1) == 1;
-        return merges || (_last && _root is not null) ? new LeafTarget(null, _leafBlock) : new LeafTarget(_owned[_target], null);
+        return merges || (_last && (_root is not null || _written is not null)) ? new LeafTarget(null, _leafBlock) : new LeafTarget(_owned[_target], null);
     }
 
     /// <summary>Marks the leaf announced by <see cref="NextLeaf"/> as given.</summary>
@@ -148,7 +158,7 @@ public sealed class PairwiseSum
     {
         int x = _leaf, n = values.Length;
         int top = _last ? Levels(x + 1) : TrailingOnes(x);
-        Span<float> node = _last && x == 0 ? default : _owned[_target].AsSpan(start, n);
+        Span<float> node = _last && x == 0 && _root is not null ? default : _owned[_target].AsSpan(start, n);
         ReadOnlySpan<float> right = values;
         for (int level = 0; level < top; level++)
         {
@@ -158,6 +168,7 @@ public sealed class PairwiseSum
         }
         if (_last && _root is not null) _root(start, right);
         else if (right != node) right.CopyTo(node);
+        if (_last) _written?.Invoke(start, n);
     }
 
     private void ClearMerged()

@@ -34,17 +34,21 @@ public sealed class StepGradient : IDisposable
     /// chunk's gradient sum, in the tree's order, into <see cref="Result"/>; returns the summed cost.
     /// <paramref name="nextStepChunk"/>: the chunk of the next step this caller will compute, to prefetch its samples.
     /// </summary>
-    public double SumBlock(Dataset data, EpochPlan plan, int step, int first, int end, ReadOnlySpan<float> parameters, int nextStepChunk = -1)
+    public double SumBlock(Dataset data, EpochPlan plan, int step, int first, int end, ReadOnlySpan<float> parameters, int nextStepChunk = -1,
+        BlockProgress? progress = null)
     {
-        _sum.Begin(Check(plan, step, first, end));
+        _sum.Begin(Check(plan, step, first, end), written: progress?.OnWritten);
+        if (progress is not null) progress.Sum = _sum.RootBuffer;
         double loss = 0;
         for (int c = first; c < end; c++)
         {
             var next = Next(plan, step, c, end, nextStepChunk);
             var target = _sum.NextLeaf();
+            bool last = c == end - 1;
+            if (last && progress is not null) progress.LossBefore = loss;
             loss += target.Buffer is { } buffer
                 ? _runner.GradientSum(data, parameters, plan.Chunk(step, c), buffer, next)
-                : _runner.GradientSum(data, parameters, plan.Chunk(step, c), target.Blocks!, next);
+                : _runner.GradientSum(data, parameters, plan.Chunk(step, c), target.Blocks!, next, last ? progress?.OnChunkLoss : null);
             _sum.Next();
         }
         return loss;

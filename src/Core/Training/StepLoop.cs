@@ -25,6 +25,9 @@ public interface IStepTarget
     /// </summary>
     GradientBlock? FusedUpdate { get; }
 
+    /// <summary>For a target that sends a block's sum as it is computed: told what of it is final (null: nothing, the sum is taken whole).</summary>
+    BlockProgress? Progress => null;
+
     /// <summary>Applies the step with this block (or hands the block to who does); false: stop the loop after this step.</summary>
     ValueTask<bool> Apply(StepBlock block);
 }
@@ -56,7 +59,7 @@ public static class StepLoop
             // The same block of the next step is this caller's too while the cut stays: its samples are fetched meanwhile.
             double loss = whole && target.FusedUpdate is { } update
                 ? gradient.SumStep(input, plan, step, parameters, update)
-                : gradient.SumBlock(input, plan, step, first, end, parameters, nextStepChunk: first);
+                : gradient.SumBlock(input, plan, step, first, end, parameters, nextStepChunk: first, target.Progress);
             var sum = whole && target.FusedUpdate is not null ? ReadOnlyMemory<float>.Empty : gradient.Result;
             double seconds = System.Diagnostics.Stopwatch.GetElapsedTime(computing).TotalSeconds;
             if (!await target.Apply(new StepBlock(step, start.Version, start.Samples, loss, sum, seconds))) return k;

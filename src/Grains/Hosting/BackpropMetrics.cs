@@ -32,7 +32,7 @@ public static class BackpropMetrics
     private static readonly Histogram<double> CheckpointDuration = Seconds("backprop.checkpoint.duration", "Writing one shard checkpoint to grain storage");
     // The counters are observed from these totals: each is on /metrics from the start, at 0 until it moves.
     private static long _steps, _samples, _wireBytes, _recoveries, _redos, _resumes, _workerFailures;
-    private static long _laneSent, _laneServed, _laneFallbacks;
+    private static long _laneSent, _laneServed, _laneFallbacks, _earlyPushes;
 
     private static readonly ConcurrentDictionary<string, (double Accuracy, double Loss)> Epochs = new(StringComparer.Ordinal);
     private static readonly ConcurrentDictionary<string, WorkerStats[]> Stragglers = new(StringComparer.Ordinal);
@@ -54,6 +54,8 @@ public static class BackpropMetrics
             }, "{call}", "Pushes and pulls through data lanes: sent by this silo's workers, answered by this silo's lane");
         Meter.CreateObservableCounter("backprop.lane.fallbacks", () => Interlocked.Read(ref _laneFallbacks), "{call}",
             "Pushes and pulls to a shard on another silo that went through Orleans: its lane was not connected (yet)");
+        Meter.CreateObservableCounter("backprop.push.early", () => Interlocked.Read(ref _earlyPushes), "{push}",
+            "Pushes to a shard on another silo that this silo's workers sent while the rest of their step was still computed");
         Meter.CreateObservableCounter("backprop.worker.failures", () => Interlocked.Read(ref _workerFailures), "{failure}", "Worker calls that failed");
         Meter.CreateObservableGauge("backprop.epoch.test_accuracy", () => Epochs.Select(e => new Measurement<double>(e.Value.Accuracy, new KeyValuePair<string, object?>("run", e.Key))),
             "1", "Test accuracy after the last finished epoch of each run this silo coordinates");
@@ -92,6 +94,12 @@ public static class BackpropMetrics
     /// <summary>Tests only: the lane counters of this process (every silo in it).</summary>
     internal static (long Sent, long Served, long Fallbacks) LaneTotals =>
         (Interlocked.Read(ref _laneSent), Interlocked.Read(ref _laneServed), Interlocked.Read(ref _laneFallbacks));
+
+    /// <summary>A push sent as soon as its shard's slice of the sum was written, before the step's compute ended.</summary>
+    public static void EarlyPush() => Interlocked.Increment(ref _earlyPushes);
+
+    /// <summary>Tests only: the early pushes of this process (every silo in it).</summary>
+    internal static long EarlyPushes => Interlocked.Read(ref _earlyPushes);
 
     /// <summary>A push or pull to a shard whose lane was not connected: it went through Orleans.</summary>
     public static void LaneFallback() => Interlocked.Increment(ref _laneFallbacks);

@@ -53,7 +53,7 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         foreach (var from in Lanes)
             foreach (var to in Lanes.Where(l => l != from))
                 Assert.True(await from.DialForTests(to.Endpoint!));
-        long servedBefore = Lanes.Sum(l => l.Served), calledBefore = Lanes.Sum(l => l.Called);
+        long servedBefore = Lanes.Sum(l => l.Served), calledBefore = Lanes.Sum(l => l.Called), earlyBefore = BackpropMetrics.EarlyPushes;
         var metricsBefore = BackpropMetrics.LaneTotals;
 
         var status = await RunToEnd("lane-bits", spec);
@@ -66,6 +66,10 @@ public sealed class DataLaneTests(ClusterFixture fixture)
         Assert.True(served >= 3 * 2 * steps / 2, $"{served} requests served by the lanes for {steps} steps of 3 workers and 3 shards");
         // Every call sent was answered (bounds, not equality: a run of another test may still be winding down).
         Assert.True(called >= 3 * 2 * steps / 2, $"{called} requests sent through the lanes for {steps} steps");
+        // Once a shard's reply named its lane, a worker sends its slice as soon as the backprop threads wrote it, while
+        // the rest of the step is computed (its last chunk writes the sum range by range).
+        long early = BackpropMetrics.EarlyPushes - earlyBefore;
+        Assert.True(early >= 3 * 2 * steps / 2, $"{early} pushes sent early for {steps} steps of 3 workers and 3 shards");
         // And counted on /metrics (backprop.lane.calls, both directions: every silo of the cluster is in this process).
         var metrics = BackpropMetrics.LaneTotals;
         Assert.True(metrics.Served - metricsBefore.Served >= served && metrics.Sent - metricsBefore.Sent >= called,

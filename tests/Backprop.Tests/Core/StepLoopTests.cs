@@ -39,6 +39,51 @@ public sealed class StepLoopTests
         }
     }
 
+    /// <summary>Records what a block's progress reported: the loss, and each range with its values at the time it was reported.</summary>
+    private sealed class Watching : BlockProgress
+    {
+        public List<double> Losses { get; } = [];
+        public List<(int Start, float[] Values, bool AfterLoss)> Ranges { get; } = [];
+
+        protected override void LossKnown(double loss) => Losses.Add(loss);
+
+        protected override void Written(int start, int length)
+        {
+            var values = Sum.Span.Slice(start, length).ToArray();
+            lock (Ranges) Ranges.Add((start, values, Losses.Count > 0));
+        }
+    }
+
+    [Theory]
+    [InlineData(0, 1, 1)]   // one chunk alone: its sum is the block's
+    [InlineData(0, 4, 1)]   // the last of four chunks merges with the three before it
+    [InlineData(4, 7, 2)]   // an uneven node of a 7-chunk step, on two threads
+    public void A_blocks_progress_reports_its_loss_first_then_every_range_once_with_its_final_values(int first, int end, int threads)
+    {
+        var spec = (Presets.PyTorchMlp with { BatchSize = 112, ChunkSize = 16, Seed = 3 }).Resolve(Data.Train.Count);
+        var plan = new EpochPlan(Data.Train.Count, spec.BatchSize, spec.ChunkSize, spec.Seed, epoch: 0);
+        var parameters = Initializer.Create(spec.Model, spec.Init, spec.Seed);
+        using var plain = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads);
+        using var watched = new StepGradient(spec.Model, spec.ChunkSize, spec.ChunksPerStep, threads);
+        var progress = new Watching();
+
+        double expectedLoss = plain.SumBlock(Data.Train, plan, 0, first, end, parameters);
+        double loss = watched.SumBlock(Data.Train, plan, 0, first, end, parameters, progress: progress);
+
+        Assert.Equal(expectedLoss, loss);
+        Assert.Equal([loss], progress.Losses);
+        Assert.Equal(plain.Result.ToArray(), watched.Result.ToArray());
+        var covered = new int[parameters.Length];
+        foreach (var (start, values, afterLoss) in progress.Ranges)
+        {
+            Assert.True(afterLoss);
+            // Final when reported: the values then are the finished sum's.
+            Assert.Equal(plain.Result.Span.Slice(start, values.Length).ToArray(), values);
+            for (int i = start; i < start + values.Length; i++) covered[i]++;
+        }
+        Assert.All(covered, c => Assert.Equal(1, c));
+    }
+
     [Fact]
     public async Task The_loop_hands_out_each_steps_version_and_samples_and_stops_where_the_target_says()
     {
