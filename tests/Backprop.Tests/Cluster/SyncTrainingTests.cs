@@ -234,6 +234,85 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task A_block_of_a_step_two_or_more_behind_is_refused_and_only_the_step_just_applied_gets_the_current_version_back()
+    {
+        var (shard, spec, initial) = await Shard("stale-step");
+        var optimizer = Optimizer.For(spec.Optimizer);
+        float[] expected = (float[])initial.Clone(), state = new float[initial.Length * optimizer.StateVectors];
+        // Three steps of one block each (a block alone completes its step), with a different gradient each.
+        FloatPayload Gradient(long step) => new(Enumerable.Repeat(0.25f * (step + 1), initial.Length).ToArray());
+        float[] previous = [];
+        for (long step = 0; step < 3; step++)
+        {
+            var reply = await shard.Push(Push(0, [0], Gradient(step), step: step));
+            previous = (float[])expected.Clone();
+            optimizer.Step(step, expected, Gradient(step).Span.ToArray(), 32, state);
+            Assert.Null(reply.Divergence);
+            Assert.Equal(step + 1, reply.Next!.Step);
+            Assert.Equal(expected, reply.Next.Parameters.Span.ToArray());
+        }
+
+        // The shard is at version 3. A block of step 1 or 0 is left over from a step long gone: refused, not answered with
+        // version 3 (which its sender would take for version 2), and nothing changes.
+        foreach (long stale in new long[] { 1, 0 })
+        {
+            var refused = await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], Gradient(stale), step: stale)));
+            Assert.Contains($"is at version 3; a block of step {stale} arrived", refused.Message);
+        }
+        Assert.Equal(expected, (await shard.Pull(Session, 3)).Parameters.Span.ToArray());
+        Assert.Equal(previous, (await shard.Pull(Session, 2)).Parameters.Span.ToArray());
+        // A redone block of step 2, the step just applied, gets exactly the version that step made.
+        var redo = await shard.Push(Push(0, [0], Gradient(2), step: 2));
+        Assert.Null(redo.Divergence);
+        Assert.Equal(3, redo.Next!.Step);
+        Assert.Equal(expected, redo.Next.Parameters.Span.ToArray());
+
+        // And the next step goes on from version 3 and its optimizer state, untouched by the stale blocks.
+        var fourth = await shard.Push(Push(0, [0], Gradient(3), step: 3));
+        optimizer.Step(3, expected, Gradient(3).Span.ToArray(), 32, state);
+        Assert.Equal(4, fourth.Next!.Step);
+        Assert.Equal(expected, fourth.Next.Parameters.Span.ToArray());
+    }
+
+    [Fact]
+    public async Task A_worker_whose_step_is_two_behind_the_shard_counts_no_loss_for_it_and_never_takes_the_shards_version_for_the_next()
+    {
+        const string runId = "stale-worker";
+        var (shard, spec, initial) = await Shard(runId);
+        var worker = fixture.Cluster.Client.GetGrain<IWorkerGrain>($"{runId}/1.0/0");
+        BlockWork Work(int step) => new(spec, 1, 0, step, step, 0, [0], 0, fixture.DatasetSha256, Session);
+        // The worker runs step 0 alone (one block: the whole step) and holds version 1, the version its push brought back.
+        var first = await worker.ComputeBlock(Work(0));
+        Assert.Single(first.StepLosses);
+        // Steps 1 and 2 are applied without it (other workers, as the shard sees it): the shard is at version 3.
+        var gradient = new FloatPayload(Enumerable.Repeat(0.5f, initial.Length).ToArray());
+        for (long step = 1; step <= 2; step++) Assert.Equal(step + 1, (await shard.Push(Push(0, [0], gradient, step: step))).Next!.Step);
+
+        // Step 1 again on the version 1 it holds (no pull): its push is two steps behind. No loss is counted for it, and
+        // version 3 is not taken for version 2 (the shard refuses the block; were it answered, the worker must not adopt it).
+        var version3 = (await shard.Pull(Session, 3)).Parameters.Span.ToArray();
+        try
+        {
+            var stale = await worker.ComputeBlock(Work(1));
+            Assert.Empty(stale.StepLosses);
+        }
+        catch (ShardMovedException e)
+        {
+            Assert.Contains("is at version 3; a block of step 1 arrived", e.Message);
+        }
+        Assert.Equal(version3, (await shard.Pull(Session, 3)).Parameters.Span.ToArray());
+
+        // A redo of step 2 needs version 2, which the worker does not hold: it pulls it, and takes version 3 from the reply.
+        var redo = await worker.ComputeBlock(Work(2));
+        Assert.True(redo.Pulled, "the worker computed step 2 on a version it did not pull");
+        Assert.Single(redo.StepLosses);
+        var next = await worker.ComputeBlock(Work(3));
+        Assert.False(next.Pulled, "the worker did not hold version 3 after the redo of step 2");
+        Assert.Single(next.StepLosses);
+        Assert.Equal(4, (await shard.Pull(Session, 4)).Step);
+    }
+
+    [Fact]
     public async Task Blocks_combined_with_their_siblings_as_they_arrive_give_the_bits_of_adding_them_at_the_end()
     {
         // 8 chunks cut into 5 blocks ([0,2) [2,4) [4,6) [6,7) [7,8)); values of very different magnitudes, so that adding
