@@ -313,6 +313,41 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     }
 
     [Fact]
+    public async Task A_newer_coordinators_fence_counts_only_once_it_is_stored()
+    {
+        const string runId = "fence-unstored";
+        var (shard, spec, initial) = await Shard(runId);
+        var gradient = new FloatPayload(Enumerable.Repeat(0.5f, initial.Length).ToArray());
+        // The shard's stored fence, one file of the test cluster's file storage.
+        string file = Assert.Single(Directory.GetFiles(Path.Combine(fixture.StateDir, "fence"), "*.state"), f => Path.GetFileName(f).Contains(runId));
+        byte[] fenceOfIncarnation1 = await File.ReadAllBytesAsync(file);
+
+        // Incarnation 2 is the record's now, but the fence cannot be stored: the file is a later version storage cannot
+        // read (a damaged record), so the write's conflict cannot be resolved and the attach fails at once. (A plain I/O
+        // failure of the write would be retried for StateWrites.RetryBudget before the attach gave up.)
+        await StoreRecord(runId, spec, incarnation: 2);
+        await File.WriteAllBytesAsync(file, [.. BitConverter.GetBytes(99L), .. Enumerable.Repeat((byte)0xFF, 16)]);
+        var failed = await Assert.ThrowsAsync<OrleansException>(() => shard.Attach(spec, incarnation: 2, Key));
+        Assert.Contains($"FileGrainStorage.fence during ReadStateAsync for grain parametershard/{runId}/0", failed.Message);
+
+        // Not fenced in memory either: incarnation 1 still drives the shard (its step is applied), and incarnation 2 is not attached.
+        var applied = await shard.Push(Push(0, [0], gradient));
+        Assert.Equal(1, applied.Next!.Step);
+        Assert.Contains("is not attached to coordinator incarnation 2 yet",
+            (await Assert.ThrowsAsync<ShardMovedException>(() => shard.Push(Push(0, [0], gradient, incarnation: 2, step: 1)))).Message);
+
+        // Storage works again: the attach of incarnation 2 is stored, and from then on incarnation 1 is fenced off.
+        await File.WriteAllBytesAsync(file, fenceOfIncarnation1);
+        await shard.Attach(spec, incarnation: 2, Key);
+        Assert.Contains("coordinator incarnation 1 is superseded by 2",
+            (await Assert.ThrowsAsync<StaleCoordinatorException>(() => shard.Push(Push(0, [0], gradient, step: 1)))).Message);
+        var storage = fixture.Cluster.Silos[0].ServiceProvider.GetRequiredKeyedService<Orleans.Storage.IGrainStorage>(SiloSetup.StorageName);
+        var fence = new GrainState<ShardFence>();
+        await storage.ReadStateAsync("fence", shard.GetGrainId(), fence);
+        Assert.Equal(2, fence.State!.Incarnation);
+    }
+
+    [Fact]
     public async Task Blocks_combined_with_their_siblings_as_they_arrive_give_the_bits_of_adding_them_at_the_end()
     {
         // 8 chunks cut into 5 blocks ([0,2) [2,4) [4,6) [6,7) [7,8)); values of very different magnitudes, so that adding
