@@ -18,6 +18,11 @@ for d in src/Client/bin/Release/net10.0 src/Silo/bin/Release/net10.0 bench/Backp
   [ -d "$stage/bins/$d/runtimes" ] && find "$stage/bins/$d/runtimes" -mindepth 1 -maxdepth 1 ! -name linux-x64 -exec rm -rf {} +
 done
 cp -a "$data/mnist" "$stage/data/"
+# BASE=DIR (a worktree of another commit, built in Release): that build's own assemblies too, for an A/B (run.sh ab).
+if [ -n "${BASE:-}" ]; then
+  (cd "$BASE" && find src/Client/bin/Release/net10.0 src/Silo/bin/Release/net10.0 bench/Backprop.Bench/bin/Release/net10.0 -maxdepth 1 \
+    \( -name 'Backprop*.dll' -o -name 'backprop.dll' \) -print0 | xargs -0 -I{} install -D {} "$stage/base/{}")
+fi
 python3 - "$stage/bins" <<'PY'
 import hashlib, os, sys
 seen = {}

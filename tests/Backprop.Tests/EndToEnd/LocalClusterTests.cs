@@ -52,8 +52,8 @@ public sealed class LocalClusterTests : IDisposable
         double accuracy = lines[1].GetProperty("testAccuracy").GetDouble();
         Assert.InRange(accuracy, 0.0, 1.0);
 
-        // Four workers with a chunk each, two per silo, one shard on the first silo: each worker of the other process
-        // pushes its sum and gets the next version back (no pulls once the first step is done), all in pooled buffers.
+        // Four workers with a chunk each, two per silo, a shard on each silo: each worker pushes the other process' half
+        // of its sum and gets that half of the next version back (no pulls once the first step is done), in pooled buffers.
         var profile = lines[1].GetProperty("profile");
         long vectorBytes = Presets.PyTorchMlp.Model.ParameterCount * sizeof(float);
         Assert.Equal(4.0 * vectorBytes, profile.GetProperty("wireBytesPerStep").GetDouble());
@@ -66,6 +66,17 @@ public sealed class LocalClusterTests : IDisposable
         local.TrainEpoch(0);
         local.TrainEpoch(1);
         Assert.Equal(ParameterHash.Sha256(local.Parameters), lines[1].GetProperty("parameterSha256").GetString());
+
+        // One worker and seven shards across the two processes: the same bits as one process too.
+        string sevenMetrics = Path.Combine(_work, "seven.jsonl");
+        var seven = Cli("train", "--preset", "pytorch-mlp", "--epochs", "1", "--workers", "1", "--server-shards", "7", "--seed", "4",
+            "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster, "--run-id", "e2e-seven", "--metrics-out", sevenMetrics);
+        Assert.True(seven.Code == 0, seven.Output);
+        var one = new LocalTrainer(Presets.PyTorchMlp with { Seed = 4, Workers = 1, Epochs = 1, ServerShards = 7 }, data.Train);
+        one.TrainEpoch(0);
+        var sevenLine = JsonDocument.Parse(File.ReadAllLines(sevenMetrics).Single()).RootElement;
+        Assert.Equal(ParameterHash.Sha256(one.Parameters), sevenLine.GetProperty("parameterSha256").GetString());
+        Assert.True(sevenLine.GetProperty("profile").GetProperty("wireBytesPerStep").GetDouble() > 0, "no shard in the other process");
 
         var status = Cli("status", "e2e-run", "--gateway", $"127.0.0.1:{gatewayPort}", "--cluster-id", cluster);
         Assert.True(status.Code == 0, status.Output);

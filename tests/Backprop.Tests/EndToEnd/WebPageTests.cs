@@ -26,7 +26,7 @@ public sealed partial class WebPageTests : IDisposable
     private static readonly string[] Families =
     [
         "backprop_steps_total", "backprop_samples_total", "backprop_wire_bytes_total", "backprop_recoveries_total", "backprop_redos_total",
-        "backprop_resumes_total", "backprop_worker_failures_total", "backprop_lane_calls_total", "backprop_lane_fallbacks_total", "backprop_step_duration_seconds", "backprop_step_compute_duration_seconds",
+        "backprop_resumes_total", "backprop_worker_failures_total", "backprop_lane_calls_total", "backprop_lane_fallbacks_total", "backprop_push_early_total", "backprop_step_duration_seconds", "backprop_step_compute_duration_seconds",
         "backprop_step_transfer_duration_seconds", "backprop_step_reduce_and_step_duration_seconds", "backprop_step_server_call_duration_seconds",
         "backprop_step_barrier_wait_duration_seconds", "backprop_worker_compute_duration_seconds", "backprop_worker_compute_median_seconds",
         "backprop_checkpoint_duration_seconds",
