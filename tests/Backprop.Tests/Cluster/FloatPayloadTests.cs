@@ -38,9 +38,10 @@ public sealed class FloatPayloadTests
         /// How many times the pool lends <paramref name="array"/> before it runs out of its size. The array is held from
         /// then on (given back once on dispose); the others lent here are left to the collector, so the bucket stays empty.
         /// </summary>
-        public int Lent(float[] array)
+        /// <param name="rents">More than the arrays given back since the drain (by default, more than a bucket holds).</param>
+        public int Lent(float[] array, int rents = MoreThanABucket)
         {
-            int times = Enumerable.Range(0, MoreThanABucket).Select(_ => FloatPayload.Pool.Rent(Length)).Count(a => ReferenceEquals(a, array));
+            int times = Enumerable.Range(0, rents).Select(_ => FloatPayload.Pool.Rent(Length)).Count(a => ReferenceEquals(a, array));
             if (times > 0) _held.Add(array);
             return times;
         }
@@ -86,18 +87,44 @@ public sealed class FloatPayloadTests
     public void Two_threads_releasing_one_payload_at_once_give_its_array_back_once_and_tell_its_owner_once()
     {
         using var pool = new Drained();
-        using var start = new Barrier(2);
-        for (int round = 0; round < 100; round++)
+        const int Rounds = 5_000;
+        using var barrier = new Barrier(3);
+        using var stop = new CancellationTokenSource();   // a failed round lets the releasing threads go
+        FloatPayload? payload = null;
+        var threads = Enumerable.Range(0, 2).Select(_ => new Thread(() =>
         {
-            var payload = FloatPayload.Rent(Length);
-            var array = ArrayOf(payload);
-            int released = 0;
-            payload.OnRelease(() => Interlocked.Increment(ref released));
-            var threads = Enumerable.Range(0, 2).Select(_ => new Thread(() => { start.SignalAndWait(); payload.Release(); })).ToList();
-            threads.ForEach(t => t.Start());
+            try
+            {
+                for (int round = 0; round < Rounds; round++)
+                {
+                    barrier.SignalAndWait(stop.Token);   // the payload of this round is set
+                    payload!.Release();
+                    barrier.SignalAndWait(stop.Token);   // both have released it
+                }
+            }
+            catch (OperationCanceledException) { }
+        }) { IsBackground = true }).ToList();
+        threads.ForEach(t => t.Start());
+        try
+        {
+            for (int round = 0; round < Rounds; round++)
+            {
+                payload = FloatPayload.Rent(Length);
+                var array = ArrayOf(payload);
+                int released = 0;
+                payload.OnRelease(() => Interlocked.Increment(ref released));
+                barrier.SignalAndWait();
+                barrier.SignalAndWait();
+                Assert.Equal(1, released);
+                // Two releases give back at most two arrays since the last round, so three rents find every one of them.
+                // The array is held by the drain from here on: the next round rents a fresh one.
+                Assert.Equal(1, pool.Lent(array, rents: 3));
+            }
+        }
+        finally
+        {
+            stop.Cancel();
             threads.ForEach(t => t.Join());
-            Assert.Equal(1, released);
-            Assert.Equal(1, pool.Lent(array));   // and held by the drain from here on, so the next round rents a fresh one
         }
     }
 
