@@ -143,7 +143,7 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     {
         private readonly ShardLayout _layout = spec.Shards;
         private readonly int[] _left = new int[spec.Shards.Shards];
-        private int[]? _ends;
+        private readonly int[] _ends = Enumerable.Range(0, spec.Shards.Shards).Select(spec.Shards.End).ToArray();
         private StepStart _step;
         private double _lossBefore, _loss;
 
@@ -165,7 +165,6 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
 
         protected override void Written(int start, int length)
         {
-            _ends ??= Enumerable.Range(0, _layout.Shards).Select(_layout.End).ToArray();
             int end = start + length, j = Array.BinarySearch(_ends, start);
             for (j = j < 0 ? ~j : j + 1; j < _left.Length && _layout.Start(j) < end; j++)
             {
@@ -184,7 +183,8 @@ public sealed class WorkerGrain(DatasetCache datasets, WorkerSettings settings, 
     private void SendEarly(int j, GradientPush push)
     {
         BackpropMetrics.EarlyPush();
-        Volatile.Write(ref _pushes[j], Task.Run(() => Send(j, push)));
+        // Without the backprop thread's execution context: it is that of the call that made the thread, long over.
+        using (ExecutionContext.SuppressFlow()) Volatile.Write(ref _pushes[j], Task.Run(() => Send(j, push)));
     }
 
     private Task<PushReply> Send(int j, GradientPush push)

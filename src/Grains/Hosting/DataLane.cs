@@ -71,6 +71,8 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         public int Failures;
         /// <summary>Taken out of the table (its silo died): a dial still in flight closes what it makes.</summary>
         public bool Forgotten;
+        /// <summary>The connection a dial made, as soon as it is made (before <see cref="Connecting"/> completes).</summary>
+        public LaneConnection? Made;
 
         /// <summary>Passes the lane over for 1 s, doubled with each failure in a row up to a minute; returns how long.</summary>
         public TimeSpan BackOff()
@@ -100,6 +102,8 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
 
     private Task Start()
     {
+        // Whether or not this silo listens, its workers dial the lanes of others.
+        _ = ForgetLeftSilos();
         if (options.Value.Port < 0)
         {
             logger.LogInformation("Data lane off (its port is -1): payloads go through Orleans");
@@ -122,7 +126,6 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
         Endpoint = listener.LocalEndPoint!.ToString();
         logger.LogInformation("Data lane listening on {Endpoint}", Endpoint);
         _ = Accept(listener);
-        _ = ForgetLeftSilos();
         return Task.CompletedTask;
     }
 
@@ -130,7 +133,15 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
     {
         try
         {
-            await foreach (var snapshot in membership.MembershipUpdates.WithCancellation(_stopping.Token)) Forget(snapshot);
+            await foreach (var snapshot in membership.MembershipUpdates.WithCancellation(_stopping.Token))
+                try
+                {
+                    Forget(snapshot);
+                }
+                catch (Exception e)
+                {
+                    logger.LogWarning("Data lane: could not forget the lanes of silos that left ({Error})", e.Message);
+                }
         }
         catch (OperationCanceledException) when (_stopping.IsCancellationRequested)
         {
@@ -158,9 +169,10 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             {
                 var address = IPEndPoint.TryParse(lane, out var endpoint) ? Plain(endpoint.Address) : null;
                 if (address is not null && live.Contains(address)) continue;
-                var connection = known.Connecting.IsCompletedSuccessfully ? known.Connecting.Result : null;
+                var connection = known.Connecting.IsCompletedSuccessfully ? known.Connecting.Result : known.Made;
                 if (Died(address)) connection?.Close(new IOException($"the silo at {address} left the cluster"));
-                else if (!known.Connecting.IsCompleted || connection is { IsOpen: true }) continue;
+                // Unknown address: kept while in use, being dialled, or backing off (its back-off would be lost).
+                else if (!known.Connecting.IsCompleted || connection is { IsOpen: true } || Environment.TickCount64 < known.RetryAt) continue;
                 known.Forgotten = true;
                 _dialled.Remove(lane);
             }
@@ -297,7 +309,7 @@ public sealed class DataLane(IOptions<LaneOptions> options, ILocalSiloDetails si
             logger.LogInformation("Data lane: connected to {Lane}{Tls}", lane, tls is null ? "" : " (TLS)");
             lock (_dialled)
             {
-                known.ConnectedAt = Environment.TickCount64;
+                (known.ConnectedAt, known.Made) = (Environment.TickCount64, connection);
                 // Stopped meanwhile: DisposeAsync closed the connections it saw, not this one; forgotten: no one would close it.
                 if (_stopping.IsCancellationRequested) connection.Close(new IOException("the silo's data lane stopped"));
                 else if (known.Forgotten) connection.Close(new IOException($"the silo of {lane} left the cluster"));

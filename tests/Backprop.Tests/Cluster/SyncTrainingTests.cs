@@ -407,7 +407,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
     }
 
     /// <summary>The run record as grain storage holds it (the test cluster's silos share one file store).</summary>
-    private async Task<(Orleans.Storage.IGrainStorage Storage, GrainId Id, GrainState<RunRecord> State)> StoredRecord(string runId)
+    private async Task<(Orleans.Storage.IGrainStorage Storage, GrainId Id, GrainState<RunRecord> Stored)> StoredRecord(string runId)
     {
         var storage = fixture.Cluster.Silos[0].ServiceProvider.GetRequiredKeyedService<Orleans.Storage.IGrainStorage>(SiloSetup.StorageName);
         var id = fixture.Cluster.Client.GetGrain<IRunGrain>(runId).GetGrainId();
@@ -416,17 +416,20 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         return (storage, id, state);
     }
 
+    private async Task<RunRecord> Record(string runId) => (await StoredRecord(runId)).Stored.State!;
+
     /// <summary>Changes the stored run record behind its coordinator's back (as a newer coordinator elsewhere would).</summary>
     private async Task<RunRecord> ChangeStoredRecord(string runId, Action<RunRecord> change)
     {
         while (true)
         {
-            var (storage, id, state) = await StoredRecord(runId);
-            change(state.State!);
+            var (storage, id, stored) = await StoredRecord(runId);
+            var record = stored.State!;
+            change(record);
             try
             {
-                await storage.WriteStateAsync("run", id, state);
-                return state.State!;
+                await storage.WriteStateAsync("run", id, stored);
+                return record;
             }
             catch (Orleans.Storage.InconsistentStateException)
             {
@@ -487,7 +490,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         // would claim an incarnation below the newer one and overwrite that coordinator's record.
         var status = await PollUntil(run, s => s.IsFinished);
         Assert.True(status.State == RunState.Completed, $"{status.State}: {status.Error}");
-        var stored = (await StoredRecord("fenced")).State.State!;
+        var stored = await Record("fenced");
         Assert.True(stored.Incarnation > newer, $"stored incarnation {stored.Incarnation}, the newer coordinator's was {newer}");
         Assert.Equal([1, 2, 3, 4, 5, 6, 7, 8], stored.Epochs.Select(e => e.Epoch));
         using var local = new LocalTrainer(spec, fixture.Data.Train);
@@ -528,7 +531,7 @@ public sealed class SyncTrainingTests(ClusterFixture fixture)
         await run.Resume();
         var status = await PollUntil(run, s => s.IsFinished);
         Assert.True(status.State == RunState.Completed, $"{status.State}: {status.Error}");
-        var stored = (await StoredRecord("last-epoch-lost")).State.State!;
+        var stored = await Record("last-epoch-lost");
         Assert.Equal([1, 2], stored.Epochs.Select(e => e.Epoch));
         Assert.Equal(done.Epochs[1].ParameterSha256, stored.Epochs[1].ParameterSha256);
         Assert.Equal(done.Epochs[1].TestAccuracy, stored.Epochs[1].TestAccuracy);
