@@ -49,7 +49,10 @@ public static class ClusterBench
                             count, one per silo as the CLI does on a cluster; every row says its count, 0 for core)
           --hosts N         mode hosts (root only): N silos, each in a network namespace of its own on a bridge, every
                             link capped with tc tbf at --link each way; the CLI runs on host 0 with N workers. --hosts
-                            alone runs modes core,hosts. Rows carry hosts, link and busiestLinkBytesPerStep.
+                            alone runs modes core,hosts. Rows carry hosts, link, busiestLinkBytesPerStep (from the
+                            shard placement: a step's pushes and next versions) and busiestLinkBytesPerStepMeasured
+                            (what the busiest host sent over its link during the run, over the run's steps: evaluations
+                            and membership included).
           --link RATE       link rate of mode hosts, a tc rate (default 1gbit)
 
         Needs MNIST (`dotnet run --project src/Client -- data fetch mnist`) and the Release build of src/Client and
@@ -283,6 +286,7 @@ public static class ClusterBench
                 WireBytesPerStep = MedianOf(r => r.WireBytesPerStep),
                 StepsPerWorkerCall = MedianOf(r => r.StepsPerWorkerCall),
                 AllocatedBytesPerStep = MedianOf(r => r.AllocatedBytesPerStep),
+                BusiestLinkBytesPerStepMeasured = MedianOf(r => r.BusiestLinkBytesPerStepMeasured),
                 StepMicroseconds = breakdowns.Length == 0 ? null : new StepBreakdown(B(b => b.SlowestCompute), B(b => b.FastestCompute), B(b => b.Transfer),
                     B(b => b.ReduceAndStep), B(b => b.ServerCall), B(b => b.BarrierWait)),
                 TestAccuracyLast = rounds[^1].TestAccuracyLast,
@@ -345,8 +349,10 @@ public static class ClusterBench
             ];
             // Generous: the big model on processes takes tens of seconds an epoch; a hung run must still end.
             var (program, arguments) = hosts?.OnHost0(args) ?? ("dotnet", args);
+            long[]? sentBefore = hosts?.SentBytes();
             var result = await Child.Run(program, arguments, [], TimeSpan.FromMinutes(5 + 10 * spec.Epochs), cancel);
             if (result.Code != 0) throw new BenchException($"{mode} run failed (exit {result.Code}): {Tail(result.Output + result.Error)}");
+            long? busiestSent = hosts?.SentBytes().Zip(sentBefore!, (after, before) => after - before).Max();
 
             var epochs = File.ReadAllLines(metrics).Where(l => l.Length > 0).Select(l => JsonNode.Parse(l)!).ToList();
             var timed = epochs.Where(e => (int)e["epoch"]! > 1).ToList();   // epoch 1 is warm-up
@@ -366,6 +372,8 @@ public static class ClusterBench
                 SecondsPerEpoch = [.. seconds.Select(s => Math.Round(s, 4))],
                 EpochSecondsMedian = Math.Round(Median(timed.Select(e => (double)e["seconds"]!)), 4),
                 MicrosecondsPerStep = Math.Round(median / steps * 1e6, 1),
+                // Everything the busiest host sent during the run (warm-up epoch, evaluations, membership) over all its steps.
+                BusiestLinkBytesPerStepMeasured = busiestSent is { } sent ? Math.Round(sent / (double)(steps * spec.Epochs)) : null,
                 WireBytesPerStep = profiled ? Math.Round(ProfileMedian("wireBytesPerStep"), 1) : null,
                 StepsPerWorkerCall = profiled ? Math.Round(Median(profiles.Select(p => P(p, "steps") / P(p, "workerCalls"))), 1) : null,
                 AllocatedBytesPerStep = profiled ? Math.Round(ProfileMedian("allocatedBytesPerStep"), 1) : null,
@@ -446,6 +454,7 @@ public static class ClusterBench
         public int? Hosts { get; init; }
         public string? Link { get; init; }
         public double? BusiestLinkBytesPerStep { get; init; }
+        public double? BusiestLinkBytesPerStepMeasured { get; init; }
         public double[]? LoadAverage { get; init; }
     }
 

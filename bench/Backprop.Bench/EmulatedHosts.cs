@@ -47,6 +47,9 @@ internal sealed class EmulatedHosts : IAsyncDisposable
         }
     }
 
+    /// <summary>Bytes each host has sent over its link so far: what the bridge's end of its veth pair received.</summary>
+    public long[] SentBytes() => [.. Enumerable.Range(0, _hosts).Select(i => long.Parse(File.ReadAllText($"/sys/class/net/{_prefix}v{i}/statistics/rx_bytes").Trim()))];
+
     /// <summary>The command line that runs <paramref name="args"/> with dotnet inside host 0's namespace (where the CLI runs).</summary>
     public (string Program, string[] Args) OnHost0(string[] args) => ("ip", ["netns", "exec", Namespace(0), "dotnet", .. args]);
 
