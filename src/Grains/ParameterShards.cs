@@ -11,14 +11,14 @@ namespace Backprop.Grains;
 internal sealed class ParameterShards
 {
     private readonly RunSpec _spec;
-    private readonly IParameterShardGrain[] _shards;
+    private readonly IShard[] _shards;
     private readonly long _coordinatorKey;
 
     /// <param name="coordinatorKey">The run record's key of the coordinator driving the run (0: none, only reads).</param>
-    public ParameterShards(IGrainFactory grains, string runId, RunSpec spec, long coordinatorKey = 0)
+    public ParameterShards(IShardFactory shardFactory, string runId, RunSpec spec, long coordinatorKey = 0)
     {
         (_spec, _coordinatorKey) = (spec, coordinatorKey);
-        _shards = Enumerable.Range(0, spec.ServerShards).Select(j => grains.GetGrain<IParameterShardGrain>($"{runId}/{j}")).ToArray();
+        _shards = Enumerable.Range(0, spec.ServerShards).Select(j => shardFactory.Shard($"{runId}/{j}")).ToArray();
         Silos = new string[spec.ServerShards];
     }
 

@@ -37,10 +37,14 @@ public sealed class RunGrain(
     private CancellationTokenSource _stop = new();
     private TaskCompletionSource _finished = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private RunTraining? _training;
+    private CoordinatorGrainPorts? _ports;
 
-    private RunJournal Journal => _journal ??= new RunJournal(record, RunId, GrainFactory, logger, DeactivateOnIdle);
-    private RunWorkers Workers => _runWorkers ??= new RunWorkers(RunId, GrainFactory, workerSilos, Journal, logger);
-    private RunTraining Training => _training ??= new RunTraining(RunId, SiloEndpoint, datasets, GrainFactory, workerSilos, Journal, Workers, best, logger);
+    // The only place the coordinator's classes meet Orleans: they see its grains and storage through these ports.
+    private CoordinatorGrainPorts Ports => _ports ??= new CoordinatorGrainPorts(GrainFactory);
+    private RunJournal Journal => _journal ??= new RunJournal(new GrainStoredState<RunRecord>(record), RunId, Ports, logger, DeactivateOnIdle);
+    private RunWorkers Workers => _runWorkers ??= new RunWorkers(RunId, Ports, workerSilos, Journal, logger);
+    private RunTraining Training => _training ??= new RunTraining(RunId, SiloEndpoint, datasets, Ports, workerSilos, Journal, Workers,
+        new GrainStoredState<BestParameters>(best), logger);
     private RunRecord Record => Journal.Record;
     private string RunId => this.GetPrimaryKeyString();
     private string SiloEndpoint => silo.SiloAddress.Endpoint.ToString();
@@ -170,7 +174,7 @@ public sealed class RunGrain(
         var spec = Record.Spec ?? throw new ArgumentException($"no run '{RunId}'");
         // The best epoch's copy once the run has one; the shards hold the last epoch's.
         if (spec.KeepBest && best.State.Parameters is { } kept) return new TrainedModel(spec, kept, best.State.Step);
-        var current = await new ParameterShards(GrainFactory, RunId, spec).Gather(step: null);
+        var current = await new ParameterShards(Ports, RunId, spec).Gather(step: null);
         return new TrainedModel(spec, current.Parameters, current.Step);
     }
 
@@ -184,7 +188,7 @@ public sealed class RunGrain(
         if (LoopActive || Record.State == RunState.Running)
             throw new InvalidOperationException($"run '{RunId}' has not finished ending; its deletion is retried");
         // The shards first: a deletion cut short leaves the record, which the list's retry finds with the shard count.
-        await new ParameterShards(GrainFactory, RunId, spec).Forget();
+        await new ParameterShards(Ports, RunId, spec).Forget();
         // The best epoch's copy before the record, for the same reason.
         if (spec.KeepBest) await best.ClearStateAsync();
         await record.ClearStateAsync();
@@ -265,7 +269,7 @@ public sealed class RunGrain(
         try
         {
             if (final == RunState.Cancelled && Training.Step > 0)   // keep the progress, so that `resume` continues from here
-                await new ParameterShards(GrainFactory, RunId, spec, Record.CoordinatorKey).Checkpoint(Record.Incarnation, Training.Step);
+                await new ParameterShards(Ports, RunId, spec, Record.CoordinatorKey).Checkpoint(Record.Incarnation, Training.Step);
         }
         catch (Exception e)
         {
@@ -300,7 +304,7 @@ public sealed class RunGrain(
     {
         try
         {
-            await new ParameterShards(GrainFactory, RunId, spec).Retire();
+            await new ParameterShards(Ports, RunId, spec).Retire();
         }
         catch (Exception e)
         {

@@ -10,7 +10,7 @@ namespace Backprop.Grains;
 /// in memory only once it is stored, and a coordinator that meets a newer one's record is fenced off for good (it
 /// never writes again; <paramref name="onFenced"/> lets its activation go). Also keeps the cluster's run list up to date.
 /// </summary>
-internal sealed class RunJournal(IPersistentState<RunRecord> stored, string runId, IGrainFactory grains, ILogger logger, Action onFenced)
+internal sealed class RunJournal(IStoredState<RunRecord> stored, string runId, IRunList runList, ILogger logger, Action onFenced)
 {
     private const int MaxEvents = 200;
     private readonly SemaphoreSlim _writes = new(1, 1);
@@ -96,8 +96,7 @@ internal sealed class RunJournal(IPersistentState<RunRecord> stored, string runI
         try
         {
             double? accuracy = Record.Epochs.Count > 0 ? Record.Epochs[^1].TestAccuracy : null;
-            await grains.GetGrain<IRunRegistryGrain>(RunRegistryGrain.Key)
-                .Update(new RunSummary(runId, state, epochsDone, spec.Epochs, accuracy, DateTime.UtcNow));
+            await runList.Update(new RunSummary(runId, state, epochsDone, spec.Epochs, accuracy, DateTime.UtcNow));
         }
         catch (Exception e) when (!required)
         {

@@ -13,8 +13,8 @@ namespace Backprop.Grains;
 /// attach again after a lost shard or worker silo. <see cref="RunGrain"/> owns the loop's life (start, cancel, its
 /// final state) and reads this class's progress for its status. One per coordinator activation.
 /// </summary>
-internal sealed class RunTraining(string runId, string siloEndpoint, DatasetCache datasets, IGrainFactory grains, WorkerSilos workerSilos,
-    RunJournal journal, RunWorkers runWorkers, IPersistentState<BestParameters> best, ILogger logger)
+internal sealed class RunTraining(string runId, string siloEndpoint, DatasetCache datasets, IShardFactory shardFactory, IWorkerSilos workerSilos,
+    RunJournal journal, RunWorkers runWorkers, IStoredState<BestParameters> best, ILogger logger)
 {
     /// <summary>How long one call to the workers runs (a window of steps), about.</summary>
     private static readonly TimeSpan WindowTarget = TimeSpan.FromMilliseconds(200);
@@ -98,7 +98,7 @@ internal sealed class RunTraining(string runId, string siloEndpoint, DatasetCach
     {
         // The step and evaluation plans come from this silo's copy of the data: it must be the run's.
         var data = await datasets.Get(spec.Dataset, Record.DatasetSha256!);
-        var shards = new ParameterShards(grains, runId, spec, Record.CoordinatorKey);
+        var shards = new ParameterShards(shardFactory, runId, spec, Record.CoordinatorKey);
         var position = await shards.Attach(incarnation);
         var run = new Attachment(spec, incarnation, shards, spec.TrainCount(data.Train.Count), data.Test.Count);
         // Cancelled when a step fails: its other calls stop retrying, and end, before the shards are attached again.
@@ -233,7 +233,7 @@ internal sealed class RunTraining(string runId, string siloEndpoint, DatasetCach
         if (spec.KeepBest && (best.State.Parameters is null || best.State.Epoch <= epoch) && IsBest(result))
         {
             best.State = new BestParameters { Epoch = epoch + 1, Step = end.Version, Parameters = parameters.Parameters };
-            await best.WriteStateAsync();
+            await best.Write();
         }
         if (Record.Epochs.Count < epoch)
             throw new MissingEpochsException($"run {runId}: epoch {epoch + 1} ended but only {Record.Epochs.Count} epoch results are stored before it");

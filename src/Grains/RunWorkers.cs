@@ -17,7 +17,7 @@ internal sealed record WindowResult(double[] StepLosses, string? Divergence, Exc
 }
 
 /// <summary>
-/// The worker grains of one coordinator and the calls it makes to them: windows of steps (block b of every step to
+/// The workers of one coordinator and the calls it makes to them: windows of steps (block b of every step to
 /// worker b; the shards are the barrier between steps), evaluations, and redos of a failed block on the next worker.
 /// Worker activations never move, so when the set of worker silos changes (one joined, left or died) the run takes
 /// a new generation of workers, keyed "{runId}/{incarnation}.{generation}/{i}", which placement spreads over the
@@ -25,7 +25,7 @@ internal sealed record WindowResult(double[] StepLosses, string? Divergence, Exc
 /// are more silos: a silo that joins gets work from the next window on. Which worker computes a block never changes
 /// a bit (block sums are added in the tree's order).
 /// </summary>
-internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos workerSilos, RunJournal journal, ILogger logger)
+internal sealed class RunWorkers(string runId, IWorkerFactory workerFactory, IWorkerSilos workerSilos, RunJournal journal, ILogger logger)
 {
     /// <summary>How long one piece of work is retried on other workers: longer than failure detection takes.</summary>
     public static readonly TimeSpan RetryBudget = TimeSpan.FromSeconds(30);
@@ -33,12 +33,12 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     private static readonly TimeSpan FailureRecovery = TimeSpan.FromSeconds(10);
     private const int EvalBlock = Evaluation.Block;
 
-    private IWorkerGrain[] _workers = [];
+    private IWorker[] _workers = [];
     private string[] _spreadOver = [];
     private int _generation = -1, _workersIncarnation, _failedGeneration = int.MinValue;
     private long _failedAt;
     private readonly SortedSet<string> _silos = new(StringComparer.Ordinal);
-    private readonly Dictionary<IWorkerGrain, Task> _busy = [];
+    private readonly Dictionary<IWorker, Task> _busy = [];
     // One window's calls and replies, reused from window to window.
     private Task<BlockDone>[] _calls = [];
     private long[] _roundTrips = [], _replied = [];
@@ -64,19 +64,19 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     /// The workers for the next window, spread over the worker silos active now. Checked before every window: it
     /// reads this silo's membership and manifest, no call. A re-attach of the same coordinator keeps its workers.
     /// </summary>
-    public ValueTask<IWorkerGrain[]> For(RunSpec spec, int incarnation)
+    public ValueTask<IWorker[]> For(RunSpec spec, int incarnation)
     {
         var silos = workerSilos.Active();
         if (_workers.Length > 0 && _workersIncarnation == incarnation && (silos.Length == 0 || silos == _spreadOver || silos.SequenceEqual(_spreadOver)))
             return ValueTask.FromResult(_workers);
-        return new ValueTask<IWorkerGrain[]>(NewGeneration(spec, incarnation, silos));
+        return new ValueTask<IWorker[]>(NewGeneration(spec, incarnation, silos));
     }
 
-    private async Task<IWorkerGrain[]> NewGeneration(RunSpec spec, int incarnation, string[] silos)
+    private async Task<IWorker[]> NewGeneration(RunSpec spec, int incarnation, string[] silos)
     {
         (_spreadOver, _workersIncarnation) = (silos, incarnation);
         int count = Math.Clamp(Math.Max(spec.Workers, silos.Length), 1, RunSpec.MaxWorkers), generation = ++_generation;
-        _workers = Enumerable.Range(0, count).Select(i => grains.GetGrain<IWorkerGrain>($"{runId}/{incarnation}.{generation}/{i}")).ToArray();
+        _workers = Enumerable.Range(0, count).Select(i => workerFactory.Worker($"{runId}/{incarnation}.{generation}/{i}")).ToArray();
         await journal.AddEventNow("workers", $"{count} workers over {silos.Length} worker silos ({string.Join(", ", silos)}), generation {generation}");
         await AddEvents(_times.Reset(generation));
         BackpropMetrics.Workers(runId, _times.Stats);
@@ -91,7 +91,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     /// with the steps the others confirmed, which are applied. Every call has ended when this returns, but one that was
     /// still running two step bounds after another stopped short: it is left to end on its own, its worker counted busy.
     /// </summary>
-    public async Task<WindowResult> RunWindow(IWorkerGrain[] workers, BlockWork template, int chunkCount, CancellationTokenSource calls, bool retry)
+    public async Task<WindowResult> RunWindow(IWorker[] workers, BlockWork template, int chunkCount, CancellationTokenSource calls, bool retry)
     {
         var cancel = calls.Token;
         var (cut, starts) = BlocksFor(chunkCount, workers.Length);
@@ -162,7 +162,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     /// results added in block order: counts add up exactly, and the loss (a double sum) does not depend on how
     /// many workers there are. A failed block is redone by another worker.
     /// </summary>
-    public async Task<Evaluation> Evaluate(IWorkerGrain[] workers, EvalWork template, int testCount, CancellationToken cancel)
+    public async Task<Evaluation> Evaluate(IWorker[] workers, EvalWork template, int testCount, CancellationToken cancel)
     {
         int blocks = (testCount + EvalBlock - 1) / EvalBlock;
         // A worker answers its calls one after another, and the bound counts from the call's start: a block may wait
@@ -225,7 +225,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     }
 
     /// <summary>A worker whose abandoned call (past its bound) has not ended: it answers nothing else until then.</summary>
-    private bool Busy(IWorkerGrain worker)
+    private bool Busy(IWorker worker)
     {
         if (!_busy.TryGetValue(worker, out var call)) return false;
         if (!call.IsCompleted) return true;
@@ -249,7 +249,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     }
 
     /// <summary>Block <see cref="BlockWork.Block"/> on worker b; with <paramref name="retry"/>, then on the next workers while it fails.</summary>
-    private async Task<BlockDone> ComputeBlock(IWorkerGrain[] workers, int b, BlockWork work, bool retry, CancellationToken cancel)
+    private async Task<BlockDone> ComputeBlock(IWorker[] workers, int b, BlockWork work, bool retry, CancellationToken cancel)
     {
         long start = Stopwatch.GetTimestamp();
         var bound = WorkBounds.Window(work.Spec, work.BlockStarts.Length > b + 1 ? work.BlockStarts[b + 1] - work.FirstChunk : work.Spec.ChunksPerStep - work.FirstChunk, work.Steps);
@@ -275,7 +275,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     /// for up to <see cref="RetryBudget"/>; a call that has not answered within <paramref name="bound"/> counts as failed (it
     /// may still be computing: its late pushes are duplicates the shards ignore). Bad input (ArgumentException) is never retried.
     /// </summary>
-    private async Task<T> WithRetry<TWork, T>(IWorkerGrain[] workers, int first, WorkLabel what, TWork work, TimeSpan bound, Func<IWorkerGrain, TWork, Task<T>> call, CancellationToken cancel)
+    private async Task<T> WithRetry<TWork, T>(IWorker[] workers, int first, WorkLabel what, TWork work, TimeSpan bound, Func<IWorker, TWork, Task<T>> call, CancellationToken cancel)
     {
         var failing = new Stopwatch();
         for (int attempt = 0; ; attempt++)
@@ -300,7 +300,7 @@ internal sealed class RunWorkers(string runId, IGrainFactory grains, WorkerSilos
     }
 
     /// <summary>The call's result within <paramref name="bound"/>; past it the call is left running and its worker counted busy.</summary>
-    private async Task<T> Abandoning<T>(IWorkerGrain worker, Task<T> call, TimeSpan bound)
+    private async Task<T> Abandoning<T>(IWorker worker, Task<T> call, TimeSpan bound)
     {
         try
         {

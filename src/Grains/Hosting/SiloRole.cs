@@ -39,7 +39,7 @@ public static class SiloRoles
 }
 
 /// <summary>The cluster's active silos that host workers, in address order (the order <see cref="Placement.SpreadPlacementDirector"/> uses).</summary>
-public sealed class WorkerSilos(IClusterManifestProvider manifests, IClusterMembershipService membership, GrainTypeResolver types)
+public sealed class WorkerSilos(IClusterManifestProvider manifests, IClusterMembershipService membership, GrainTypeResolver types) : IWorkerSilos
 {
     private readonly GrainType _worker = types.GetGrainType(typeof(WorkerGrain));
 
