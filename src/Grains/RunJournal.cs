@@ -42,7 +42,7 @@ internal sealed class RunJournal(IStoredState<RunRecord> stored, string runId, I
         var before = stored.State;
         try
         {
-            // After a conflict the state holds the stored ETag: a write from here would overwrite the newer owner's record.
+            // After a conflict the newer owner's version counts as read: a write from here would go through, over its record.
             if (Fenced) throw new StaleCoordinatorException($"run {runId}: this coordinator was fenced off by a newer one");
             var next = before.Copy();
             change(next);

@@ -84,7 +84,7 @@ public sealed class CoordinatorPortsTests
     }
 
     [Fact]
-    public async Task A_claim_is_refused_by_an_equal_incarnation_a_plain_write_stores_over_an_older_record_and_a_failed_write_changes_nothing()
+    public async Task A_claim_is_refused_by_an_equal_incarnation_a_plain_write_stores_over_an_older_or_equal_one_and_a_failed_write_changes_nothing()
     {
         var stored = new MemoryState<RunRecord>(new RunRecord());
         var journal = new RunJournal(stored, "r", new MemoryRunList(), NullLogger.Instance, () => { });
@@ -102,6 +102,12 @@ public sealed class CoordinatorPortsTests
         await journal.AddEventNow("kept", "an event after a failed write");   // stored: the journal goes on
         Assert.Equal("kept", stored.Stored.Events[^1].Kind);
 
+        // A record of its own incarnation stored in between (its own write, retried by storage): a plain write goes over it.
+        stored.WrittenElsewhere(journal.Record.Copy());
+        await journal.Update(r => r.Error = "stored over its own incarnation");
+        Assert.Equal("stored over its own incarnation", stored.Stored.Error);
+        Assert.False(journal.Fenced);
+
         // Another coordinator claimed the next incarnation first: this one may not claim the same one over it.
         var theirs = journal.Record.Copy();
         theirs.Incarnation = 2;
@@ -111,7 +117,7 @@ public sealed class CoordinatorPortsTests
     }
 
     [Fact]
-    public async Task Only_the_first_registration_must_reach_the_run_list()
+    public async Task A_required_registration_must_reach_the_run_list_a_later_one_may_fail()
     {
         var list = new MemoryRunList();
         var journal = new RunJournal(new MemoryState<RunRecord>(new RunRecord()), "r", list, NullLogger.Instance, () => { });
